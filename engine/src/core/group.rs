@@ -1,0 +1,601 @@
+//! The write path of one group as a sans-IO state machine.
+//!
+//! A submitted write gets an LSN and a place in the log ring, joins a batch
+//! (group commit: everything submitted while earlier appends are in flight goes
+//! out in one O_DIRECT write), and is applied to its volume in parallel. It is
+//! completed once its record is durable (the contiguous durable prefix of the
+//! log covers its LSN) and its volume write has finished. A checkpoint makes the
+//! volumes durable up to a settled LSN and lets the ring reclaim the space.
+//!
+//! Invariants asserted here: LSNs are assigned in submission order and become
+//! durable as a contiguous prefix; overlapping volume writes are applied in LSN
+//! order; no write is completed before its record is durable; the ring never
+//! overwrites bytes that are not reclaimed by a checkpoint.
+
+use std::collections::VecDeque;
+
+use tandem_proto::{Checksum128, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE};
+
+use super::ring::LogRing;
+
+/// Identifies a write for the runtime (which owns its buffer).
+pub type WriteId = u64;
+
+/// What a write does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Data write; the checksum of the payload was computed when it arrived.
+    Write { payload_checksum: Checksum128 },
+    /// Discard the range (punch a hole).
+    Trim,
+    /// Zero the range; `no_hole` keeps it allocated.
+    WriteZeroes { no_hole: bool },
+}
+
+/// A write submitted by a front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteRequest {
+    pub id: WriteId,
+    pub volume_index: u8,
+    pub offset: u64,
+    pub length: u32,
+    pub op: WriteOp,
+}
+
+/// An IO failure reported by the runtime (errno from the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoFailure {
+    pub errno: i32,
+}
+
+/// Input to the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Submit(WriteRequest),
+    AppendDone { batch_id: u64, result: Result<(), IoFailure> },
+    ApplyDone { lsn: u64, result: Result<(), IoFailure> },
+    CheckpointDone { lsn: u64, tail_position: u64, result: Result<(), IoFailure> },
+    /// Time passes (milliseconds on the runtime's monotonic clock).
+    Tick { now_ms: u64 },
+    /// Checkpoint everything settled as soon as possible (shutdown, delete).
+    CheckpointRequested,
+}
+
+/// One record of an append: the header sector, then (for writes) the payload of
+/// the write `write_id`, padded to whole sectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub header: RecordHeader,
+    pub write_id: Option<WriteId>,
+}
+
+/// Records that are contiguous in the ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendSegment {
+    pub ring_offset: u64,
+    pub bytes: u64,
+    pub records: Vec<LogRecord>,
+}
+
+/// One group-commit write (one segment, or two when it wraps the ring).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendBatch {
+    pub batch_id: u64,
+    pub segments: Vec<AppendSegment>,
+}
+
+/// How the runtime changes the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyKind {
+    Write,
+    Trim,
+    WriteZeroes { no_hole: bool },
+}
+
+/// A volume change to execute (buffered; made durable by the next checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyOp {
+    pub lsn: u64,
+    pub write_id: WriteId,
+    pub volume_index: u8,
+    pub offset: u64,
+    pub length: u32,
+    pub kind: ApplyKind,
+}
+
+impl ApplyOp {
+    fn overlaps(&self, other: &Self) -> bool {
+        self.volume_index == other.volume_index
+            && self.offset < other.offset + u64::from(other.length)
+            && other.offset < self.offset + u64::from(self.length)
+    }
+}
+
+/// Why a write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The group failed earlier (log or volume IO error) and accepts no writes.
+    GroupFailed(String),
+    /// The record is larger than the log can ever hold.
+    TooLarge { record_bytes: u64, max_record_bytes: u64 },
+}
+
+/// Output of the state machine, executed by the runtime in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Append(AppendBatch),
+    Apply(ApplyOp),
+    Complete { id: WriteId, result: Result<(), WriteError> },
+    /// fdatasync every volume, then persist `checkpoint_lsn = lsn` and
+    /// `tail_position` in the superblock; report `CheckpointDone`.
+    Checkpoint { lsn: u64, tail_position: u64 },
+}
+
+/// Tunables of the write path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Largest group-commit write.
+    pub max_batch_bytes: u64,
+    /// Most records in one group-commit write (bounded by IOV_MAX of writev).
+    pub max_batch_records: usize,
+    /// Appends in flight at once; more writes wait and are batched.
+    pub max_inflight_appends: usize,
+    /// Checkpoint when this percentage of the ring is in use.
+    pub checkpoint_used_percent: u64,
+    /// Checkpoint at least this often while records are waiting for one.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_bytes: 4 << 20,
+            max_batch_records: 256,
+            max_inflight_appends: 4,
+            checkpoint_used_percent: 50,
+            checkpoint_interval_ms: 5_000,
+        }
+    }
+}
+
+/// Numbers for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupSnapshot {
+    pub current_lsn: u64,
+    pub durable_lsn: u64,
+    pub checkpoint_lsn: u64,
+    pub log_used_bytes: u64,
+    pub log_free_bytes: u64,
+    pub writes_completed: u64,
+    pub writes_waiting_for_space: u64,
+    pub checkpoints: u64,
+}
+
+#[derive(Debug)]
+struct PlacedRecord {
+    lsn: u64,
+    end_position: u64,
+    write_id: Option<WriteId>,
+    applied: bool,
+    completed: bool,
+}
+
+#[derive(Debug)]
+struct BatchState {
+    batch_id: u64,
+    last_lsn: u64,
+    done: bool,
+}
+
+/// The state machine of one group's write path.
+#[derive(Debug)]
+pub struct GroupCore {
+    config: GroupConfig,
+    stamp: RecordStamp,
+    ring: LogRing,
+    next_lsn: u64,
+    next_batch_id: u64,
+    pending: VecDeque<WriteRequest>,
+    placed: VecDeque<PlacedRecord>,
+    batches: VecDeque<BatchState>,
+    durable_lsn: u64,
+    apply_queue: VecDeque<ApplyOp>,
+    apply_inflight: Vec<ApplyOp>,
+    settled_lsn: u64,
+    settled_end_position: u64,
+    checkpoint_lsn: u64,
+    checkpoint_in_flight: bool,
+    checkpoint_requested: bool,
+    last_checkpoint_ms: u64,
+    now_ms: u64,
+    waiting_for_space: bool,
+    failed: Option<String>,
+    writes_completed: u64,
+    checkpoints: u64,
+    actions: Vec<Action>,
+}
+
+impl GroupCore {
+    /// A group whose log is empty after `checkpoint_lsn`, with its next record at
+    /// `tail_position` (the state right after recovery and its checkpoint).
+    #[must_use]
+    pub fn new(config: GroupConfig, stamp: RecordStamp, ring: LogRing, checkpoint_lsn: u64) -> Self {
+        assert_eq!(ring.head(), ring.tail(), "a group starts with a checkpointed, empty log");
+        let tail = ring.tail();
+        Self {
+            config,
+            stamp,
+            ring,
+            next_lsn: checkpoint_lsn + 1,
+            next_batch_id: 1,
+            pending: VecDeque::new(),
+            placed: VecDeque::new(),
+            batches: VecDeque::new(),
+            durable_lsn: checkpoint_lsn,
+            apply_queue: VecDeque::new(),
+            apply_inflight: Vec::new(),
+            settled_lsn: checkpoint_lsn,
+            settled_end_position: tail,
+            checkpoint_lsn,
+            checkpoint_in_flight: false,
+            checkpoint_requested: false,
+            last_checkpoint_ms: 0,
+            now_ms: 0,
+            waiting_for_space: false,
+            failed: None,
+            writes_completed: 0,
+            checkpoints: 0,
+            actions: Vec::new(),
+        }
+    }
+
+    /// Feeds one event. Call [`GroupCore::take_actions`] after one or more events;
+    /// feeding several submissions before taking actions is what forms batches.
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Submit(request) => self.submit(request),
+            Event::AppendDone { batch_id, result } => self.append_done(batch_id, result),
+            Event::ApplyDone { lsn, result } => self.apply_done(lsn, result),
+            Event::CheckpointDone { lsn, tail_position, result } => self.checkpoint_done(lsn, tail_position, result),
+            Event::Tick { now_ms } => self.now_ms = self.now_ms.max(now_ms),
+            Event::CheckpointRequested => self.checkpoint_requested = true,
+        }
+    }
+
+    /// Runs the machine to quiescence and returns the actions to execute.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        self.fail_pending_if_failed();
+        self.form_batches();
+        self.issue_applies();
+        self.complete_and_settle();
+        self.maybe_checkpoint();
+        std::mem::take(&mut self.actions)
+    }
+
+    /// True when nothing is in flight or waiting (safe to close the group).
+    #[must_use]
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.placed.is_empty() && self.batches.is_empty() && !self.checkpoint_in_flight
+    }
+
+    /// True when every settled record is also checkpointed.
+    #[must_use]
+    pub fn is_fully_checkpointed(&self) -> bool {
+        self.is_idle() && self.checkpoint_lsn == self.settled_lsn
+    }
+
+    /// Why the group failed, if it did.
+    #[must_use]
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Counters for status.
+    #[must_use]
+    pub fn snapshot(&self) -> GroupSnapshot {
+        GroupSnapshot {
+            current_lsn: self.next_lsn - 1,
+            durable_lsn: self.durable_lsn,
+            checkpoint_lsn: self.checkpoint_lsn,
+            log_used_bytes: self.ring.used_bytes(),
+            log_free_bytes: self.ring.free_bytes(),
+            writes_completed: self.writes_completed,
+            writes_waiting_for_space: if self.waiting_for_space { self.pending.len() as u64 } else { 0 },
+            checkpoints: self.checkpoints,
+        }
+    }
+
+    fn submit(&mut self, request: WriteRequest) {
+        if self.failed.is_some() {
+            self.pending.push_back(request);
+            return;
+        }
+        let record_bytes = self.ring.record_bytes(payload_bytes(&request));
+        if record_bytes > self.ring.max_record_bytes() {
+            let max_record_bytes = self.ring.max_record_bytes();
+            let result = Err(WriteError::TooLarge { record_bytes, max_record_bytes });
+            self.actions.push(Action::Complete { id: request.id, result });
+            return;
+        }
+        self.pending.push_back(request);
+    }
+
+    fn form_batches(&mut self) {
+        self.waiting_for_space = false;
+        while self.failed.is_none() && !self.pending.is_empty() && self.batches.len() < self.config.max_inflight_appends {
+            match self.form_one_batch() {
+                Some(batch) => self.actions.push(Action::Append(batch)),
+                None => {
+                    self.waiting_for_space = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Places as many pending writes as fit into one batch; `None` when not even
+    /// the first fits in the ring (backpressure until the next checkpoint).
+    fn form_one_batch(&mut self) -> Option<AppendBatch> {
+        let batch_id = self.next_batch_id;
+        let mut segments: Vec<AppendSegment> = Vec::new();
+        let mut batch_bytes = 0u64;
+        let mut records = 0usize;
+        while let Some(request) = self.pending.front().copied() {
+            let bytes = self.ring.record_bytes(payload_bytes(&request));
+            if records > 0 && (batch_bytes + bytes > self.config.max_batch_bytes || records + 2 > self.config.max_batch_records) {
+                break;
+            }
+            let Some(placement) = self.ring.try_place(bytes) else { break };
+            self.pending.pop_front();
+            if placement.pad_bytes > 0 {
+                let pad_position = placement.position - placement.pad_bytes;
+                let header = self.pad_header(placement.pad_bytes);
+                self.place(&mut segments, pad_position, placement.pad_bytes, LogRecord { header, write_id: None });
+                records += 1;
+            }
+            let (header, apply) = self.record_for(&request);
+            self.place(&mut segments, placement.position, bytes, LogRecord { header, write_id: Some(request.id) });
+            self.apply_queue.push_back(apply);
+            batch_bytes += bytes + placement.pad_bytes;
+            records += 1;
+        }
+        if segments.is_empty() {
+            return None;
+        }
+        self.next_batch_id += 1;
+        self.batches.push_back(BatchState { batch_id, last_lsn: self.next_lsn - 1, done: false });
+        Some(AppendBatch { batch_id, segments })
+    }
+
+    fn pad_header(&mut self, pad_bytes: u64) -> RecordHeader {
+        let lsn = self.take_lsn();
+        let length = u32::try_from(pad_bytes).expect("a pad is shorter than the largest record");
+        RecordHeader::without_payload(self.stamp, RecordKind::Pad, 0, lsn, 0, 0, length)
+    }
+
+    fn record_for(&mut self, request: &WriteRequest) -> (RecordHeader, ApplyOp) {
+        let lsn = self.take_lsn();
+        let (header, kind) = match request.op {
+            WriteOp::Write { payload_checksum } => (
+                RecordHeader::seal_with(
+                    self.stamp,
+                    RecordKind::Write,
+                    0,
+                    lsn,
+                    request.volume_index,
+                    request.offset,
+                    request.length,
+                    payload_checksum,
+                ),
+                ApplyKind::Write,
+            ),
+            WriteOp::Trim => (self.range_header(RecordKind::Trim, 0, lsn, request), ApplyKind::Trim),
+            WriteOp::WriteZeroes { no_hole } => {
+                let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
+                (self.range_header(RecordKind::WriteZeroes, flags, lsn, request), ApplyKind::WriteZeroes { no_hole })
+            }
+        };
+        let apply = ApplyOp {
+            lsn,
+            write_id: request.id,
+            volume_index: request.volume_index,
+            offset: request.offset,
+            length: request.length,
+            kind,
+        };
+        (header, apply)
+    }
+
+    fn range_header(&self, kind: RecordKind, flags: u8, lsn: u64, request: &WriteRequest) -> RecordHeader {
+        RecordHeader::without_payload(self.stamp, kind, flags, lsn, request.volume_index, request.offset, request.length)
+    }
+
+    fn take_lsn(&mut self) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        lsn
+    }
+
+    /// Appends a record to the batch's segments and tracks it until it settles.
+    fn place(&mut self, segments: &mut Vec<AppendSegment>, position: u64, bytes: u64, record: LogRecord) {
+        let ring_offset = self.ring.ring_offset(position);
+        let lsn = record.header.lsn;
+        if let Some(previous) = self.placed.back() {
+            assert_eq!(previous.lsn + 1, lsn, "LSNs are placed in order without gaps");
+            assert_eq!(previous.end_position, position, "records are placed back to back");
+        }
+        let is_pad = record.write_id.is_none();
+        self.placed.push_back(PlacedRecord {
+            lsn,
+            end_position: position + bytes,
+            write_id: record.write_id,
+            applied: is_pad,
+            completed: is_pad,
+        });
+        match segments.last_mut() {
+            Some(segment) if segment.ring_offset + segment.bytes == ring_offset => {
+                segment.bytes += bytes;
+                segment.records.push(record);
+            }
+            _ => segments.push(AppendSegment { ring_offset, bytes, records: vec![record] }),
+        }
+    }
+
+    fn append_done(&mut self, batch_id: u64, result: Result<(), IoFailure>) {
+        if let Err(failure) = result {
+            self.fail(format!("log append failed: {}", errno_text(failure.errno)));
+        }
+        let batch = self.batches.iter_mut().find(|b| b.batch_id == batch_id).expect("append done for an unknown batch");
+        assert!(!batch.done, "batch {batch_id} reported done twice");
+        batch.done = true;
+        // Only a contiguous prefix of batches is durable: a later batch that
+        // completed first sits behind an earlier one that may yet be torn.
+        while self.batches.front().is_some_and(|b| b.done) {
+            let batch = self.batches.pop_front().expect("checked above");
+            if self.failed.is_none() {
+                assert!(batch.last_lsn > self.durable_lsn, "durable LSN only moves forward");
+                self.durable_lsn = batch.last_lsn;
+            }
+        }
+    }
+
+    fn apply_done(&mut self, lsn: u64, result: Result<(), IoFailure>) {
+        if let Err(failure) = result {
+            self.fail(format!("volume write of LSN {lsn} failed: {}", errno_text(failure.errno)));
+        }
+        let index = self.apply_inflight.iter().position(|a| a.lsn == lsn).expect("apply done for an unknown LSN");
+        self.apply_inflight.swap_remove(index);
+        let index = self.placed.binary_search_by_key(&lsn, |r| r.lsn).expect("an applied record is still placed");
+        self.placed[index].applied = true;
+    }
+
+    fn issue_applies(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let mut index = 0;
+        while index < self.apply_queue.len() {
+            let candidate = self.apply_queue[index];
+            let blocked = self.apply_inflight.iter().any(|a| a.overlaps(&candidate))
+                || self.apply_queue.iter().take(index).any(|a| a.overlaps(&candidate));
+            if blocked {
+                index += 1;
+                continue;
+            }
+            self.apply_queue.remove(index);
+            self.apply_inflight.push(candidate);
+            self.actions.push(Action::Apply(candidate));
+        }
+    }
+
+    fn complete_and_settle(&mut self) {
+        if self.failed.is_some() {
+            self.fail_placed();
+            return;
+        }
+        for record in self.placed.iter_mut() {
+            if record.lsn > self.durable_lsn {
+                break;
+            }
+            if record.applied && !record.completed {
+                record.completed = true;
+                self.writes_completed += 1;
+                let id = record.write_id.expect("pads are completed when placed");
+                self.actions.push(Action::Complete { id, result: Ok(()) });
+            }
+        }
+        while let Some(front) = self.placed.front() {
+            if !(front.completed && front.applied && front.lsn <= self.durable_lsn) {
+                break;
+            }
+            self.settled_lsn = front.lsn;
+            self.settled_end_position = front.end_position;
+            self.placed.pop_front();
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.checkpoint_in_flight || self.failed.is_some() || self.settled_lsn == self.checkpoint_lsn {
+            if self.settled_lsn == self.checkpoint_lsn && self.placed.is_empty() {
+                self.checkpoint_requested = false;
+            }
+            return;
+        }
+        let used_percent = self.ring.used_bytes() * 100 / self.ring.ring_size_bytes();
+        let due = self.checkpoint_requested
+            || self.waiting_for_space
+            || used_percent >= self.config.checkpoint_used_percent
+            || self.now_ms.saturating_sub(self.last_checkpoint_ms) >= self.config.checkpoint_interval_ms;
+        if due {
+            self.checkpoint_in_flight = true;
+            self.actions.push(Action::Checkpoint { lsn: self.settled_lsn, tail_position: self.settled_end_position });
+        }
+    }
+
+    fn checkpoint_done(&mut self, lsn: u64, tail_position: u64, result: Result<(), IoFailure>) {
+        assert!(self.checkpoint_in_flight, "checkpoint done without one in flight");
+        self.checkpoint_in_flight = false;
+        self.last_checkpoint_ms = self.now_ms;
+        match result {
+            Ok(()) => {
+                assert!(lsn >= self.checkpoint_lsn && lsn <= self.settled_lsn, "checkpoint LSN {lsn} out of order");
+                self.checkpoint_lsn = lsn;
+                self.checkpoints += 1;
+                self.ring.reclaim_to(tail_position);
+            }
+            Err(failure) => self.fail(format!("checkpoint failed: {}", errno_text(failure.errno))),
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.failed.is_none() {
+            self.failed = Some(reason);
+        }
+    }
+
+    fn fail_pending_if_failed(&mut self) {
+        let Some(reason) = self.failed.clone() else { return };
+        for request in self.pending.drain(..) {
+            self.actions.push(Action::Complete { id: request.id, result: Err(WriteError::GroupFailed(reason.clone())) });
+        }
+    }
+
+    /// After a failure, writes whose IO has finished are answered with the error;
+    /// those still in flight are answered when their IO reports back.
+    fn fail_placed(&mut self) {
+        let reason = self.failed.clone().expect("only called when failed");
+        let apply_waiting: Vec<u64> = self.apply_queue.drain(..).map(|a| a.lsn).collect();
+        for record in self.placed.iter_mut() {
+            if apply_waiting.contains(&record.lsn) {
+                record.applied = true;
+            }
+        }
+        let batches_in_flight = !self.batches.is_empty();
+        for record in self.placed.iter_mut() {
+            if record.completed || !record.applied || batches_in_flight {
+                continue;
+            }
+            record.completed = true;
+            let id = record.write_id.expect("pads are completed when placed");
+            self.actions.push(Action::Complete { id, result: Err(WriteError::GroupFailed(reason.clone())) });
+        }
+        self.placed.retain(|r| !r.completed || !r.applied);
+    }
+}
+
+fn payload_bytes(request: &WriteRequest) -> u32 {
+    match request.op {
+        WriteOp::Write { .. } => request.length,
+        WriteOp::Trim | WriteOp::WriteZeroes { .. } => 0,
+    }
+}
+
+/// "EIO (errno 5)": the kernel's name for an errno, for log lines and status.
+#[must_use]
+pub fn errno_text(errno: i32) -> String {
+    format!("{} (errno {errno})", std::io::Error::from_raw_os_error(errno))
+}
+
+#[cfg(test)]
+#[path = "group_tests.rs"]
+mod tests;

@@ -1,0 +1,14 @@
+//! Sans-IO state machines. Nothing in this module touches a file, a socket, a
+//! clock or a thread: the runtime (or a test, or the simulator) feeds events and
+//! executes the returned actions.
+
+pub mod group;
+pub mod recovery;
+pub mod ring;
+
+pub use group::{
+    Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
+    LogRecord, WriteError, WriteId, WriteOp, WriteRequest,
+};
+pub use recovery::{HeaderVerdict, ScanStop, Scanner};
+pub use ring::{LogRing, Placement};

@@ -1,0 +1,270 @@
+//! The recovery scan, sans IO: the runtime reads what the scanner asks for and
+//! feeds it back. The scan starts at the checkpoint's tail and accepts a record
+//! only if it continues the chain exactly: valid checksums, this log's group id,
+//! LSN = previous + 1, an epoch that never decreases and is not newer than the
+//! superblock's, and a placement that does not straddle the ring's end. The first
+//! record that breaks the chain is the torn tail: the scan stops there and says why.
+
+use tandem_proto::{align_up, RecordDecodeError, RecordHeader, RecordKind};
+
+/// Why the scan stopped. `EndOfLog` is the normal end: the next slot holds no
+/// record of this chain (never written, or stale from an earlier lap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanStop {
+    /// The header did not decode: unwritten space, torn write or corruption.
+    EndOfLog { position: u64, reason: RecordDecodeError },
+    /// A valid record of another log (an earlier format of this device).
+    ForeignGroup { position: u64, group_id: u32 },
+    /// A record from an earlier lap or a crashed incarnation.
+    LsnBreak { position: u64, expected: u64, found: u64 },
+    /// A record written before an earlier record of the chain: left over from a
+    /// crashed incarnation beyond its torn tail.
+    EpochRegression { position: u64, previous: u32, found: u32 },
+    /// An epoch newer than the superblock's: cannot belong to this log's history.
+    EpochFromFuture { position: u64, found: u32, current: u32 },
+    /// The header is valid but the payload's checksum is not: a torn record.
+    TornPayload { position: u64, lsn: u64 },
+    /// The record would cross the end of the ring, which the writer never does.
+    BadPlacement { position: u64, lsn: u64 },
+    /// A whole ring of records was read; the log cannot hold more.
+    RingFull { position: u64 },
+}
+
+impl std::fmt::Display for ScanStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EndOfLog { position, reason } => write!(f, "end of log at position {position}: {reason}"),
+            Self::ForeignGroup { position, group_id } => {
+                write!(f, "record of another log (group id {group_id:#x}) at position {position}")
+            }
+            Self::LsnBreak { position, expected, found } => {
+                write!(f, "stale record at position {position}: LSN {found} where {expected} was expected")
+            }
+            Self::EpochRegression { position, previous, found } => write!(
+                f,
+                "stale record of a crashed incarnation at position {position}: epoch {found} after epoch {previous}"
+            ),
+            Self::EpochFromFuture { position, found, current } => {
+                write!(f, "record at position {position} has epoch {found}, newer than the log's {current}")
+            }
+            Self::TornPayload { position, lsn } => {
+                write!(f, "torn record at position {position}: payload of LSN {lsn} fails its checksum")
+            }
+            Self::BadPlacement { position, lsn } => {
+                write!(f, "record LSN {lsn} at position {position} would cross the end of the ring")
+            }
+            Self::RingFull { position } => write!(f, "a whole ring was scanned, stopping at position {position}"),
+        }
+    }
+}
+
+/// What to do after a header was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderVerdict {
+    /// A pad record: skipped, the scan continues at the start of the ring.
+    Pad,
+    /// A Trim or WriteZeroes record: complete, replay it.
+    Complete(RecordHeader),
+    /// A write: read `padded_bytes` at `ring_offset` and call
+    /// [`Scanner::check_payload`] with the first `header.payload_bytes()` of them.
+    NeedPayload { header: RecordHeader, ring_offset: u64, padded_bytes: u64 },
+}
+
+/// State of the scan.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    ring_size_bytes: u64,
+    sector_bytes: u64,
+    group_id: u32,
+    current_epoch: u32,
+    start_position: u64,
+    position: u64,
+    expected_lsn: u64,
+    last_epoch: u32,
+}
+
+impl Scanner {
+    /// A scan from the checkpoint: `tail_position` holds LSN `checkpoint_lsn + 1`.
+    #[must_use]
+    pub fn new(
+        ring_size_bytes: u64,
+        sector_bytes: u32,
+        group_id: u32,
+        current_epoch: u32,
+        tail_position: u64,
+        checkpoint_lsn: u64,
+    ) -> Self {
+        Self {
+            ring_size_bytes,
+            sector_bytes: u64::from(sector_bytes),
+            group_id,
+            current_epoch,
+            start_position: tail_position,
+            position: tail_position,
+            expected_lsn: checkpoint_lsn + 1,
+            last_epoch: 0,
+        }
+    }
+
+    /// Ring offset of the next header to read (one sector).
+    pub fn next_header_offset(&self) -> Result<u64, ScanStop> {
+        if self.position - self.start_position >= self.ring_size_bytes {
+            return Err(ScanStop::RingFull { position: self.position });
+        }
+        Ok(self.position % self.ring_size_bytes)
+    }
+
+    /// Unwrapped position of the next record: the head of the log once the scan stops.
+    #[must_use]
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// LSN of the last accepted record.
+    #[must_use]
+    pub fn last_lsn(&self) -> u64 {
+        self.expected_lsn - 1
+    }
+
+    /// Checks the header sector read at [`Scanner::next_header_offset`].
+    pub fn check_header(&mut self, sector: &[u8]) -> Result<HeaderVerdict, ScanStop> {
+        let position = self.position;
+        let header = RecordHeader::decode(sector).map_err(|reason| ScanStop::EndOfLog { position, reason })?;
+        if header.group_id != self.group_id {
+            return Err(ScanStop::ForeignGroup { position, group_id: header.group_id });
+        }
+        if header.lsn != self.expected_lsn {
+            return Err(ScanStop::LsnBreak { position, expected: self.expected_lsn, found: header.lsn });
+        }
+        if header.epoch < self.last_epoch {
+            return Err(ScanStop::EpochRegression { position, previous: self.last_epoch, found: header.epoch });
+        }
+        if header.epoch > self.current_epoch {
+            return Err(ScanStop::EpochFromFuture { position, found: header.epoch, current: self.current_epoch });
+        }
+        let to_end = self.ring_size_bytes - position % self.ring_size_bytes;
+        let kind = header.record_kind();
+        let record_bytes = match kind {
+            RecordKind::Pad => u64::from(header.length),
+            _ => self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes),
+        };
+        let placement_ok =
+            if kind == RecordKind::Pad { record_bytes == to_end } else { record_bytes <= to_end };
+        if !placement_ok || record_bytes % self.sector_bytes != 0 {
+            return Err(ScanStop::BadPlacement { position, lsn: header.lsn });
+        }
+        match kind {
+            RecordKind::Write => Ok(HeaderVerdict::NeedPayload {
+                header,
+                ring_offset: (position + self.sector_bytes) % self.ring_size_bytes,
+                padded_bytes: record_bytes - self.sector_bytes,
+            }),
+            RecordKind::Pad => {
+                self.accept(&header, record_bytes);
+                Ok(HeaderVerdict::Pad)
+            }
+            RecordKind::Trim | RecordKind::WriteZeroes => {
+                self.accept(&header, record_bytes);
+                Ok(HeaderVerdict::Complete(header))
+            }
+        }
+    }
+
+    /// Checks the payload of a write whose header was accepted.
+    pub fn check_payload(&mut self, header: &RecordHeader, payload: &[u8]) -> Result<(), ScanStop> {
+        assert_eq!(header.lsn, self.expected_lsn, "payload checked for the header just accepted");
+        header.verify_payload(payload).map_err(|_| ScanStop::TornPayload { position: self.position, lsn: header.lsn })?;
+        let record_bytes = self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes);
+        self.accept(header, record_bytes);
+        Ok(())
+    }
+
+    fn accept(&mut self, header: &RecordHeader, record_bytes: u64) {
+        self.position += record_bytes;
+        self.expected_lsn += 1;
+        self.last_epoch = header.epoch;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::RecordStamp;
+
+    const SECTOR: u32 = 4096;
+    const RING: u64 = 16 * 4096;
+
+    fn stamp(epoch: u32) -> RecordStamp {
+        RecordStamp { group_id: 9, epoch, generation_tag: 0 }
+    }
+
+    fn sector_of(header: &RecordHeader) -> Vec<u8> {
+        let mut sector = vec![0u8; SECTOR as usize];
+        sector[..64].copy_from_slice(header.as_bytes());
+        sector
+    }
+
+    #[test]
+    fn accepts_a_chain_and_stops_at_unwritten_space() {
+        let mut scan = Scanner::new(RING, SECTOR, 9, 1, 0, 0);
+        let payload = vec![7u8; 5000];
+        let write = RecordHeader::write(stamp(1), 1, 0, 0, &payload);
+        let verdict = scan.check_header(&sector_of(&write)).unwrap();
+        let HeaderVerdict::NeedPayload { ring_offset, padded_bytes, .. } = verdict else { panic!("{verdict:?}") };
+        assert_eq!((ring_offset, padded_bytes), (4096, 8192));
+        scan.check_payload(&write, &payload).unwrap();
+        let trim = RecordHeader::without_payload(stamp(1), RecordKind::Trim, 0, 2, 0, 0, 4096);
+        assert_eq!(scan.check_header(&sector_of(&trim)).unwrap(), HeaderVerdict::Complete(trim));
+        assert_eq!(scan.next_header_offset().unwrap(), 4 * 4096);
+        assert!(matches!(scan.check_header(&[0u8; 4096]), Err(ScanStop::EndOfLog { position: 16384, .. })));
+        assert_eq!((scan.position(), scan.last_lsn()), (4 * 4096, 2));
+    }
+
+    #[test]
+    fn stale_and_foreign_records_end_the_chain() {
+        let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 10);
+        let old_lap = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 3, 0, 0, 512);
+        assert!(matches!(scan.check_header(&sector_of(&old_lap)), Err(ScanStop::LsnBreak { expected: 11, found: 3, .. })));
+        let foreign = RecordHeader::without_payload(
+            RecordStamp { group_id: 1, epoch: 1, generation_tag: 0 },
+            RecordKind::Trim,
+            0,
+            11,
+            0,
+            0,
+            512,
+        );
+        assert!(matches!(scan.check_header(&sector_of(&foreign)), Err(ScanStop::ForeignGroup { group_id: 1, .. })));
+        let future = RecordHeader::without_payload(stamp(4), RecordKind::Trim, 0, 11, 0, 0, 512);
+        assert!(matches!(scan.check_header(&sector_of(&future)), Err(ScanStop::EpochFromFuture { found: 4, .. })));
+    }
+
+    #[test]
+    fn a_record_of_a_crashed_incarnation_beyond_a_newer_one_is_rejected() {
+        let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 0);
+        let newer = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 1, 0, 0, 512);
+        scan.check_header(&sector_of(&newer)).unwrap();
+        let older = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 2, 0, 0, 512);
+        assert!(matches!(
+            scan.check_header(&sector_of(&older)),
+            Err(ScanStop::EpochRegression { previous: 3, found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn torn_payload_and_bad_pads_are_detected() {
+        let mut scan = Scanner::new(RING, SECTOR, 9, 1, 14 * 4096, 0);
+        let payload = vec![1u8; 4096];
+        let write = RecordHeader::write(stamp(1), 1, 0, 0, &payload);
+        scan.check_header(&sector_of(&write)).unwrap();
+        let mut torn = payload.clone();
+        torn[4095] = 0;
+        assert!(matches!(scan.check_payload(&write, &torn), Err(ScanStop::TornPayload { lsn: 1, .. })));
+        // A pad must reach exactly the end of the ring (2 sectors from 14).
+        let short_pad = RecordHeader::without_payload(stamp(1), RecordKind::Pad, 0, 1, 0, 0, 4096);
+        assert!(matches!(scan.check_header(&sector_of(&short_pad)), Err(ScanStop::BadPlacement { .. })));
+        let pad = RecordHeader::without_payload(stamp(1), RecordKind::Pad, 0, 1, 0, 0, 8192);
+        assert_eq!(scan.check_header(&sector_of(&pad)).unwrap(), HeaderVerdict::Pad);
+        assert_eq!(scan.next_header_offset().unwrap(), 0, "after the pad the scan wraps");
+    }
+}

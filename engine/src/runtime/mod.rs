@@ -1,0 +1,1 @@
+//! Placeholder module list; filled below.
