@@ -18,8 +18,8 @@ pub use record::{
     RecordDecodeError, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE, MAX_PAYLOAD_BYTES, RECORD_HEADER_BYTES,
 };
 pub use superblock::{
-    GenerationEntry, Superblock, SuperblockDecodeError, VolumeEntry, MAX_VOLUMES, RING_OFFSET_BYTES,
-    ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
+    GenerationEntry, Superblock, SuperblockDecodeError, VolumeEntry, MAX_VOLUMES, RING_OFFSET_BYTES, ROLE_STANDALONE,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
 };
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

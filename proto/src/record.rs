@@ -277,8 +277,8 @@ impl RecordHeader {
     /// Checks `payload` (unpadded, `payload_bytes()` long) against the header.
     pub fn verify_payload(&self, payload: &[u8]) -> Result<(), RecordDecodeError> {
         let expected_len = self.payload_bytes() as usize;
-        let matches = payload.len() == expected_len
-            && (expected_len == 0 || xxh3_128_bytes(payload) == self.payload_checksum);
+        let matches =
+            payload.len() == expected_len && (expected_len == 0 || xxh3_128_bytes(payload) == self.payload_checksum);
         if !matches {
             return Err(RecordDecodeError::PayloadChecksum { lsn: self.lsn });
         }

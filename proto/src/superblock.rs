@@ -196,14 +196,20 @@ impl Superblock {
     fn validate_geometry(&self) -> Result<(), SuperblockDecodeError> {
         let sector = self.sector_size;
         if !sector.is_power_of_two() || !(512..=MAX_SECTOR_BYTES).contains(&sector) {
-            return Err(field_error("sector_size", format!("{sector} is not a power of two in 512..={MAX_SECTOR_BYTES}")));
+            return Err(field_error(
+                "sector_size",
+                format!("{sector} is not a power of two in 512..={MAX_SECTOR_BYTES}"),
+            ));
         }
         if self.ring_offset != RING_OFFSET_BYTES {
             return Err(field_error("ring_offset", format!("{} (expected {RING_OFFSET_BYTES})", self.ring_offset)));
         }
         let sector = u64::from(sector);
         if self.ring_size_bytes == 0 || self.ring_size_bytes % sector != 0 {
-            return Err(field_error("ring_size_bytes", format!("{} is not a positive multiple of the sector", self.ring_size_bytes)));
+            return Err(field_error(
+                "ring_size_bytes",
+                format!("{} is not a positive multiple of the sector", self.ring_size_bytes),
+            ));
         }
         if self.ring_offset.checked_add(self.ring_size_bytes) != Some(self.log_size_bytes) {
             return Err(field_error("log_size_bytes", "does not equal ring offset + ring size"));
@@ -231,7 +237,10 @@ impl Superblock {
                 return Err(field_error("volumes", format!("volume {index} sector size {sector} is invalid")));
             }
             if volume.size_bytes == 0 || volume.size_bytes % u64::from(sector) != 0 {
-                return Err(field_error("volumes", format!("volume {index} size {} is not a multiple of {sector}", volume.size_bytes)));
+                return Err(field_error(
+                    "volumes",
+                    format!("volume {index} size {} is not a multiple of {sector}", volume.size_bytes),
+                ));
             }
             let named = matches!(read_fixed_str(&volume.name), Some(n) if !n.is_empty());
             let pathed = matches!(read_fixed_str(&volume.path), Some(p) if !p.is_empty());

@@ -52,11 +52,23 @@ pub struct IoFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Submit(WriteRequest),
-    AppendDone { batch_id: u64, result: Result<(), IoFailure> },
-    ApplyDone { lsn: u64, result: Result<(), IoFailure> },
-    CheckpointDone { lsn: u64, tail_position: u64, result: Result<(), IoFailure> },
+    AppendDone {
+        batch_id: u64,
+        result: Result<(), IoFailure>,
+    },
+    ApplyDone {
+        lsn: u64,
+        result: Result<(), IoFailure>,
+    },
+    CheckpointDone {
+        lsn: u64,
+        tail_position: u64,
+        result: Result<(), IoFailure>,
+    },
     /// Time passes (milliseconds on the runtime's monotonic clock).
-    Tick { now_ms: u64 },
+    Tick {
+        now_ms: u64,
+    },
     /// Checkpoint everything settled as soon as possible (shutdown, delete).
     CheckpointRequested,
 }
@@ -125,10 +137,16 @@ pub enum WriteError {
 pub enum Action {
     Append(AppendBatch),
     Apply(ApplyOp),
-    Complete { id: WriteId, result: Result<(), WriteError> },
+    Complete {
+        id: WriteId,
+        result: Result<(), WriteError>,
+    },
     /// fdatasync every volume, then persist `checkpoint_lsn = lsn` and
     /// `tail_position` in the superblock; report `CheckpointDone`.
-    Checkpoint { lsn: u64, tail_position: u64 },
+    Checkpoint {
+        lsn: u64,
+        tail_position: u64,
+    },
 }
 
 /// Tunables of the write path.
@@ -322,7 +340,8 @@ impl GroupCore {
 
     fn form_batches(&mut self) {
         self.waiting_for_space = false;
-        while self.failed.is_none() && !self.pending.is_empty() && self.batches.len() < self.config.max_inflight_appends {
+        while self.failed.is_none() && !self.pending.is_empty() && self.batches.len() < self.config.max_inflight_appends
+        {
             match self.form_one_batch() {
                 Some(batch) => self.actions.push(Action::Append(batch)),
                 None => {
@@ -342,7 +361,9 @@ impl GroupCore {
         let mut records = 0usize;
         while let Some(request) = self.pending.front().copied() {
             let bytes = self.ring.record_bytes(payload_bytes(&request));
-            if records > 0 && (batch_bytes + bytes > self.config.max_batch_bytes || records + 2 > self.config.max_batch_records) {
+            if records > 0
+                && (batch_bytes + bytes > self.config.max_batch_bytes || records + 2 > self.config.max_batch_records)
+            {
                 break;
             }
             let Some(placement) = self.ring.try_place(bytes) else { break };
@@ -407,7 +428,15 @@ impl GroupCore {
     }
 
     fn range_header(&self, kind: RecordKind, flags: u8, lsn: u64, request: &WriteRequest) -> RecordHeader {
-        RecordHeader::without_payload(self.stamp, kind, flags, lsn, request.volume_index, request.offset, request.length)
+        RecordHeader::without_payload(
+            self.stamp,
+            kind,
+            flags,
+            lsn,
+            request.volume_index,
+            request.offset,
+            request.length,
+        )
     }
 
     fn take_lsn(&mut self) -> u64 {
@@ -556,7 +585,8 @@ impl GroupCore {
     fn fail_pending_if_failed(&mut self) {
         let Some(reason) = self.failed.clone() else { return };
         for request in self.pending.drain(..) {
-            self.actions.push(Action::Complete { id: request.id, result: Err(WriteError::GroupFailed(reason.clone())) });
+            self.actions
+                .push(Action::Complete { id: request.id, result: Err(WriteError::GroupFailed(reason.clone())) });
         }
     }
 

@@ -11,7 +11,13 @@ fn core_with(ring_sectors: u64, config: GroupConfig) -> GroupCore {
 }
 
 fn write(id: WriteId, offset: u64, length: u32) -> Event {
-    Event::Submit(WriteRequest { id, volume_index: 0, offset, length, op: WriteOp::Write { payload_checksum: [1; 16] } })
+    Event::Submit(WriteRequest {
+        id,
+        volume_index: 0,
+        offset,
+        length,
+        op: WriteOp::Write { payload_checksum: [1; 16] },
+    })
 }
 
 fn appends(actions: &[Action]) -> Vec<&AppendBatch> {
@@ -100,7 +106,8 @@ fn overlapping_volume_writes_are_applied_in_lsn_order() {
 #[test]
 fn full_log_waits_for_checkpoint_then_pads_at_the_wrap() {
     // 20 sectors: nine 2-sector records fill 18, a 3-sector record cannot fit.
-    let config = GroupConfig { checkpoint_used_percent: 100, checkpoint_interval_ms: u64::MAX, ..GroupConfig::default() };
+    let config =
+        GroupConfig { checkpoint_used_percent: 100, checkpoint_interval_ms: u64::MAX, ..GroupConfig::default() };
     let mut core = core_with(20, config);
     for id in 1..=9 {
         core.handle(write(id, id * 4096, 4096));
@@ -209,8 +216,14 @@ impl Harness {
                 Action::Complete { id, result } => {
                     result.unwrap();
                     let lsn = self.lsn_of_write[&id];
-                    assert!(core.snapshot().durable_lsn >= lsn, "seed {seed}: write {id} completed before LSN {lsn} was durable");
-                    assert!(self.applied_lsns.contains(&lsn), "seed {seed}: write {id} completed before it was applied");
+                    assert!(
+                        core.snapshot().durable_lsn >= lsn,
+                        "seed {seed}: write {id} completed before LSN {lsn} was durable"
+                    );
+                    assert!(
+                        self.applied_lsns.contains(&lsn),
+                        "seed {seed}: write {id} completed before it was applied"
+                    );
                     assert!(self.completed.insert(id), "seed {seed}: write {id} completed twice");
                 }
             }

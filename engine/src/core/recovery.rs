@@ -148,8 +148,7 @@ impl Scanner {
             RecordKind::Pad => u64::from(header.length),
             _ => self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes),
         };
-        let placement_ok =
-            if kind == RecordKind::Pad { record_bytes == to_end } else { record_bytes <= to_end };
+        let placement_ok = if kind == RecordKind::Pad { record_bytes == to_end } else { record_bytes <= to_end };
         if !placement_ok || record_bytes % self.sector_bytes != 0 {
             return Err(ScanStop::BadPlacement { position, lsn: header.lsn });
         }
@@ -173,7 +172,9 @@ impl Scanner {
     /// Checks the payload of a write whose header was accepted.
     pub fn check_payload(&mut self, header: &RecordHeader, payload: &[u8]) -> Result<(), ScanStop> {
         assert_eq!(header.lsn, self.expected_lsn, "payload checked for the header just accepted");
-        header.verify_payload(payload).map_err(|_| ScanStop::TornPayload { position: self.position, lsn: header.lsn })?;
+        header
+            .verify_payload(payload)
+            .map_err(|_| ScanStop::TornPayload { position: self.position, lsn: header.lsn })?;
         let record_bytes = self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes);
         self.accept(header, record_bytes);
         Ok(())
@@ -224,7 +225,10 @@ mod tests {
     fn stale_and_foreign_records_end_the_chain() {
         let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 10);
         let old_lap = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 3, 0, 0, 512);
-        assert!(matches!(scan.check_header(&sector_of(&old_lap)), Err(ScanStop::LsnBreak { expected: 11, found: 3, .. })));
+        assert!(matches!(
+            scan.check_header(&sector_of(&old_lap)),
+            Err(ScanStop::LsnBreak { expected: 11, found: 3, .. })
+        ));
         let foreign = RecordHeader::without_payload(
             RecordStamp { group_id: 1, epoch: 1, generation_tag: 0 },
             RecordKind::Trim,

@@ -103,7 +103,12 @@ impl LogRing {
 
     /// Releases everything before `position` (after a checkpoint).
     pub fn reclaim_to(&mut self, position: u64) {
-        assert!(position >= self.tail && position <= self.head, "reclaim to {position} outside [{}, {}]", self.tail, self.head);
+        assert!(
+            position >= self.tail && position <= self.head,
+            "reclaim to {position} outside [{}, {}]",
+            self.tail,
+            self.head
+        );
         self.tail = position;
     }
 }

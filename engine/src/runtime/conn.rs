@@ -1,0 +1,436 @@
+//! A client connection of a block front end, served on its group's core.
+//!
+//! Received bytes go into the connection's buffer and are parsed by its
+//! [`BlockSession`]. The payload of a write is received straight into the
+//! O_DIRECT-aligned record buffer that the log append and the volume write then
+//! use, so a write is copied once, by the kernel. Replies are sent in batches.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+
+use super::buf::AlignedBuf;
+use super::group_io::{GroupRt, PendingWrite};
+use super::io::{Io, Op};
+use super::session::{BlockError, BlockRequest, BlockSession, Parsed};
+use crate::core::WriteOp;
+
+/// Receive buffer of a connection: room for many request headers and small
+/// payloads per system call.
+const RECV_BUF_BYTES: usize = 256 * 1024;
+/// Requests in flight per connection before the connection stops reading
+/// (backpressure towards the client).
+const MAX_INFLIGHT_PER_CONN: usize = 512;
+/// Most reply chunks per sendmsg.
+const MAX_SEND_CHUNKS: usize = 64;
+
+enum Gather {
+    /// `buf` holds the header sector (`sector` bytes), then the payload.
+    Write {
+        buf: AlignedBuf,
+        sector: usize,
+        filled: usize,
+        length: usize,
+        cookie: u64,
+        offset: u64,
+        started: Instant,
+    },
+    Discard {
+        remaining: usize,
+    },
+}
+
+/// One client connection.
+pub struct Conn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub group: usize,
+    volume_index: u8,
+    volume_size_bytes: u64,
+    session: Box<dyn BlockSession>,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    gather: Option<Gather>,
+    recv_into_gather: bool,
+    pub recv_inflight: bool,
+    small_replies: Vec<u8>,
+    send_queue: VecDeque<Vec<u8>>,
+    pub send_inflight: bool,
+    send_broken: bool,
+    pub inflight: usize,
+    pub closing: bool,
+}
+
+impl Conn {
+    #[must_use]
+    pub fn new(
+        id: u64,
+        stream: TcpStream,
+        group: usize,
+        volume_index: u8,
+        volume_size_bytes: u64,
+        session: Box<dyn BlockSession>,
+    ) -> Self {
+        Self {
+            id,
+            stream,
+            group,
+            volume_index,
+            volume_size_bytes,
+            session,
+            rbuf: vec![0u8; RECV_BUF_BYTES].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            gather: None,
+            recv_into_gather: false,
+            recv_inflight: false,
+            small_replies: Vec::new(),
+            send_queue: VecDeque::new(),
+            send_inflight: false,
+            send_broken: false,
+            inflight: 0,
+            closing: false,
+        }
+    }
+
+    #[must_use]
+    pub fn peer(&self) -> &str {
+        self.session.peer()
+    }
+
+    /// True once the connection may be dropped: nothing in flight and nothing
+    /// left to send.
+    #[must_use]
+    pub fn can_close(&self) -> bool {
+        let nothing_to_send = self.send_broken || (self.small_replies.is_empty() && self.send_queue.is_empty());
+        self.closing && !self.recv_inflight && !self.send_inflight && self.inflight == 0 && nothing_to_send
+    }
+
+    /// Starts closing: no more requests are read; in-flight ones still finish.
+    pub fn close(&mut self, reason: &str) {
+        if !self.closing {
+            tracing::info!(peer = %self.session.peer(), reason, "closing client connection");
+            self.closing = true;
+        }
+        // Wakes a pending receive so that it completes (with 0) and the
+        // connection can be dropped.
+        // SAFETY: shutdown on a socket this connection owns.
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RD) };
+    }
+
+    /// Completion of a receive.
+    pub fn recv_done(&mut self, result: i32, group: &mut GroupRt, io: &mut Io, key: usize) {
+        self.recv_inflight = false;
+        if result <= 0 {
+            let reason = if result == 0 { "client closed the connection".to_owned() } else { errno_reason(-result) };
+            if !self.closing {
+                self.close(&reason);
+            }
+            return;
+        }
+        let received = result as usize;
+        if self.recv_into_gather {
+            match self.gather.as_mut() {
+                Some(Gather::Write { filled, .. }) => *filled += received,
+                _ => unreachable!("direct receive without a write to gather"),
+            }
+        } else {
+            self.rend += received;
+        }
+        self.drive(group, io, key);
+    }
+
+    /// Parses and dispatches everything received so far.
+    fn drive(&mut self, group: &mut GroupRt, io: &mut Io, key: usize) {
+        while !self.closing {
+            if self.gather.is_some() {
+                if !self.take_gathered(group, key) {
+                    break;
+                }
+                continue;
+            }
+            if self.inflight >= MAX_INFLIGHT_PER_CONN {
+                break;
+            }
+            match self.session.parse(&self.rbuf[self.rstart..self.rend]) {
+                Err(fatal) => {
+                    tracing::warn!(peer = %self.session.peer(), reason = %fatal.0, "protocol error");
+                    self.close(&fatal.0);
+                }
+                Ok(Parsed::NeedMore) => break,
+                Ok(Parsed::Request { consumed, request }) => {
+                    self.rstart += consumed;
+                    self.dispatch(request, group, io, key);
+                }
+            }
+        }
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart > 0 && self.gather.is_none() {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+    }
+
+    /// Moves buffered bytes into the write or discard in progress; returns
+    /// true when it finished (parsing may go on).
+    fn take_gathered(&mut self, group: &mut GroupRt, key: usize) -> bool {
+        let available = self.rend - self.rstart;
+        let finished = match self.gather.as_mut().expect("checked by caller") {
+            Gather::Write { buf, sector, filled, length, .. } => {
+                let take = available.min(*length - *filled);
+                let sector = *sector;
+                buf[sector + *filled..sector + *filled + take]
+                    .copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+                *filled += take;
+                self.rstart += take;
+                *filled == *length
+            }
+            Gather::Discard { remaining } => {
+                let take = available.min(*remaining);
+                *remaining -= take;
+                self.rstart += take;
+                *remaining == 0
+            }
+        };
+        if finished {
+            if let Some(Gather::Write { buf, length, cookie, offset, started, .. }) = self.gather.take() {
+                self.submit_write(group, key, buf, length, cookie, offset, started);
+            }
+        }
+        finished
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_write(
+        &mut self,
+        group: &mut GroupRt,
+        key: usize,
+        buf: AlignedBuf,
+        length: usize,
+        cookie: u64,
+        offset: u64,
+        started: Instant,
+    ) {
+        let sector = group.sector_bytes();
+        let payload_checksum = tandem_proto::xxh3_128_bytes(&buf[sector..sector + length]);
+        let pending = PendingWrite { conn: key, conn_id: self.id, cookie, buf: Some(buf), started };
+        let length = u32::try_from(length).expect("bounded by the front end");
+        group.account_write(length);
+        group.submit(pending, offset, length, self.volume_index, WriteOp::Write { payload_checksum });
+        self.inflight += 1;
+    }
+
+    fn dispatch(&mut self, request: BlockRequest, group: &mut GroupRt, io: &mut Io, key: usize) {
+        match request {
+            BlockRequest::Read { cookie, offset, length } => self.start_read(group, io, key, cookie, offset, length),
+            BlockRequest::Write { cookie, offset, length } => {
+                self.assert_in_range(offset, length);
+                let sector = group.sector_bytes();
+                let padded = tandem_proto::align_up(u64::from(length), sector as u64) as usize;
+                let buf = AlignedBuf::zeroed(sector + padded);
+                let started = Instant::now();
+                self.gather =
+                    Some(Gather::Write { buf, sector, filled: 0, length: length as usize, cookie, offset, started });
+            }
+            // Every write is durable in the log before it is answered, so a
+            // flush has nothing left to make durable and is answered at once.
+            BlockRequest::Flush { cookie } => self.reply(cookie, Ok(())),
+            BlockRequest::Trim { cookie, offset, length } => {
+                self.submit_range(group, key, cookie, offset, length, WriteOp::Trim)
+            }
+            BlockRequest::WriteZeroes { cookie, offset, length, no_hole } => {
+                self.submit_range(group, key, cookie, offset, length, WriteOp::WriteZeroes { no_hole });
+            }
+            BlockRequest::Refuse { cookie, error, discard_payload_bytes } => {
+                self.reply(cookie, Err(error));
+                if discard_payload_bytes > 0 {
+                    self.gather = Some(Gather::Discard { remaining: discard_payload_bytes as usize });
+                }
+            }
+            BlockRequest::Disconnect => self.close("client sent disconnect"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_range(&mut self, group: &mut GroupRt, key: usize, cookie: u64, offset: u64, length: u32, op: WriteOp) {
+        self.assert_in_range(offset, length);
+        let pending = PendingWrite { conn: key, conn_id: self.id, cookie, buf: None, started: Instant::now() };
+        group.submit(pending, offset, length, self.volume_index, op);
+        self.inflight += 1;
+    }
+
+    fn assert_in_range(&self, offset: u64, length: u32) {
+        assert!(
+            length > 0 && offset.checked_add(u64::from(length)).is_some_and(|end| end <= self.volume_size_bytes),
+            "the session checked the range {offset}+{length} against the export size {}",
+            self.volume_size_bytes
+        );
+    }
+
+    /// Queues a reply without data.
+    pub fn reply(&mut self, cookie: u64, result: Result<(), BlockError>) {
+        self.session.encode_reply(cookie, result, &mut self.small_replies);
+    }
+
+    /// A write of this connection finished.
+    pub fn write_done(&mut self, cookie: u64, result: Result<(), BlockError>) {
+        self.inflight -= 1;
+        self.reply(cookie, result);
+    }
+}
+
+impl Conn {
+    fn start_read(&mut self, group: &GroupRt, io: &mut Io, key: usize, cookie: u64, offset: u64, length: u32) {
+        self.assert_in_range(offset, length);
+        let header_bytes = self.session.read_reply_header_bytes();
+        let buf = vec![0u8; header_bytes + length as usize];
+        self.inflight += 1;
+        let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
+        let op = Op::VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0 };
+        submit_volume_read(io, fd, op);
+    }
+
+    /// Completion of a volume read: resubmits the rest of a short read, or
+    /// queues the reply.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_done(
+        &mut self,
+        group: &mut GroupRt,
+        io: &mut Io,
+        key: usize,
+        cookie: u64,
+        mut buf: Vec<u8>,
+        header_bytes: usize,
+        offset: u64,
+        done: usize,
+        result: i32,
+    ) {
+        let length = buf.len() - header_bytes;
+        let done = done + result.max(0) as usize;
+        if result > 0 && done < length {
+            let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
+            submit_volume_read(io, fd, Op::VolumeRead { conn: key, cookie, buf, header_bytes, offset, done });
+            return;
+        }
+        self.inflight -= 1;
+        if result <= 0 {
+            let reason = if result == 0 { "unexpected end of volume".to_owned() } else { errno_reason(-result) };
+            tracing::error!(peer = %self.session.peer(), offset, length, %reason, "volume read failed");
+            self.reply(cookie, Err(BlockError::Io));
+            return;
+        }
+        group.read_done(length);
+        self.session.encode_read_reply_header(cookie, &mut buf[..header_bytes]);
+        self.send_queue.push_back(buf);
+    }
+
+    /// Posts a receive (into the buffer, or straight into the record buffer of
+    /// a write being gathered) and a send of queued replies, as needed.
+    pub fn post_io(&mut self, io: &mut Io, key: usize) {
+        if !self.closing && !self.recv_inflight && self.inflight < MAX_INFLIGHT_PER_CONN {
+            self.post_recv(io, key);
+        }
+        if !self.send_inflight && !self.send_broken {
+            self.post_send(io, key);
+        }
+    }
+
+    fn post_recv(&mut self, io: &mut Io, key: usize) {
+        let fd = types::Fd(self.stream.as_raw_fd());
+        let (ptr, len, into_gather) = match self.gather.as_mut() {
+            Some(Gather::Write { buf, sector, filled, length, .. }) if self.rstart == self.rend => {
+                assert!(*sector + *length <= buf.len(), "payload fits after the header sector");
+                // SAFETY: the range [sector + filled, sector + length) lies within buf.
+                let ptr = unsafe { buf.as_mut_ptr().add(*sector + *filled) };
+                (ptr, *length - *filled, true)
+            }
+            _ => {
+                if self.rend == self.rbuf.len() {
+                    return;
+                }
+                // SAFETY: rend < rbuf.len().
+                let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rend) };
+                (ptr, self.rbuf.len() - self.rend, false)
+            }
+        };
+        self.recv_into_gather = into_gather;
+        self.recv_inflight = true;
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        io.submit(Op::Recv { conn: key }, |_| opcode::Recv::new(fd, ptr, len).build());
+    }
+
+    fn post_send(&mut self, io: &mut Io, key: usize) {
+        let mut chunks = Vec::new();
+        if !self.small_replies.is_empty() {
+            chunks.push(std::mem::take(&mut self.small_replies));
+        }
+        while chunks.len() < MAX_SEND_CHUNKS {
+            match self.send_queue.pop_front() {
+                Some(chunk) => chunks.push(chunk),
+                None => break,
+            }
+        }
+        if chunks.is_empty() {
+            return;
+        }
+        let iovecs: Box<[libc::iovec]> = chunks
+            .iter()
+            .map(|c| libc::iovec { iov_base: c.as_ptr() as *mut libc::c_void, iov_len: c.len() })
+            .collect();
+        // SAFETY: msghdr is plain old data; zero is a valid empty header.
+        let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msghdr.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
+        msghdr.msg_iovlen = iovecs.len();
+        self.send_inflight = true;
+        let fd = types::Fd(self.stream.as_raw_fd());
+        io.submit(Op::Send { conn: key, chunks, iovecs, msghdr }, |op| {
+            let Op::Send { msghdr, .. } = op else { unreachable!() };
+            opcode::SendMsg::new(fd, &**msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
+        });
+    }
+
+    /// Completion of a send: requeues what was not sent.
+    pub fn send_done(&mut self, mut chunks: Vec<Vec<u8>>, result: i32) {
+        self.send_inflight = false;
+        if result < 0 {
+            self.send_broken = true;
+            self.close(&format!("send failed: {}", errno_reason(-result)));
+            return;
+        }
+        let mut sent = result as usize;
+        let mut index = 0;
+        while index < chunks.len() && sent >= chunks[index].len() {
+            sent -= chunks[index].len();
+            index += 1;
+        }
+        let mut rest: Vec<Vec<u8>> = chunks.drain(index..).collect();
+        if let Some(first) = rest.first_mut() {
+            first.drain(..sent);
+        }
+        for chunk in rest.into_iter().rev() {
+            self.send_queue.push_front(chunk);
+        }
+    }
+}
+
+fn submit_volume_read(io: &mut Io, fd: types::Fd, op: Op) {
+    io.submit(op, |op| {
+        let Op::VolumeRead { buf, header_bytes, offset, done, .. } = op else { unreachable!() };
+        let start = *header_bytes + *done;
+        let remaining = (buf.len() - start) as u32;
+        // SAFETY: start < buf.len() because done < length.
+        let ptr = unsafe { buf.as_mut_ptr().add(start) };
+        opcode::Read::new(fd, ptr, remaining).offset(*offset + *done as u64).build()
+    });
+}
+
+fn errno_reason(errno: i32) -> String {
+    crate::core::group::errno_text(errno)
+}

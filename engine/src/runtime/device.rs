@@ -1,0 +1,182 @@
+//! Opening logs and volumes: files or block devices, exclusive ownership, sector
+//! size and size discovery, and the O_DIRECT fallback.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Sector size used for regular files: the page size, which every Linux
+/// filesystem accepts for O_DIRECT.
+pub const FILE_SECTOR_BYTES: u32 = 4096;
+
+// Block-device ioctls from <linux/fs.h>; the libc crate does not export them.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// A file or block device opened for Tandem.
+#[derive(Debug)]
+pub struct Device {
+    pub file: File,
+    pub is_block: bool,
+    pub size_bytes: u64,
+    /// The unit of direct IO: max(logical, physical) block size for devices, so
+    /// a 512e drive is never made to read-modify-write; 4096 for files.
+    pub sector_bytes: u32,
+    /// False when the filesystem refused O_DIRECT and O_DSYNC alone is used.
+    pub direct_io: bool,
+}
+
+/// How a path is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The log: O_DIRECT (when allowed) + O_DSYNC, so every write is
+    /// write-through and durable when it completes.
+    LogWriteThrough,
+    /// A volume: buffered; made durable by fdatasync at checkpoints.
+    VolumeBuffered,
+}
+
+/// Opens `path`, takes exclusive ownership (flock for files, O_EXCL for block
+/// devices, which the kernel refuses while the device is mounted or claimed)
+/// and reads its geometry. Errors name the path and the cause.
+pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
+    let metadata = std::fs::metadata(path).map_err(|e| annotate(path, e, "cannot access"))?;
+    let is_block = metadata.file_type().is_block_device();
+    if !is_block && !metadata.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is neither a regular file nor a block device", path.display()),
+        ));
+    }
+    let mut flags = if is_block { libc::O_EXCL } else { 0 };
+    if mode == OpenMode::LogWriteThrough {
+        flags |= libc::O_DSYNC;
+    }
+    let (file, direct_io) = if mode == OpenMode::LogWriteThrough {
+        match open_with(path, flags | libc::O_DIRECT) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the filesystem refuses O_DIRECT; the log uses O_DSYNC alone (durable, but through the page cache)"
+                );
+                (open_with(path, flags)?, false)
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        (open_with(path, flags)?, false)
+    };
+    if !is_block {
+        lock_exclusive(&file, path)?;
+    }
+    let (size_bytes, sector_bytes) =
+        if is_block { block_geometry(&file, path)? } else { (metadata.len(), FILE_SECTOR_BYTES) };
+    Ok(Device { file, is_block, size_bytes, sector_bytes, direct_io })
+}
+
+fn open_with(path: &Path, flags: libc::c_int) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("{} is in use (mounted, or claimed by another program); release it first", path.display()),
+            )
+        } else {
+            annotate(path, e, "cannot open")
+        }
+    })
+}
+
+fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    // SAFETY: flock on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is held by another process (flock); stop that process or choose another path", path.display()),
+        ));
+    }
+    Err(annotate(path, error, "cannot lock"))
+}
+
+fn block_geometry(file: &File, path: &Path) -> io::Result<(u64, u32)> {
+    let fd = file.as_raw_fd();
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    let mut size: u64 = 0;
+    // SAFETY: each ioctl writes one integer of the declared type into the pointee.
+    let rcs = unsafe {
+        [
+            libc::ioctl(fd, BLKSSZGET, &mut logical),
+            libc::ioctl(fd, BLKPBSZGET, &mut physical),
+            libc::ioctl(fd, BLKGETSIZE64, &mut size),
+        ]
+    };
+    if rcs.iter().any(|&rc| rc != 0) {
+        return Err(annotate(path, io::Error::last_os_error(), "cannot read the block device geometry of"));
+    }
+    let sector = u32::try_from(logical).unwrap_or(512).max(physical);
+    Ok((size, sector))
+}
+
+fn annotate(path: &Path, error: io::Error, what: &str) -> io::Error {
+    io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
+}
+
+/// Positioned read of exactly `buf.len()` bytes.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+/// Positioned write of all of `buf`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+/// fallocate(2) with `mode` on `[offset, offset + length)`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+    let to_off = |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW));
+    // SAFETY: fallocate on a valid descriptor; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, to_off(offset)?, to_off(length)?) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// fdatasync(2).
+pub fn fdatasync(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_of_a_file_is_refused_while_locked() {
+        let dir = std::env::temp_dir().join(format!("tandem-device-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vol.img");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let first = open_device(&path, OpenMode::VolumeBuffered).unwrap();
+        assert_eq!((first.size_bytes, first.sector_bytes, first.is_block), (1 << 20, 4096, false));
+        let second = open_device(&path, OpenMode::VolumeBuffered).unwrap_err();
+        assert!(second.to_string().contains("held by another process"), "{second}");
+        drop(first);
+        let log = open_device(&path, OpenMode::LogWriteThrough).unwrap();
+        assert!(log.direct_io, "ext4 and xfs accept O_DIRECT");
+        let missing = open_device(&dir.join("missing"), OpenMode::VolumeBuffered).unwrap_err();
+        assert!(missing.to_string().contains("cannot access"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,381 @@
+//! A group on its core: executes the actions of its [`GroupCore`] on io_uring
+//! and feeds the completions back as events.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use io_uring::{opcode, types};
+use tandem_proto::{RecordKind, Superblock, FLAG_NO_HOLE, RING_OFFSET_BYTES, SUPERBLOCK_SLOT_BYTES};
+
+use super::buf::AlignedBuf;
+use super::device::Device;
+use super::io::{Io, Op};
+use super::log_store::{fallocate_mode, OpenGroup, RecoveryReport};
+use super::session::BlockError;
+use super::status::{GroupStatus, VolumeStatus};
+use crate::core::{
+    Action, AppendBatch, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, IoFailure, WriteError, WriteId,
+};
+
+/// A write waiting for completion: who to answer and the buffer holding the
+/// record (header sector, then payload) for writes with data.
+#[derive(Debug)]
+pub struct PendingWrite {
+    pub conn: usize,
+    pub conn_id: u64,
+    pub cookie: u64,
+    pub buf: Option<AlignedBuf>,
+    pub started: Instant,
+}
+
+/// A finished write to be answered on its connection.
+#[derive(Debug)]
+pub struct Completion {
+    pub conn: usize,
+    pub conn_id: u64,
+    pub cookie: u64,
+    pub result: Result<(), BlockError>,
+}
+
+#[derive(Debug, Default)]
+struct BatchIo {
+    segments_left: usize,
+    failure: Option<i32>,
+}
+
+#[derive(Debug)]
+struct CheckpointIo {
+    lsn: u64,
+    tail_position: u64,
+    fsyncs_left: usize,
+    failure: Option<i32>,
+}
+
+/// One group owned by this core.
+pub struct GroupRt {
+    pub name: String,
+    pub core: GroupCore,
+    pub log: Device,
+    pub volumes: Vec<Device>,
+    pub superblock: Superblock,
+    pub recovery: RecoveryReport,
+    pub connections: usize,
+    pub detaching: bool,
+    sector_bytes: usize,
+    next_write_id: WriteId,
+    writes: HashMap<WriteId, PendingWrite>,
+    batches: HashMap<u64, BatchIo>,
+    checkpoint: Option<CheckpointIo>,
+    write_latency_us: Histogram<u64>,
+    reads_completed: u64,
+    bytes_written: u64,
+    bytes_read: u64,
+}
+
+impl GroupRt {
+    /// Takes over an opened, recovered group.
+    #[must_use]
+    pub fn new(open: OpenGroup, config: GroupConfig) -> Self {
+        let sb = open.superblock;
+        let stamp = tandem_proto::RecordStamp {
+            group_id: sb.group_id,
+            epoch: sb.epoch,
+            generation_tag: u32::from_le_bytes(sb.generation[..4].try_into().expect("4 bytes")),
+        };
+        let ring = crate::core::LogRing::new(sb.ring_size_bytes, sb.sector_size, sb.tail_position, sb.tail_position);
+        Self {
+            name: sb.group_name().to_owned(),
+            core: GroupCore::new(config, stamp, ring, sb.checkpoint_lsn),
+            log: open.log,
+            volumes: open.volumes,
+            superblock: sb,
+            recovery: open.recovery,
+            connections: 0,
+            detaching: false,
+            sector_bytes: sb.sector_size as usize,
+            next_write_id: 1,
+            writes: HashMap::new(),
+            batches: HashMap::new(),
+            checkpoint: None,
+            write_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            reads_completed: 0,
+            bytes_written: 0,
+            bytes_read: 0,
+        }
+    }
+
+    #[must_use]
+    pub fn sector_bytes(&self) -> usize {
+        self.sector_bytes
+    }
+
+    /// Registers a write whose payload (if any) is in `pending.buf` and hands it
+    /// to the core.
+    pub fn submit(
+        &mut self,
+        pending: PendingWrite,
+        offset: u64,
+        length: u32,
+        volume_index: u8,
+        op: crate::core::WriteOp,
+    ) {
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        self.writes.insert(id, pending);
+        let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
+        self.core.handle(Event::Submit(request));
+    }
+
+    /// Runs the core and executes its actions; returns the writes to answer.
+    pub fn pump(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) {
+        for action in self.core.take_actions() {
+            match action {
+                Action::Append(batch) => self.append(io, group, batch),
+                Action::Apply(op) => self.apply(io, group, op, 0),
+                Action::Complete { id, result } => completions.push(self.complete(id, result)),
+                Action::Checkpoint { lsn, tail_position } => self.start_checkpoint(io, group, lsn, tail_position),
+            }
+        }
+    }
+
+    fn complete(&mut self, id: WriteId, result: Result<(), WriteError>) -> Completion {
+        let write = self.writes.remove(&id).expect("completed write is pending");
+        if result.is_ok() {
+            let _ = self.write_latency_us.record(write.started.elapsed().as_micros().max(1) as u64);
+        } else {
+            tracing::error!(group = %self.name, ?result, "write failed");
+        }
+        Completion {
+            conn: write.conn,
+            conn_id: write.conn_id,
+            cookie: write.cookie,
+            result: result.map_err(|_| BlockError::Io),
+        }
+    }
+
+    fn append(&mut self, io: &mut Io, group: usize, batch: AppendBatch) {
+        self.batches.insert(batch.batch_id, BatchIo { segments_left: batch.segments.len(), failure: None });
+        for segment in batch.segments {
+            let mut headers = Vec::new();
+            let mut iovecs = Vec::with_capacity(segment.records.len());
+            for record in &segment.records {
+                let write_buf = record.write_id.and_then(|id| self.writes.get_mut(&id)).and_then(|w| w.buf.as_mut());
+                let (base, len) = match (record.header.record_kind(), write_buf) {
+                    (RecordKind::Write, Some(buf)) => {
+                        buf[..64].copy_from_slice(record.header.as_bytes());
+                        (buf.as_mut_ptr(), buf.len())
+                    }
+                    (RecordKind::Write, None) => panic!("write LSN {} has no buffer", record.header.lsn),
+                    _ => {
+                        let mut sector = AlignedBuf::zeroed(self.sector_bytes);
+                        sector[..64].copy_from_slice(record.header.as_bytes());
+                        let base = sector.as_mut_ptr();
+                        headers.push(sector);
+                        (base, self.sector_bytes)
+                    }
+                };
+                iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: len });
+            }
+            let expected_bytes: usize = iovecs.iter().map(|v| v.iov_len).sum();
+            let pad_bytes = segment.records.iter().find(|r| r.header.record_kind() == RecordKind::Pad);
+            // A pad's header sector is written; the rest of the ring it skips is not.
+            let segment_bytes =
+                segment.bytes as usize - pad_bytes.map_or(0, |p| p.header.length as usize - self.sector_bytes);
+            assert_eq!(expected_bytes, segment_bytes, "iovecs cover the segment exactly");
+            let fd = types::Fd(self.log.file.as_raw_fd());
+            let offset = RING_OFFSET_BYTES + segment.ring_offset;
+            let op = Op::LogWrite {
+                group,
+                batch_id: batch.batch_id,
+                expected_bytes,
+                iovecs: iovecs.into_boxed_slice(),
+                headers,
+            };
+            io.submit(op, |op| {
+                let Op::LogWrite { iovecs, .. } = op else { unreachable!() };
+                opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32).offset(offset).build()
+            });
+        }
+    }
+
+    /// Completion of one log segment write.
+    pub fn log_write_done(&mut self, batch_id: u64, result: i32, expected_bytes: usize) {
+        let batch = self.batches.get_mut(&batch_id).expect("segment of a known batch");
+        if result < 0 || result as usize != expected_bytes {
+            let errno = if result < 0 { -result } else { libc::EIO };
+            tracing::error!(group = %self.name, batch_id, result, expected_bytes, "log write failed");
+            batch.failure = Some(errno);
+        }
+        batch.segments_left -= 1;
+        if batch.segments_left == 0 {
+            let batch = self.batches.remove(&batch_id).expect("present");
+            let result = batch.failure.map_or(Ok(()), |errno| Err(IoFailure { errno }));
+            self.core.handle(Event::AppendDone { batch_id, result });
+        }
+    }
+
+    fn apply(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32) {
+        let volume = &self.volumes[usize::from(apply.volume_index)];
+        assert!(apply.offset + u64::from(apply.length) <= volume.size_bytes, "apply within the volume");
+        let fd = types::Fd(volume.file.as_raw_fd());
+        let op = Op::Apply { group, apply, done };
+        let entry = match apply.kind {
+            ApplyKind::Write => {
+                let buf = self.writes[&apply.write_id].buf.as_ref().expect("write has a buffer");
+                let start = self.sector_bytes + done as usize;
+                // SAFETY: start + remaining stays within the record buffer.
+                let ptr = unsafe { buf.as_ptr().add(start) };
+                opcode::Write::new(fd, ptr, apply.length - done).offset(apply.offset + u64::from(done)).build()
+            }
+            ApplyKind::Trim | ApplyKind::WriteZeroes { .. } => {
+                let (kind, flags) = match apply.kind {
+                    ApplyKind::WriteZeroes { no_hole: true } => (RecordKind::WriteZeroes, FLAG_NO_HOLE),
+                    ApplyKind::WriteZeroes { no_hole: false } => (RecordKind::WriteZeroes, 0),
+                    _ => (RecordKind::Trim, 0),
+                };
+                opcode::Fallocate::new(fd, u64::from(apply.length))
+                    .offset(apply.offset)
+                    .mode(fallocate_mode(kind, flags))
+                    .build()
+            }
+        };
+        io.submit(op, |_| entry);
+    }
+
+    /// Completion of a volume change; resubmits the rest of a short write.
+    pub fn apply_done(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32, result: i32) {
+        if apply.kind == ApplyKind::Write && result > 0 {
+            let done = done + result as u32;
+            if done < apply.length {
+                self.apply(io, group, apply, done);
+                return;
+            }
+        }
+        let stalled = apply.kind == ApplyKind::Write && result == 0;
+        let result = match result {
+            _ if stalled => Err(IoFailure { errno: libc::EIO }),
+            r if r < 0 => Err(IoFailure { errno: -r }),
+            _ => Ok(()),
+        };
+        self.core.handle(Event::ApplyDone { lsn: apply.lsn, result });
+    }
+
+    fn start_checkpoint(&mut self, io: &mut Io, group: usize, lsn: u64, tail_position: u64) {
+        assert!(self.checkpoint.is_none(), "one checkpoint at a time");
+        self.checkpoint = Some(CheckpointIo { lsn, tail_position, fsyncs_left: self.volumes.len(), failure: None });
+        for volume in &self.volumes {
+            let fd = types::Fd(volume.file.as_raw_fd());
+            io.submit(Op::Fsync { group }, |_| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
+        }
+    }
+
+    /// Completion of a checkpoint fdatasync; the last one writes the superblock.
+    pub fn fsync_done(&mut self, io: &mut Io, group: usize, result: i32) {
+        let checkpoint = self.checkpoint.as_mut().expect("fsync belongs to a checkpoint");
+        if result < 0 {
+            checkpoint.failure = Some(-result);
+        }
+        checkpoint.fsyncs_left -= 1;
+        if checkpoint.fsyncs_left > 0 {
+            return;
+        }
+        if checkpoint.failure.is_some() {
+            self.finish_checkpoint(0);
+            return;
+        }
+        // The volumes are durable up to the checkpoint LSN: only now may the
+        // superblock say so and the ring reuse the space.
+        self.superblock.checkpoint_lsn = checkpoint.lsn;
+        self.superblock.tail_position = checkpoint.tail_position;
+        self.superblock.sequence += 1;
+        self.superblock.seal();
+        let mut buf = AlignedBuf::zeroed(SUPERBLOCK_SLOT_BYTES);
+        buf.copy_from_slice(self.superblock.as_bytes());
+        let fd = types::Fd(self.log.file.as_raw_fd());
+        let offset = self.superblock.slot_offset();
+        io.submit(Op::SuperblockWrite { group, buf }, |op| {
+            let Op::SuperblockWrite { buf, .. } = op else { unreachable!() };
+            opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(offset).build()
+        });
+    }
+
+    /// Completion of the checkpoint's superblock write.
+    pub fn finish_checkpoint(&mut self, result: i32) {
+        let checkpoint = self.checkpoint.take().expect("checkpoint in flight");
+        let errno = checkpoint.failure.or(if result < 0 { Some(-result) } else { None });
+        let result = errno.map_or(Ok(()), |errno| Err(IoFailure { errno }));
+        if result.is_err() {
+            tracing::error!(group = %self.name, ?result, "checkpoint failed");
+        }
+        self.core.handle(Event::CheckpointDone {
+            lsn: checkpoint.lsn,
+            tail_position: checkpoint.tail_position,
+            result,
+        });
+    }
+
+    /// Accounts a completed client read.
+    pub fn read_done(&mut self, bytes: usize) {
+        self.reads_completed += 1;
+        self.bytes_read += bytes as u64;
+    }
+
+    /// Accounts written payload bytes at submission.
+    pub fn account_write(&mut self, bytes: u32) {
+        self.bytes_written += u64::from(bytes);
+    }
+
+    /// Numbers for `tandem status`.
+    #[must_use]
+    pub fn status(&self) -> GroupStatus {
+        let snapshot = self.core.snapshot();
+        let latency = &self.write_latency_us;
+        let has_samples = !latency.is_empty();
+        GroupStatus {
+            name: self.name.clone(),
+            state: if let Some(reason) = self.core.failure() {
+                format!("Failed: {reason}")
+            } else {
+                "Online".to_owned()
+            },
+            current_lsn: snapshot.current_lsn,
+            durable_lsn: snapshot.durable_lsn,
+            checkpoint_lsn: snapshot.checkpoint_lsn,
+            log_path: self.superblock_log_path(),
+            log_size_bytes: self.superblock.ring_size_bytes,
+            log_used_bytes: snapshot.log_used_bytes,
+            log_free_bytes: snapshot.log_free_bytes,
+            log_sector_bytes: self.superblock.sector_size,
+            log_direct_io: self.log.direct_io,
+            volumes: self
+                .superblock
+                .volumes()
+                .iter()
+                .map(|v| VolumeStatus {
+                    name: tandem_proto::read_fixed_str(&v.name).unwrap_or_default().to_owned(),
+                    path: tandem_proto::read_fixed_str(&v.path).unwrap_or_default().to_owned(),
+                    size_bytes: v.size_bytes,
+                })
+                .collect(),
+            writes_completed: snapshot.writes_completed,
+            writes_waiting_for_log_space: snapshot.writes_waiting_for_space,
+            reads_completed: self.reads_completed,
+            bytes_written: self.bytes_written,
+            bytes_read: self.bytes_read,
+            write_latency_us_avg: if has_samples { latency.mean() } else { 0.0 },
+            write_latency_us_p99: if has_samples { latency.value_at_quantile(0.99) } else { 0 },
+            checkpoints: snapshot.checkpoints,
+            connections: self.connections,
+            epoch: self.superblock.epoch,
+            last_recovery: self.recovery.clone(),
+        }
+    }
+
+    fn superblock_log_path(&self) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", self.log.file.as_raw_fd()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}

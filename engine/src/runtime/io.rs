@@ -1,0 +1,87 @@
+//! The io_uring of one core and the operations in flight on it.
+//!
+//! Every submitted entry's `user_data` is the key of its [`Op`] in a slab. The
+//! op owns (or names the owner of) every buffer the kernel touches, and is only
+//! removed when the completion arrives: that is the ownership rule that makes
+//! the `unsafe` submission sound.
+
+use io_uring::{squeue, IoUring};
+use slab::Slab;
+
+use super::buf::AlignedBuf;
+
+/// An operation in flight, keyed by its `user_data`.
+#[derive(Debug)]
+pub enum Op {
+    /// Read of the core's wake-up eventfd.
+    Wake { buf: Box<[u8; 8]> },
+    /// The periodic tick.
+    Timer { timespec: Box<io_uring::types::Timespec> },
+    /// A segment of a group-commit write. `iovecs` point into write buffers held
+    /// by the group (until the write completes) and into `headers`.
+    LogWrite {
+        group: usize,
+        batch_id: u64,
+        expected_bytes: usize,
+        #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
+        iovecs: Box<[libc::iovec]>,
+        #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
+        headers: Vec<AlignedBuf>,
+    },
+    /// A volume change; `done` bytes of a write are already through.
+    Apply { group: usize, apply: crate::core::ApplyOp, done: u32 },
+    /// fdatasync of one volume for a checkpoint.
+    Fsync { group: usize },
+    /// The superblock write that completes a checkpoint.
+    SuperblockWrite { group: usize, buf: AlignedBuf },
+    /// A volume read for a client; `buf` is the reply (header then data).
+    VolumeRead { conn: usize, cookie: u64, buf: Vec<u8>, header_bytes: usize, offset: u64, done: usize },
+    /// Receive on a client connection into the connection's own buffer.
+    Recv { conn: usize },
+    /// Send of queued replies; the chunks are owned here until the completion.
+    Send {
+        conn: usize,
+        chunks: Vec<Vec<u8>>,
+        #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
+        iovecs: Box<[libc::iovec]>,
+        msghdr: Box<libc::msghdr>,
+    },
+}
+
+/// The ring plus the ops it carries.
+pub struct Io {
+    pub ring: IoUring,
+    pub ops: Slab<Op>,
+}
+
+// SAFETY: the raw pointers inside ops (iovecs, msghdr) point into heap memory
+// owned by the same Op or by the core that owns this Io; the Io is created and
+// used on exactly one thread, and moved only before its loop starts.
+unsafe impl Send for Io {}
+
+impl Io {
+    /// A ring with `entries` submission slots.
+    pub fn new(entries: u32) -> std::io::Result<Self> {
+        Ok(Self { ring: IoUring::builder().build(entries)?, ops: Slab::with_capacity(1024) })
+    }
+
+    /// Stores `op` and submits the entry built from it (the builder receives
+    /// the stored op, whose heap memory stays put, and its key).
+    pub fn submit(&mut self, op: Op, build: impl FnOnce(&mut Op) -> squeue::Entry) {
+        let key = self.ops.insert(op);
+        let entry = build(&mut self.ops[key]).user_data(key as u64);
+        self.push(&entry);
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: the buffers the entry points to are owned by its Op (or by
+            // state the Op names) and live until the completion removes the Op.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            self.ring.submit().expect("io_uring submit failed while the submission queue was full");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The loop of one core: a pinned thread with its own io_uring, serving the
+//! groups it owns and their client connections. Messages from the control plane
+//! arrive on a crossbeam channel; an eventfd read on the ring wakes the loop.
+
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{opcode, types};
+use slab::Slab;
+
+use super::conn::Conn;
+use super::group_io::{Completion, GroupRt};
+use super::io::{Io, Op};
+use super::log_store::OpenGroup;
+use super::session::BlockSession;
+use super::status::GroupStatus;
+use crate::core::{Event, GroupConfig};
+
+const TICK: Duration = Duration::from_millis(100);
+const RING_ENTRIES: u32 = 1024;
+
+/// A message to a core.
+pub enum CoreMsg {
+    /// Take ownership of an opened, recovered group.
+    AttachGroup { group: Box<OpenGroup>, config: GroupConfig },
+    /// Serve a client connection (past its handshake) on `group`'s volume.
+    AttachConnection { group: String, volume_index: u8, stream: TcpStream, session: Box<dyn BlockSession> },
+    /// Report every group's status.
+    Status { reply: Sender<Vec<GroupStatus>> },
+    /// Close the group's connections, drain, checkpoint and release its files.
+    DetachGroup { group: String, reply: Sender<Result<(), String>> },
+    /// Detach every group and stop the thread.
+    Shutdown,
+}
+
+/// The control plane's handle on a core thread.
+pub struct CoreHandle {
+    pub index: usize,
+    tx: Sender<CoreMsg>,
+    wake: Arc<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CoreHandle {
+    /// Starts core `index`, pinned to `cpu`.
+    pub fn spawn(index: usize, cpu: usize) -> std::io::Result<Self> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor owned by nobody else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let io = Io::new(RING_ENTRIES)?;
+        let wake_for_thread = Arc::clone(&wake);
+        let thread = std::thread::Builder::new().name(format!("tandem-core-{index}")).spawn(move || {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                tracing::warn!(core = index, cpu, "could not pin the core thread to its CPU; it runs unpinned");
+            }
+            Reactor::new(io, rx, wake_for_thread).run();
+        })?;
+        Ok(Self { index, tx, wake, thread: Some(thread) })
+    }
+
+    /// Sends a message and wakes the core.
+    pub fn send(&self, msg: CoreMsg) {
+        if self.tx.send(msg).is_ok() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes to an eventfd we own.
+            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+
+    /// Stops the core after detaching its groups (checkpointed) and waits.
+    pub fn shutdown(mut self) {
+        self.send(CoreMsg::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Detach {
+    group: usize,
+    reply: Option<Sender<Result<(), String>>>,
+}
+
+struct Reactor {
+    io: Io,
+    inbox: Receiver<CoreMsg>,
+    wake: Arc<OwnedFd>,
+    groups: Vec<Option<GroupRt>>,
+    conns: Slab<Conn>,
+    next_conn_id: u64,
+    started: Instant,
+    detaches: Vec<Detach>,
+    shutting_down: bool,
+    completions: Vec<Completion>,
+}
+
+impl Reactor {
+    fn new(io: Io, inbox: Receiver<CoreMsg>, wake: Arc<OwnedFd>) -> Self {
+        Self {
+            io,
+            inbox,
+            wake,
+            groups: Vec::new(),
+            conns: Slab::new(),
+            next_conn_id: 1,
+            started: Instant::now(),
+            detaches: Vec::new(),
+            shutting_down: false,
+            completions: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        self.arm_wake();
+        self.arm_timer();
+        loop {
+            self.drain_inbox();
+            self.pump_groups();
+            self.progress_connections();
+            self.progress_detaches();
+            if self.shutting_down && self.groups.iter().all(Option::is_none) {
+                break;
+            }
+            match self.io.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => panic!("io_uring submit_and_wait failed: {e}"),
+            }
+            self.reap();
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = types::Fd(self.wake.as_raw_fd());
+        self.io.submit(Op::Wake { buf: Box::new([0; 8]) }, |op| {
+            let Op::Wake { buf } = op else { unreachable!() };
+            opcode::Read::new(fd, buf.as_mut_ptr(), 8).build()
+        });
+    }
+
+    fn arm_timer(&mut self) {
+        let timespec = Box::new(types::Timespec::new().sec(TICK.as_secs()).nsec(TICK.subsec_nanos()));
+        self.io.submit(Op::Timer { timespec }, |op| {
+            let Op::Timer { timespec } = op else { unreachable!() };
+            opcode::Timeout::new(&**timespec).build()
+        });
+    }
+
+    fn reap(&mut self) {
+        let finished: Vec<(u64, i32)> = self.io.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+        for (key, result) in finished {
+            let op = self.io.ops.remove(key as usize);
+            self.dispatch(op, result);
+        }
+    }
+
+    fn dispatch(&mut self, op: Op, result: i32) {
+        match op {
+            Op::Wake { .. } => self.arm_wake(),
+            Op::Timer { .. } => {
+                let now_ms = self.started.elapsed().as_millis() as u64;
+                for group in self.groups.iter_mut().flatten() {
+                    group.core.handle(Event::Tick { now_ms });
+                }
+                self.arm_timer();
+            }
+            Op::LogWrite { group, batch_id, expected_bytes, .. } => {
+                self.group(group).log_write_done(batch_id, result, expected_bytes);
+            }
+            Op::Apply { group, apply, done } => {
+                let rt = self.groups[group].as_mut().expect("group of an op in flight");
+                rt.apply_done(&mut self.io, group, apply, done, result);
+            }
+            Op::Fsync { group } => {
+                let rt = self.groups[group].as_mut().expect("group of an op in flight");
+                rt.fsync_done(&mut self.io, group, result);
+            }
+            Op::SuperblockWrite { group, .. } => self.group(group).finish_checkpoint(result),
+            Op::VolumeRead { conn, cookie, buf, header_bytes, offset, done } => {
+                let connection = &mut self.conns[conn];
+                let rt = self.groups[connection.group].as_mut().expect("group of a connection");
+                connection.read_done(rt, &mut self.io, conn, cookie, buf, header_bytes, offset, done, result);
+            }
+            Op::Recv { conn } => {
+                let connection = &mut self.conns[conn];
+                let rt = self.groups[connection.group].as_mut().expect("group of a connection");
+                connection.recv_done(result, rt, &mut self.io, conn);
+            }
+            Op::Send { conn, chunks, .. } => self.conns[conn].send_done(chunks, result),
+        }
+    }
+
+    fn group(&mut self, index: usize) -> &mut GroupRt {
+        self.groups[index].as_mut().expect("group of an op in flight")
+    }
+
+    fn drain_inbox(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                CoreMsg::AttachGroup { group, config } => {
+                    let rt = GroupRt::new(*group, config);
+                    tracing::info!(group = %rt.name, "group online");
+                    match self.groups.iter().position(Option::is_none) {
+                        Some(slot) => self.groups[slot] = Some(rt),
+                        None => self.groups.push(Some(rt)),
+                    }
+                }
+                CoreMsg::AttachConnection { group, volume_index, stream, session } => {
+                    self.attach_connection(&group, volume_index, stream, session);
+                }
+                CoreMsg::Status { reply } => {
+                    let _ = reply.send(self.groups.iter().flatten().map(GroupRt::status).collect());
+                }
+                CoreMsg::DetachGroup { group, reply } => match self.find_group(&group) {
+                    Some(index) => self.start_detach(index, Some(reply)),
+                    None => {
+                        let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                    }
+                },
+                CoreMsg::Shutdown => {
+                    self.shutting_down = true;
+                    for index in 0..self.groups.len() {
+                        if self.groups[index].as_ref().is_some_and(|g| !g.detaching) {
+                            self.start_detach(index, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn find_group(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.as_ref().is_some_and(|g| g.name == name && !g.detaching))
+    }
+
+    fn attach_connection(&mut self, group: &str, volume_index: u8, stream: TcpStream, session: Box<dyn BlockSession>) {
+        let Some(index) = self.find_group(group) else {
+            tracing::warn!(group, peer = session.peer(), "connection for a group this core does not serve; closed");
+            return;
+        };
+        let rt = self.groups[index].as_mut().expect("found above");
+        let Some(volume) = rt.volumes.get(usize::from(volume_index)) else {
+            tracing::warn!(group, volume_index, "connection for a volume the group does not have; closed");
+            return;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+        let conn = Conn::new(self.next_conn_id, stream, index, volume_index, volume.size_bytes, session);
+        self.next_conn_id += 1;
+        tracing::info!(group, volume_index, peer = conn.peer(), "client connected");
+        rt.connections += 1;
+        self.conns.insert(conn);
+    }
+
+    fn pump_groups(&mut self) {
+        for (index, group) in self.groups.iter_mut().enumerate() {
+            if let Some(group) = group {
+                group.pump(&mut self.io, index, &mut self.completions);
+            }
+        }
+        for completion in self.completions.drain(..) {
+            match self.conns.get_mut(completion.conn) {
+                Some(conn) if conn.id == completion.conn_id => conn.write_done(completion.cookie, completion.result),
+                _ => unreachable!("a connection stays until its writes complete"),
+            }
+        }
+    }
+
+    fn progress_connections(&mut self) {
+        let mut closed = Vec::new();
+        for (key, conn) in &mut self.conns {
+            if conn.can_close() {
+                closed.push(key);
+            } else {
+                conn.post_io(&mut self.io, key);
+            }
+        }
+        for key in closed {
+            let conn = self.conns.remove(key);
+            if let Some(group) = self.groups[conn.group].as_mut() {
+                group.connections -= 1;
+            }
+            tracing::info!(peer = conn.peer(), "client disconnected");
+        }
+    }
+
+    fn start_detach(&mut self, index: usize, reply: Option<Sender<Result<(), String>>>) {
+        let group = self.groups[index].as_mut().expect("detaching a present group");
+        group.detaching = true;
+        group.core.handle(Event::CheckpointRequested);
+        for (_, conn) in &mut self.conns {
+            if conn.group == index {
+                conn.close("group is being detached");
+            }
+        }
+        self.detaches.push(Detach { group: index, reply });
+    }
+
+    /// A detaching group is released once its connections are gone, nothing is
+    /// in flight and every record is checkpointed into the volumes (or, for a
+    /// failed group, once nothing is in flight).
+    fn progress_detaches(&mut self) {
+        let mut index = 0;
+        while index < self.detaches.len() {
+            let slot = self.detaches[index].group;
+            let group = self.groups[slot].as_mut().expect("detaching group is present");
+            let drained = group.connections == 0 && group.core.is_idle();
+            let done = drained && (group.core.failure().is_some() || group.core.is_fully_checkpointed());
+            if drained && !done {
+                group.core.handle(Event::CheckpointRequested);
+            }
+            if done {
+                let group = self.groups[slot].take().expect("present");
+                tracing::info!(group = %group.name, "group detached; volumes are checkpointed");
+                let detach = self.detaches.swap_remove(index);
+                if let Some(reply) = detach.reply {
+                    let _ = reply.send(Ok(()));
+                }
+            } else {
+                index += 1;
+            }
+        }
+    }
+}
