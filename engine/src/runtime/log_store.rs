@@ -52,7 +52,7 @@ pub struct OpenGroup {
 }
 
 /// What recovery found and replayed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecoveryReport {
     pub records_replayed: u64,
     pub bytes_replayed: u64,

@@ -41,7 +41,7 @@ pub struct CoreHandle {
     pub index: usize,
     tx: Sender<CoreMsg>,
     wake: Arc<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl CoreHandle {
@@ -63,7 +63,7 @@ impl CoreHandle {
             }
             Reactor::new(io, rx, wake_for_thread).run();
         })?;
-        Ok(Self { index, tx, wake, thread: Some(thread) })
+        Ok(Self { index, tx, wake, thread: std::sync::Mutex::new(Some(thread)) })
     }
 
     /// Sends a message and wakes the core.
@@ -76,9 +76,10 @@ impl CoreHandle {
     }
 
     /// Stops the core after detaching its groups (checkpointed) and waits.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(&self) {
         self.send(CoreMsg::Shutdown);
-        if let Some(thread) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
     }

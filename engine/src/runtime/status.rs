@@ -13,7 +13,7 @@ pub struct VolumeStatus {
 }
 
 /// Everything `tandem status` shows about a group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub name: String,
     pub state: String,

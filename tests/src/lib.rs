@@ -1,0 +1,200 @@
+//! Harness for process-level tests: real `tandemd` processes in temporary
+//! directories, driven through the real `tandem` CLI and real NBD clients.
+
+pub mod nbd_client;
+pub mod pattern;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory of the built binaries: the test executable lives in
+/// `target/<profile>/deps`, the binaries in `target/<profile>`.
+#[must_use]
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TANDEM_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned()
+}
+
+/// Path of a built binary; fails with the command that builds it.
+#[must_use]
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// Fails with the package to install when a client tool is missing.
+pub fn require_tool(tool: &str, package: &str) {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    assert!(found, "{tool} is not installed: `apt-get install {package}` (scripts/test installs it)");
+}
+
+/// A free TCP port on loopback (bound and released; the daemon binds it next).
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("address").port()
+}
+
+/// One `tandemd` in its own directory.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub api: PathBuf,
+    pub nbd_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts a daemon whose config has `[engine]` lines `engine_toml` added.
+    #[must_use]
+    pub fn start(engine_toml: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temporary directory");
+        let api = dir.path().join("api.sock");
+        let nbd_port = free_port();
+        let config = dir.path().join("tandem.toml");
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let cores: Vec<String> = (0..cpus.min(2)).map(|c| c.to_string()).collect();
+        let text = format!(
+            "[node]\nname = \"test\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n",
+            cores.join(", "),
+            dir.path().join("state").display(),
+            api.display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut node = Self { dir, api, nbd_port, config, child: None };
+        node.spawn();
+        node
+    }
+
+    #[must_use]
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the daemon process and waits until its API answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path("tandemd.log")).expect("log file");
+        let child = Command::new(bin("tandemd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tandemd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("tandemd exited with {status} during start-up:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tandemd did not answer within 30 s:\n{}", self.log());
+    }
+
+    /// kill -9: no checkpoint, no clean close.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let status = child.wait().expect("wait for tandemd");
+            assert!(status.success(), "tandemd exited with {status}:\n{}", self.log());
+        }
+    }
+
+    /// The daemon's log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("tandemd.log")).unwrap_or_default()
+    }
+
+    /// Runs `tandem --api SOCKET ARGS...`.
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("tandem")).arg("--api").arg(&self.api).args(args).output().expect("run tandem")
+    }
+
+    /// Runs the CLI and returns stdout; panics with stderr on failure.
+    #[must_use]
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(output.status.success(), "tandem {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Creates sparse volume files and a group over them.
+    pub fn create_group(&self, name: &str, log_size: &str, volumes: &[(&str, u64)]) {
+        let mut args: Vec<String> = vec![
+            "group".into(),
+            "create".into(),
+            "--name".into(),
+            name.into(),
+            "--log".into(),
+            self.path(&format!("{name}.log")).display().to_string(),
+            "--log-size".into(),
+            log_size.into(),
+        ];
+        for (volume, size) in volumes {
+            let path = self.path(&format!("{name}-{volume}.img"));
+            std::fs::File::create(&path).expect("create volume").set_len(*size).expect("size volume");
+            args.push("--volume".into());
+            args.push(format!("{volume}={}", path.display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _ = self.cli_ok(&args);
+    }
+
+    /// `tandem status --json` of one group.
+    #[must_use]
+    pub fn group_status(&self, name: &str) -> serde_json::Value {
+        let text = self.cli_ok(&["group", "show", name, "--json"]);
+        let mut groups: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+        groups[0].take()
+    }
+
+    /// NBD URI of `group/volume` for qemu and fio.
+    #[must_use]
+    pub fn nbd_uri(&self, group: &str, volume: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{group}/{volume}", self.nbd_port)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command and returns its output; panics with everything it printed
+/// when it fails.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}:\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}

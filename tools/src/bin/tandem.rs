@@ -1,0 +1,207 @@
+//! `tandem`: the command-line client of tandemd.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use tandem_engine::runtime::log_store::DEFAULT_LOG_SIZE_BYTES;
+use tandem_engine::runtime::status::GroupStatus;
+use tandem_tools::api::{call, CallError, Request, ResponseBody, VolumeArg};
+use tandem_tools::config::DEFAULT_API_SOCKET;
+use tandem_tools::size::{format_size, parse_size};
+
+/// Manage Tandem replication groups on this node.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Management socket of tandemd.
+    #[arg(long, global = true, default_value = DEFAULT_API_SOCKET)]
+    api: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list, show and delete replication groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Status of every group: LSNs, log use, volumes, write counts and latency.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Format a log and register a group of volumes served over NBD as GROUP/VOLUME.
+    Create {
+        /// Group name (letters, digits, - _ .).
+        #[arg(long)]
+        name: String,
+        /// Log file (created) or block device; put it on the fastest storage.
+        #[arg(long)]
+        log: PathBuf,
+        /// Size of a file log, e.g. 8GiB (minimum 128MiB); a device log uses the whole device.
+        #[arg(long, value_parser = parse_size)]
+        log_size: Option<u64>,
+        /// A volume: PATH or NAME=PATH (the name defaults to the file name). Repeat for more.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+    },
+    /// List the groups of this node.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one group.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a group, checkpoint its volumes and release its log.
+    Delete { name: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => {}
+        Err(CallError::NotRunning(message)) => {
+            eprintln!("tandem: {message}");
+            std::process::exit(3);
+        }
+        Err(CallError::Refused(message)) => {
+            eprintln!("tandem: {message}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), CallError> {
+    match &cli.command {
+        Command::Status { json } => print_groups(&call(&cli.api, &Request::Status)?, *json, true),
+        Command::Group(GroupCommand::List { json }) => {
+            print_groups(&call(&cli.api, &Request::GroupList)?, *json, false)
+        }
+        Command::Group(GroupCommand::Show { name, json }) => {
+            print_groups(&call(&cli.api, &Request::GroupShow { name: name.clone() })?, *json, true);
+        }
+        Command::Group(GroupCommand::Delete { name }) => {
+            print_message(&call(&cli.api, &Request::GroupDelete { name: name.clone() })?)
+        }
+        Command::Group(GroupCommand::Create { name, log, log_size, volumes }) => {
+            let volumes =
+                volumes.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>, _>>().map_err(CallError::Refused)?;
+            let request = Request::GroupCreate {
+                name: name.clone(),
+                log: absolute(log),
+                log_size_bytes: log_size.unwrap_or(DEFAULT_LOG_SIZE_BYTES),
+                volumes,
+            };
+            print_message(&call(&cli.api, &request)?);
+        }
+    }
+    Ok(())
+}
+
+/// `NAME=PATH` or `PATH` (named after the file).
+fn parse_volume(text: &str) -> Result<VolumeArg, String> {
+    let (name, path) = match text.split_once('=') {
+        Some((name, path)) => (name.to_owned(), PathBuf::from(path)),
+        None => {
+            let path = PathBuf::from(text);
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("--volume {text}: cannot name a volume after this path; use NAME=PATH"))?
+                .to_owned();
+            (name, path)
+        }
+    };
+    Ok(VolumeArg { name, path: absolute(&path) })
+}
+
+/// The daemon runs elsewhere: relative paths are resolved here.
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().map_or_else(|_| path.to_owned(), |cwd| cwd.join(path))
+    }
+}
+
+fn print_message(body: &ResponseBody) {
+    if let ResponseBody::Message(message) = body {
+        println!("{message}");
+    }
+}
+
+fn print_groups(body: &ResponseBody, json: bool, detailed: bool) {
+    let ResponseBody::Groups(groups) = body else { return };
+    if json {
+        println!("{}", serde_json::to_string_pretty(groups).expect("status serializes"));
+        return;
+    }
+    if groups.is_empty() {
+        println!("no groups; create one with `tandem group create --name NAME --log PATH --volume PATH`");
+        return;
+    }
+    for group in groups {
+        if detailed {
+            print_detailed(group);
+        } else {
+            let volumes: Vec<String> = group.volumes.iter().map(|v| format!("{}/{}", group.name, v.name)).collect();
+            println!(
+                "{:<16} {:<10} log {:<40} exports {}",
+                group.name,
+                short_state(&group.state),
+                group.log_path,
+                volumes.join(" ")
+            );
+        }
+    }
+}
+
+fn short_state(state: &str) -> &str {
+    state.split(':').next().unwrap_or(state)
+}
+
+fn print_detailed(g: &GroupStatus) {
+    println!("group {}: {}", g.name, g.state);
+    println!("  LSN           current {}  durable {}  checkpoint {}", g.current_lsn, g.durable_lsn, g.checkpoint_lsn);
+    println!(
+        "  log           {} ({} ring, {} used, {} free, {}-byte sectors{})",
+        g.log_path,
+        format_size(g.log_size_bytes),
+        format_size(g.log_used_bytes),
+        format_size(g.log_free_bytes),
+        g.log_sector_bytes,
+        if g.log_direct_io { ", O_DIRECT" } else { ", O_DSYNC without O_DIRECT" }
+    );
+    for v in &g.volumes {
+        println!("  volume        {}/{} {} ({})", g.name, v.name, v.path, format_size(v.size_bytes));
+    }
+    println!(
+        "  writes        {} completed, {} waiting for log space, {} written; latency avg {:.0} us, p99 {} us",
+        g.writes_completed,
+        g.writes_waiting_for_log_space,
+        format_size(g.bytes_written),
+        g.write_latency_us_avg,
+        g.write_latency_us_p99
+    );
+    println!("  reads         {} completed, {} read", g.reads_completed, format_size(g.bytes_read));
+    println!("  checkpoints   {}   connections {}   epoch {}", g.checkpoints, g.connections, g.epoch);
+    let r = &g.last_recovery;
+    println!(
+        "  last recovery replayed {} records ({}), LSN {}..{}, {} ms; stopped at {}",
+        r.records_replayed,
+        format_size(r.bytes_replayed),
+        r.first_lsn,
+        r.last_lsn,
+        r.elapsed_ms,
+        r.stopped
+    );
+}

@@ -1,0 +1,65 @@
+//! `tandemd`: the Tandem daemon.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tandem_tools::config::Config;
+use tandem_tools::daemon::Daemon;
+use tandem_tools::serve;
+
+/// The Tandem daemon: serves replication groups' volumes over NBD, every write
+/// durable in the group's write-ahead log before it is acknowledged.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = "/etc/tandem/tandem.toml")]
+    config: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(message) = run(&args) {
+        eprintln!("tandemd: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let config = Config::load(&args.config)?;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.node.log_level.clone());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let api = serve::bind_api(&config.node.api_socket)?;
+    let nbd = TcpListener::bind(config.node.nbd_listen)
+        .map_err(|e| format!("cannot listen for NBD on {}: {e}", config.node.nbd_listen))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let api_path = config.node.api_socket.clone();
+    let daemon = Arc::new(Daemon::start(config)?);
+    tracing::info!(
+        node = %daemon.config.node.name,
+        nbd = %daemon.config.node.nbd_listen,
+        api = %api_path.display(),
+        cores = ?daemon.config.node.cores,
+        "tandemd ready"
+    );
+    let api_daemon = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("tandem-api-accept".into())
+        .spawn(move || serve::serve_api(api_daemon, api))
+        .map_err(|e| e.to_string())?;
+    let nbd_daemon = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("tandem-nbd-accept".into())
+        .spawn(move || serve::serve_nbd(nbd_daemon, nbd))
+        .map_err(|e| e.to_string())?;
+    let signal = signals.forever().next();
+    tracing::info!(?signal, "stopping: draining groups and checkpointing volumes");
+    let _ = std::fs::remove_file(&api_path);
+    daemon.shutdown();
+    tracing::info!("tandemd stopped");
+    Ok(())
+}

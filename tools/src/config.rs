@@ -1,0 +1,164 @@
+//! The daemon's configuration file (`tandemd --config tandem.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tandem_engine::core::GroupConfig;
+
+/// Default path of the management socket.
+pub const DEFAULT_API_SOCKET: &str = "/run/tandem/api.sock";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// CPUs that run a core thread each (pinned).
+    #[serde(default = "default_cores")]
+    pub cores: Vec<usize>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    #[serde(default = "default_nbd_listen")]
+    pub nbd_listen: SocketAddr,
+    /// Address that partnerships will listen on. Validated now; replication
+    /// itself arrives with partnerships, and until then nothing listens here.
+    #[serde(default = "default_replication_listen")]
+    pub replication_listen: SocketAddr,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+/// `[engine]`: write-path tunables (defaults suit most disks).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub max_batch_bytes: u64,
+    pub max_batch_records: usize,
+    pub max_inflight_appends: usize,
+    pub checkpoint_used_percent: u64,
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let defaults = GroupConfig::default();
+        Self {
+            max_batch_bytes: defaults.max_batch_bytes,
+            max_batch_records: defaults.max_batch_records,
+            max_inflight_appends: defaults.max_inflight_appends,
+            checkpoint_used_percent: defaults.checkpoint_used_percent,
+            checkpoint_interval_ms: defaults.checkpoint_interval_ms,
+        }
+    }
+}
+
+impl EngineConfig {
+    #[must_use]
+    pub fn group_config(&self) -> GroupConfig {
+        GroupConfig {
+            max_batch_bytes: self.max_batch_bytes,
+            max_batch_records: self.max_batch_records,
+            max_inflight_appends: self.max_inflight_appends,
+            checkpoint_used_percent: self.checkpoint_used_percent,
+            checkpoint_interval_ms: self.checkpoint_interval_ms,
+        }
+    }
+}
+
+fn default_cores() -> Vec<usize> {
+    vec![0]
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tandem")
+}
+fn default_api_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_API_SOCKET)
+}
+fn default_nbd_listen() -> SocketAddr {
+    "0.0.0.0:10809".parse().expect("valid literal")
+}
+fn default_replication_listen() -> SocketAddr {
+    "0.0.0.0:5445".parse().expect("valid literal")
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Config {
+    /// Reads and validates the file; errors say which key is wrong and why.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+        config.validate().map_err(|e| format!("config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.node.name.is_empty() || self.node.name.len() > 63 {
+            return Err("node.name must be 1 to 63 bytes".to_owned());
+        }
+        if self.node.cores.is_empty() {
+            return Err("node.cores must list at least one CPU, e.g. cores = [0]".to_owned());
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        if let Some(cpu) = self.node.cores.iter().find(|&&c| c >= cpus) {
+            return Err(format!("node.cores names CPU {cpu}, but this machine has CPUs 0 to {}", cpus - 1));
+        }
+        let engine = &self.engine;
+        if engine.max_inflight_appends == 0 || engine.max_batch_records < 2 || engine.max_batch_records > 1024 {
+            return Err("engine.max_inflight_appends must be ≥ 1 and engine.max_batch_records in 2..=1024".to_owned());
+        }
+        if !(1..=100).contains(&engine.checkpoint_used_percent) {
+            return Err("engine.checkpoint_used_percent must be in 1..=100".to_owned());
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.node.log_level)
+            .map_err(|e| format!("node.log_level {:?} is not a log filter: {e}", self.node.log_level))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_from_the_docs_parses_with_defaults() {
+        let config: Config = toml::from_str(
+            r#"
+            [node]
+            name = "sr-srv05"
+            cores = [0]
+            state_dir = "/var/lib/tandem"
+            api_socket = "/run/tandem/api.sock"
+            nbd_listen = "0.0.0.0:10809"
+            replication_listen = "0.0.0.0:5445"
+            log_level = "info"
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.engine.max_inflight_appends, GroupConfig::default().max_inflight_appends);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let unknown = toml::from_str::<Config>("[node]\nname = \"a\"\ncolour = 3\n").unwrap_err();
+        assert!(unknown.to_string().contains("colour"), "{unknown}");
+        let mut config: Config = toml::from_str("[node]\nname = \"a\"\ncores = [4096]\n").unwrap();
+        assert!(config.validate().unwrap_err().contains("CPU 4096"));
+        config.node.cores = vec![];
+        assert!(config.validate().unwrap_err().contains("at least one CPU"));
+    }
+}

@@ -1,0 +1,314 @@
+//! The control plane of `tandemd`: owns the core threads, the registry of
+//! groups and the exports, and answers the management API. It talks to cores by
+//! message only; nothing here is on the data path, so plain locks are fine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tandem_engine::runtime::log_store::{self, FormatRequest, OpenGroup, VolumeSpec};
+use tandem_engine::runtime::status::GroupStatus;
+use tandem_engine::runtime::{CoreHandle, CoreMsg};
+use tandem_frontend::nbd::Export;
+
+use crate::api::{Request, ResponseBody, VolumeArg};
+use crate::config::Config;
+use crate::registry::{self, GroupRecord};
+use crate::size::format_size;
+
+const CORE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const DETACH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A group as the control plane knows it.
+#[derive(Debug, Clone)]
+struct GroupEntry {
+    record: GroupRecord,
+    /// (name, size, path) of each volume, for exports and path conflicts.
+    volumes: Vec<(String, u64, PathBuf)>,
+    /// Why the group could not be opened at start-up (it is then not served).
+    unavailable: Option<String>,
+}
+
+/// The daemon's state.
+pub struct Daemon {
+    pub config: Config,
+    cores: Vec<CoreHandle>,
+    groups: Mutex<BTreeMap<String, GroupEntry>>,
+    /// Serialises changes (create, delete) without blocking status while a
+    /// log is being formatted.
+    changes: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Daemon {
+    /// Starts the core threads and brings every registered group online
+    /// (recovering each from its log).
+    pub fn start(config: Config) -> Result<Self, String> {
+        std::fs::create_dir_all(&config.node.state_dir)
+            .map_err(|e| format!("cannot create state_dir {}: {e}", config.node.state_dir.display()))?;
+        let mut cores = Vec::new();
+        for (index, &cpu) in config.node.cores.iter().enumerate() {
+            cores.push(
+                CoreHandle::spawn(index, cpu).map_err(|e| format!("cannot start core {index} on CPU {cpu}: {e}"))?,
+            );
+        }
+        let daemon = Self { config, cores, groups: Mutex::new(BTreeMap::new()), changes: Mutex::new(()) };
+        for record in registry::load(&daemon.config.node.state_dir)? {
+            daemon.bring_online(record);
+        }
+        Ok(daemon)
+    }
+
+    fn bring_online(&self, mut record: GroupRecord) {
+        record.core %= self.cores.len();
+        let entry = match log_store::open_group(&record.log_path) {
+            Ok(open) => {
+                let entry = GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None };
+                report_recovery(&record.name, &open);
+                self.attach(record.core, open);
+                entry
+            }
+            Err(e) => {
+                tracing::error!(group = %record.name, error = %e, "group cannot be opened and is not served");
+                GroupEntry { record: record.clone(), volumes: Vec::new(), unavailable: Some(e.to_string()) }
+            }
+        };
+        lock(&self.groups).insert(record.name, entry);
+    }
+
+    fn attach(&self, core: usize, open: OpenGroup) {
+        let config = self.config.engine.group_config();
+        self.cores[core].send(CoreMsg::AttachGroup { group: Box::new(open), config });
+    }
+
+    /// Answers one API request.
+    pub fn handle(&self, request: Request) -> Result<ResponseBody, String> {
+        match request {
+            Request::GroupCreate { name, log, log_size_bytes, volumes } => {
+                self.create_group(&name, &log, log_size_bytes, &volumes).map(ResponseBody::Message)
+            }
+            Request::GroupDelete { name } => self.delete_group(&name).map(ResponseBody::Message),
+            Request::GroupList | Request::Status => Ok(ResponseBody::Groups(self.status())),
+            Request::GroupShow { name } => {
+                let found: Vec<GroupStatus> = self.status().into_iter().filter(|g| g.name == name).collect();
+                if found.is_empty() {
+                    return Err(unknown_group(&name));
+                }
+                Ok(ResponseBody::Groups(found))
+            }
+        }
+    }
+
+    fn create_group(
+        &self,
+        name: &str,
+        log: &Path,
+        log_size_bytes: u64,
+        volumes: &[VolumeArg],
+    ) -> Result<String, String> {
+        let _change = lock(&self.changes);
+        if lock(&self.groups).contains_key(name) {
+            return Err(format!("group {name} already exists; choose another name or delete it first"));
+        }
+        self.check_paths(log, volumes)?;
+        let request = FormatRequest {
+            group_name: name.to_owned(),
+            node_name: self.config.node.name.clone(),
+            log_path: log.to_owned(),
+            log_size_bytes,
+            volumes: volumes.iter().map(|v| VolumeSpec { name: v.name.clone(), path: v.path.clone() }).collect(),
+        };
+        let superblock = log_store::format_log(&request).map_err(|e| format!("cannot create group {name}: {e}"))?;
+        let open =
+            log_store::open_group(log).map_err(|e| format!("group {name} was formatted but cannot be opened: {e}"))?;
+        let core = self.least_loaded_core();
+        let record = GroupRecord { name: name.to_owned(), log_path: log.to_owned(), core };
+        let entry = GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None };
+        let mut records: Vec<GroupRecord> = lock(&self.groups).values().map(|g| g.record.clone()).collect();
+        records.push(record);
+        registry::save(&self.config.node.state_dir, &records)?;
+        self.attach(core, open);
+        lock(&self.groups).insert(name.to_owned(), entry);
+        tracing::info!(group = name, core, "group created");
+        Ok(format!(
+            "group {name} created: log {} ({} ring, {}-byte sectors), {} volume(s), served by core {core}",
+            log.display(),
+            format_size(superblock.ring_size_bytes),
+            superblock.sector_size,
+            volumes.len()
+        ))
+    }
+
+    /// Refuses relative paths and paths that another group (or this request)
+    /// already uses. Paths are compared after resolving symbolic links.
+    fn check_paths(&self, log: &Path, volumes: &[VolumeArg]) -> Result<(), String> {
+        let mut requested: Vec<&Path> = vec![log];
+        requested.extend(volumes.iter().map(|v| v.path.as_path()));
+        if let Some(relative) = requested.iter().find(|p| !p.is_absolute()) {
+            return Err(format!("path {} is not absolute", relative.display()));
+        }
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        let mut seen: Vec<PathBuf> = Vec::new();
+        for path in &requested {
+            let resolved = canonical(path);
+            if seen.contains(&resolved) {
+                return Err(format!(
+                    "{} is given twice (the log and every volume need their own path)",
+                    path.display()
+                ));
+            }
+            seen.push(resolved);
+        }
+        for entry in lock(&self.groups).values() {
+            let mut used: Vec<PathBuf> = entry.volumes.iter().map(|v| canonical(&v.2)).collect();
+            used.push(canonical(&entry.record.log_path));
+            if let Some(path) = requested.iter().find(|p| used.contains(&canonical(p))) {
+                return Err(format!("{} is already used by group {}", path.display(), entry.record.name));
+            }
+        }
+        Ok(())
+    }
+
+    fn least_loaded_core(&self) -> usize {
+        let groups = lock(&self.groups);
+        (0..self.cores.len()).min_by_key(|&core| groups.values().filter(|g| g.record.core == core).count()).unwrap_or(0)
+    }
+
+    fn delete_group(&self, name: &str) -> Result<String, String> {
+        let _change = lock(&self.changes);
+        let entry = lock(&self.groups).get(name).cloned().ok_or_else(|| unknown_group(name))?;
+        if entry.unavailable.is_none() {
+            let (reply, answer) = crossbeam_reply();
+            self.cores[entry.record.core].send(CoreMsg::DetachGroup { group: name.to_owned(), reply });
+            answer.recv_timeout(DETACH_TIMEOUT).map_err(|_| {
+                format!("group {name} did not drain within {} s; try again", DETACH_TIMEOUT.as_secs())
+            })??;
+            wipe_superblocks(&entry.record.log_path)?;
+        }
+        let mut groups = lock(&self.groups);
+        groups.remove(name);
+        let records: Vec<GroupRecord> = groups.values().map(|g| g.record.clone()).collect();
+        registry::save(&self.config.node.state_dir, &records)?;
+        tracing::info!(group = name, "group deleted");
+        Ok(format!(
+            "group {name} deleted: its volumes hold every acknowledged write; the log {} was released",
+            entry.record.log_path.display()
+        ))
+    }
+
+    /// Every group's status, including groups that could not be opened.
+    #[must_use]
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let mut all = Vec::new();
+        for core in &self.cores {
+            let (reply, answer) = crossbeam_reply();
+            core.send(CoreMsg::Status { reply });
+            match answer.recv_timeout(CORE_REPLY_TIMEOUT) {
+                Ok(statuses) => all.extend(statuses),
+                Err(_) => tracing::error!(core = core.index, "core did not answer a status request"),
+            }
+        }
+        for entry in lock(&self.groups).values() {
+            if let Some(reason) = &entry.unavailable {
+                all.push(GroupStatus {
+                    name: entry.record.name.clone(),
+                    state: format!("Unavailable: {reason}"),
+                    log_path: entry.record.log_path.display().to_string(),
+                    ..GroupStatus::default()
+                });
+            }
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// The export named `GROUP/VOLUME`, if it is served.
+    #[must_use]
+    pub fn find_export(&self, name: &str) -> Option<(Export, usize, u8)> {
+        let (group, volume) = name.split_once('/')?;
+        let groups = lock(&self.groups);
+        let entry = groups.get(group).filter(|g| g.unavailable.is_none())?;
+        let index = entry.volumes.iter().position(|v| v.0 == volume)?;
+        let size_bytes = entry.volumes[index].1;
+        let export = Export { name: name.to_owned(), size_bytes, read_only: false, description: String::new() };
+        Some((export, entry.record.core, index as u8))
+    }
+
+    /// Every served export.
+    #[must_use]
+    pub fn list_exports(&self) -> Vec<Export> {
+        let groups = lock(&self.groups);
+        groups
+            .values()
+            .filter(|g| g.unavailable.is_none())
+            .flat_map(|g| {
+                g.volumes.iter().map(move |(volume, size, _)| Export {
+                    name: format!("{}/{volume}", g.record.name),
+                    size_bytes: *size,
+                    read_only: false,
+                    description: String::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Hands a negotiated client connection to the core that owns its group.
+    pub fn attach_connection(&self, core: usize, msg: CoreMsg) {
+        self.cores[core].send(msg);
+    }
+
+    /// Detaches every group (checkpointing the volumes) and stops the cores.
+    pub fn shutdown(&self) {
+        let _change = lock(&self.changes);
+        for core in &self.cores {
+            core.shutdown();
+        }
+    }
+}
+
+fn crossbeam_reply<T>() -> (crossbeam_channel::Sender<T>, crossbeam_channel::Receiver<T>) {
+    crossbeam_channel::bounded(1)
+}
+
+fn unknown_group(name: &str) -> String {
+    format!("no group named {name}; `tandem group list` shows the groups of this node")
+}
+
+fn volumes_of(open: &OpenGroup) -> Vec<(String, u64, PathBuf)> {
+    open.superblock
+        .volumes()
+        .iter()
+        .map(|v| {
+            let name = tandem_proto::read_fixed_str(&v.name).unwrap_or_default().to_owned();
+            let path = PathBuf::from(tandem_proto::read_fixed_str(&v.path).unwrap_or_default());
+            (name, v.size_bytes, path)
+        })
+        .collect()
+}
+
+fn report_recovery(name: &str, open: &OpenGroup) {
+    let report = &open.recovery;
+    tracing::info!(
+        group = name,
+        records = report.records_replayed,
+        bytes = report.bytes_replayed,
+        first_lsn = report.first_lsn,
+        last_lsn = report.last_lsn,
+        elapsed_ms = report.elapsed_ms,
+        stopped = %report.stopped,
+        "recovery replayed the log"
+    );
+}
+
+/// Zeroes both superblock copies so the released log is never mistaken for a
+/// live one (records left in the ring belong to a group id nobody uses).
+fn wipe_superblocks(log: &Path) -> Result<(), String> {
+    use tandem_engine::runtime::device::{open_device, write_all_at, OpenMode};
+    let device = open_device(log, OpenMode::LogWriteThrough).map_err(|e| e.to_string())?;
+    let zeros = tandem_engine::runtime::buf::AlignedBuf::zeroed(tandem_proto::RING_OFFSET_BYTES as usize);
+    write_all_at(&device.file, &zeros, 0).map_err(|e| format!("cannot release log {}: {e}", log.display()))
+}

@@ -1,0 +1,10 @@
+//! The binaries' shared code: configuration, the management API and its
+//! protocol, the group registry, and human-friendly sizes. Engine logic stays
+//! in `tandem-engine`; this crate only wires it to the outside world.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod registry;
+pub mod serve;
+pub mod size;
