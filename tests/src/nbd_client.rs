@@ -15,6 +15,7 @@ const REPLY_MAGIC: u32 = 0x6744_6698;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 
 /// A connection in the transmission phase.
+#[derive(Debug)]
 pub struct NbdClient {
     pub stream: TcpStream,
     pub size_bytes: u64,

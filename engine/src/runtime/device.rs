@@ -91,20 +91,35 @@ fn open_with(path: &Path, flags: libc::c_int) -> io::Result<File> {
     })
 }
 
+/// How long to wait for a lock held by a process that is going away: the
+/// kernel tears down a killed process's io_uring asynchronously, and its
+/// in-flight requests keep the files (and their locks) for a moment.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
-    // SAFETY: flock on a valid, owned descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(annotate(path, error, "cannot lock"));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is held by another process (flock, waited {} s); stop that process or choose another path",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("{} is held by another process (flock); stop that process or choose another path", path.display()),
-        ));
-    }
-    Err(annotate(path, error, "cannot lock"))
 }
 
 fn block_geometry(file: &File, path: &Path) -> io::Result<(u64, u32)> {

@@ -162,14 +162,10 @@ fn prepare_log_device(path: &Path, size: u64) -> io::Result<Device> {
             file.set_len(size)?;
         }
         Err(e) => return Err(io::Error::new(e.kind(), format!("cannot access {}: {e}", path.display()))),
-        Ok(meta) if meta.is_file() && meta.len() == 0 => {
-            std::fs::File::options().write(true).open(path)?.set_len(size)?
-        }
         Ok(meta) if meta.is_file() => {
-            return Err(invalid(format!(
-                "log file {} already exists and is not empty; remove it or choose another path",
-                path.display()
-            )))
+            let file = std::fs::File::options().read(true).write(true).open(path)?;
+            refuse_unless_blank(&file, path)?;
+            file.set_len(size)?;
         }
         Ok(_) => {}
     }
@@ -192,6 +188,31 @@ fn prepare_log_device(path: &Path, size: u64) -> io::Result<Device> {
         }
     }
     Ok(device)
+}
+
+/// An existing file may become a log only when its superblock area is blank:
+/// a log released by `tandem group delete`, or a new preallocated file.
+/// Anything else might be someone's data.
+fn refuse_unless_blank(file: &File, path: &Path) -> io::Result<()> {
+    let mut head = vec![0u8; RING_OFFSET_BYTES as usize];
+    let read = std::os::unix::fs::FileExt::read_at(file, &mut head, 0)?;
+    if head[..read].iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    let slot0 = Superblock::decode(&head[..SUPERBLOCK_SLOT_BYTES]);
+    let slot1 = Superblock::decode(&head[SUPERBLOCK_SLOT_BYTES..]);
+    let message = match Superblock::choose(slot0, slot1) {
+        Ok(existing) => format!(
+            "{} already holds the log of group {}; delete that group first (`tandem group delete {}`)",
+            path.display(),
+            existing.group_name(),
+            existing.group_name()
+        ),
+        Err(_) => {
+            format!("log file {} already exists and holds data; remove it or choose another path", path.display())
+        }
+    };
+    Err(invalid(message))
 }
 
 /// Writes zeros over a file log so the blocks are allocated and initialised:
