@@ -205,7 +205,7 @@ impl Superblock {
             return Err(field_error("ring_offset", format!("{} (expected {RING_OFFSET_BYTES})", self.ring_offset)));
         }
         let sector = u64::from(sector);
-        if self.ring_size_bytes == 0 || self.ring_size_bytes % sector != 0 {
+        if self.ring_size_bytes == 0 || !self.ring_size_bytes.is_multiple_of(sector) {
             return Err(field_error(
                 "ring_size_bytes",
                 format!("{} is not a positive multiple of the sector", self.ring_size_bytes),
@@ -214,7 +214,7 @@ impl Superblock {
         if self.ring_offset.checked_add(self.ring_size_bytes) != Some(self.log_size_bytes) {
             return Err(field_error("log_size_bytes", "does not equal ring offset + ring size"));
         }
-        if self.tail_position % sector != 0 {
+        if !self.tail_position.is_multiple_of(sector) {
             return Err(field_error("tail_position", format!("{} is not sector-aligned", self.tail_position)));
         }
         Ok(())

@@ -42,7 +42,7 @@ fn write_until_killed(port: u16, model: &Mutex<WriteModel>, mut seq: u64, seed: 
                     busy_blocks.insert(block);
                 }
             }
-            let flags = if seq % 5 == 0 { FLAG_FUA } else { 0 };
+            let flags = if seq.is_multiple_of(5) { FLAG_FUA } else { 0 };
             let offset = first * BLOCK_BYTES as u64;
             if client.send(flags, CMD_WRITE, seq, offset, payload.len() as u32, &payload).is_err() {
                 return seq;

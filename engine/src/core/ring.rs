@@ -32,9 +32,12 @@ impl LogRing {
     pub fn new(ring_size_bytes: u64, sector_bytes: u32, tail: u64, head: u64) -> Self {
         let sector_bytes = u64::from(sector_bytes);
         assert!(sector_bytes.is_power_of_two(), "sector size must be a power of two");
-        assert!(ring_size_bytes > 0 && ring_size_bytes % sector_bytes == 0, "ring must hold whole sectors");
+        assert!(ring_size_bytes > 0 && ring_size_bytes.is_multiple_of(sector_bytes), "ring must hold whole sectors");
         assert!(tail <= head && head - tail <= ring_size_bytes, "live region larger than the ring");
-        assert!(tail % sector_bytes == 0 && head % sector_bytes == 0, "positions must be sector-aligned");
+        assert!(
+            tail.is_multiple_of(sector_bytes) && head.is_multiple_of(sector_bytes),
+            "positions must be sector-aligned"
+        );
         Self { ring_size_bytes, sector_bytes, head, tail }
     }
 
@@ -88,7 +91,7 @@ impl LogRing {
     /// a pad record. Returns `None` when the free space is too small (the caller
     /// waits for a checkpoint); never overwrites unreclaimed bytes.
     pub fn try_place(&mut self, bytes: u64) -> Option<Placement> {
-        assert!(bytes % self.sector_bytes == 0, "record sizes are whole sectors");
+        assert!(bytes.is_multiple_of(self.sector_bytes), "record sizes are whole sectors");
         assert!(bytes <= self.max_record_bytes(), "record of {bytes} bytes exceeds the ring's limit");
         let to_end = self.ring_size_bytes - self.ring_offset(self.head);
         let pad_bytes = if bytes > to_end { to_end } else { 0 };

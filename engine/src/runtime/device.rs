@@ -27,6 +27,11 @@ pub struct Device {
     pub sector_bytes: u32,
     /// False when the filesystem refused O_DIRECT and O_DSYNC alone is used.
     pub direct_io: bool,
+    /// For volumes: a second descriptor of the same file with O_DIRECT, used
+    /// for sector-aligned writes straight from the record buffer (no copy, no
+    /// dirty page cache for checkpoints to flush). `None` when the filesystem
+    /// refuses O_DIRECT; the buffered descriptor then takes every write.
+    pub direct_file: Option<File>,
 }
 
 /// How a path is opened.
@@ -35,7 +40,8 @@ pub enum OpenMode {
     /// The log: O_DIRECT (when allowed) + O_DSYNC, so every write is
     /// write-through and durable when it completes.
     LogWriteThrough,
-    /// A volume: buffered; made durable by fdatasync at checkpoints.
+    /// A volume: a buffered descriptor (reads, unaligned writes) plus an
+    /// O_DIRECT one (aligned writes); made durable by fdatasync at checkpoints.
     VolumeBuffered,
 }
 
@@ -75,7 +81,17 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
     }
     let (size_bytes, sector_bytes) =
         if is_block { block_geometry(&file, path)? } else { (metadata.len(), FILE_SECTOR_BYTES) };
-    Ok(Device { file, is_block, size_bytes, sector_bytes, direct_io })
+    let direct_file = if mode == OpenMode::VolumeBuffered {
+        // Without O_EXCL: the first descriptor already holds the device's claim.
+        match open_with(path, libc::O_DIRECT) {
+            Ok(direct) => Some(direct),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    Ok(Device { file, is_block, size_bytes, sector_bytes, direct_io, direct_file })
 }
 
 fn open_with(path: &Path, flags: libc::c_int) -> io::Result<File> {
@@ -185,6 +201,7 @@ mod tests {
         std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let first = open_device(&path, OpenMode::VolumeBuffered).unwrap();
         assert_eq!((first.size_bytes, first.sector_bytes, first.is_block), (1 << 20, 4096, false));
+        assert!(first.direct_file.is_some(), "volumes get an O_DIRECT descriptor for aligned writes");
         let second = open_device(&path, OpenMode::VolumeBuffered).unwrap_err();
         assert!(second.to_string().contains("held by another process"), "{second}");
         drop(first);

@@ -39,6 +39,19 @@ pub struct Completion {
     pub result: Result<(), BlockError>,
 }
 
+/// The O_DIRECT descriptor of `volume` when this write can use it: buffer,
+/// offset and length aligned to the volume's sector. Overlapping volume writes
+/// are issued one after the other in LSN order by the core, so mixing direct
+/// and buffered writes keeps their order (a direct write first flushes and then
+/// invalidates cached pages of its range).
+fn direct_fd_for(volume: &Device, ptr: *const u8, offset: u64, length: u32) -> Option<types::Fd> {
+    let sector = u64::from(volume.sector_bytes);
+    let aligned = (ptr as u64).is_multiple_of(sector)
+        && offset.is_multiple_of(sector)
+        && u64::from(length).is_multiple_of(sector);
+    volume.direct_file.as_ref().filter(|_| aligned).map(|file| types::Fd(file.as_raw_fd()))
+}
+
 #[derive(Debug, Default)]
 struct BatchIo {
     segments_left: usize,
@@ -227,7 +240,10 @@ impl GroupRt {
                 let start = self.sector_bytes + done as usize;
                 // SAFETY: start + remaining stays within the record buffer.
                 let ptr = unsafe { buf.as_ptr().add(start) };
-                opcode::Write::new(fd, ptr, apply.length - done).offset(apply.offset + u64::from(done)).build()
+                let offset = apply.offset + u64::from(done);
+                let length = apply.length - done;
+                let fd = direct_fd_for(volume, ptr, offset, length).unwrap_or(fd);
+                opcode::Write::new(fd, ptr, length).offset(offset).build()
             }
             ApplyKind::Trim | ApplyKind::WriteZeroes { .. } => {
                 let (kind, flags) = match apply.kind {

@@ -1,0 +1,2 @@
+//! Criterion micro-benchmarks of the hot paths live in `benches/`:
+//! `cargo bench -p tandem-benches`.
