@@ -104,3 +104,38 @@ fn bad_requests_get_errors_or_clean_disconnects_and_others_keep_working() {
     let status = node.group_status("rg01");
     assert!(status["state"] == "Online", "the group is unharmed: {status}");
 }
+
+/// A client may pipeline far beyond the per-connection limits (512 requests,
+/// 64 MiB pending) and only then read: every request is still answered.
+#[test]
+fn pipelines_beyond_the_connection_limits_are_all_answered() {
+    let node = Node::start("");
+    node.create_group("rg01", "128MiB", &[("data", VOLUME_BYTES)]);
+    let mut client = NbdClient::connect(node.nbd_port, "rg01/data").unwrap();
+    let data = block_content(77, 0);
+    assert_eq!(client.write(0, &data).unwrap(), 0);
+
+    // 1500 small reads: three times the request limit.
+    let small = 1500u64;
+    for cookie in 0..small {
+        client.send(0, CMD_READ, cookie, 0, 4096, &[]).unwrap();
+    }
+    // 40 reads of 4 MiB: 160 MiB, well past the byte budget.
+    let large = 40u64;
+    for cookie in small..small + large {
+        client.send(0, CMD_READ, cookie, (cookie % 3) * (4 << 20), 4 << 20, &[]).unwrap();
+    }
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..small + large {
+        let (error, cookie) = client.reply().unwrap();
+        assert_eq!(error, 0);
+        let length = if cookie < small { 4096 } else { 4 << 20 };
+        let mut payload = vec![0u8; length];
+        client.stream.read_exact(&mut payload).unwrap();
+        if cookie < small {
+            assert_eq!(payload, data);
+        }
+        assert!(answered.insert(cookie), "cookie {cookie} answered twice");
+    }
+    assert_eq!(answered.len() as u64, small + large);
+}

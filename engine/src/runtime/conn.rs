@@ -24,6 +24,10 @@ const RECV_BUF_BYTES: usize = 256 * 1024;
 /// Requests in flight per connection before the connection stops reading
 /// (backpressure towards the client).
 const MAX_INFLIGHT_PER_CONN: usize = 512;
+/// Bytes a connection may hold (writes being received or in flight, reads in
+/// flight, replies not yet sent) before it stops reading: bounds the memory one
+/// client can pin, whatever its request sizes.
+const MAX_PENDING_BYTES_PER_CONN: usize = 64 << 20;
 /// Most reply chunks per sendmsg.
 const MAX_SEND_CHUNKS: usize = 64;
 
@@ -62,6 +66,7 @@ pub struct Conn {
     pub send_inflight: bool,
     send_broken: bool,
     pub inflight: usize,
+    pending_bytes: usize,
     pub closing: bool,
 }
 
@@ -93,6 +98,7 @@ impl Conn {
             send_inflight: false,
             send_broken: false,
             inflight: 0,
+            pending_bytes: 0,
             closing: false,
         }
     }
@@ -144,6 +150,19 @@ impl Conn {
         self.drive(group, io, key);
     }
 
+    fn has_capacity(&self) -> bool {
+        self.inflight < MAX_INFLIGHT_PER_CONN && self.pending_bytes < MAX_PENDING_BYTES_PER_CONN
+    }
+
+    /// Goes on parsing requests already received once capacity is free again:
+    /// a client that pipelined past the limits may be waiting for replies only,
+    /// so no new receive would ever wake the connection.
+    pub fn resume(&mut self, group: &mut GroupRt, io: &mut Io, key: usize) {
+        if !self.closing && self.rend > self.rstart && self.has_capacity() {
+            self.drive(group, io, key);
+        }
+    }
+
     /// Parses and dispatches everything received so far.
     fn drive(&mut self, group: &mut GroupRt, io: &mut Io, key: usize) {
         while !self.closing {
@@ -153,7 +172,7 @@ impl Conn {
                 }
                 continue;
             }
-            if self.inflight >= MAX_INFLIGHT_PER_CONN {
+            if !self.has_capacity() {
                 break;
             }
             match self.session.parse(&self.rbuf[self.rstart..self.rend]) {
@@ -220,7 +239,8 @@ impl Conn {
     ) {
         let sector = group.sector_bytes();
         let payload_checksum = tandem_proto::xxh3_128_bytes(&buf[sector..sector + length]);
-        let pending = PendingWrite { conn: key, conn_id: self.id, cookie, buf: Some(buf), started };
+        let pending =
+            PendingWrite { conn: key, conn_id: self.id, cookie, buf: Some(buf), payload_bytes: length, started };
         let length = u32::try_from(length).expect("bounded by the front end");
         group.account_write(length);
         group.submit(pending, offset, length, self.volume_index, WriteOp::Write { payload_checksum });
@@ -236,6 +256,7 @@ impl Conn {
                 let padded = tandem_proto::align_up(u64::from(length), sector as u64) as usize;
                 let buf = AlignedBuf::zeroed(sector + padded);
                 let started = Instant::now();
+                self.pending_bytes += length as usize;
                 self.gather =
                     Some(Gather::Write { buf, sector, filled: 0, length: length as usize, cookie, offset, started });
             }
@@ -261,7 +282,8 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     fn submit_range(&mut self, group: &mut GroupRt, key: usize, cookie: u64, offset: u64, length: u32, op: WriteOp) {
         self.assert_in_range(offset, length);
-        let pending = PendingWrite { conn: key, conn_id: self.id, cookie, buf: None, started: Instant::now() };
+        let pending =
+            PendingWrite { conn: key, conn_id: self.id, cookie, buf: None, payload_bytes: 0, started: Instant::now() };
         group.submit(pending, offset, length, self.volume_index, op);
         self.inflight += 1;
     }
@@ -276,12 +298,15 @@ impl Conn {
 
     /// Queues a reply without data.
     pub fn reply(&mut self, cookie: u64, result: Result<(), BlockError>) {
+        let before = self.small_replies.len();
         self.session.encode_reply(cookie, result, &mut self.small_replies);
+        self.pending_bytes += self.small_replies.len() - before;
     }
 
-    /// A write of this connection finished.
-    pub fn write_done(&mut self, cookie: u64, result: Result<(), BlockError>) {
+    /// A write (or trim, or zeroing) of this connection finished.
+    pub fn write_done(&mut self, cookie: u64, payload_bytes: usize, result: Result<(), BlockError>) {
         self.inflight -= 1;
+        self.pending_bytes -= payload_bytes;
         self.reply(cookie, result);
     }
 }
@@ -292,6 +317,8 @@ impl Conn {
         let header_bytes = self.session.read_reply_header_bytes();
         let buf = vec![0u8; header_bytes + length as usize];
         self.inflight += 1;
+        // Counted until the reply has been sent (see `send_done`).
+        self.pending_bytes += buf.len();
         let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
         let op = Op::VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0 };
         submit_volume_read(io, fd, op);
@@ -321,6 +348,7 @@ impl Conn {
         }
         self.inflight -= 1;
         if result <= 0 {
+            self.pending_bytes -= buf.len();
             let reason = if result == 0 { "unexpected end of volume".to_owned() } else { errno_reason(-result) };
             tracing::error!(peer = %self.session.peer(), offset, length, %reason, "volume read failed");
             self.reply(cookie, Err(BlockError::Io));
@@ -334,7 +362,7 @@ impl Conn {
     /// Posts a receive (into the buffer, or straight into the record buffer of
     /// a write being gathered) and a send of queued replies, as needed.
     pub fn post_io(&mut self, io: &mut Io, key: usize) {
-        if !self.closing && !self.recv_inflight && self.inflight < MAX_INFLIGHT_PER_CONN {
+        if !self.closing && !self.recv_inflight && self.has_capacity() {
             self.post_recv(io, key);
         }
         if !self.send_inflight && !self.send_broken {
@@ -405,6 +433,7 @@ impl Conn {
             return;
         }
         let mut sent = result as usize;
+        self.pending_bytes -= sent;
         let mut index = 0;
         while index < chunks.len() && sent >= chunks[index].len() {
             sent -= chunks[index].len();

@@ -27,6 +27,8 @@ pub struct PendingWrite {
     pub conn_id: u64,
     pub cookie: u64,
     pub buf: Option<AlignedBuf>,
+    /// Payload bytes the connection counted for this write.
+    pub payload_bytes: usize,
     pub started: Instant,
 }
 
@@ -36,6 +38,7 @@ pub struct Completion {
     pub conn: usize,
     pub conn_id: u64,
     pub cookie: u64,
+    pub payload_bytes: usize,
     pub result: Result<(), BlockError>,
 }
 
@@ -164,6 +167,7 @@ impl GroupRt {
             conn: write.conn,
             conn_id: write.conn_id,
             cookie: write.cookie,
+            payload_bytes: write.payload_bytes,
             result: result.map_err(|_| BlockError::Io),
         }
     }

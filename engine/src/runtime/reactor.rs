@@ -270,7 +270,9 @@ impl Reactor {
         }
         for completion in self.completions.drain(..) {
             match self.conns.get_mut(completion.conn) {
-                Some(conn) if conn.id == completion.conn_id => conn.write_done(completion.cookie, completion.result),
+                Some(conn) if conn.id == completion.conn_id => {
+                    conn.write_done(completion.cookie, completion.payload_bytes, completion.result);
+                }
                 _ => unreachable!("a connection stays until its writes complete"),
             }
         }
@@ -281,9 +283,12 @@ impl Reactor {
         for (key, conn) in &mut self.conns {
             if conn.can_close() {
                 closed.push(key);
-            } else {
-                conn.post_io(&mut self.io, key);
+                continue;
             }
+            if let Some(group) = self.groups[conn.group].as_mut() {
+                conn.resume(group, &mut self.io, key);
+            }
+            conn.post_io(&mut self.io, key);
         }
         for key in closed {
             let conn = self.conns.remove(key);
