@@ -21,6 +21,7 @@ pub struct GroupStatus {
     pub durable_lsn: u64,
     pub checkpoint_lsn: u64,
     pub log_path: String,
+    /// Usable bytes of the log ring: the log minus its two 16 KiB superblock slots.
     pub log_size_bytes: u64,
     pub log_used_bytes: u64,
     pub log_free_bytes: u64,
