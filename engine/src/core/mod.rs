@@ -10,5 +10,5 @@ pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
     LogRecord, WriteError, WriteId, WriteOp, WriteRequest,
 };
-pub use recovery::{HeaderVerdict, ScanStop, Scanner};
+pub use recovery::{replay, HeaderVerdict, ReplayOutcome, ScanStop, Scanner};
 pub use ring::{LogRing, Placement};

@@ -187,6 +187,56 @@ impl Scanner {
     }
 }
 
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub records: u64,
+    pub payload_bytes: u64,
+    pub last_lsn: u64,
+    /// Unwrapped position where the scan stopped: the new head and tail.
+    pub end_position: u64,
+    pub stop: ScanStop,
+}
+
+/// Drives `scanner` to the end of the chain, replaying every accepted record.
+/// The closures do the IO, so the runtime (files) and the simulator (memory)
+/// run this same logic: `read(ring_offset, len)` returns `len` bytes of the
+/// ring, `apply(header, payload)` replays one record into the volumes.
+pub fn replay<B: AsRef<[u8]>, E>(
+    scanner: &mut Scanner,
+    mut read: impl FnMut(u64, usize) -> Result<B, E>,
+    mut apply: impl FnMut(&RecordHeader, &[u8]) -> Result<(), E>,
+) -> Result<ReplayOutcome, E> {
+    let sector = scanner.sector_bytes as usize;
+    let (mut records, mut payload_bytes) = (0, 0);
+    let stop = loop {
+        let offset = match scanner.next_header_offset() {
+            Ok(offset) => offset,
+            Err(stop) => break stop,
+        };
+        let header_sector = read(offset, sector)?;
+        match scanner.check_header(header_sector.as_ref()) {
+            Ok(HeaderVerdict::Pad) => {}
+            Ok(HeaderVerdict::Complete(header)) => {
+                apply(&header, &[])?;
+                records += 1;
+            }
+            Ok(HeaderVerdict::NeedPayload { header, ring_offset, padded_bytes }) => {
+                let padded = read(ring_offset, padded_bytes as usize)?;
+                let payload = &padded.as_ref()[..header.payload_bytes() as usize];
+                if let Err(stop) = scanner.check_payload(&header, payload) {
+                    break stop;
+                }
+                apply(&header, payload)?;
+                records += 1;
+                payload_bytes += payload.len() as u64;
+            }
+            Err(stop) => break stop,
+        }
+    };
+    Ok(ReplayOutcome { records, payload_bytes, last_lsn: scanner.last_lsn(), end_position: scanner.position(), stop })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

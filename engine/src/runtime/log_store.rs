@@ -15,7 +15,7 @@ use tandem_proto::{
 
 use super::buf::AlignedBuf;
 use super::device::{self, open_device, Device, OpenMode};
-use crate::core::{HeaderVerdict, Scanner};
+use crate::core::Scanner;
 
 /// Smallest log accepted: the ring must hold two of the largest records (32 MiB
 /// NBD requests) plus a pad, so no write can wait forever for space.
@@ -300,7 +300,6 @@ fn open_volumes(superblock: &Superblock) -> io::Result<Vec<Device>> {
 /// Replays every record after the checkpoint into the volumes; returns the report
 /// and the position where the scan stopped (the new head and tail of the log).
 fn replay(log: &Device, superblock: &Superblock, volumes: &[Device]) -> io::Result<(RecoveryReport, u64)> {
-    let sector = superblock.sector_size as usize;
     let mut scanner = Scanner::new(
         superblock.ring_size_bytes,
         superblock.sector_size,
@@ -309,44 +308,22 @@ fn replay(log: &Device, superblock: &Superblock, volumes: &[Device]) -> io::Resu
         superblock.tail_position,
         superblock.checkpoint_lsn,
     );
-    let mut report = RecoveryReport {
-        records_replayed: 0,
-        bytes_replayed: 0,
+    let read = |ring_offset: u64, len: usize| -> io::Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(len);
+        device::read_exact_at(&log.file, &mut buf, RING_OFFSET_BYTES + ring_offset)?;
+        Ok(buf)
+    };
+    let apply = |header: &RecordHeader, payload: &[u8]| apply_record(header, payload, superblock, volumes);
+    let outcome = crate::core::replay(&mut scanner, read, apply)?;
+    let report = RecoveryReport {
+        records_replayed: outcome.records,
+        bytes_replayed: outcome.payload_bytes,
         first_lsn: superblock.checkpoint_lsn + 1,
-        last_lsn: superblock.checkpoint_lsn,
-        stopped: String::new(),
+        last_lsn: outcome.last_lsn,
+        stopped: outcome.stop.to_string(),
         elapsed_ms: 0,
     };
-    let mut header_buf = AlignedBuf::zeroed(sector);
-    let stop = loop {
-        let offset = match scanner.next_header_offset() {
-            Ok(offset) => offset,
-            Err(stop) => break stop,
-        };
-        device::read_exact_at(&log.file, &mut header_buf, RING_OFFSET_BYTES + offset)?;
-        let header = match scanner.check_header(&header_buf) {
-            Ok(HeaderVerdict::Pad) => continue,
-            Ok(HeaderVerdict::Complete(header)) => header,
-            Ok(HeaderVerdict::NeedPayload { header, ring_offset, padded_bytes }) => {
-                let mut payload = AlignedBuf::zeroed(padded_bytes as usize);
-                device::read_exact_at(&log.file, &mut payload, RING_OFFSET_BYTES + ring_offset)?;
-                let payload = &payload[..header.payload_bytes() as usize];
-                if let Err(stop) = scanner.check_payload(&header, payload) {
-                    break stop;
-                }
-                apply_record(&header, payload, superblock, volumes)?;
-                report.bytes_replayed += payload.len() as u64;
-                report.records_replayed += 1;
-                continue;
-            }
-            Err(stop) => break stop,
-        };
-        apply_record(&header, &[], superblock, volumes)?;
-        report.records_replayed += 1;
-    };
-    report.last_lsn = scanner.last_lsn();
-    report.stopped = stop.to_string();
-    Ok((report, scanner.position()))
+    Ok((report, outcome.end_position))
 }
 
 /// fallocate mode that realises a Trim or WriteZeroes record.
