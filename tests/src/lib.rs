@@ -3,6 +3,7 @@
 
 pub mod nbd_client;
 pub mod pattern;
+pub mod sim;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -8,10 +8,17 @@ use std::collections::HashMap;
 pub const BLOCK_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"TNDMTEST";
 
-/// The content of `block` as written by write `seq`.
+/// The content of 4 KiB `block` as written by write `seq`.
 #[must_use]
 pub fn block_content(seq: u64, block: u64) -> Vec<u8> {
-    let mut data = vec![0u8; BLOCK_BYTES];
+    block_content_sized(seq, block, BLOCK_BYTES)
+}
+
+/// The content of `block` of `size` bytes (at least 32) as written by write `seq`.
+#[must_use]
+pub fn block_content_sized(seq: u64, block: u64, size: usize) -> Vec<u8> {
+    assert!(size >= 32, "a block holds at least its 24-byte stamp");
+    let mut data = vec![0u8; size];
     data[..8].copy_from_slice(MAGIC);
     data[8..16].copy_from_slice(&seq.to_le_bytes());
     data[16..24].copy_from_slice(&block.to_le_bytes());
@@ -46,7 +53,7 @@ pub fn decode_block(data: &[u8], block: u64) -> Result<Found, String> {
     if index != block {
         return Err(format!("block {block} holds the content of block {index} (seq {seq})"));
     }
-    if data != block_content(seq, block).as_slice() {
+    if data != block_content_sized(seq, block, data.len()).as_slice() {
         return Err(format!("block {block} of write {seq} is torn"));
     }
     Ok(Found::Write(seq))

@@ -1,9 +1,18 @@
 //! The recovery scan, sans IO: the runtime reads what the scanner asks for and
 //! feeds it back. The scan starts at the checkpoint's tail and accepts a record
 //! only if it continues the chain exactly: valid checksums, this log's group id,
-//! LSN = previous + 1, an epoch that never decreases and is not newer than the
-//! superblock's, and a placement that does not straddle the ring's end. The first
-//! record that breaks the chain is the torn tail: the scan stops there and says why.
+//! LSN = previous + 1, the superblock's epoch, and a placement that does not
+//! straddle the ring's end. The first record that breaks the chain is the torn
+//! tail: the scan stops there and says why.
+//!
+//! Why exactly the superblock's epoch: every open of the log replays it, makes
+//! the log empty (tail = head) and persists a new epoch before the first
+//! append, and only that incarnation appends until the next open. So every
+//! valid record after the tail carries the superblock's epoch; a record with an
+//! older epoch was left behind by a crashed incarnation and may continue the
+//! LSN chain exactly, yet must never be replayed. (A rule that only compared
+//! neighbouring records was found wrong by the simulator: after a checkpoint
+//! moved the tail next to such stale records, nothing was left to compare with.)
 
 use tandem_proto::{align_up, RecordDecodeError, RecordHeader, RecordKind};
 
@@ -17,9 +26,9 @@ pub enum ScanStop {
     ForeignGroup { position: u64, group_id: u32 },
     /// A record from an earlier lap or a crashed incarnation.
     LsnBreak { position: u64, expected: u64, found: u64 },
-    /// A record written before an earlier record of the chain: left over from a
-    /// crashed incarnation beyond its torn tail.
-    EpochRegression { position: u64, previous: u32, found: u32 },
+    /// A record of an earlier incarnation: left over from a crashed
+    /// incarnation beyond its torn tail.
+    StaleEpoch { position: u64, found: u32, current: u32 },
     /// An epoch newer than the superblock's: cannot belong to this log's history.
     EpochFromFuture { position: u64, found: u32, current: u32 },
     /// The header is valid but the payload's checksum is not: a torn record.
@@ -40,9 +49,9 @@ impl std::fmt::Display for ScanStop {
             Self::LsnBreak { position, expected, found } => {
                 write!(f, "stale record at position {position}: LSN {found} where {expected} was expected")
             }
-            Self::EpochRegression { position, previous, found } => write!(
+            Self::StaleEpoch { position, found, current } => write!(
                 f,
-                "stale record of a crashed incarnation at position {position}: epoch {found} after epoch {previous}"
+                "stale record of a crashed incarnation at position {position}: epoch {found}, the log is at epoch {current}"
             ),
             Self::EpochFromFuture { position, found, current } => {
                 write!(f, "record at position {position} has epoch {found}, newer than the log's {current}")
@@ -80,7 +89,6 @@ pub struct Scanner {
     start_position: u64,
     position: u64,
     expected_lsn: u64,
-    last_epoch: u32,
 }
 
 impl Scanner {
@@ -102,7 +110,6 @@ impl Scanner {
             start_position: tail_position,
             position: tail_position,
             expected_lsn: checkpoint_lsn + 1,
-            last_epoch: 0,
         }
     }
 
@@ -136,8 +143,8 @@ impl Scanner {
         if header.lsn != self.expected_lsn {
             return Err(ScanStop::LsnBreak { position, expected: self.expected_lsn, found: header.lsn });
         }
-        if header.epoch < self.last_epoch {
-            return Err(ScanStop::EpochRegression { position, previous: self.last_epoch, found: header.epoch });
+        if header.epoch < self.current_epoch {
+            return Err(ScanStop::StaleEpoch { position, found: header.epoch, current: self.current_epoch });
         }
         if header.epoch > self.current_epoch {
             return Err(ScanStop::EpochFromFuture { position, found: header.epoch, current: self.current_epoch });
@@ -181,9 +188,9 @@ impl Scanner {
     }
 
     fn accept(&mut self, header: &RecordHeader, record_bytes: u64) {
+        debug_assert_eq!(header.epoch, self.current_epoch, "only records of the current epoch are accepted");
         self.position += record_bytes;
         self.expected_lsn += 1;
-        self.last_epoch = header.epoch;
     }
 }
 
@@ -274,7 +281,7 @@ mod tests {
     #[test]
     fn stale_and_foreign_records_end_the_chain() {
         let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 10);
-        let old_lap = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 3, 0, 0, 512);
+        let old_lap = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 3, 0, 0, 512);
         assert!(matches!(
             scan.check_header(&sector_of(&old_lap)),
             Err(ScanStop::LsnBreak { expected: 11, found: 3, .. })
@@ -294,15 +301,20 @@ mod tests {
     }
 
     #[test]
-    fn a_record_of_a_crashed_incarnation_beyond_a_newer_one_is_rejected() {
+    fn records_of_an_earlier_incarnation_are_rejected_even_first_after_the_tail() {
+        // First record after the tail: nothing before it to compare with.
+        let mut first = Scanner::new(RING, SECTOR, 9, 3, 0, 0);
+        let stale = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 1, 0, 0, 512);
+        assert!(matches!(
+            first.check_header(&sector_of(&stale)),
+            Err(ScanStop::StaleEpoch { found: 2, current: 3, .. })
+        ));
+        // After a record of the current incarnation.
         let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 0);
         let newer = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 1, 0, 0, 512);
         scan.check_header(&sector_of(&newer)).unwrap();
         let older = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 2, 0, 0, 512);
-        assert!(matches!(
-            scan.check_header(&sector_of(&older)),
-            Err(ScanStop::EpochRegression { previous: 3, found: 2, .. })
-        ));
+        assert!(matches!(scan.check_header(&sector_of(&older)), Err(ScanStop::StaleEpoch { found: 2, .. })));
     }
 
     #[test]
