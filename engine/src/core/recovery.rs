@@ -42,7 +42,9 @@ pub enum ScanStop {
 impl std::fmt::Display for ScanStop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::EndOfLog { position, reason } => write!(f, "end of log at position {position}: {reason}"),
+            Self::EndOfLog { position, reason } => {
+                write!(f, "end of log at position {position} (the next sector holds no record of this chain: {reason})")
+            }
             Self::ForeignGroup { position, group_id } => {
                 write!(f, "record of another log (group id {group_id:#x}) at position {position}")
             }
