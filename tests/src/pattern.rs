@@ -66,6 +66,8 @@ pub struct WriteModel {
     pub acked: HashMap<u64, u64>,
     /// Every write issued per block (acknowledged or not).
     pub issued: HashMap<u64, Vec<u64>>,
+    /// Writes that leave zeros (trim, write-zeroes) rather than a pattern.
+    pub zeroing: std::collections::HashSet<u64>,
 }
 
 impl WriteModel {
@@ -74,16 +76,41 @@ impl WriteModel {
     pub fn check(&self, block: u64, data: &[u8]) -> Result<(), String> {
         let found = decode_block(data, block)?;
         let acked = self.acked.get(&block).copied();
+        let issued = self.issued.get(&block).map_or(&[][..], Vec::as_slice);
         match (found, acked) {
             (Found::Zero, None) => Ok(()),
-            (Found::Zero, Some(seq)) => Err(format!("block {block} lost acknowledged write {seq}")),
-            (Found::Write(seq), _) if !self.issued.get(&block).is_some_and(|s| s.contains(&seq)) => {
+            (Found::Zero, Some(seq)) => {
+                let zeroed = self.zeroing.contains(&seq) || issued.iter().any(|s| *s > seq && self.zeroing.contains(s));
+                if zeroed {
+                    Ok(())
+                } else {
+                    Err(format!("block {block} lost acknowledged write {seq}"))
+                }
+            }
+            (Found::Write(seq), _) if !issued.contains(&seq) || self.zeroing.contains(&seq) => {
                 Err(format!("block {block} holds write {seq}, which never targeted it"))
             }
             (Found::Write(seq), Some(acked)) if seq < acked => {
                 Err(format!("block {block} went back from acknowledged write {acked} to older write {seq}"))
             }
             (Found::Write(_), _) => Ok(()),
+        }
+    }
+
+    /// Records what a block durably holds after recovery: later checks must
+    /// find it or something newer. A zero block is recorded as a zeroing write
+    /// `fresh_seq`, newer than every write issued so far.
+    pub fn observe(&mut self, block: u64, data: &[u8], fresh_seq: u64) {
+        match decode_block(data, block) {
+            Ok(Found::Write(seq)) => {
+                self.acked.insert(block, seq);
+            }
+            Ok(Found::Zero) => {
+                self.zeroing.insert(fresh_seq);
+                self.issued.entry(block).or_default().push(fresh_seq);
+                self.acked.insert(block, fresh_seq);
+            }
+            Err(_) => {}
         }
     }
 }
@@ -106,5 +133,20 @@ mod tests {
         torn[4000] ^= 1;
         assert!(model.check(3, &torn).unwrap_err().contains("torn"));
         assert!(model.check(4, &block_content(5, 3)).unwrap_err().contains("content of block 3"));
+    }
+
+    #[test]
+    fn zeroing_writes_explain_zero_blocks() {
+        let mut model = WriteModel::default();
+        model.issued.insert(1, vec![2, 4]);
+        model.zeroing.insert(4);
+        model.acked.insert(1, 2);
+        assert!(model.check(1, &[0u8; BLOCK_BYTES]).is_ok(), "a later zeroing write was issued");
+        assert!(model.check(1, &block_content(4, 1)).unwrap_err().contains("never targeted"));
+        model.acked.insert(1, 4);
+        assert!(model.check(1, &block_content(2, 1)).unwrap_err().contains("older write"));
+        model.observe(1, &[0u8; BLOCK_BYTES], 9);
+        assert_eq!(model.acked[&1], 9);
+        assert!(model.check(1, &[0u8; BLOCK_BYTES]).is_ok());
     }
 }

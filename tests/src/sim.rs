@@ -62,7 +62,8 @@ struct World {
     superblock: DurableSuperblock,
     pending: Vec<Pending>,
     segments_left: HashMap<u64, usize>,
-    /// Payload and target of every write in the core, by write id.
+    /// Target and the bytes the volume gets (zeros for trim and write-zeroes)
+    /// of every write in the core, by write id.
     writes: HashMap<u64, (u64, Vec<u8>)>,
     /// Write id -> (first sector, sectors) while the client waits for it.
     in_flight: HashMap<u64, (u64, u64)>,
@@ -111,7 +112,8 @@ impl World {
         GroupCore::new(config, stamp(sb.epoch), ring, sb.checkpoint_lsn)
     }
 
-    /// A client write of 1 to 4 sectors to sectors no other in-flight write touches.
+    /// A client write, trim or write-zeroes of 1 to 4 sectors that no other
+    /// in-flight request touches.
     fn submit(&mut self) {
         let first = self.rng.random_range(0..VOLUME_SECTORS);
         let count = self.rng.random_range(1..=4).min(VOLUME_SECTORS - first);
@@ -120,13 +122,25 @@ impl World {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let kind = self.rng.random_range(0..10);
         let mut payload = Vec::new();
         for sector in first..first + count {
-            payload.extend_from_slice(&block_content_sized(seq, sector, SECTOR));
+            if kind < 8 {
+                payload.extend_from_slice(&block_content_sized(seq, sector, SECTOR));
+            } else {
+                payload.extend_from_slice(&[0u8; SECTOR]);
+            }
             self.model.issued.entry(sector).or_default().push(seq);
             self.busy.insert(sector);
         }
-        let op = WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) };
+        let op = match kind {
+            0..8 => WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) },
+            8 => WriteOp::Trim,
+            _ => WriteOp::WriteZeroes { no_hole: self.rng.random_bool(0.5) },
+        };
+        if kind >= 8 {
+            self.model.zeroing.insert(seq);
+        }
         let offset = first * SECTOR as u64;
         let length = payload.len() as u32;
         self.writes.insert(seq, (offset, payload));
@@ -267,7 +281,11 @@ impl World {
         };
         let apply = |header: &RecordHeader, payload: &[u8]| -> Result<(), String> {
             let start = header.offset as usize;
-            volume[start..start + payload.len()].copy_from_slice(payload);
+            match header.record_kind() {
+                RecordKind::Write => volume[start..start + payload.len()].copy_from_slice(payload),
+                RecordKind::Trim | RecordKind::WriteZeroes => volume[start..start + header.length as usize].fill(0),
+                RecordKind::Pad => unreachable!("pads are skipped by the scan"),
+            }
             Ok(())
         };
         let outcome = replay(&mut scanner, read, apply)?;
@@ -293,10 +311,10 @@ impl World {
             let start = sector as usize * SECTOR;
             let data = &self.volume[start..start + SECTOR];
             self.model.check(sector, data)?;
-            if let Ok(crate::pattern::Found::Write(seq)) = crate::pattern::decode_block(data, sector) {
-                self.model.acked.insert(sector, seq);
-            }
+            self.model.observe(sector, data, self.next_seq);
         }
+        // The zero floors recorded above used `next_seq`; later writes are newer.
+        self.next_seq += 1;
         Ok(())
     }
 }
