@@ -25,7 +25,12 @@ fuzz_target!(|data: &[u8]| {
                     break;
                 }
             }
-            Ok(_) => {}
+            Ok(HeaderVerdict::Pad) => {
+                // A pad consumes no LSN.
+                assert_eq!(scanner.last_lsn(), accepted);
+                continue;
+            }
+            Ok(HeaderVerdict::Complete(_)) => {}
             Err(_) => break,
         }
         accepted += 1;

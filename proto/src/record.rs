@@ -36,8 +36,9 @@ pub enum RecordKind {
     /// `length` bytes at `offset` become zero; no payload.
     WriteZeroes = 3,
     /// Filler that skips `length` bytes of the log ring (to its end) so that no
-    /// record straddles the end of the ring. Consumes an LSN like any record, which
-    /// keeps the recovery scan's "LSN + 1" rule uniform.
+    /// record straddles the end of the ring. It carries the LSN of the record
+    /// that follows it and does not consume it: where a log wraps is local to
+    /// that log, so pads are never replicated and each log places its own.
     Pad = 4,
 }
 
@@ -217,6 +218,20 @@ impl RecordHeader {
         }
     }
 
+    /// The same record with another log's identity: a destination writes a
+    /// received frame to its own log with its own group id and epoch, so that its
+    /// recovery scan can hold every record to its own superblock. LSN, volume,
+    /// range and payload checksum are kept; the header checksum is resealed.
+    #[must_use]
+    pub fn restamped(&self, stamp: RecordStamp) -> Self {
+        let mut header = *self;
+        header.group_id = stamp.group_id;
+        header.epoch = stamp.epoch;
+        header.generation_tag = stamp.generation_tag;
+        header.header_checksum = header.compute_header_checksum();
+        header
+    }
+
     /// Identity fields of the record.
     #[must_use]
     pub fn stamp(&self) -> RecordStamp {
@@ -305,6 +320,17 @@ mod tests {
         let mut flipped = payload.clone();
         flipped[7] ^= 0x80;
         assert_eq!(decoded.verify_payload(&flipped), Err(RecordDecodeError::PayloadChecksum { lsn: 42 }));
+    }
+
+    #[test]
+    fn restamping_keeps_the_record_and_changes_only_the_identity() {
+        let payload = vec![3u8; 512];
+        let source = RecordHeader::write(STAMP, 42, 2, 4096, &payload);
+        let other = RecordStamp { group_id: 99, epoch: 7, generation_tag: 5 };
+        let destination = RecordHeader::decode(source.restamped(other).as_bytes()).unwrap();
+        assert_eq!(destination.stamp(), other);
+        assert_eq!((destination.lsn, destination.volume_index, destination.offset), (42, 2, 4096));
+        destination.verify_payload(&payload).unwrap();
     }
 
     #[test]

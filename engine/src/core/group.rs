@@ -193,7 +193,7 @@ pub struct GroupSnapshot {
 struct PlacedRecord {
     lsn: u64,
     end_position: u64,
-    write_id: Option<WriteId>,
+    write_id: WriteId,
     applied: bool,
     completed: bool,
 }
@@ -221,6 +221,8 @@ pub struct GroupCore {
     apply_inflight: Vec<ApplyOp>,
     settled_lsn: u64,
     settled_end_position: u64,
+    /// Where the next record (or pad) is placed; asserts back-to-back placement.
+    placed_head: u64,
     checkpoint_lsn: u64,
     checkpoint_in_flight: bool,
     checkpoint_requested: bool,
@@ -254,6 +256,7 @@ impl GroupCore {
             apply_inflight: Vec::new(),
             settled_lsn: checkpoint_lsn,
             settled_end_position: tail,
+            placed_head: tail,
             checkpoint_lsn,
             checkpoint_in_flight: false,
             checkpoint_requested: false,
@@ -388,8 +391,11 @@ impl GroupCore {
         Some(AppendBatch { batch_id, segments })
     }
 
+    /// A pad carries the LSN of the record that follows it and does not consume
+    /// it: LSNs number the records of the stream, while pads depend on where
+    /// each log wraps (a destination places its own pads).
     fn pad_header(&mut self, pad_bytes: u64) -> RecordHeader {
-        let lsn = self.take_lsn();
+        let lsn = self.next_lsn;
         let length = u32::try_from(pad_bytes).expect("a pad is shorter than the largest record");
         RecordHeader::without_payload(self.stamp, RecordKind::Pad, 0, lsn, 0, 0, length)
     }
@@ -445,22 +451,24 @@ impl GroupCore {
         lsn
     }
 
-    /// Appends a record to the batch's segments and tracks it until it settles.
+    /// Appends a record (or pad) to the batch's segments; records are tracked
+    /// until they settle. A pad is always followed by its record in the same
+    /// batch, so it needs no tracking of its own.
     fn place(&mut self, segments: &mut Vec<AppendSegment>, position: u64, bytes: u64, record: LogRecord) {
         let ring_offset = self.ring.ring_offset(position);
         let lsn = record.header.lsn;
-        if let Some(previous) = self.placed.back() {
-            assert_eq!(previous.lsn + 1, lsn, "LSNs are placed in order without gaps");
-            assert_eq!(previous.end_position, position, "records are placed back to back");
+        assert_eq!(self.placed_head, position, "records are placed back to back");
+        self.placed_head = position + bytes;
+        match record.write_id {
+            None => assert_eq!(lsn, self.next_lsn, "a pad carries the LSN of the record after it"),
+            Some(write_id) => {
+                if let Some(previous) = self.placed.back() {
+                    assert_eq!(previous.lsn + 1, lsn, "LSNs are placed in order without gaps");
+                }
+                let end_position = position + bytes;
+                self.placed.push_back(PlacedRecord { lsn, end_position, write_id, applied: false, completed: false });
+            }
         }
-        let is_pad = record.write_id.is_none();
-        self.placed.push_back(PlacedRecord {
-            lsn,
-            end_position: position + bytes,
-            write_id: record.write_id,
-            applied: is_pad,
-            completed: is_pad,
-        });
         match segments.last_mut() {
             Some(segment) if segment.ring_offset + segment.bytes == ring_offset => {
                 segment.bytes += bytes;
@@ -529,8 +537,7 @@ impl GroupCore {
             if record.applied && !record.completed {
                 record.completed = true;
                 self.writes_completed += 1;
-                let id = record.write_id.expect("pads are completed when placed");
-                self.actions.push(Action::Complete { id, result: Ok(()) });
+                self.actions.push(Action::Complete { id: record.write_id, result: Ok(()) });
             }
         }
         while let Some(front) = self.placed.front() {
@@ -606,8 +613,8 @@ impl GroupCore {
                 continue;
             }
             record.completed = true;
-            let id = record.write_id.expect("pads are completed when placed");
-            self.actions.push(Action::Complete { id, result: Err(WriteError::GroupFailed(reason.clone())) });
+            let result = Err(WriteError::GroupFailed(reason.clone()));
+            self.actions.push(Action::Complete { id: record.write_id, result });
         }
         self.placed.retain(|r| !r.completed || !r.applied);
     }

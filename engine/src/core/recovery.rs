@@ -168,7 +168,8 @@ impl Scanner {
                 padded_bytes: record_bytes - self.sector_bytes,
             }),
             RecordKind::Pad => {
-                self.accept(&header, record_bytes);
+                // A pad carries the next record's LSN and does not consume it.
+                self.position += record_bytes;
                 Ok(HeaderVerdict::Pad)
             }
             RecordKind::Trim | RecordKind::WriteZeroes => {
@@ -334,5 +335,8 @@ mod tests {
         let pad = RecordHeader::without_payload(stamp(1), RecordKind::Pad, 0, 1, 0, 0, 8192);
         assert_eq!(scan.check_header(&sector_of(&pad)).unwrap(), HeaderVerdict::Pad);
         assert_eq!(scan.next_header_offset().unwrap(), 0, "after the pad the scan wraps");
+        assert_eq!(scan.last_lsn(), 0, "the pad consumed no LSN");
+        let after = RecordHeader::without_payload(stamp(1), RecordKind::Trim, 0, 1, 0, 0, 512);
+        assert_eq!(scan.check_header(&sector_of(&after)).unwrap(), HeaderVerdict::Complete(after));
     }
 }
