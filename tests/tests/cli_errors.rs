@@ -110,6 +110,9 @@ fn groups_survive_restarts_and_delete_keeps_the_data() {
     node.spawn();
     let status = node.group_status("rg01");
     assert_eq!(status["current_lsn"], 1, "the group came back with its history: {status}");
+    assert_eq!(status["last_recovery"]["records_replayed"], 0, "a clean stop checkpoints everything: {status}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&node.api).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only the daemon's user may use the management socket");
     assert_eq!(status["volumes"].as_array().unwrap().len(), 2);
     let human = node.cli_ok(&["status"]);
     assert!(human.contains("group rg01: Online") && human.contains("latency"), "{human}");

@@ -32,7 +32,11 @@ pub fn bind_api(path: &Path) -> Result<UnixListener, String> {
         return Err(format!("another tandemd already answers on {}; stop it first", path.display()));
     }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+    let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Only the daemon's own user may manage groups until delegation exists.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {} to its owner: {e}", path.display()))?;
+    Ok(listener)
 }
 
 /// Serves the management API, one thread per client connection.
