@@ -70,6 +70,15 @@ fn group_creation_refuses_bad_inputs_with_precise_errors() {
     refused(&node, &args(&create(&log, "128MiB", &held)), "held by another process");
     drop(holder);
 
+    // Two volumes with one name would make one export unreachable.
+    let twin = sparse(&node, "twin.img", 16 << 20);
+    let (first, second) = (format!("v={good}"), format!("v={twin}"));
+    refused(
+        &node,
+        &["group", "create", "--name", "rg01", "--log", &log, "--volume", &first, "--volume", &second],
+        "two volumes are named",
+    );
+
     // Bad names.
     refused(
         &node,

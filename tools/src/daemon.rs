@@ -130,7 +130,12 @@ impl Daemon {
         let entry = GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None };
         let mut records: Vec<GroupRecord> = lock(&self.groups).values().map(|g| g.record.clone()).collect();
         records.push(record);
-        registry::save(&self.config.node.state_dir, &records)?;
+        if let Err(e) = registry::save(&self.config.node.state_dir, &records) {
+            drop(open);
+            // Release the new log so that creating the group again is possible.
+            let _ = wipe_superblocks(log);
+            return Err(e);
+        }
         self.attach(core, open);
         lock(&self.groups).insert(name.to_owned(), entry);
         tracing::info!(group = name, core, "group created");

@@ -73,6 +73,14 @@ pub fn format_log(request: &FormatRequest) -> io::Result<Superblock> {
     if request.volumes.is_empty() || request.volumes.len() > MAX_VOLUMES {
         return Err(invalid(format!("a group holds 1 to {MAX_VOLUMES} volumes, got {}", request.volumes.len())));
     }
+    for (index, spec) in request.volumes.iter().enumerate() {
+        if request.volumes[..index].iter().any(|other| other.name == spec.name) {
+            return Err(invalid(format!(
+                "two volumes are named {:?}; each volume needs its own name (--volume NAME=PATH)",
+                spec.name
+            )));
+        }
+    }
     let mut superblock = new_superblock(request)?;
     for (index, spec) in request.volumes.iter().enumerate() {
         superblock.volumes[index] = volume_entry(spec)?;
