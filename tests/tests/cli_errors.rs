@@ -137,3 +137,27 @@ fn groups_survive_restarts_and_delete_keeps_the_data() {
     node.spawn();
     assert_eq!(node.group_status("rg01")["state"], "Online");
 }
+
+/// A group whose volume disappeared while the daemon was down does not stop the
+/// daemon or the other groups: it is reported unavailable with the reason and
+/// can be deleted.
+#[test]
+fn a_group_with_a_missing_volume_is_reported_and_the_others_keep_serving() {
+    let mut node = Node::start("");
+    node.create_group("rg01", "128MiB", &[("a", 8 << 20)]);
+    node.create_group("rg02", "128MiB", &[("b", 8 << 20)]);
+    node.stop();
+    std::fs::remove_file(node.path("rg02-b.img")).unwrap();
+    node.spawn();
+    assert_eq!(node.group_status("rg01")["state"], "Online");
+    let broken = node.group_status("rg02");
+    let state = broken["state"].as_str().unwrap();
+    assert!(state.starts_with("Unavailable") && state.contains("rg02-b.img"), "{state}");
+    let mut client = NbdClient::connect(node.nbd_port, "rg01/a").unwrap();
+    assert_eq!(client.write(0, &block_content(3, 0)).unwrap(), 0, "rg01 still serves");
+    assert!(NbdClient::connect(node.nbd_port, "rg02/b").is_err(), "rg02 exports nothing");
+    let message = node.cli_ok(&["group", "delete", "rg02"]);
+    assert!(message.contains("deleted"), "{message}");
+    let listed = node.cli_ok(&["group", "list"]);
+    assert!(listed.contains("rg01") && !listed.contains("rg02"), "{listed}");
+}

@@ -1,6 +1,7 @@
-//! Crash drill: a verifying writer through NBD while tandemd is killed with
-//! SIGKILL at random moments. After every restart, each block must hold its
-//! last acknowledged write (or a later one that was in flight), never an older
+//! Crash drill: verifying writers through NBD, one per volume of a two-volume
+//! group (one log, one LSN stream), while tandemd is killed with SIGKILL at
+//! random moments. After every restart, each block must hold its last
+//! acknowledged write (or a later one that was in flight), never an older
 //! write, never a torn one.
 //!
 //! `TANDEM_CRASH_CYCLES=200 cargo nextest run -E 'test(kill9)'` runs the long mode.
@@ -14,21 +15,23 @@ use tandem_tests::nbd_client::{NbdClient, CMD_WRITE, FLAG_FUA};
 use tandem_tests::pattern::{block_content, decode_block, Found, WriteModel, BLOCK_BYTES};
 use tandem_tests::Node;
 
-const VOLUME_BYTES: u64 = 32 << 20;
-const BLOCKS: u64 = VOLUME_BYTES / BLOCK_BYTES as u64;
 const QUEUE_DEPTH: usize = 16;
+/// The group's volumes: (export name, size).
+const VOLUMES: [(&str, u64); 2] = [("data", 32 << 20), ("logs", 16 << 20)];
 
 /// Writes until the connection breaks (the daemon was killed); returns the
 /// next sequence number.
-fn write_until_killed(port: u16, model: &Mutex<WriteModel>, mut seq: u64, seed: u64) -> u64 {
+fn write_until_killed(port: u16, volume: usize, model: &Mutex<WriteModel>, mut seq: u64, seed: u64) -> u64 {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let Ok(mut client) = NbdClient::connect(port, "rg01/data") else { return seq };
+    let (name, size) = VOLUMES[volume];
+    let blocks = size / BLOCK_BYTES as u64;
+    let Ok(mut client) = NbdClient::connect(port, &format!("rg01/{name}")) else { return seq };
     let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut busy_blocks: HashSet<u64> = HashSet::new();
     loop {
         while in_flight.len() < QUEUE_DEPTH {
-            let first = rng.random_range(0..BLOCKS);
-            let count = rng.random_range(1..=8).min(BLOCKS - first);
+            let first = rng.random_range(0..blocks);
+            let count = rng.random_range(1..=8).min(blocks - first);
             if (first..first + count).any(|b| busy_blocks.contains(&b)) {
                 continue;
             }
@@ -64,19 +67,20 @@ fn write_until_killed(port: u16, model: &Mutex<WriteModel>, mut seq: u64, seed: 
 /// Reads the whole volume and checks every block against the model. What a
 /// read finds after recovery is durable (recovery ends with fdatasync), so it
 /// becomes the floor for the next cycle.
-fn verify(port: u16, model: &Mutex<WriteModel>) -> Vec<String> {
-    let mut client = match NbdClient::connect(port, "rg01/data") {
+fn verify(port: u16, volume: usize, model: &Mutex<WriteModel>) -> Vec<String> {
+    let (name, size) = VOLUMES[volume];
+    let mut client = match NbdClient::connect(port, &format!("rg01/{name}")) {
         Ok(client) => client,
         Err(e) => return vec![format!("cannot connect after restart: {e}")],
     };
     let mut model = model.lock().unwrap();
     let mut errors = Vec::new();
     let chunk_bytes = 1u64 << 20;
-    for chunk in 0..VOLUME_BYTES / chunk_bytes {
+    for chunk in 0..size / chunk_bytes {
         let data = client.read(chunk * chunk_bytes, chunk_bytes as u32).expect("read").expect("read succeeds");
         for (index, block_data) in data.chunks(BLOCK_BYTES).enumerate() {
             let block = chunk * chunk_bytes / BLOCK_BYTES as u64 + index as u64;
-            match model.check(block, block_data) {
+            match model.check(block, block_data).map_err(|e| format!("{name}: {e}")) {
                 Ok(()) => {
                     if let Ok(Found::Write(seq)) = decode_block(block_data, block) {
                         model.acked.insert(block, seq);
@@ -99,21 +103,28 @@ fn kill9_at_random_moments_loses_no_acknowledged_write() {
     // A low checkpoint threshold makes checkpoints, log wraps and pad records
     // happen many times per cycle, so kills land in all of them.
     let mut node = Node::start("checkpoint_used_percent = 10\n");
-    node.create_group("rg01", "128MiB", &[("data", VOLUME_BYTES)]);
-    let model = Arc::new(Mutex::new(WriteModel::default()));
-    let mut seq = 0;
+    node.create_group("rg01", "128MiB", &VOLUMES);
+    let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
+    let mut seqs = [0u64; 2];
     let mut total_acked_before_kill = 0;
     for cycle in 0..cycles {
         let port = node.nbd_port;
-        let writer_model = Arc::clone(&model);
-        let writer_seed = rng.random();
-        let writer = std::thread::spawn(move || write_until_killed(port, &writer_model, seq, writer_seed));
+        let writers: Vec<_> = (0..VOLUMES.len())
+            .map(|volume| {
+                let writer_model = Arc::clone(&models[volume]);
+                let (seq, writer_seed) = (seqs[volume], rng.random());
+                std::thread::spawn(move || write_until_killed(port, volume, &writer_model, seq, writer_seed))
+            })
+            .collect();
         std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
         node.kill9();
-        seq = writer.join().expect("writer thread");
-        total_acked_before_kill = model.lock().unwrap().acked.len();
+        for (volume, writer) in writers.into_iter().enumerate() {
+            seqs[volume] = writer.join().expect("writer thread");
+        }
+        total_acked_before_kill = models.iter().map(|m| m.lock().unwrap().acked.len()).sum();
         node.spawn();
-        let errors = verify(node.nbd_port, &model);
+        let errors: Vec<String> =
+            (0..VOLUMES.len()).flat_map(|volume| verify(node.nbd_port, volume, &models[volume])).collect();
         assert!(
             errors.is_empty(),
             "cycle {cycle} (seed {seed}): {} bad blocks, first: {:#?}\n{}",
@@ -122,8 +133,10 @@ fn kill9_at_random_moments_loses_no_acknowledged_write() {
             node.log()
         );
     }
-    assert!(seq > u64::from(cycles) * 10, "the writer made progress in every cycle ({seq} writes)");
+    for (volume, seq) in seqs.iter().enumerate() {
+        assert!(*seq > u64::from(cycles) * 10, "writer {volume} made progress in every cycle ({seq} writes)");
+    }
     assert!(total_acked_before_kill > 100, "many blocks were acknowledged ({total_acked_before_kill})");
     let status = node.group_status("rg01");
-    eprintln!("crash drill done: {seq} writes issued; last recovery {}", status["last_recovery"]);
+    eprintln!("crash drill done: {seqs:?} writes issued; last recovery {}", status["last_recovery"]);
 }
