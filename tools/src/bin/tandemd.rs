@@ -31,7 +31,9 @@ fn main() {
 fn run(args: &Args) -> Result<(), String> {
     let config = Config::load(&args.config)?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.node.log_level.clone());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: logs in files and journald stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let api = serve::bind_api(&config.node.api_socket)?;
     let nbd = TcpListener::bind(config.node.nbd_listen)
         .map_err(|e| format!("cannot listen for NBD on {}: {e}", config.node.nbd_listen))?;
