@@ -64,7 +64,7 @@ fn state_machine(c: &mut Criterion) {
                             core.handle(Event::AppendDone { batch_id: batch.batch_id, result: Ok(()) })
                         }
                         Action::Apply(apply) => core.handle(Event::ApplyDone { lsn: apply.lsn, result: Ok(()) }),
-                        Action::Checkpoint { lsn, tail_position } => {
+                        Action::Checkpoint { lsn, tail_position, .. } => {
                             core.handle(Event::CheckpointDone { lsn, tail_position, result: Ok(()) })
                         }
                         Action::Complete { .. } => {}

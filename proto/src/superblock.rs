@@ -54,7 +54,7 @@ pub struct GenerationEntry {
 }
 const _: () = assert!(std::mem::size_of::<GenerationEntry>() == 32);
 
-const FIXED_FIELDS_BYTES: usize = 232;
+const FIXED_FIELDS_BYTES: usize = 248;
 const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
 const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - 16;
 
@@ -77,10 +77,18 @@ pub struct Superblock {
     pub ring_size_bytes: u64,
     /// Every record with an LSN up to this one is durable in the volumes.
     pub checkpoint_lsn: u64,
-    /// Position, in the unwrapped byte stream of the ring, of the record with LSN
-    /// `checkpoint_lsn + 1` (or of the head when none follows). The ring offset
-    /// is `ring_offset + tail_position % ring_size_bytes`.
+    /// Position, in the unwrapped byte stream of the ring, of the oldest record
+    /// the log still holds: the first one not yet checkpointed, or an older
+    /// one kept for a replication peer that has not acknowledged it (or the
+    /// head when none). The ring offset is `ring_offset + tail_position % ring_size_bytes`.
     pub tail_position: u64,
+    /// LSN of the record at `tail_position`; at most `checkpoint_lsn + 1`.
+    pub tail_lsn: u64,
+    /// Where the current incarnation began appending (the end of the scan at
+    /// its open). Records from here on carry exactly `epoch`; records before it
+    /// are the chain that open validated, kept (for a peer) with older epochs.
+    /// Checkpoints may move the tail beyond it.
+    pub epoch_start_position: u64,
     pub created_unix_s: u64,
     /// Current 128-bit generation of the group's history.
     pub generation: Checksum128,
@@ -214,8 +222,14 @@ impl Superblock {
         if self.ring_offset.checked_add(self.ring_size_bytes) != Some(self.log_size_bytes) {
             return Err(field_error("log_size_bytes", "does not equal ring offset + ring size"));
         }
-        if !self.tail_position.is_multiple_of(sector) {
-            return Err(field_error("tail_position", format!("{} is not sector-aligned", self.tail_position)));
+        if !self.tail_position.is_multiple_of(sector) || !self.epoch_start_position.is_multiple_of(sector) {
+            return Err(field_error("tail_position", "tail and epoch start positions must be sector-aligned"));
+        }
+        if self.tail_lsn == 0 || self.tail_lsn > self.checkpoint_lsn + 1 {
+            return Err(field_error(
+                "tail_lsn",
+                format!("{} must be in 1..={} (checkpoint LSN + 1)", self.tail_lsn, self.checkpoint_lsn + 1),
+            ));
         }
         Ok(())
     }
@@ -280,6 +294,7 @@ mod tests {
         sb.group_id = 0x1234_5678;
         sb.epoch = 2;
         sb.ring_offset = RING_OFFSET_BYTES;
+        sb.tail_lsn = 1;
         sb.ring_size_bytes = 64 << 20;
         sb.log_size_bytes = RING_OFFSET_BYTES + (64 << 20);
         sb.group_name = fixed_str("rg01").unwrap();
@@ -332,6 +347,8 @@ mod tests {
         check(&|s| s.volumes[0].size_bytes = 1000, "volumes");
         check(&|s| s.volumes[3].size_bytes = 1, "volumes");
         check(&|s| s.tail_position = 100, "tail_position");
+        check(&|s| s.tail_lsn = 0, "tail_lsn");
+        check(&|s| s.tail_lsn = 5, "tail_lsn");
         check(&|s| s.role = 9, "role");
         check(&|s| s.reserved[0] = 1, "reserved");
     }

@@ -8,13 +8,22 @@
 //! checkpoint's fdatasync each survive or not. After every crash, recovery runs
 //! and every sector must hold its last acknowledged write or a later one that
 //! was issued, never an older write and never a mix.
+//!
+//! Half of the seeds attach a simulated replication peer that acknowledges
+//! records lazily (only ones the source log already holds durably; a peer
+//! ahead of a crashed source is the replication issue's generation logic).
+//! The log must retain every record the peer lacks: after every step each
+//! durable retained record is still intact in the log, and after every power
+//! loss recovery finds all of them, with their older epochs, before the new
+//! epoch's start.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_engine::core::{
-    replay, Action, AppendSegment, Event, GroupConfig, GroupCore, LogRing, Scanner, WriteOp, WriteRequest,
+    replay, Action, AppendSegment, Event, GroupConfig, GroupCore, LogRing, Retention, ScanStart, Scanner, WriteOp,
+    WriteRequest,
 };
 use tandem_proto::{xxh3_128_bytes, RecordHeader, RecordKind, RecordStamp};
 
@@ -32,6 +41,7 @@ pub struct SimStats {
     pub crashes: u64,
     pub checkpoints: u64,
     pub records_replayed: u64,
+    pub peer_acknowledgements: u64,
 }
 
 /// IO the simulated devices have accepted but not completed.
@@ -39,8 +49,9 @@ pub struct SimStats {
 enum Pending {
     LogSegment { batch_id: u64, ring_offset: usize, bytes: Vec<u8> },
     VolumeWrite { lsn: u64, offset: usize, bytes: Vec<u8> },
-    CheckpointFlush { lsn: u64, tail_position: u64 },
-    SuperblockWrite { lsn: u64, tail_position: u64 },
+    CheckpointFlush { lsn: u64, tail: (u64, u64) },
+    SuperblockWrite { lsn: u64, tail: (u64, u64) },
+    PeerAck { lsn: u64 },
 }
 
 /// The durable part of the superblock.
@@ -48,6 +59,8 @@ enum Pending {
 struct DurableSuperblock {
     checkpoint_lsn: u64,
     tail_position: u64,
+    tail_lsn: u64,
+    epoch_start_position: u64,
     epoch: u32,
 }
 
@@ -70,6 +83,9 @@ struct World {
     busy: HashSet<u64>,
     model: WriteModel,
     next_seq: u64,
+    /// The simulated peer's durable LSN; `None` in seeds without a peer. The
+    /// peer is another node: it survives the source's power losses.
+    peer_durable_lsn: Option<u64>,
     stats: SimStats,
 }
 
@@ -87,11 +103,14 @@ impl World {
             checkpoint_used_percent: rng.random_range(10..=90),
             checkpoint_interval_ms: u64::MAX,
         };
-        let superblock = DurableSuperblock { checkpoint_lsn: 0, tail_position: 0, epoch: 1 };
+        let superblock =
+            DurableSuperblock { checkpoint_lsn: 0, tail_position: 0, tail_lsn: 1, epoch_start_position: 0, epoch: 1 };
+        let peer_durable_lsn = rng.random_bool(0.5).then_some(0);
+        let retention = peer_durable_lsn.map(|lsn| Retention::new(lsn, []));
         Self {
             rng,
             config,
-            core: Self::core_for(config, superblock),
+            core: Self::core_for(config, superblock, 0, retention),
             log: vec![0u8; RING_SECTORS * SECTOR],
             volume: vec![0u8; VOLUME_SECTORS as usize * SECTOR],
             volatile: BTreeMap::new(),
@@ -103,13 +122,41 @@ impl World {
             busy: HashSet::new(),
             model: WriteModel::default(),
             next_seq: 1,
+            peer_durable_lsn,
             stats: SimStats::default(),
         }
     }
 
-    fn core_for(config: GroupConfig, sb: DurableSuperblock) -> GroupCore {
-        let ring = LogRing::new((RING_SECTORS * SECTOR) as u64, SECTOR as u32, sb.tail_position, sb.tail_position);
-        GroupCore::new(config, stamp(sb.epoch), ring, sb.checkpoint_lsn)
+    fn core_for(config: GroupConfig, sb: DurableSuperblock, head: u64, retention: Option<Retention>) -> GroupCore {
+        let head = head.max(sb.tail_position);
+        let ring = LogRing::new((RING_SECTORS * SECTOR) as u64, SECTOR as u32, sb.tail_position, head);
+        GroupCore::with_retention(config, stamp(sb.epoch), ring, sb.checkpoint_lsn, retention)
+    }
+
+    /// The peer acknowledges, later, some of what the source log holds durably.
+    fn peer_acknowledges(&mut self) {
+        let Some(peer) = self.peer_durable_lsn else { return };
+        let durable = self.core.snapshot().durable_lsn;
+        if durable > peer {
+            let lsn = self.rng.random_range(peer + 1..=durable);
+            self.pending.push(Pending::PeerAck { lsn });
+        }
+    }
+
+    /// Every retained record whose append completed is intact in the log.
+    fn check_retained(&self) -> Result<(), String> {
+        let durable = self.core.snapshot().durable_lsn;
+        for record in self.core.retained().filter(|r| r.lsn <= durable) {
+            let at = (record.position % self.log.len() as u64) as usize;
+            let header = RecordHeader::decode(&self.log[at..at + SECTOR])
+                .map_err(|e| format!("retained LSN {} was overwritten: {e}", record.lsn))?;
+            let payload_at = at + SECTOR;
+            let payload = &self.log[payload_at..payload_at + header.payload_bytes() as usize];
+            if header.lsn != record.lsn || header.verify_payload(payload).is_err() {
+                return Err(format!("retained LSN {} at {} was overwritten", record.lsn, record.position));
+            }
+        }
+        Ok(())
     }
 
     /// A client write, trim or write-zeroes of 1 to 4 sectors that no other
@@ -165,8 +212,8 @@ impl World {
                     let bytes = payload.clone();
                     self.pending.push(Pending::VolumeWrite { lsn: apply.lsn, offset: *offset as usize, bytes });
                 }
-                Action::Checkpoint { lsn, tail_position } => {
-                    self.pending.push(Pending::CheckpointFlush { lsn, tail_position })
+                Action::Checkpoint { lsn, tail_position, tail_lsn } => {
+                    self.pending.push(Pending::CheckpointFlush { lsn, tail: (tail_position, tail_lsn) });
                 }
                 Action::Complete { id, result } => {
                     result.expect("no IO fails in this simulation");
@@ -218,15 +265,22 @@ impl World {
                 }
                 self.core.handle(Event::ApplyDone { lsn, result: Ok(()) });
             }
-            Pending::CheckpointFlush { lsn, tail_position } => {
+            Pending::CheckpointFlush { lsn, tail } => {
                 self.flush_volume();
-                self.pending.push(Pending::SuperblockWrite { lsn, tail_position });
+                self.pending.push(Pending::SuperblockWrite { lsn, tail });
             }
-            Pending::SuperblockWrite { lsn, tail_position } => {
+            Pending::SuperblockWrite { lsn, tail: (tail_position, tail_lsn) } => {
                 self.superblock.checkpoint_lsn = lsn;
                 self.superblock.tail_position = tail_position;
+                self.superblock.tail_lsn = tail_lsn;
                 self.stats.checkpoints += 1;
                 self.core.handle(Event::CheckpointDone { lsn, tail_position, result: Ok(()) });
+            }
+            Pending::PeerAck { lsn } => {
+                let peer = self.peer_durable_lsn.as_mut().expect("acks only with a peer");
+                *peer = (*peer).max(lsn);
+                self.stats.peer_acknowledgements += 1;
+                self.core.handle(Event::PeerDurable { lsn });
             }
         }
     }
@@ -258,7 +312,7 @@ impl World {
                         }
                     }
                 }
-                Pending::CheckpointFlush { .. } | Pending::SuperblockWrite { .. } => {}
+                Pending::CheckpointFlush { .. } | Pending::SuperblockWrite { .. } | Pending::PeerAck { .. } => {}
             }
         }
         for (sector, bytes) in std::mem::take(&mut self.volatile) {
@@ -272,8 +326,15 @@ impl World {
 
     fn recover(&mut self) -> Result<(), String> {
         let sb = self.superblock;
-        let mut scanner =
-            Scanner::new(self.log.len() as u64, SECTOR as u32, GROUP_ID, sb.epoch, sb.tail_position, sb.checkpoint_lsn);
+        let mut scanner = Scanner::new(ScanStart {
+            ring_size_bytes: self.log.len() as u64,
+            sector_bytes: SECTOR as u32,
+            group_id: GROUP_ID,
+            epoch: sb.epoch,
+            tail_position: sb.tail_position,
+            tail_lsn: sb.tail_lsn,
+            epoch_start_position: sb.epoch_start_position,
+        });
         let log = &self.log;
         let volume = &mut self.volume;
         let read = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
@@ -288,15 +349,32 @@ impl World {
             }
             Ok(())
         };
-        let outcome = replay(&mut scanner, read, apply)?;
+        let outcome = replay(&mut scanner, sb.checkpoint_lsn, read, apply)?;
         self.stats.records_replayed += outcome.records;
-        // Recovery ends with fdatasync of the volume and a new superblock.
+        // Recovery ends with fdatasync of the volume and a new superblock; the
+        // log keeps what the peer lacks, and the new epoch starts at the end.
+        let retention = match self.peer_durable_lsn {
+            Some(peer) => {
+                let missing = (peer + 1..=outcome.last_lsn).find(|lsn| !outcome.scanned.iter().any(|r| r.lsn == *lsn));
+                if let Some(lsn) = missing {
+                    return Err(format!("the log lost LSN {lsn}, which the peer (durable to {peer}) still needs"));
+                }
+                Some(Retention::new(peer, outcome.scanned.iter().copied()))
+            }
+            None => None,
+        };
+        let (tail_position, tail_lsn) = retention
+            .as_ref()
+            .and_then(|r| r.records().next())
+            .map_or((outcome.end_position, outcome.last_lsn + 1), |first| (first.position, first.lsn));
         self.superblock = DurableSuperblock {
             checkpoint_lsn: outcome.last_lsn,
-            tail_position: outcome.end_position,
+            tail_position,
+            tail_lsn,
+            epoch_start_position: outcome.end_position,
             epoch: sb.epoch + 1,
         };
-        self.core = Self::core_for(self.config, self.superblock);
+        self.core = Self::core_for(self.config, self.superblock, outcome.end_position, retention);
         self.segments_left.clear();
         self.writes.clear();
         self.in_flight.clear();
@@ -328,11 +406,14 @@ pub fn run_seed(seed: u64, steps: usize) -> Result<SimStats, String> {
             world.crash_and_recover().map_err(|e| format!("seed {seed}, step {step}, after a crash: {e}"))?;
         } else if roll < 40 && world.in_flight.len() < 8 {
             world.submit();
+        } else if roll < 46 {
+            world.peer_acknowledges();
         } else if !world.pending.is_empty() {
             let index = world.rng.random_range(0..world.pending.len());
             world.deliver(index);
         }
         world.run_actions();
+        world.check_retained().map_err(|e| format!("seed {seed}, step {step}: {e}"))?;
     }
     world.crash_and_recover().map_err(|e| format!("seed {seed}, final crash: {e}"))?;
     Ok(world.stats)

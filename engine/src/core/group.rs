@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 
 use tandem_proto::{Checksum128, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE};
 
+use super::recovery::ScannedRecord;
+use super::retention::Retention;
 use super::ring::LogRing;
 
 /// Identifies a write for the runtime (which owns its buffer).
@@ -68,6 +70,10 @@ pub enum Event {
     /// Time passes (milliseconds on the runtime's monotonic clock).
     Tick {
         now_ms: u64,
+    },
+    /// The replication peer made every record up to `lsn` durable in its log.
+    PeerDurable {
+        lsn: u64,
     },
     /// Checkpoint everything settled as soon as possible (shutdown, delete).
     CheckpointRequested,
@@ -141,11 +147,12 @@ pub enum Action {
         id: WriteId,
         result: Result<(), WriteError>,
     },
-    /// fdatasync every volume, then persist `checkpoint_lsn = lsn` and
-    /// `tail_position` in the superblock; report `CheckpointDone`.
+    /// fdatasync every volume, then persist `checkpoint_lsn = lsn`,
+    /// `tail_position` and `tail_lsn` in the superblock; report `CheckpointDone`.
     Checkpoint {
         lsn: u64,
         tail_position: u64,
+        tail_lsn: u64,
     },
 }
 
@@ -232,6 +239,8 @@ pub struct GroupCore {
     failed: Option<String>,
     writes_completed: u64,
     checkpoints: u64,
+    /// Records kept for a replication peer; `None` without a peer.
+    retention: Option<Retention>,
     actions: Vec<Action>,
 }
 
@@ -241,7 +250,24 @@ impl GroupCore {
     #[must_use]
     pub fn new(config: GroupConfig, stamp: RecordStamp, ring: LogRing, checkpoint_lsn: u64) -> Self {
         assert_eq!(ring.head(), ring.tail(), "a group starts with a checkpointed, empty log");
-        let tail = ring.tail();
+        Self::with_retention(config, stamp, ring, checkpoint_lsn, None)
+    }
+
+    /// A group after recovery whose log still holds, between the ring's tail
+    /// and head, the records `retention` keeps for a replication peer; every
+    /// record up to `checkpoint_lsn` (the last one in the log) is in the volumes.
+    #[must_use]
+    pub fn with_retention(
+        config: GroupConfig,
+        stamp: RecordStamp,
+        ring: LogRing,
+        checkpoint_lsn: u64,
+        retention: Option<Retention>,
+    ) -> Self {
+        let head = ring.head();
+        if let Some(first) = retention.as_ref().and_then(|r| r.records().next()) {
+            assert_eq!(first.position, ring.tail(), "the tail is the first retained record");
+        }
         Self {
             config,
             stamp,
@@ -255,8 +281,8 @@ impl GroupCore {
             apply_queue: VecDeque::new(),
             apply_inflight: Vec::new(),
             settled_lsn: checkpoint_lsn,
-            settled_end_position: tail,
-            placed_head: tail,
+            settled_end_position: head,
+            placed_head: head,
             checkpoint_lsn,
             checkpoint_in_flight: false,
             checkpoint_requested: false,
@@ -266,8 +292,14 @@ impl GroupCore {
             failed: None,
             writes_completed: 0,
             checkpoints: 0,
+            retention,
             actions: Vec::new(),
         }
+    }
+
+    /// Records kept for the replication peer, oldest first.
+    pub fn retained(&self) -> impl Iterator<Item = &ScannedRecord> {
+        self.retention.iter().flat_map(Retention::records)
     }
 
     /// Feeds one event. Call [`GroupCore::take_actions`] after one or more events;
@@ -279,6 +311,10 @@ impl GroupCore {
             Event::ApplyDone { lsn, result } => self.apply_done(lsn, result),
             Event::CheckpointDone { lsn, tail_position, result } => self.checkpoint_done(lsn, tail_position, result),
             Event::Tick { now_ms } => self.now_ms = self.now_ms.max(now_ms),
+            Event::PeerDurable { lsn } => {
+                assert!(lsn < self.next_lsn, "the peer acknowledged LSN {lsn}, which was never placed");
+                self.retention.as_mut().expect("acknowledgement without a peer").peer_durable(lsn);
+            }
             Event::CheckpointRequested => self.checkpoint_requested = true,
         }
     }
@@ -467,6 +503,9 @@ impl GroupCore {
                 }
                 let end_position = position + bytes;
                 self.placed.push_back(PlacedRecord { lsn, end_position, write_id, applied: false, completed: false });
+                if let Some(retention) = self.retention.as_mut() {
+                    retention.placed(ScannedRecord { lsn, position, end_position });
+                }
             }
         }
         match segments.last_mut() {
@@ -550,8 +589,19 @@ impl GroupCore {
         }
     }
 
+    /// Where a checkpoint now would put the tail: after the settled records,
+    /// or at the first record still retained for the peer.
+    fn checkpoint_tail(&self) -> (u64, u64) {
+        let settled = (self.settled_end_position, self.settled_lsn + 1);
+        self.retention.as_ref().map_or(settled, |r| r.tail(settled))
+    }
+
     fn maybe_checkpoint(&mut self) {
-        if self.checkpoint_in_flight || self.failed.is_some() || self.settled_lsn == self.checkpoint_lsn {
+        let (tail_position, tail_lsn) = self.checkpoint_tail();
+        // Worth a checkpoint: more records to make durable in the volumes, or
+        // a peer's acknowledgement that lets the tail move.
+        let progress = self.settled_lsn > self.checkpoint_lsn || tail_position > self.ring.tail();
+        if self.checkpoint_in_flight || self.failed.is_some() || !progress {
             if self.settled_lsn == self.checkpoint_lsn && self.placed.is_empty() {
                 self.checkpoint_requested = false;
             }
@@ -564,7 +614,7 @@ impl GroupCore {
             || self.now_ms.saturating_sub(self.last_checkpoint_ms) >= self.config.checkpoint_interval_ms;
         if due {
             self.checkpoint_in_flight = true;
-            self.actions.push(Action::Checkpoint { lsn: self.settled_lsn, tail_position: self.settled_end_position });
+            self.actions.push(Action::Checkpoint { lsn: self.settled_lsn, tail_position, tail_lsn });
         }
     }
 

@@ -123,7 +123,10 @@ fn full_log_waits_for_checkpoint_then_pads_at_the_wrap() {
     let actions = core.take_actions();
     assert_eq!(completed(&actions).len(), 9);
     let checkpoint = actions.iter().find_map(|a| match a {
-        Action::Checkpoint { lsn, tail_position } => Some((*lsn, *tail_position)),
+        Action::Checkpoint { lsn, tail_position, tail_lsn } => {
+            assert_eq!(*tail_lsn, lsn + 1, "without a peer the tail follows the checkpoint");
+            Some((*lsn, *tail_position))
+        }
         _ => None,
     });
     assert_eq!(checkpoint, Some((9, 18 * 4096)), "a waiting writer forces a checkpoint");
@@ -183,7 +186,7 @@ fn idle_interval_triggers_a_checkpoint() {
     assert!(!actions.iter().any(|a| matches!(a, Action::Checkpoint { .. })), "not due yet: {actions:?}");
     core.handle(Event::Tick { now_ms: 1500 });
     let actions = core.take_actions();
-    assert!(actions.contains(&Action::Checkpoint { lsn: 1, tail_position: 8192 }));
+    assert!(actions.contains(&Action::Checkpoint { lsn: 1, tail_position: 8192, tail_lsn: 2 }));
     core.handle(Event::CheckpointDone { lsn: 1, tail_position: 8192, result: Ok(()) });
     core.take_actions();
     assert!(core.is_fully_checkpointed());
@@ -210,7 +213,7 @@ impl Harness {
                     self.lsn_of_write.insert(op.write_id, op.lsn);
                     self.outstanding.push(Event::ApplyDone { lsn: op.lsn, result: Ok(()) });
                 }
-                Action::Checkpoint { lsn, tail_position } => {
+                Action::Checkpoint { lsn, tail_position, .. } => {
                     self.outstanding.push(Event::CheckpointDone { lsn, tail_position, result: Ok(()) })
                 }
                 Action::Complete { id, result } => {

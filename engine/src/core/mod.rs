@@ -4,11 +4,13 @@
 
 pub mod group;
 pub mod recovery;
+pub mod retention;
 pub mod ring;
 
 pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
     LogRecord, WriteError, WriteId, WriteOp, WriteRequest,
 };
-pub use recovery::{replay, HeaderVerdict, ReplayOutcome, ScanStop, Scanner};
+pub use recovery::{replay, HeaderVerdict, ReplayOutcome, ScanStart, ScanStop, ScannedRecord, Scanner};
+pub use retention::Retention;
 pub use ring::{LogRing, Placement};

@@ -5,14 +5,17 @@
 //! straddle the ring's end. The first record that breaks the chain is the torn
 //! tail: the scan stops there and says why.
 //!
-//! Why exactly the superblock's epoch: every open of the log replays it, makes
-//! the log empty (tail = head) and persists a new epoch before the first
-//! append, and only that incarnation appends until the next open. So every
-//! valid record after the tail carries the superblock's epoch; a record with an
-//! older epoch was left behind by a crashed incarnation and may continue the
-//! LSN chain exactly, yet must never be replayed. (A rule that only compared
-//! neighbouring records was found wrong by the simulator: after a checkpoint
-//! moved the tail next to such stale records, nothing was left to compare with.)
+//! Why the epoch: every open of the log replays it and persists a new epoch
+//! and the position where that incarnation starts appending
+//! (`epoch_start_position`) before the first append, and only that incarnation
+//! appends until the next open. So every valid record from that position on
+//! carries exactly the superblock's epoch; a record there with an older epoch
+//! was left behind by a crashed incarnation and may continue the LSN chain
+//! exactly, yet must never be replayed. Records before that position (kept for
+//! a replication peer) are the chain the open validated and keep their older
+//! epochs. (A rule that only compared neighbouring records was found wrong by
+//! the simulator: after a checkpoint moved the tail next to such stale records,
+//! nothing was left to compare with.)
 
 use tandem_proto::{align_up, RecordDecodeError, RecordHeader, RecordKind};
 
@@ -31,6 +34,9 @@ pub enum ScanStop {
     StaleEpoch { position: u64, found: u32, current: u32 },
     /// An epoch newer than the superblock's: cannot belong to this log's history.
     EpochFromFuture { position: u64, found: u32, current: u32 },
+    /// A record of the current epoch before the position where that epoch
+    /// began: cannot belong to this log's history.
+    MisplacedEpoch { position: u64, found: u32 },
     /// The header is valid but the payload's checksum is not: a torn record.
     TornPayload { position: u64, lsn: u64 },
     /// The record would cross the end of the ring, which the writer never does.
@@ -58,6 +64,9 @@ impl std::fmt::Display for ScanStop {
             Self::EpochFromFuture { position, found, current } => {
                 write!(f, "record at position {position} has epoch {found}, newer than the log's {current}")
             }
+            Self::MisplacedEpoch { position, found } => {
+                write!(f, "record at position {position} has epoch {found}, which began only later in the log")
+            }
             Self::TornPayload { position, lsn } => {
                 write!(f, "torn record at position {position}: payload of LSN {lsn} fails its checksum")
             }
@@ -81,6 +90,36 @@ pub enum HeaderVerdict {
     NeedPayload { header: RecordHeader, ring_offset: u64, padded_bytes: u64 },
 }
 
+/// Where a scan starts and what it holds records to: the superblock's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanStart {
+    pub ring_size_bytes: u64,
+    pub sector_bytes: u32,
+    pub group_id: u32,
+    /// The superblock's epoch: the incarnation that last opened the log.
+    pub epoch: u32,
+    pub tail_position: u64,
+    /// LSN of the record at `tail_position`.
+    pub tail_lsn: u64,
+    pub epoch_start_position: u64,
+}
+
+impl ScanStart {
+    /// The scan a superblock calls for.
+    #[must_use]
+    pub fn from_superblock(sb: &tandem_proto::Superblock) -> Self {
+        Self {
+            ring_size_bytes: sb.ring_size_bytes,
+            sector_bytes: sb.sector_size,
+            group_id: sb.group_id,
+            epoch: sb.epoch,
+            tail_position: sb.tail_position,
+            tail_lsn: sb.tail_lsn,
+            epoch_start_position: sb.epoch_start_position,
+        }
+    }
+}
+
 /// State of the scan.
 #[derive(Debug, Clone)]
 pub struct Scanner {
@@ -88,30 +127,25 @@ pub struct Scanner {
     sector_bytes: u64,
     group_id: u32,
     current_epoch: u32,
+    epoch_start_position: u64,
     start_position: u64,
     position: u64,
     expected_lsn: u64,
 }
 
 impl Scanner {
-    /// A scan from the checkpoint: `tail_position` holds LSN `checkpoint_lsn + 1`.
+    /// A scan from the tail of the log.
     #[must_use]
-    pub fn new(
-        ring_size_bytes: u64,
-        sector_bytes: u32,
-        group_id: u32,
-        current_epoch: u32,
-        tail_position: u64,
-        checkpoint_lsn: u64,
-    ) -> Self {
+    pub fn new(start: ScanStart) -> Self {
         Self {
-            ring_size_bytes,
-            sector_bytes: u64::from(sector_bytes),
-            group_id,
-            current_epoch,
-            start_position: tail_position,
-            position: tail_position,
-            expected_lsn: checkpoint_lsn + 1,
+            ring_size_bytes: start.ring_size_bytes,
+            sector_bytes: u64::from(start.sector_bytes),
+            group_id: start.group_id,
+            current_epoch: start.epoch,
+            epoch_start_position: start.epoch_start_position,
+            start_position: start.tail_position,
+            position: start.tail_position,
+            expected_lsn: start.tail_lsn,
         }
     }
 
@@ -145,8 +179,14 @@ impl Scanner {
         if header.lsn != self.expected_lsn {
             return Err(ScanStop::LsnBreak { position, expected: self.expected_lsn, found: header.lsn });
         }
-        if header.epoch < self.current_epoch {
+        // From the epoch start on, only the current incarnation wrote; before it
+        // lies the chain validated at the last open, written by earlier ones.
+        let in_current_epoch = position >= self.epoch_start_position;
+        if in_current_epoch && header.epoch < self.current_epoch {
             return Err(ScanStop::StaleEpoch { position, found: header.epoch, current: self.current_epoch });
+        }
+        if !in_current_epoch && header.epoch == self.current_epoch {
+            return Err(ScanStop::MisplacedEpoch { position, found: header.epoch });
         }
         if header.epoch > self.current_epoch {
             return Err(ScanStop::EpochFromFuture { position, found: header.epoch, current: self.current_epoch });
@@ -191,60 +231,84 @@ impl Scanner {
     }
 
     fn accept(&mut self, header: &RecordHeader, record_bytes: u64) {
-        debug_assert_eq!(header.epoch, self.current_epoch, "only records of the current epoch are accepted");
+        debug_assert!(header.epoch <= self.current_epoch, "no record of a future epoch is accepted");
         self.position += record_bytes;
         self.expected_lsn += 1;
     }
 }
 
+/// A record the scan accepted: its LSN and where it lies in the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScannedRecord {
+    pub lsn: u64,
+    pub position: u64,
+    pub end_position: u64,
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayOutcome {
+    /// Records applied to the volumes (those after `apply_after_lsn`).
     pub records: u64,
     pub payload_bytes: u64,
     pub last_lsn: u64,
-    /// Unwrapped position where the scan stopped: the new head and tail.
+    /// Unwrapped position where the scan stopped: the new head.
     pub end_position: u64,
+    /// Every record accepted, in LSN order (pads excluded).
+    pub scanned: Vec<ScannedRecord>,
     pub stop: ScanStop,
 }
 
-/// Drives `scanner` to the end of the chain, replaying every accepted record.
-/// The closures do the IO, so the runtime (files) and the simulator (memory)
-/// run this same logic: `read(ring_offset, len)` returns `len` bytes of the
-/// ring, `apply(header, payload)` replays one record into the volumes.
+/// Drives `scanner` to the end of the chain and replays every accepted record
+/// with an LSN after `apply_after_lsn` (the checkpoint: older records are in
+/// the volumes already and are only kept for a replication peer). The closures
+/// do the IO, so the runtime (files) and the simulator (memory) run this same
+/// logic: `read(ring_offset, len)` returns `len` bytes of the ring,
+/// `apply(header, payload)` replays one record into the volumes.
 pub fn replay<B: AsRef<[u8]>, E>(
     scanner: &mut Scanner,
+    apply_after_lsn: u64,
     mut read: impl FnMut(u64, usize) -> Result<B, E>,
     mut apply: impl FnMut(&RecordHeader, &[u8]) -> Result<(), E>,
 ) -> Result<ReplayOutcome, E> {
     let sector = scanner.sector_bytes as usize;
-    let (mut records, mut payload_bytes) = (0, 0);
+    let (mut records, mut payload_bytes, mut scanned) = (0, 0, Vec::new());
     let stop = loop {
         let offset = match scanner.next_header_offset() {
             Ok(offset) => offset,
             Err(stop) => break stop,
         };
         let header_sector = read(offset, sector)?;
-        match scanner.check_header(header_sector.as_ref()) {
-            Ok(HeaderVerdict::Pad) => {}
-            Ok(HeaderVerdict::Complete(header)) => {
-                apply(&header, &[])?;
-                records += 1;
-            }
+        let (header, payload) = match scanner.check_header(header_sector.as_ref()) {
+            Ok(HeaderVerdict::Pad) => continue,
+            Ok(HeaderVerdict::Complete(header)) => (header, None),
             Ok(HeaderVerdict::NeedPayload { header, ring_offset, padded_bytes }) => {
                 let padded = read(ring_offset, padded_bytes as usize)?;
                 let payload = &padded.as_ref()[..header.payload_bytes() as usize];
                 if let Err(stop) = scanner.check_payload(&header, payload) {
                     break stop;
                 }
-                apply(&header, payload)?;
-                records += 1;
-                payload_bytes += payload.len() as u64;
+                (header, Some(padded))
             }
             Err(stop) => break stop,
+        };
+        let payload = payload.as_ref().map_or(&[][..], |p| &p.as_ref()[..header.payload_bytes() as usize]);
+        let end_position = scanner.position();
+        let position = end_position - record_span(&header, scanner.sector_bytes);
+        scanned.push(ScannedRecord { lsn: header.lsn, position, end_position });
+        if header.lsn > apply_after_lsn {
+            apply(&header, payload)?;
+            records += 1;
+            payload_bytes += payload.len() as u64;
         }
     };
-    Ok(ReplayOutcome { records, payload_bytes, last_lsn: scanner.last_lsn(), end_position: scanner.position(), stop })
+    let (last_lsn, end_position) = (scanner.last_lsn(), scanner.position());
+    Ok(ReplayOutcome { records, payload_bytes, last_lsn, end_position, scanned, stop })
+}
+
+/// Bytes a (non-pad) record occupies in the ring.
+fn record_span(header: &RecordHeader, sector_bytes: u64) -> u64 {
+    sector_bytes + align_up(u64::from(header.payload_bytes()), sector_bytes)
 }
 
 #[cfg(test)]
@@ -259,6 +323,19 @@ mod tests {
         RecordStamp { group_id: 9, epoch, generation_tag: 0 }
     }
 
+    /// A scan whose epoch started at the tail (what every open sets up).
+    fn start(ring: u64, sector: u32, group_id: u32, epoch: u32, tail: u64, checkpoint_lsn: u64) -> ScanStart {
+        ScanStart {
+            ring_size_bytes: ring,
+            sector_bytes: sector,
+            group_id,
+            epoch,
+            tail_position: tail,
+            tail_lsn: checkpoint_lsn + 1,
+            epoch_start_position: tail,
+        }
+    }
+
     fn sector_of(header: &RecordHeader) -> Vec<u8> {
         let mut sector = vec![0u8; SECTOR as usize];
         sector[..64].copy_from_slice(header.as_bytes());
@@ -267,7 +344,7 @@ mod tests {
 
     #[test]
     fn accepts_a_chain_and_stops_at_unwritten_space() {
-        let mut scan = Scanner::new(RING, SECTOR, 9, 1, 0, 0);
+        let mut scan = Scanner::new(start(RING, SECTOR, 9, 1, 0, 0));
         let payload = vec![7u8; 5000];
         let write = RecordHeader::write(stamp(1), 1, 0, 0, &payload);
         let verdict = scan.check_header(&sector_of(&write)).unwrap();
@@ -283,7 +360,7 @@ mod tests {
 
     #[test]
     fn stale_and_foreign_records_end_the_chain() {
-        let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 10);
+        let mut scan = Scanner::new(start(RING, SECTOR, 9, 3, 0, 10));
         let old_lap = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 3, 0, 0, 512);
         assert!(matches!(
             scan.check_header(&sector_of(&old_lap)),
@@ -306,14 +383,14 @@ mod tests {
     #[test]
     fn records_of_an_earlier_incarnation_are_rejected_even_first_after_the_tail() {
         // First record after the tail: nothing before it to compare with.
-        let mut first = Scanner::new(RING, SECTOR, 9, 3, 0, 0);
+        let mut first = Scanner::new(start(RING, SECTOR, 9, 3, 0, 0));
         let stale = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 1, 0, 0, 512);
         assert!(matches!(
             first.check_header(&sector_of(&stale)),
             Err(ScanStop::StaleEpoch { found: 2, current: 3, .. })
         ));
         // After a record of the current incarnation.
-        let mut scan = Scanner::new(RING, SECTOR, 9, 3, 0, 0);
+        let mut scan = Scanner::new(start(RING, SECTOR, 9, 3, 0, 0));
         let newer = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 1, 0, 0, 512);
         scan.check_header(&sector_of(&newer)).unwrap();
         let older = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 2, 0, 0, 512);
@@ -321,8 +398,28 @@ mod tests {
     }
 
     #[test]
+    fn records_kept_before_the_epoch_start_keep_their_older_epochs() {
+        // Two records of epoch 2 kept for a peer, then the epoch-3 incarnation.
+        let mut begin = start(RING, SECTOR, 9, 3, 0, 0);
+        begin.epoch_start_position = 2 * 4096;
+        let mut scan = Scanner::new(begin);
+        for lsn in 1..=2 {
+            let kept = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, lsn, 0, 0, 512);
+            scan.check_header(&sector_of(&kept)).unwrap();
+        }
+        let stale = RecordHeader::without_payload(stamp(2), RecordKind::Trim, 0, 3, 0, 0, 512);
+        assert!(matches!(scan.check_header(&sector_of(&stale)), Err(ScanStop::StaleEpoch { .. })));
+        let current = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 3, 0, 0, 512);
+        scan.check_header(&sector_of(&current)).unwrap();
+        // The current epoch cannot appear before its own start.
+        let mut early = Scanner::new(begin);
+        let misplaced = RecordHeader::without_payload(stamp(3), RecordKind::Trim, 0, 1, 0, 0, 512);
+        assert!(matches!(early.check_header(&sector_of(&misplaced)), Err(ScanStop::MisplacedEpoch { found: 3, .. })));
+    }
+
+    #[test]
     fn torn_payload_and_bad_pads_are_detected() {
-        let mut scan = Scanner::new(RING, SECTOR, 9, 1, 14 * 4096, 0);
+        let mut scan = Scanner::new(start(RING, SECTOR, 9, 1, 14 * 4096, 0));
         let payload = vec![1u8; 4096];
         let write = RecordHeader::write(stamp(1), 1, 0, 0, &payload);
         scan.check_header(&sector_of(&write)).unwrap();

@@ -65,6 +65,7 @@ struct BatchIo {
 struct CheckpointIo {
     lsn: u64,
     tail_position: u64,
+    tail_lsn: u64,
     fsyncs_left: usize,
     failure: Option<i32>,
 }
@@ -151,7 +152,9 @@ impl GroupRt {
                 Action::Append(batch) => self.append(io, group, batch),
                 Action::Apply(op) => self.apply(io, group, op, 0),
                 Action::Complete { id, result } => completions.push(self.complete(id, result)),
-                Action::Checkpoint { lsn, tail_position } => self.start_checkpoint(io, group, lsn, tail_position),
+                Action::Checkpoint { lsn, tail_position, tail_lsn } => {
+                    self.start_checkpoint(io, group, lsn, (tail_position, tail_lsn));
+                }
             }
         }
     }
@@ -282,9 +285,10 @@ impl GroupRt {
         self.core.handle(Event::ApplyDone { lsn: apply.lsn, result });
     }
 
-    fn start_checkpoint(&mut self, io: &mut Io, group: usize, lsn: u64, tail_position: u64) {
+    fn start_checkpoint(&mut self, io: &mut Io, group: usize, lsn: u64, (tail_position, tail_lsn): (u64, u64)) {
         assert!(self.checkpoint.is_none(), "one checkpoint at a time");
-        self.checkpoint = Some(CheckpointIo { lsn, tail_position, fsyncs_left: self.volumes.len(), failure: None });
+        let fsyncs_left = self.volumes.len();
+        self.checkpoint = Some(CheckpointIo { lsn, tail_position, tail_lsn, fsyncs_left, failure: None });
         for volume in &self.volumes {
             let fd = types::Fd(volume.file.as_raw_fd());
             io.submit(Op::Fsync { group }, |_| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
@@ -309,6 +313,7 @@ impl GroupRt {
         // superblock say so and the ring reuse the space.
         self.superblock.checkpoint_lsn = checkpoint.lsn;
         self.superblock.tail_position = checkpoint.tail_position;
+        self.superblock.tail_lsn = checkpoint.tail_lsn;
         self.superblock.sequence += 1;
         self.superblock.seal();
         let mut buf = AlignedBuf::zeroed(SUPERBLOCK_SLOT_BYTES);

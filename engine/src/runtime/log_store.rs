@@ -15,7 +15,7 @@ use tandem_proto::{
 
 use super::buf::AlignedBuf;
 use super::device::{self, open_device, Device, OpenMode};
-use crate::core::Scanner;
+use crate::core::{ScanStart, Scanner};
 
 /// Smallest log accepted: the ring must hold two of the largest records (32 MiB
 /// NBD requests) plus a pad, so no write can wait forever for space.
@@ -116,6 +116,7 @@ fn new_superblock(request: &FormatRequest) -> io::Result<Superblock> {
     superblock.version = SUPERBLOCK_VERSION;
     superblock.group_id = rng.random_range(1..=u32::MAX);
     superblock.ring_offset = RING_OFFSET_BYTES;
+    superblock.tail_lsn = 1;
     superblock.role = ROLE_STANDALONE;
     superblock.created_unix_s =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -277,8 +278,11 @@ pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
     for volume in &volumes {
         device::fdatasync(&volume.file)?;
     }
+    // No replication peer yet: nothing is retained, so the log is empty now.
     superblock.checkpoint_lsn = recovery.last_lsn;
     superblock.tail_position = end_position;
+    superblock.tail_lsn = recovery.last_lsn + 1;
+    superblock.epoch_start_position = end_position;
     superblock.epoch += 1;
     superblock.sequence += 1;
     write_superblock(&log.file, &mut superblock)?;
@@ -308,21 +312,14 @@ fn open_volumes(superblock: &Superblock) -> io::Result<Vec<Device>> {
 /// Replays every record after the checkpoint into the volumes; returns the report
 /// and the position where the scan stopped (the new head and tail of the log).
 fn replay(log: &Device, superblock: &Superblock, volumes: &[Device]) -> io::Result<(RecoveryReport, u64)> {
-    let mut scanner = Scanner::new(
-        superblock.ring_size_bytes,
-        superblock.sector_size,
-        superblock.group_id,
-        superblock.epoch,
-        superblock.tail_position,
-        superblock.checkpoint_lsn,
-    );
+    let mut scanner = Scanner::new(ScanStart::from_superblock(superblock));
     let read = |ring_offset: u64, len: usize| -> io::Result<AlignedBuf> {
         let mut buf = AlignedBuf::zeroed(len);
         device::read_exact_at(&log.file, &mut buf, RING_OFFSET_BYTES + ring_offset)?;
         Ok(buf)
     };
     let apply = |header: &RecordHeader, payload: &[u8]| apply_record(header, payload, superblock, volumes);
-    let outcome = crate::core::replay(&mut scanner, read, apply)?;
+    let outcome = crate::core::replay(&mut scanner, superblock.checkpoint_lsn, read, apply)?;
     let report = RecoveryReport {
         records_replayed: outcome.records,
         bytes_replayed: outcome.payload_bytes,
