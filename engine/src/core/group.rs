@@ -588,86 +588,6 @@ impl GroupCore {
             self.placed.pop_front();
         }
     }
-
-    /// Where a checkpoint now would put the tail: after the settled records,
-    /// or at the first record still retained for the peer.
-    fn checkpoint_tail(&self) -> (u64, u64) {
-        let settled = (self.settled_end_position, self.settled_lsn + 1);
-        self.retention.as_ref().map_or(settled, |r| r.tail(settled))
-    }
-
-    fn maybe_checkpoint(&mut self) {
-        let (tail_position, tail_lsn) = self.checkpoint_tail();
-        // Worth a checkpoint: more records to make durable in the volumes, or
-        // a peer's acknowledgement that lets the tail move.
-        let progress = self.settled_lsn > self.checkpoint_lsn || tail_position > self.ring.tail();
-        if self.checkpoint_in_flight || self.failed.is_some() || !progress {
-            if self.settled_lsn == self.checkpoint_lsn && self.placed.is_empty() {
-                self.checkpoint_requested = false;
-            }
-            return;
-        }
-        let used_percent = self.ring.used_bytes() * 100 / self.ring.ring_size_bytes();
-        let due = self.checkpoint_requested
-            || self.waiting_for_space
-            || used_percent >= self.config.checkpoint_used_percent
-            || self.now_ms.saturating_sub(self.last_checkpoint_ms) >= self.config.checkpoint_interval_ms;
-        if due {
-            self.checkpoint_in_flight = true;
-            self.actions.push(Action::Checkpoint { lsn: self.settled_lsn, tail_position, tail_lsn });
-        }
-    }
-
-    fn checkpoint_done(&mut self, lsn: u64, tail_position: u64, result: Result<(), IoFailure>) {
-        assert!(self.checkpoint_in_flight, "checkpoint done without one in flight");
-        self.checkpoint_in_flight = false;
-        self.last_checkpoint_ms = self.now_ms;
-        match result {
-            Ok(()) => {
-                assert!(lsn >= self.checkpoint_lsn && lsn <= self.settled_lsn, "checkpoint LSN {lsn} out of order");
-                self.checkpoint_lsn = lsn;
-                self.checkpoints += 1;
-                self.ring.reclaim_to(tail_position);
-            }
-            Err(failure) => self.fail(format!("checkpoint failed: {}", errno_text(failure.errno))),
-        }
-    }
-
-    fn fail(&mut self, reason: String) {
-        if self.failed.is_none() {
-            self.failed = Some(reason);
-        }
-    }
-
-    fn fail_pending_if_failed(&mut self) {
-        let Some(reason) = self.failed.clone() else { return };
-        for request in self.pending.drain(..) {
-            self.actions
-                .push(Action::Complete { id: request.id, result: Err(WriteError::GroupFailed(reason.clone())) });
-        }
-    }
-
-    /// After a failure, writes whose IO has finished are answered with the error;
-    /// those still in flight are answered when their IO reports back.
-    fn fail_placed(&mut self) {
-        let reason = self.failed.clone().expect("only called when failed");
-        let apply_waiting: Vec<u64> = self.apply_queue.drain(..).map(|a| a.lsn).collect();
-        for record in self.placed.iter_mut() {
-            if apply_waiting.contains(&record.lsn) {
-                record.applied = true;
-            }
-        }
-        let batches_in_flight = !self.batches.is_empty();
-        for record in self.placed.iter_mut() {
-            if record.completed || !record.applied || batches_in_flight {
-                continue;
-            }
-            record.completed = true;
-            let result = Err(WriteError::GroupFailed(reason.clone()));
-            self.actions.push(Action::Complete { id: record.write_id, result });
-        }
-        self.placed.retain(|r| !r.completed || !r.applied);
-    }
 }
 
 fn payload_bytes(request: &WriteRequest) -> u32 {
@@ -682,6 +602,11 @@ fn payload_bytes(request: &WriteRequest) -> u32 {
 pub fn errno_text(errno: i32) -> String {
     format!("{} (errno {errno})", std::io::Error::from_raw_os_error(errno))
 }
+
+#[path = "group_checkpoint.rs"]
+mod checkpoint;
+#[path = "group_failure.rs"]
+mod failure;
 
 #[cfg(test)]
 #[path = "group_tests.rs"]
