@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_engine::core::{HeaderVerdict, Scanner};
+use tandem_engine::core::{HeaderVerdict, ScanStart, Scanner};
 
 const SECTOR: usize = 512;
 
@@ -13,7 +13,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let ring = &data[..sectors * SECTOR];
-    let mut scanner = Scanner::new(ring.len() as u64, SECTOR as u32, 7, 3, 0, 0);
+    // The first byte places the epoch start, so kept records of older epochs
+    // before it are explored too.
+    let epoch_start_sectors = u64::from(data[0] % 4);
+    let mut scanner = Scanner::new(ScanStart {
+        ring_size_bytes: ring.len() as u64,
+        sector_bytes: SECTOR as u32,
+        group_id: 7,
+        epoch: 3,
+        tail_position: 0,
+        tail_lsn: 1,
+        epoch_start_position: epoch_start_sectors * SECTOR as u64,
+    });
     let mut accepted = 0u64;
     while let Ok(offset) = scanner.next_header_offset() {
         let offset = offset as usize;
