@@ -15,7 +15,8 @@ pub mod superblock;
 
 pub use checksum::{xxh3_128_bytes, Checksum128};
 pub use record::{
-    RecordDecodeError, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE, MAX_PAYLOAD_BYTES, RECORD_HEADER_BYTES,
+    record_span_bytes, RecordDecodeError, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE, MAX_PAYLOAD_BYTES,
+    RECORD_HEADER_BYTES,
 };
 pub use superblock::{
     GenerationEntry, Superblock, SuperblockDecodeError, VolumeEntry, MAX_VOLUMES, RING_OFFSET_BYTES, ROLE_STANDALONE,

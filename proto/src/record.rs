@@ -22,6 +22,14 @@ pub const RECORD_HEADER_BYTES: usize = 64;
 /// writes are refused by the front end before they reach the log.
 pub const MAX_PAYLOAD_BYTES: u32 = 32 * 1024 * 1024;
 
+/// Bytes a record with `payload_bytes` of payload occupies in a log with
+/// `sector_bytes` sectors: one header sector plus the payload padded to whole
+/// sectors (a pad's span is its `length` instead).
+#[must_use]
+pub const fn record_span_bytes(payload_bytes: u32, sector_bytes: u64) -> u64 {
+    sector_bytes + crate::align_up(payload_bytes as u64, sector_bytes)
+}
+
 /// Flag of a `WriteZeroes` record: the range must stay allocated (NBD_CMD_FLAG_NO_HOLE).
 pub const FLAG_NO_HOLE: u8 = 0x01;
 

@@ -239,8 +239,7 @@ impl Daemon {
         let entry = groups.get(group).filter(|g| g.unavailable.is_none())?;
         let index = entry.volumes.iter().position(|v| v.0 == volume)?;
         let size_bytes = entry.volumes[index].1;
-        let export = Export { name: name.to_owned(), size_bytes, read_only: false, description: String::new() };
-        Some((export, entry.record.core, index as u8))
+        Some((export_of(name.to_owned(), size_bytes), entry.record.core, index as u8))
     }
 
     /// Every served export.
@@ -251,12 +250,7 @@ impl Daemon {
             .values()
             .filter(|g| g.unavailable.is_none())
             .flat_map(|g| {
-                g.volumes.iter().map(move |(volume, size, _)| Export {
-                    name: format!("{}/{volume}", g.record.name),
-                    size_bytes: *size,
-                    read_only: false,
-                    description: String::new(),
-                })
+                g.volumes.iter().map(move |(volume, size, _)| export_of(format!("{}/{volume}", g.record.name), *size))
             })
             .collect()
     }
@@ -277,6 +271,11 @@ impl Daemon {
 
 fn crossbeam_reply<T>() -> (crossbeam_channel::Sender<T>, crossbeam_channel::Receiver<T>) {
     crossbeam_channel::bounded(1)
+}
+
+/// How a volume is advertised over NBD.
+fn export_of(name: String, size_bytes: u64) -> Export {
+    Export { name, size_bytes, read_only: false, description: String::new() }
 }
 
 fn unknown_group(name: &str) -> String {

@@ -17,7 +17,7 @@
 //! the simulator: after a checkpoint moved the tail next to such stale records,
 //! nothing was left to compare with.)
 
-use tandem_proto::{align_up, RecordDecodeError, RecordHeader, RecordKind};
+use tandem_proto::{record_span_bytes, RecordDecodeError, RecordHeader, RecordKind};
 
 /// Why the scan stopped. `EndOfLog` is the normal end: the next slot holds no
 /// record of this chain (never written, or stale from an earlier lap).
@@ -195,7 +195,7 @@ impl Scanner {
         let kind = header.record_kind();
         let record_bytes = match kind {
             RecordKind::Pad => u64::from(header.length),
-            _ => self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes),
+            _ => record_span_bytes(header.payload_bytes(), self.sector_bytes),
         };
         let placement_ok = if kind == RecordKind::Pad { record_bytes == to_end } else { record_bytes <= to_end };
         if !placement_ok || record_bytes % self.sector_bytes != 0 {
@@ -225,7 +225,7 @@ impl Scanner {
         header
             .verify_payload(payload)
             .map_err(|_| ScanStop::TornPayload { position: self.position, lsn: header.lsn })?;
-        let record_bytes = self.sector_bytes + align_up(u64::from(header.payload_bytes()), self.sector_bytes);
+        let record_bytes = record_span_bytes(header.payload_bytes(), self.sector_bytes);
         self.accept(header, record_bytes);
         Ok(())
     }
@@ -278,6 +278,7 @@ pub fn replay<B: AsRef<[u8]>, E>(
             Ok(offset) => offset,
             Err(stop) => break stop,
         };
+        let position = scanner.position();
         let header_sector = read(offset, sector)?;
         let (header, payload) = match scanner.check_header(header_sector.as_ref()) {
             Ok(HeaderVerdict::Pad) => continue,
@@ -293,9 +294,7 @@ pub fn replay<B: AsRef<[u8]>, E>(
             Err(stop) => break stop,
         };
         let payload = payload.as_ref().map_or(&[][..], |p| &p.as_ref()[..header.payload_bytes() as usize]);
-        let end_position = scanner.position();
-        let position = end_position - record_span(&header, scanner.sector_bytes);
-        scanned.push(ScannedRecord { lsn: header.lsn, position, end_position });
+        scanned.push(ScannedRecord { lsn: header.lsn, position, end_position: scanner.position() });
         if header.lsn > apply_after_lsn {
             apply(&header, payload)?;
             records += 1;
@@ -304,11 +303,6 @@ pub fn replay<B: AsRef<[u8]>, E>(
     };
     let (last_lsn, end_position) = (scanner.last_lsn(), scanner.position());
     Ok(ReplayOutcome { records, payload_bytes, last_lsn, end_position, scanned, stop })
-}
-
-/// Bytes a (non-pad) record occupies in the ring.
-fn record_span(header: &RecordHeader, sector_bytes: u64) -> u64 {
-    sector_bytes + align_up(u64::from(header.payload_bytes()), sector_bytes)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! positions makes "used = head - tail" exact and makes it impossible to confuse
 //! a full ring with an empty one.
 
-use tandem_proto::align_up;
+use tandem_proto::record_span_bytes;
 
 /// Where a new record goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ impl LogRing {
     /// plus the payload padded to whole sectors.
     #[must_use]
     pub fn record_bytes(&self, payload_bytes: u32) -> u64 {
-        self.sector_bytes + align_up(u64::from(payload_bytes), self.sector_bytes)
+        record_span_bytes(payload_bytes, self.sector_bytes)
     }
 
     /// Largest record the ring accepts: a record, plus the pad that may precede

@@ -16,6 +16,7 @@ use super::buf::AlignedBuf;
 use super::group_io::{GroupRt, PendingWrite};
 use super::io::{Io, Op};
 use super::session::{BlockError, BlockRequest, BlockSession, Parsed};
+use crate::core::group::errno_text;
 use crate::core::WriteOp;
 
 /// Receive buffer of a connection: room for many request headers and small
@@ -132,7 +133,7 @@ impl Conn {
     pub fn recv_done(&mut self, result: i32, group: &mut GroupRt, io: &mut Io, key: usize) {
         self.recv_inflight = false;
         if result <= 0 {
-            let reason = if result == 0 { "client closed the connection".to_owned() } else { errno_reason(-result) };
+            let reason = if result == 0 { "client closed the connection".to_owned() } else { errno_text(-result) };
             if !self.closing {
                 self.close(&reason);
             }
@@ -349,7 +350,7 @@ impl Conn {
         self.inflight -= 1;
         if result <= 0 {
             self.pending_bytes -= buf.len();
-            let reason = if result == 0 { "unexpected end of volume".to_owned() } else { errno_reason(-result) };
+            let reason = if result == 0 { "unexpected end of volume".to_owned() } else { errno_text(-result) };
             tracing::error!(peer = %self.session.peer(), offset, length, %reason, "volume read failed");
             self.reply(cookie, Err(BlockError::Io));
             return;
@@ -429,7 +430,7 @@ impl Conn {
         self.send_inflight = false;
         if result < 0 {
             self.send_broken = true;
-            self.close(&format!("send failed: {}", errno_reason(-result)));
+            self.close(&format!("send failed: {}", errno_text(-result)));
             return;
         }
         let mut sent = result as usize;
@@ -458,8 +459,4 @@ fn submit_volume_read(io: &mut Io, fd: types::Fd, op: Op) {
         let ptr = unsafe { buf.as_mut_ptr().add(start) };
         opcode::Read::new(fd, ptr, remaining).offset(*offset + *done as u64).build()
     });
-}
-
-fn errno_reason(errno: i32) -> String {
-    crate::core::group::errno_text(errno)
 }

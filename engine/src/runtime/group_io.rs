@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use io_uring::{opcode, types};
-use tandem_proto::{RecordKind, Superblock, FLAG_NO_HOLE, RING_OFFSET_BYTES, SUPERBLOCK_SLOT_BYTES};
+use tandem_proto::{RecordKind, Superblock, FLAG_NO_HOLE, RING_OFFSET_BYTES};
 
 use super::buf::AlignedBuf;
 use super::device::Device;
 use super::io::{Io, Op};
-use super::log_store::{fallocate_mode, OpenGroup, RecoveryReport};
+use super::log_store::{fallocate_mode, sealed_slot, OpenGroup, RecoveryReport};
 use super::session::BlockError;
 use super::status::{GroupStatus, VolumeStatus};
 use crate::core::{
@@ -77,6 +77,7 @@ pub struct GroupRt {
     pub log: Device,
     pub volumes: Vec<Device>,
     pub superblock: Superblock,
+    log_path: String,
     pub recovery: RecoveryReport,
     pub connections: usize,
     pub detaching: bool,
@@ -108,6 +109,7 @@ impl GroupRt {
             log: open.log,
             volumes: open.volumes,
             superblock: sb,
+            log_path: open.log_path.display().to_string(),
             recovery: open.recovery,
             connections: 0,
             detaching: false,
@@ -315,9 +317,7 @@ impl GroupRt {
         self.superblock.tail_position = checkpoint.tail_position;
         self.superblock.tail_lsn = checkpoint.tail_lsn;
         self.superblock.sequence += 1;
-        self.superblock.seal();
-        let mut buf = AlignedBuf::zeroed(SUPERBLOCK_SLOT_BYTES);
-        buf.copy_from_slice(self.superblock.as_bytes());
+        let buf = sealed_slot(&mut self.superblock);
         let fd = types::Fd(self.log.file.as_raw_fd());
         let offset = self.superblock.slot_offset();
         io.submit(Op::SuperblockWrite { group, buf }, |op| {
@@ -368,7 +368,7 @@ impl GroupRt {
             current_lsn: snapshot.current_lsn,
             durable_lsn: snapshot.durable_lsn,
             checkpoint_lsn: snapshot.checkpoint_lsn,
-            log_path: self.superblock_log_path(),
+            log_path: self.log_path.clone(),
             log_size_bytes: self.superblock.ring_size_bytes,
             log_used_bytes: snapshot.log_used_bytes,
             log_free_bytes: snapshot.log_free_bytes,
@@ -396,11 +396,5 @@ impl GroupRt {
             epoch: self.superblock.epoch,
             last_recovery: self.recovery.clone(),
         }
-    }
-
-    fn superblock_log_path(&self) -> String {
-        std::fs::read_link(format!("/proc/self/fd/{}", self.log.file.as_raw_fd()))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
     }
 }

@@ -46,6 +46,7 @@ pub struct FormatRequest {
 #[derive(Debug)]
 pub struct OpenGroup {
     pub superblock: Superblock,
+    pub log_path: PathBuf,
     pub log: Device,
     pub volumes: Vec<Device>,
     pub recovery: RecoveryReport,
@@ -240,10 +241,18 @@ fn zero_fill(log: &Device) -> io::Result<()> {
 /// Seals and writes `superblock` into its slot (alternating with each sequence).
 /// The log is opened write-through, so the copy is durable on return.
 pub fn write_superblock(log: &File, superblock: &mut Superblock) -> io::Result<()> {
+    let buf = sealed_slot(superblock);
+    device::write_all_at(log, &buf, superblock.slot_offset())
+}
+
+/// Seals `superblock` and copies it into a slot-sized buffer aligned for
+/// O_DIRECT, ready to be written at `superblock.slot_offset()`.
+#[must_use]
+pub fn sealed_slot(superblock: &mut Superblock) -> AlignedBuf {
     superblock.seal();
     let mut buf = AlignedBuf::zeroed(SUPERBLOCK_SLOT_BYTES);
     buf.copy_from_slice(superblock.as_bytes());
-    device::write_all_at(log, &buf, superblock.slot_offset())
+    buf
 }
 
 /// Reads both slots and returns the newest valid copy.
@@ -287,7 +296,7 @@ pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
     superblock.sequence += 1;
     write_superblock(&log.file, &mut superblock)?;
     recovery.elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(OpenGroup { superblock, log, volumes, recovery })
+    Ok(OpenGroup { superblock, log_path: log_path.to_owned(), log, volumes, recovery })
 }
 
 fn open_volumes(superblock: &Superblock) -> io::Result<Vec<Device>> {
