@@ -27,7 +27,13 @@ impl Write for Duplex<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let export = Export { name: "rg01/data".into(), size_bytes: 1 << 20, read_only: false, description: String::new() };
+    let export = Export {
+        name: "rg01/data".into(),
+        size_bytes: 1 << 20,
+        read_only: false,
+        description: String::new(),
+        refusal: None,
+    };
     let find = |name: &str| (name == "rg01/data").then(|| export.clone());
     let list = || vec![export.clone()];
     let mut duplex = Duplex { input: Cursor::new(data) };

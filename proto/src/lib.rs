@@ -12,15 +12,20 @@ compile_error!("tandem-proto stores integers in host order and therefore require
 pub mod checksum;
 pub mod record;
 pub mod superblock;
+pub mod wire;
 
 pub use checksum::{xxh3_128_bytes, Checksum128};
 pub use record::{
     record_span_bytes, RecordDecodeError, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE, MAX_PAYLOAD_BYTES,
-    RECORD_HEADER_BYTES,
+    RECORD_HEADER_BYTES, RECORD_MAGIC,
 };
 pub use superblock::{
-    GenerationEntry, Superblock, SuperblockDecodeError, VolumeEntry, MAX_VOLUMES, RING_OFFSET_BYTES, ROLE_STANDALONE,
+    GenerationEntry, PartnershipEntry, Superblock, SuperblockDecodeError, VolumeEntry, COPY_DONE, COPY_IN_PROGRESS,
+    MAX_VOLUMES, MODE_ASYNC, MODE_SYNC, RING_OFFSET_BYTES, ROLE_DESTINATION, ROLE_SOURCE, ROLE_STANDALONE,
     SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
+};
+pub use wire::{
+    FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
 };
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

@@ -26,8 +26,59 @@ pub const MAX_GENERATION_HISTORY: usize = 16;
 /// Largest sector size accepted (a slot must hold whole sectors).
 pub const MAX_SECTOR_BYTES: u32 = SUPERBLOCK_SLOT_BYTES as u32;
 
-/// Role of the group. Replication adds source and destination roles.
+/// Role of the group: no partnership.
 pub const ROLE_STANDALONE: u32 = 0;
+/// The group is the source of a partnership: it accepts writes and ships them.
+pub const ROLE_SOURCE: u32 = 1;
+/// The group is the destination of a partnership: it refuses client writes and
+/// applies what its source ships.
+pub const ROLE_DESTINATION: u32 = 2;
+/// Partnership mode: a write is acknowledged once both logs hold it.
+pub const MODE_SYNC: u32 = 1;
+/// Partnership mode: a write is acknowledged once the local log holds it.
+pub const MODE_ASYNC: u32 = 2;
+/// Initial block copy not finished (or never started).
+pub const COPY_IN_PROGRESS: u32 = 1;
+/// Initial block copy finished: the destination followed every record since.
+pub const COPY_DONE: u32 = 2;
+
+/// The partnership of a group (all zero for a standalone group). Both sides
+/// persist it, so a restart of either resumes where it stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq, Eq)]
+pub struct PartnershipEntry {
+    /// Random identity chosen at `partnership create`; both sides hold the same.
+    pub id: Checksum128,
+    /// [`MODE_SYNC`] or [`MODE_ASYNC`].
+    pub mode: u32,
+    /// Data channels the source opens.
+    pub channels: u32,
+    /// Source: the last LSN the destination acknowledged as durable (persisted
+    /// at checkpoints; a restart learns the exact value when it reconnects).
+    pub peer_durable_lsn: u64,
+    /// Destination: [`COPY_IN_PROGRESS`] or [`COPY_DONE`]; the copy cursor
+    /// below is durable (the volumes were fdatasync'ed before it was written).
+    pub copy_state: u32,
+    /// Destination: volume the initial copy has reached.
+    pub copy_volume: u32,
+    /// Destination: byte offset in `copy_volume` below which the copy is done.
+    pub copy_offset: u64,
+    /// The other node's name, NUL-padded.
+    pub peer_node: [u8; 64],
+    /// The other group's name, NUL-padded.
+    pub peer_group: [u8; 64],
+    /// Source: `HOST:PORT` of the destination's replication listener.
+    pub peer_address: [u8; 128],
+}
+const _: () = assert!(std::mem::size_of::<PartnershipEntry>() == 304);
+
+impl PartnershipEntry {
+    /// No partnership.
+    #[must_use]
+    pub fn default_zeroed() -> Self {
+        Self::zeroed()
+    }
+}
 
 /// One volume of the group.
 #[repr(C)]
@@ -56,7 +107,8 @@ const _: () = assert!(std::mem::size_of::<GenerationEntry>() == 32);
 
 const FIXED_FIELDS_BYTES: usize = 248;
 const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
-const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - 16;
+const PARTNERSHIP_BYTES: usize = std::mem::size_of::<PartnershipEntry>();
+const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - 16;
 
 /// The superblock, exactly one slot long.
 #[repr(C)]
@@ -98,7 +150,9 @@ pub struct Superblock {
     pub role: u32,
     pub volumes: [VolumeEntry; MAX_VOLUMES],
     pub generation_history: [GenerationEntry; MAX_GENERATION_HISTORY],
-    /// Zero; room for the partnership and later fields.
+    /// The partnership when `role` is source or destination, else zero.
+    pub partnership: PartnershipEntry,
+    /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.
     pub checksum: Checksum128,
@@ -191,12 +245,43 @@ impl Superblock {
         if read_fixed_str(&self.node_name).is_none() {
             return Err(field_error("node_name", "not UTF-8"));
         }
-        if self.role != ROLE_STANDALONE {
-            return Err(field_error("role", format!("unknown role {}", self.role)));
-        }
+        self.validate_partnership()?;
         self.validate_volumes()?;
         if self.reserved.iter().any(|&b| b != 0) {
             return Err(field_error("reserved", "must be zero in version 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_partnership(&self) -> Result<(), SuperblockDecodeError> {
+        let p = &self.partnership;
+        match self.role {
+            ROLE_STANDALONE => {
+                if *p != PartnershipEntry::zeroed() {
+                    return Err(field_error("partnership", "a standalone group holds no partnership"));
+                }
+                return Ok(());
+            }
+            ROLE_SOURCE | ROLE_DESTINATION => {}
+            role => return Err(field_error("role", format!("unknown role {role}"))),
+        }
+        if p.id == [0; 16] {
+            return Err(field_error("partnership", "id is zero"));
+        }
+        if p.mode != MODE_SYNC && p.mode != MODE_ASYNC {
+            return Err(field_error("partnership", format!("unknown mode {}", p.mode)));
+        }
+        if !(1..=16).contains(&p.channels) {
+            return Err(field_error("partnership", format!("{} channels is outside 1..=16", p.channels)));
+        }
+        if self.role == ROLE_DESTINATION && p.copy_state != COPY_IN_PROGRESS && p.copy_state != COPY_DONE {
+            return Err(field_error("partnership", format!("unknown copy state {}", p.copy_state)));
+        }
+        let names_ok = [&p.peer_node[..], &p.peer_group[..], &p.peer_address[..]]
+            .iter()
+            .all(|field| read_fixed_str(field).is_some());
+        if !names_ok {
+            return Err(field_error("partnership", "peer names are not UTF-8"));
         }
         Ok(())
     }

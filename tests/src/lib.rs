@@ -47,6 +47,8 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub api: PathBuf,
     pub nbd_port: u16,
+    /// Port of the replication listener (on 127.0.0.1).
+    pub replication_port: u16,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -55,20 +57,28 @@ impl Node {
     /// Starts a daemon whose config has `[engine]` lines `engine_toml` added.
     #[must_use]
     pub fn start(engine_toml: &str) -> Self {
+        Self::start_named("test", engine_toml, "")
+    }
+
+    /// Starts a daemon named `name` with extra `[engine]` lines and a
+    /// `[replication]` section.
+    #[must_use]
+    pub fn start_named(name: &str, engine_toml: &str, replication_toml: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temporary directory");
         let api = dir.path().join("api.sock");
         let nbd_port = free_port();
+        let replication_port = free_port();
         let config = dir.path().join("tandem.toml");
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let cores: Vec<String> = (0..cpus.min(2)).map(|c| c.to_string()).collect();
         let text = format!(
-            "[node]\nname = \"test\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n",
+            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nreplication_listen = \"127.0.0.1:{replication_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
             cores.join(", "),
             dir.path().join("state").display(),
             api.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let mut node = Self { dir, api, nbd_port, config, child: None };
+        let mut node = Self { dir, api, nbd_port, replication_port, config, child: None };
         node.spawn();
         node
     }

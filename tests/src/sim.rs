@@ -215,6 +215,9 @@ impl World {
                 Action::Checkpoint { lsn, tail_position, tail_lsn } => {
                     self.pending.push(Pending::CheckpointFlush { lsn, tail: (tail_position, tail_lsn) });
                 }
+                Action::Ship { .. } | Action::ReadChunk { .. } | Action::SendCopyDone { .. } => {
+                    unreachable!("this simulation attaches a lazy peer through retention only, never a shipper")
+                }
                 Action::Complete { id, result } => {
                     result.expect("no IO fails in this simulation");
                     self.writes.remove(&id);

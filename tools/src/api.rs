@@ -20,11 +20,33 @@ pub struct VolumeArg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    GroupCreate { name: String, log: PathBuf, log_size_bytes: u64, volumes: Vec<VolumeArg> },
+    GroupCreate {
+        name: String,
+        log: PathBuf,
+        log_size_bytes: u64,
+        volumes: Vec<VolumeArg>,
+    },
     GroupList,
-    GroupShow { name: String },
-    GroupDelete { name: String },
+    GroupShow {
+        name: String,
+    },
+    GroupDelete {
+        name: String,
+    },
     Status,
+    PartnershipCreate {
+        source_group: String,
+        destination: String,
+        destination_group: String,
+        mode: String,
+        channels: u32,
+    },
+    PartnershipShow {
+        group: Option<String>,
+    },
+    PartnershipRemove {
+        group: String,
+    },
 }
 
 /// A response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.

@@ -16,6 +16,36 @@ pub struct Config {
     pub node: NodeConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+}
+
+/// `[replication]`: how sources behave.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// `"continue"`: a sync source without its destination acknowledges
+    /// writes after its own log; `"block"`: it holds them (RPO 0 across
+    /// disconnects, at the price of availability).
+    pub on_peer_loss: String,
+    /// Bytes per initial-copy chunk.
+    pub copy_chunk_bytes: u32,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self { on_peer_loss: "continue".to_owned(), copy_chunk_bytes: 1 << 20 }
+    }
+}
+
+impl ReplicationConfig {
+    #[must_use]
+    pub fn peer_defaults(&self) -> tandem_engine::runtime::PeerDefaults {
+        tandem_engine::runtime::PeerDefaults {
+            hold_writes_when_lost: self.on_peer_loss == "block",
+            copy_chunk_bytes: self.copy_chunk_bytes,
+        }
+    }
 }
 
 /// `[node]`
@@ -32,8 +62,7 @@ pub struct NodeConfig {
     pub api_socket: PathBuf,
     #[serde(default = "default_nbd_listen")]
     pub nbd_listen: SocketAddr,
-    /// Address that partnerships will listen on. Validated now; replication
-    /// itself arrives with partnerships, and until then nothing listens here.
+    /// Where this node accepts replication connections from sources.
     #[serde(default = "default_replication_listen")]
     pub replication_listen: SocketAddr,
     #[serde(default = "default_log_level")]
@@ -122,6 +151,17 @@ impl Config {
         }
         if !(1..=100).contains(&engine.checkpoint_used_percent) {
             return Err("engine.checkpoint_used_percent must be in 1..=100".to_owned());
+        }
+        let replication = &self.replication;
+        if replication.on_peer_loss != "continue" && replication.on_peer_loss != "block" {
+            return Err(format!(
+                "replication.on_peer_loss = {:?}: use \"continue\" or \"block\"",
+                replication.on_peer_loss
+            ));
+        }
+        let chunk = replication.copy_chunk_bytes;
+        if !(64 * 1024..=4 << 20).contains(&chunk) || !chunk.is_power_of_two() {
+            return Err(format!("replication.copy_chunk_bytes = {chunk}: use a power of two from 65536 to 4194304"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.node.log_level)
             .map_err(|e| format!("node.log_level {:?} is not a log filter: {e}", self.node.log_level))?;

@@ -28,6 +28,8 @@ struct GroupEntry {
     volumes: Vec<(String, u64, PathBuf)>,
     /// Why the group could not be opened at start-up (it is then not served).
     unavailable: Option<String>,
+    /// `NODE/GROUP` of the source while this group is a replication destination.
+    destination_of: Option<String>,
 }
 
 /// The daemon's state.
@@ -38,6 +40,11 @@ pub struct Daemon {
     /// Serialises changes (create, delete) without blocking status while a
     /// log is being formatted.
     changes: Mutex<()>,
+    /// Groups whose partnership is being created or removed (the connector
+    /// leaves them alone).
+    changing: Mutex<std::collections::BTreeSet<String>>,
+    /// Why the last reconnection of a source group failed.
+    peer_errors: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -56,7 +63,14 @@ impl Daemon {
                 CoreHandle::spawn(index, cpu).map_err(|e| format!("cannot start core {index} on CPU {cpu}: {e}"))?,
             );
         }
-        let daemon = Self { config, cores, groups: Mutex::new(BTreeMap::new()), changes: Mutex::new(()) };
+        let daemon = Self {
+            config,
+            cores,
+            groups: Mutex::new(BTreeMap::new()),
+            changes: Mutex::new(()),
+            changing: Mutex::new(std::collections::BTreeSet::new()),
+            peer_errors: Mutex::new(BTreeMap::new()),
+        };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
         }
@@ -67,14 +81,24 @@ impl Daemon {
         record.core %= self.cores.len();
         let entry = match log_store::open_group(&record.log_path) {
             Ok(open) => {
-                let entry = GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None };
+                let entry = GroupEntry {
+                    record: record.clone(),
+                    volumes: volumes_of(&open),
+                    unavailable: None,
+                    destination_of: destination_of(&open.superblock),
+                };
                 report_recovery(&record.name, &open);
                 self.attach(record.core, open);
                 entry
             }
             Err(e) => {
                 tracing::error!(group = %record.name, error = %e, "group cannot be opened and is not served");
-                GroupEntry { record: record.clone(), volumes: Vec::new(), unavailable: Some(e.to_string()) }
+                GroupEntry {
+                    record: record.clone(),
+                    volumes: Vec::new(),
+                    unavailable: Some(e.to_string()),
+                    destination_of: None,
+                }
             }
         };
         lock(&self.groups).insert(record.name, entry);
@@ -82,7 +106,8 @@ impl Daemon {
 
     fn attach(&self, core: usize, open: OpenGroup) {
         let config = self.config.engine.group_config();
-        self.cores[core].send(CoreMsg::AttachGroup { group: Box::new(open), config });
+        let peer_defaults = self.config.replication.peer_defaults();
+        self.cores[core].send(CoreMsg::AttachGroup { group: Box::new(open), config, peer_defaults });
     }
 
     /// Answers one API request.
@@ -99,6 +124,28 @@ impl Daemon {
                     return Err(unknown_group(&name));
                 }
                 Ok(ResponseBody::Groups(found))
+            }
+            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels } => {
+                let request =
+                    crate::replication::CreateRequest { source_group, destination, destination_group, mode, channels };
+                let _guard = self.mark_changing(&request.source_group)?;
+                crate::replication::create(self, &request).map(ResponseBody::Message)
+            }
+            Request::PartnershipShow { group } => {
+                let found: Vec<GroupStatus> = self
+                    .status()
+                    .into_iter()
+                    .filter(|g| g.partnership.is_some() && group.as_ref().is_none_or(|name| &g.name == name))
+                    .collect();
+                if let (Some(name), true) = (&group, found.is_empty()) {
+                    self.group_status(name)?;
+                    return Err(format!("group {name} is not in a partnership"));
+                }
+                Ok(ResponseBody::Groups(found))
+            }
+            Request::PartnershipRemove { group } => {
+                let _guard = self.mark_changing(&group)?;
+                crate::replication::remove(self, &group).map(ResponseBody::Message)
             }
         }
     }
@@ -127,7 +174,8 @@ impl Daemon {
             log_store::open_group(log).map_err(|e| format!("group {name} was formatted but cannot be opened: {e}"))?;
         let core = self.least_loaded_core();
         let record = GroupRecord { name: name.to_owned(), log_path: log.to_owned(), core };
-        let entry = GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None };
+        let entry =
+            GroupEntry { record: record.clone(), volumes: volumes_of(&open), unavailable: None, destination_of: None };
         let mut records: Vec<GroupRecord> = lock(&self.groups).values().map(|g| g.record.clone()).collect();
         records.push(record);
         if let Err(e) = registry::save(&self.config.node.state_dir, &records) {
@@ -186,6 +234,14 @@ impl Daemon {
     fn delete_group(&self, name: &str) -> Result<String, String> {
         let _change = lock(&self.changes);
         let entry = lock(&self.groups).get(name).cloned().ok_or_else(|| unknown_group(name))?;
+        if let Ok(status) = self.group_status(name) {
+            if let Some(p) = status.partnership.filter(|_| status.role != "standalone") {
+                return Err(format!(
+                    "group {name} is the {} of a partnership with {}/{}; remove it first (`tandem partnership remove --group {name}`)",
+                    status.role, p.peer_node, p.peer_group
+                ));
+            }
+        }
         if entry.unavailable.is_none() {
             let (reply, answer) = crossbeam_reply();
             self.cores[entry.record.core].send(CoreMsg::DetachGroup { group: name.to_owned(), reply });
@@ -213,7 +269,16 @@ impl Daemon {
             let (reply, answer) = crossbeam_reply();
             core.send(CoreMsg::Status { reply });
             match answer.recv_timeout(CORE_REPLY_TIMEOUT) {
-                Ok(statuses) => all.extend(statuses),
+                Ok(mut statuses) => {
+                    let errors = lock(&self.peer_errors);
+                    for status in &mut statuses {
+                        let partnership = status.partnership.as_mut().filter(|p| !p.connected);
+                        if let (Some(p), Some(error)) = (partnership, errors.get(&status.name)) {
+                            p.last_error = Some(error.clone());
+                        }
+                    }
+                    all.extend(statuses);
+                }
                 Err(_) => tracing::error!(core = core.index, "core did not answer a status request"),
             }
         }
@@ -239,7 +304,11 @@ impl Daemon {
         let entry = groups.get(group).filter(|g| g.unavailable.is_none())?;
         let index = entry.volumes.iter().position(|v| v.0 == volume)?;
         let size_bytes = entry.volumes[index].1;
-        Some((export_of(name.to_owned(), size_bytes), entry.record.core, index as u8))
+        let mut export = export_of(name.to_owned(), size_bytes);
+        export.refusal = entry.destination_of.as_ref().map(|source| {
+            format!("{group} is a replication destination of {source}; its volumes accept no client I/O while it replicates")
+        });
+        Some((export, entry.record.core, index as u8))
     }
 
     /// Every served export.
@@ -275,7 +344,7 @@ fn crossbeam_reply<T>() -> (crossbeam_channel::Sender<T>, crossbeam_channel::Rec
 
 /// How a volume is advertised over NBD.
 fn export_of(name: String, size_bytes: u64) -> Export {
-    Export { name, size_bytes, read_only: false, description: String::new() }
+    Export { name, size_bytes, read_only: false, description: String::new(), refusal: None }
 }
 
 fn unknown_group(name: &str) -> String {
@@ -292,6 +361,14 @@ fn volumes_of(open: &OpenGroup) -> Vec<(String, u64, PathBuf)> {
             (name, v.size_bytes, path)
         })
         .collect()
+}
+
+fn destination_of(superblock: &tandem_proto::Superblock) -> Option<String> {
+    (superblock.role == tandem_proto::ROLE_DESTINATION).then(|| {
+        let p = &superblock.partnership;
+        let text = |f: &[u8]| tandem_proto::read_fixed_str(f).unwrap_or_default().to_owned();
+        format!("{}/{}", text(&p.peer_node), text(&p.peer_group))
+    })
 }
 
 fn report_recovery(name: &str, open: &OpenGroup) {
@@ -315,4 +392,137 @@ fn wipe_superblocks(log: &Path) -> Result<(), String> {
     let device = open_device(log, OpenMode::LogWriteThrough).map_err(|e| e.to_string())?;
     let zeros = tandem_engine::runtime::buf::AlignedBuf::zeroed(tandem_proto::RING_OFFSET_BYTES as usize);
     write_all_at(&device.file, &zeros, 0).map_err(|e| format!("cannot release log {}: {e}", log.display()))
+}
+
+/// Clears a group's "changing" mark when the change ends.
+pub struct ChangingGuard<'a> {
+    daemon: &'a Daemon,
+    group: String,
+}
+
+impl Drop for ChangingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.daemon.changing).remove(&self.group);
+    }
+}
+
+/// Partnership operations on the cores.
+impl Daemon {
+    fn mark_changing(&self, group: &str) -> Result<ChangingGuard<'_>, String> {
+        if !lock(&self.changing).insert(group.to_owned()) {
+            return Err(format!("a partnership change of {group} is already in progress; try again when it ends"));
+        }
+        Ok(ChangingGuard { daemon: self, group: group.to_owned() })
+    }
+
+    /// True while a partnership of `group` is being created or removed.
+    #[must_use]
+    pub fn is_changing(&self, group: &str) -> bool {
+        lock(&self.changing).contains(group)
+    }
+
+    /// Remembers why a source could not reach its destination (for status).
+    pub fn note_peer_error(&self, group: &str, reason: String) {
+        lock(&self.peer_errors).insert(group.to_owned(), reason);
+    }
+
+    fn core_of(&self, group: &str) -> Result<usize, String> {
+        let groups = lock(&self.groups);
+        let entry = groups.get(group).ok_or_else(|| unknown_group(group))?;
+        if let Some(reason) = &entry.unavailable {
+            return Err(format!("group {group} is unavailable: {reason}"));
+        }
+        Ok(entry.record.core)
+    }
+
+    fn ask<T>(
+        &self,
+        group: &str,
+        timeout: Duration,
+        msg: impl FnOnce(crossbeam_channel::Sender<T>) -> CoreMsg,
+    ) -> Result<T, String> {
+        let core = self.core_of(group)?;
+        let (reply, answer) = crossbeam_reply();
+        self.cores[core].send(msg(reply));
+        answer.recv_timeout(timeout).map_err(|_| format!("group {group} did not answer within {} s", timeout.as_secs()))
+    }
+
+    /// One group's status.
+    pub fn group_status(&self, name: &str) -> Result<GroupStatus, String> {
+        self.status().into_iter().find(|g| g.name == name).ok_or_else(|| unknown_group(name))
+    }
+
+    /// Makes `group` a source; returns the LSN after which records are shipped.
+    pub fn become_source(&self, group: &str, entry: tandem_proto::PartnershipEntry) -> Result<u64, String> {
+        let group_name = group.to_owned();
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::BecomeSource { group: group_name, entry, reply })?
+    }
+
+    /// Makes `group` a destination continuing after `baseline_lsn`.
+    pub fn become_destination(
+        &self,
+        group: &str,
+        entry: tandem_proto::PartnershipEntry,
+        baseline_lsn: u64,
+    ) -> Result<(), String> {
+        let group_name = group.to_owned();
+        let source = format!(
+            "{}/{}",
+            tandem_proto::read_fixed_str(&entry.peer_node).unwrap_or_default(),
+            tandem_proto::read_fixed_str(&entry.peer_group).unwrap_or_default()
+        );
+        // Refuse new clients from now on; the core refuses if some are connected.
+        self.set_destination_of(group, Some(source));
+        let result = self.ask(group, Duration::from_secs(40), |reply| CoreMsg::BecomeDestination {
+            group: group_name,
+            entry,
+            baseline_lsn,
+            reply,
+        });
+        if !matches!(result, Ok(Ok(()))) {
+            self.set_destination_of(group, None);
+        }
+        result?
+    }
+
+    fn set_destination_of(&self, group: &str, source: Option<String>) {
+        if let Some(entry) = lock(&self.groups).get_mut(group) {
+            entry.destination_of = source;
+        }
+    }
+
+    /// What a destination group holds.
+    pub fn destination_state(&self, group: &str) -> Result<Option<tandem_engine::runtime::DestinationState>, String> {
+        let group_name = group.to_owned();
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::DestinationState { group: group_name, reply })
+    }
+
+    /// Hands a replication connection to the group's core.
+    pub fn attach_peer(
+        &self,
+        group: &str,
+        stream: std::net::TcpStream,
+        source_view: Option<(u64, tandem_engine::core::CopyPosition)>,
+    ) -> Result<(), String> {
+        let group_name = group.to_owned();
+        let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {
+            group: group_name,
+            stream,
+            source_view,
+            reply,
+        })?;
+        if result.is_ok() {
+            lock(&self.peer_errors).remove(group);
+        }
+        result
+    }
+
+    /// Ends the partnership of `group` on this node.
+    pub fn leave_partnership(&self, group: &str) -> Result<(), String> {
+        let group_name = group.to_owned();
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::LeavePartnership { group: group_name, reply })??;
+        self.set_destination_of(group, None);
+        lock(&self.peer_errors).remove(group);
+        Ok(())
+    }
 }

@@ -6,5 +6,6 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod registry;
+pub mod replication;
 pub mod serve;
 pub mod size;

@@ -54,6 +54,15 @@ pub struct IoFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Submit(WriteRequest),
+    /// A destination's write: the record `lsn` shipped by the source, which
+    /// must be the next LSN of this log (the runtime delivers them in order).
+    SubmitReplicated {
+        request: WriteRequest,
+        lsn: u64,
+    },
+    /// The runtime changed the volumes outside the log (the initial copy of a
+    /// destination): a checkpoint must make that durable too.
+    VolumesChangedOutsideLog,
     AppendDone {
         batch_id: u64,
         result: Result<(), IoFailure>,
@@ -146,6 +155,27 @@ pub enum Action {
     Complete {
         id: WriteId,
         result: Result<(), WriteError>,
+    },
+    /// Send record `lsn` (at `position..end_position` in the log) to the
+    /// replication destination, after every record shipped before it.
+    Ship {
+        lsn: u64,
+        position: u64,
+        end_position: u64,
+    },
+    /// Read `length` bytes of the volume at `offset` (the state after
+    /// `after_lsn`, held stable by a fence), queue them for the destination,
+    /// and report `GroupCore::chunk_shipped`.
+    ReadChunk {
+        chunk_id: u64,
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+        after_lsn: u64,
+    },
+    /// Tell the destination the initial copy is complete.
+    SendCopyDone {
+        after_lsn: u64,
     },
     /// fdatasync every volume, then persist `checkpoint_lsn = lsn`,
     /// `tail_position` and `tail_lsn` in the superblock; report `CheckpointDone`.
@@ -241,6 +271,10 @@ pub struct GroupCore {
     checkpoints: u64,
     /// Records kept for a replication peer; `None` without a peer.
     retention: Option<Retention>,
+    /// The source side of a partnership; `None` without one.
+    shipper: Option<peer::Shipper>,
+    /// The volumes changed outside the log since the last checkpoint began.
+    unlogged_changes: bool,
     actions: Vec<Action>,
 }
 
@@ -293,8 +327,30 @@ impl GroupCore {
             writes_completed: 0,
             checkpoints: 0,
             retention,
+            shipper: None,
+            unlogged_changes: false,
             actions: Vec::new(),
         }
+    }
+
+    /// Continues this (empty, fully checkpointed) log at LSN `lsn + 1`: a
+    /// destination takes over its source's LSN sequence when a partnership
+    /// starts. The caller persists the new checkpoint LSN.
+    pub fn rebase(&mut self, lsn: u64, epoch: u32) {
+        assert!(self.is_fully_checkpointed(), "only an idle, checkpointed log is rebased");
+        assert_eq!(self.ring.head(), self.ring.tail(), "only an empty log is rebased");
+        assert!(self.retention.is_none(), "a source is never rebased");
+        self.next_lsn = lsn + 1;
+        self.durable_lsn = lsn;
+        self.settled_lsn = lsn;
+        self.checkpoint_lsn = lsn;
+        self.stamp.epoch = epoch;
+    }
+
+    /// Where the next record will be placed.
+    #[must_use]
+    pub fn head_position(&self) -> u64 {
+        self.ring.head()
     }
 
     /// Records kept for the replication peer, oldest first.
@@ -307,6 +363,13 @@ impl GroupCore {
     pub fn handle(&mut self, event: Event) {
         match event {
             Event::Submit(request) => self.submit(request),
+            Event::SubmitReplicated { request, lsn } => {
+                let expected = self.next_lsn + self.pending.len() as u64;
+                assert_eq!(lsn, expected, "replicated records arrive in LSN order");
+                assert!(self.shipper.is_none(), "a source does not take replicated records");
+                self.submit(request);
+            }
+            Event::VolumesChangedOutsideLog => self.unlogged_changes = true,
             Event::AppendDone { batch_id, result } => self.append_done(batch_id, result),
             Event::ApplyDone { lsn, result } => self.apply_done(lsn, result),
             Event::CheckpointDone { lsn, tail_position, result } => self.checkpoint_done(lsn, tail_position, result),
@@ -325,6 +388,7 @@ impl GroupCore {
         self.form_batches();
         self.issue_applies();
         self.complete_and_settle();
+        self.ship();
         self.maybe_checkpoint();
         std::mem::take(&mut self.actions)
     }
@@ -333,6 +397,12 @@ impl GroupCore {
     #[must_use]
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.placed.is_empty() && self.batches.is_empty() && !self.checkpoint_in_flight
+    }
+
+    /// True while a placed record is not yet applied to its volume.
+    #[must_use]
+    pub fn has_unapplied(&self) -> bool {
+        self.placed.iter().any(|r| !r.applied)
     }
 
     /// True when every settled record is also checkpointed.
@@ -552,7 +622,8 @@ impl GroupCore {
         let mut index = 0;
         while index < self.apply_queue.len() {
             let candidate = self.apply_queue[index];
-            let blocked = self.apply_inflight.iter().any(|a| a.overlaps(&candidate))
+            let blocked = self.fence().is_some_and(|f| f.holds(&candidate))
+                || self.apply_inflight.iter().any(|a| a.overlaps(&candidate))
                 || self.apply_queue.iter().take(index).any(|a| a.overlaps(&candidate));
             if blocked {
                 index += 1;
@@ -569,8 +640,9 @@ impl GroupCore {
             self.fail_placed();
             return;
         }
+        let limit_lsn = self.completion_limit_lsn();
         for record in self.placed.iter_mut() {
-            if record.lsn > self.durable_lsn {
+            if record.lsn > limit_lsn {
                 break;
             }
             if record.applied && !record.completed {
@@ -607,6 +679,8 @@ pub fn errno_text(errno: i32) -> String {
 mod checkpoint;
 #[path = "group_failure.rs"]
 mod failure;
+#[path = "group_peer.rs"]
+pub mod peer;
 
 #[cfg(test)]
 #[path = "group_tests.rs"]

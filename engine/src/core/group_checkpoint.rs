@@ -15,9 +15,10 @@ impl GroupCore {
         let (tail_position, tail_lsn) = self.checkpoint_tail();
         // Worth a checkpoint: more records to make durable in the volumes, or
         // a peer's acknowledgement that lets the tail move.
-        let progress = self.settled_lsn > self.checkpoint_lsn || tail_position > self.ring.tail();
+        let progress =
+            self.settled_lsn > self.checkpoint_lsn || tail_position > self.ring.tail() || self.unlogged_changes;
         if self.checkpoint_in_flight || self.failed.is_some() || !progress {
-            if self.settled_lsn == self.checkpoint_lsn && self.placed.is_empty() {
+            if self.settled_lsn == self.checkpoint_lsn && self.placed.is_empty() && !self.unlogged_changes {
                 self.checkpoint_requested = false;
             }
             return;
@@ -29,6 +30,7 @@ impl GroupCore {
             || self.now_ms.saturating_sub(self.last_checkpoint_ms) >= self.config.checkpoint_interval_ms;
         if due {
             self.checkpoint_in_flight = true;
+            self.unlogged_changes = false;
             self.actions.push(Action::Checkpoint { lsn: self.settled_lsn, tail_position, tail_lsn });
         }
     }

@@ -7,6 +7,7 @@ pub mod recovery;
 pub mod retention;
 pub mod ring;
 
+pub use group::peer::{CopyPosition, PeerConfig, ReplicationMode, ReplicationState};
 pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
     LogRecord, WriteError, WriteId, WriteOp, WriteRequest,

@@ -40,6 +40,14 @@ impl Retention {
         self.records.iter()
     }
 
+    /// The retained record `lsn`, if the log still keeps it for the peer.
+    #[must_use]
+    pub fn get(&self, lsn: u64) -> Option<&ScannedRecord> {
+        let first = self.records.front()?.lsn;
+        let index = usize::try_from(lsn.checked_sub(first)?).ok()?;
+        self.records.get(index)
+    }
+
     /// A new record was placed in the log.
     pub fn placed(&mut self, record: ScannedRecord) {
         if let Some(last) = self.records.back() {

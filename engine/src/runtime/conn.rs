@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
@@ -240,8 +241,14 @@ impl Conn {
     ) {
         let sector = group.sector_bytes();
         let payload_checksum = tandem_proto::xxh3_128_bytes(&buf[sector..sector + length]);
-        let pending =
-            PendingWrite { conn: key, conn_id: self.id, cookie, buf: Some(buf), payload_bytes: length, started };
+        let pending = PendingWrite {
+            conn: key,
+            conn_id: self.id,
+            cookie,
+            buf: Some(Rc::new(buf)),
+            payload_bytes: length,
+            started,
+        };
         let length = u32::try_from(length).expect("bounded by the front end");
         group.account_write(length);
         group.submit(pending, offset, length, self.volume_index, WriteOp::Write { payload_checksum });

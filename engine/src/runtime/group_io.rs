@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -26,7 +27,7 @@ pub struct PendingWrite {
     pub conn: usize,
     pub conn_id: u64,
     pub cookie: u64,
-    pub buf: Option<AlignedBuf>,
+    pub buf: Option<Rc<AlignedBuf>>,
     /// Payload bytes the connection counted for this write.
     pub payload_bytes: usize,
     pub started: Instant,
@@ -68,6 +69,10 @@ struct CheckpointIo {
     tail_lsn: u64,
     fsyncs_left: usize,
     failure: Option<i32>,
+    /// Partnership fields to persist with this checkpoint, and the version of
+    /// the metadata they carry (for waiters).
+    partnership: tandem_proto::PartnershipEntry,
+    meta_version: u64,
 }
 
 /// One group owned by this core.
@@ -83,7 +88,18 @@ pub struct GroupRt {
     pub detaching: bool,
     sector_bytes: usize,
     next_write_id: WriteId,
-    writes: HashMap<WriteId, PendingWrite>,
+    pub(super) writes: HashMap<WriteId, PendingWrite>,
+    /// The source side of a partnership.
+    pub source: Option<super::replica_source::SourceLink>,
+    /// The destination side of a partnership.
+    pub destination: Option<super::replica_dest::DestinationLink>,
+    /// The replication connection must be closed (set by IO failures).
+    pub close_peer: bool,
+    pub copy_bytes_read: u64,
+    pub copy_bytes_skipped: u64,
+    /// Bumped whenever the superblock's role or partnership changes.
+    meta_version: u64,
+    persist_waiters: Vec<(u64, crossbeam_channel::Sender<Result<(), String>>)>,
     batches: HashMap<u64, BatchIo>,
     checkpoint: Option<CheckpointIo>,
     write_latency_us: Histogram<u64>,
@@ -95,17 +111,19 @@ pub struct GroupRt {
 impl GroupRt {
     /// Takes over an opened, recovered group.
     #[must_use]
-    pub fn new(open: OpenGroup, config: GroupConfig) -> Self {
+    pub fn new(open: OpenGroup, config: GroupConfig, peer_defaults: super::partner::PeerDefaults) -> Self {
         let sb = open.superblock;
         let stamp = tandem_proto::RecordStamp {
             group_id: sb.group_id,
             epoch: sb.epoch,
             generation_tag: u32::from_le_bytes(sb.generation[..4].try_into().expect("4 bytes")),
         };
-        let ring = crate::core::LogRing::new(sb.ring_size_bytes, sb.sector_size, sb.tail_position, sb.tail_position);
-        Self {
+        let ring = crate::core::LogRing::new(sb.ring_size_bytes, sb.sector_size, sb.tail_position, open.head_position);
+        let retention = (sb.role == tandem_proto::ROLE_SOURCE)
+            .then(|| crate::core::Retention::new(sb.tail_lsn - 1, open.retained.iter().copied()));
+        let mut rt = Self {
             name: sb.group_name().to_owned(),
-            core: GroupCore::new(config, stamp, ring, sb.checkpoint_lsn),
+            core: GroupCore::with_retention(config, stamp, ring, sb.checkpoint_lsn, retention),
             log: open.log,
             volumes: open.volumes,
             superblock: sb,
@@ -116,13 +134,22 @@ impl GroupRt {
             sector_bytes: sb.sector_size as usize,
             next_write_id: 1,
             writes: HashMap::new(),
+            source: None,
+            destination: None,
+            close_peer: false,
+            copy_bytes_read: 0,
+            copy_bytes_skipped: 0,
+            meta_version: 0,
+            persist_waiters: Vec::new(),
             batches: HashMap::new(),
             checkpoint: None,
             write_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
             reads_completed: 0,
             bytes_written: 0,
             bytes_read: 0,
-        }
+        };
+        rt.restore_partnership(peer_defaults);
+        rt
     }
 
     #[must_use]
@@ -147,43 +174,133 @@ impl GroupRt {
         self.core.handle(Event::Submit(request));
     }
 
+    /// A destination's write of the source's record `header.lsn`.
+    pub(super) fn submit_replicated(
+        &mut self,
+        pending: PendingWrite,
+        header: tandem_proto::RecordHeader,
+        op: crate::core::WriteOp,
+    ) {
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        self.writes.insert(id, pending);
+        let request = crate::core::WriteRequest {
+            id,
+            volume_index: header.volume_index,
+            offset: header.offset,
+            length: header.length,
+            op,
+        };
+        self.core.handle(Event::SubmitReplicated { request, lsn: header.lsn });
+    }
+
     /// Runs the core and executes its actions; returns the writes to answer.
+    /// Ship actions run first: a record shipped from memory takes its buffer
+    /// before the completion of its write (in the same batch) releases it.
     pub fn pump(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) {
-        for action in self.core.take_actions() {
+        let actions = self.core.take_actions();
+        for action in &actions {
+            if let Action::Ship { lsn, position, end_position } = *action {
+                self.ship(io, group, lsn, position, end_position);
+            }
+        }
+        for action in actions {
             match action {
                 Action::Append(batch) => self.append(io, group, batch),
                 Action::Apply(op) => self.apply(io, group, op, 0),
-                Action::Complete { id, result } => completions.push(self.complete(id, result)),
+                Action::Complete { id, result } => {
+                    if let Some(completion) = self.complete(id, result) {
+                        completions.push(completion);
+                    }
+                }
                 Action::Checkpoint { lsn, tail_position, tail_lsn } => {
                     self.start_checkpoint(io, group, lsn, (tail_position, tail_lsn));
                 }
+                Action::Ship { .. } => {}
+                Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
+                    let chunk =
+                        super::replica_source::ChunkRequest { chunk_id, volume_index, offset, length, after_lsn };
+                    self.read_chunk(io, group, chunk);
+                }
+                Action::SendCopyDone { after_lsn } => self.send_copy_done(after_lsn),
             }
+        }
+        if let Some(link) = self.source.as_mut() {
+            let peer_durable_lsn = self.core.peer_durable_lsn().unwrap_or(0);
+            link.durable_advanced(self.core.snapshot().durable_lsn, peer_durable_lsn, Instant::now());
         }
     }
 
-    fn complete(&mut self, id: WriteId, result: Result<(), WriteError>) -> Completion {
+    /// Makes the superblock's role and partnership durable at the next
+    /// checkpoint, which is started at once; `reply` hears when it is.
+    pub fn persist_soon(&mut self) {
+        self.meta_version += 1;
+        self.core.handle(Event::VolumesChangedOutsideLog);
+        self.core.handle(Event::CheckpointRequested);
+    }
+
+    /// Like `persist_soon`, answering `reply` once the superblock is durable.
+    pub fn persist_then_reply(&mut self, reply: crossbeam_channel::Sender<Result<(), String>>) {
+        self.persist_soon();
+        self.persist_waiters.push((self.meta_version, reply));
+    }
+
+    /// The partnership fields a checkpoint starting now persists.
+    fn partnership_to_persist(&self) -> tandem_proto::PartnershipEntry {
+        let mut entry = self.superblock.partnership;
+        if let Some(peer_durable) = self.core.peer_durable_lsn() {
+            entry.peer_durable_lsn = peer_durable;
+        }
+        if let Some(link) = self.destination.as_ref() {
+            match link.copy_to_persist() {
+                crate::core::CopyPosition::Done => entry.copy_state = tandem_proto::COPY_DONE,
+                crate::core::CopyPosition::At { volume_index, offset } => {
+                    entry.copy_state = tandem_proto::COPY_IN_PROGRESS;
+                    entry.copy_volume = u32::from(volume_index);
+                    entry.copy_offset = offset;
+                }
+            }
+        }
+        entry
+    }
+
+    fn complete(&mut self, id: WriteId, result: Result<(), WriteError>) -> Option<Completion> {
         let write = self.writes.remove(&id).expect("completed write is pending");
+        if write.conn == super::replica_dest::REPLICATED_WRITE_CONN {
+            if let Err(error) = result {
+                tracing::error!(group = %self.name, ?error, "replicated write failed");
+                self.close_peer = true;
+            }
+            return None;
+        }
         if result.is_ok() {
             let _ = self.write_latency_us.record(write.started.elapsed().as_micros().max(1) as u64);
         } else {
             tracing::error!(group = %self.name, ?result, "write failed");
         }
-        Completion {
+        Some(Completion {
             conn: write.conn,
             conn_id: write.conn_id,
             cookie: write.cookie,
             payload_bytes: write.payload_bytes,
             result: result.map_err(|_| BlockError::Io),
-        }
+        })
     }
 
     fn append(&mut self, io: &mut Io, group: usize, batch: AppendBatch) {
         self.batches.insert(batch.batch_id, BatchIo { segments_left: batch.segments.len(), failure: None });
         for segment in batch.segments {
+            if let Some(link) = self.source.as_mut() {
+                link.appended(&segment.records);
+            }
             let mut headers = Vec::new();
             let mut iovecs = Vec::with_capacity(segment.records.len());
             for record in &segment.records {
-                let write_buf = record.write_id.and_then(|id| self.writes.get_mut(&id)).and_then(|w| w.buf.as_mut());
+                let write_buf = record
+                    .write_id
+                    .and_then(|id| self.writes.get_mut(&id))
+                    .and_then(|w| w.buf.as_mut())
+                    .map(|buf| Rc::get_mut(buf).expect("a record buffer is not shared before its append"));
                 let (base, len) = match (record.header.record_kind(), write_buf) {
                     (RecordKind::Write, Some(buf)) => {
                         buf[..64].copy_from_slice(record.header.as_bytes());
@@ -290,7 +407,10 @@ impl GroupRt {
     fn start_checkpoint(&mut self, io: &mut Io, group: usize, lsn: u64, (tail_position, tail_lsn): (u64, u64)) {
         assert!(self.checkpoint.is_none(), "one checkpoint at a time");
         let fsyncs_left = self.volumes.len();
-        self.checkpoint = Some(CheckpointIo { lsn, tail_position, tail_lsn, fsyncs_left, failure: None });
+        let partnership = self.partnership_to_persist();
+        let meta_version = self.meta_version;
+        self.checkpoint =
+            Some(CheckpointIo { lsn, tail_position, tail_lsn, fsyncs_left, failure: None, partnership, meta_version });
         for volume in &self.volumes {
             let fd = types::Fd(volume.file.as_raw_fd());
             io.submit(Op::Fsync { group }, |_| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
@@ -316,6 +436,9 @@ impl GroupRt {
         self.superblock.checkpoint_lsn = checkpoint.lsn;
         self.superblock.tail_position = checkpoint.tail_position;
         self.superblock.tail_lsn = checkpoint.tail_lsn;
+        if self.superblock.role != tandem_proto::ROLE_STANDALONE {
+            self.superblock.partnership = checkpoint.partnership;
+        }
         self.superblock.sequence += 1;
         let buf = sealed_slot(&mut self.superblock);
         let fd = types::Fd(self.log.file.as_raw_fd());
@@ -333,6 +456,19 @@ impl GroupRt {
         let result = errno.map_or(Ok(()), |errno| Err(IoFailure { errno }));
         if result.is_err() {
             tracing::error!(group = %self.name, ?result, "checkpoint failed");
+        }
+        if let (Some(link), Ok(())) = (self.destination.as_mut(), &result) {
+            link.copy_persisted = crate::core::CopyPosition::from_entry(&checkpoint.partnership);
+        }
+        let version = checkpoint.meta_version;
+        let reply_now: Vec<_> =
+            self.persist_waiters.iter().filter(|(v, _)| *v <= version).map(|(_, r)| r.clone()).collect();
+        self.persist_waiters.retain(|(v, _)| *v > version);
+        for reply in reply_now {
+            let _ = reply
+                .send(result.map_err(|e| {
+                    format!("writing the superblock failed: {}", crate::core::group::errno_text(e.errno))
+                }));
         }
         self.core.handle(Event::CheckpointDone {
             lsn: checkpoint.lsn,
@@ -395,6 +531,13 @@ impl GroupRt {
             connections: self.connections,
             epoch: self.superblock.epoch,
             last_recovery: self.recovery.clone(),
+            role: match self.superblock.role {
+                tandem_proto::ROLE_SOURCE => "source",
+                tandem_proto::ROLE_DESTINATION => "destination",
+                _ => "standalone",
+            }
+            .to_owned(),
+            partnership: self.partnership_status(),
         }
     }
 }

@@ -36,6 +36,22 @@ pub enum Op {
     SuperblockWrite { group: usize, buf: AlignedBuf },
     /// A volume read for a client; `buf` is the reply (header then data).
     VolumeRead { conn: usize, cookie: u64, buf: Vec<u8>, header_bytes: usize, offset: u64, done: usize },
+    /// Receive on a replication connection into its own buffer.
+    PeerRecv { peer: usize },
+    /// Send of replication frames, owned here until the completion.
+    PeerSend {
+        peer: usize,
+        frames: Vec<super::peer_conn::OutFrame>,
+        #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
+        iovecs: Box<[libc::iovec]>,
+        msghdr: Box<libc::msghdr>,
+    },
+    /// A record read back from the log for shipping into outbox slot `slot`.
+    LogRead { group: usize, slot: u64, lsn: u64, buf: AlignedBuf },
+    /// A chunk of a volume read for the initial copy.
+    ChunkRead { group: usize, slot: u64, chunk: super::replica_source::ChunkRequest, buf: AlignedBuf },
+    /// A destination's copy write (`buf`) or hole punch (`None`) ending at `end`.
+    CopyWrite { group: usize, end: crate::core::CopyPosition, buf: Option<AlignedBuf> },
     /// Receive on a client connection into the connection's own buffer.
     Recv { conn: usize },
     /// Send of queued replies; the chunks are owned here until the completion.

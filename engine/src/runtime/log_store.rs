@@ -10,7 +10,7 @@ use bytemuck::Zeroable;
 use rand::Rng;
 use tandem_proto::{
     fixed_str, GenerationEntry, RecordHeader, RecordKind, Superblock, VolumeEntry, FLAG_NO_HOLE, MAX_VOLUMES,
-    RING_OFFSET_BYTES, ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
+    RING_OFFSET_BYTES, ROLE_SOURCE, ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
 };
 
 use super::buf::AlignedBuf;
@@ -50,6 +50,11 @@ pub struct OpenGroup {
     pub log: Device,
     pub volumes: Vec<Device>,
     pub recovery: RecoveryReport,
+    /// Where the next record goes (the end of the recovery scan).
+    pub head_position: u64,
+    /// A source's records kept in the log for its destination (from the
+    /// tail on); empty for other groups, whose log is empty after open.
+    pub retained: Vec<crate::core::ScannedRecord>,
 }
 
 /// What recovery found and replayed.
@@ -283,20 +288,34 @@ pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
         )));
     }
     let volumes = open_volumes(&superblock)?;
-    let (mut recovery, end_position) = replay(&log, &superblock, &volumes)?;
+    let (mut recovery, end_position, scanned) = replay(&log, &superblock, &volumes)?;
     for volume in &volumes {
         device::fdatasync(&volume.file)?;
     }
-    // No replication peer yet: nothing is retained, so the log is empty now.
+    // A source keeps every record from the tail for its destination (which
+    // says at reconnection what it already holds); any other log is empty now.
+    let retained = if superblock.role == ROLE_SOURCE {
+        scanned
+    } else {
+        superblock.tail_position = end_position;
+        superblock.tail_lsn = recovery.last_lsn + 1;
+        Vec::new()
+    };
     superblock.checkpoint_lsn = recovery.last_lsn;
-    superblock.tail_position = end_position;
-    superblock.tail_lsn = recovery.last_lsn + 1;
     superblock.epoch_start_position = end_position;
     superblock.epoch += 1;
     superblock.sequence += 1;
     write_superblock(&log.file, &mut superblock)?;
     recovery.elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(OpenGroup { superblock, log_path: log_path.to_owned(), log, volumes, recovery })
+    Ok(OpenGroup {
+        superblock,
+        log_path: log_path.to_owned(),
+        log,
+        volumes,
+        recovery,
+        head_position: end_position,
+        retained,
+    })
 }
 
 fn open_volumes(superblock: &Superblock) -> io::Result<Vec<Device>> {
@@ -320,7 +339,11 @@ fn open_volumes(superblock: &Superblock) -> io::Result<Vec<Device>> {
 
 /// Replays every record after the checkpoint into the volumes; returns the report
 /// and the position where the scan stopped (the new head and tail of the log).
-fn replay(log: &Device, superblock: &Superblock, volumes: &[Device]) -> io::Result<(RecoveryReport, u64)> {
+fn replay(
+    log: &Device,
+    superblock: &Superblock,
+    volumes: &[Device],
+) -> io::Result<(RecoveryReport, u64, Vec<crate::core::ScannedRecord>)> {
     let mut scanner = Scanner::new(ScanStart::from_superblock(superblock));
     let read = |ring_offset: u64, len: usize| -> io::Result<AlignedBuf> {
         let mut buf = AlignedBuf::zeroed(len);
@@ -337,7 +360,7 @@ fn replay(log: &Device, superblock: &Superblock, volumes: &[Device]) -> io::Resu
         stopped: outcome.stop.to_string(),
         elapsed_ms: 0,
     };
-    Ok((report, outcome.end_position))
+    Ok((report, outcome.end_position, outcome.scanned))
 }
 
 /// fallocate mode that realises a Trim or WriteZeroes record.

@@ -7,8 +7,13 @@ pub mod device;
 mod group_io;
 mod io;
 pub mod log_store;
+mod partner;
+mod peer_conn;
 mod reactor;
+mod replica_dest;
+mod replica_source;
 pub mod session;
 pub mod status;
 
+pub use partner::{DestinationState, PeerDefaults};
 pub use reactor::{CoreHandle, CoreMsg};

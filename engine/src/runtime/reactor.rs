@@ -15,9 +15,12 @@ use super::conn::Conn;
 use super::group_io::{Completion, GroupRt};
 use super::io::{Io, Op};
 use super::log_store::OpenGroup;
+use super::partner::{DestinationState, PeerDefaults};
+use super::peer_conn::PeerConn;
 use super::session::BlockSession;
 use super::status::GroupStatus;
-use crate::core::{Event, GroupConfig};
+use crate::core::{CopyPosition, Event, GroupConfig};
+use tandem_proto::PartnershipEntry;
 
 const TICK: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 1024;
@@ -25,7 +28,25 @@ const RING_ENTRIES: u32 = 1024;
 /// A message to a core.
 pub enum CoreMsg {
     /// Take ownership of an opened, recovered group.
-    AttachGroup { group: Box<OpenGroup>, config: GroupConfig },
+    AttachGroup { group: Box<OpenGroup>, config: GroupConfig, peer_defaults: PeerDefaults },
+    /// Make a standalone group a replication source; answers (once the
+    /// superblock says so durably) with the LSN after which records are shipped.
+    BecomeSource { group: String, entry: PartnershipEntry, reply: Sender<Result<u64, String>> },
+    /// Make an idle standalone group the destination of a source whose stream
+    /// continues after `baseline_lsn`; answers once durable.
+    BecomeDestination { group: String, entry: PartnershipEntry, baseline_lsn: u64, reply: Sender<Result<(), String>> },
+    /// What a destination group holds, for a connecting source.
+    DestinationState { group: String, reply: Sender<Option<DestinationState>> },
+    /// Serve the replication connection of a group (either side); a source
+    /// checks the destination's state first.
+    AttachPeer {
+        group: String,
+        stream: TcpStream,
+        source_view: Option<(u64, CopyPosition)>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// End a group's partnership on this node; answers once durable.
+    LeavePartnership { group: String, reply: Sender<Result<(), String>> },
     /// Serve a client connection (past its handshake) on `group`'s volume.
     AttachConnection { group: String, volume_index: u8, stream: TcpStream, session: Box<dyn BlockSession> },
     /// Report every group's status.
@@ -96,7 +117,10 @@ struct Reactor {
     wake: Arc<OwnedFd>,
     groups: Vec<Option<GroupRt>>,
     conns: Slab<Conn>,
+    peers: Slab<PeerConn>,
     next_conn_id: u64,
+    pending_destinations: Vec<PendingDestination>,
+    peer_defaults: PeerDefaults,
     started: Instant,
     detaches: Vec<Detach>,
     shutting_down: bool,
@@ -111,7 +135,10 @@ impl Reactor {
             wake,
             groups: Vec::new(),
             conns: Slab::new(),
+            peers: Slab::new(),
             next_conn_id: 1,
+            pending_destinations: Vec::new(),
+            peer_defaults: PeerDefaults::default(),
             started: Instant::now(),
             detaches: Vec::new(),
             shutting_down: false,
@@ -124,9 +151,12 @@ impl Reactor {
         self.arm_timer();
         loop {
             self.drain_inbox();
+            self.take_peer_frames();
             self.pump_groups();
             self.progress_connections();
+            self.progress_peers();
             self.progress_detaches();
+            self.progress_pending_destinations();
             if self.shutting_down && self.groups.iter().all(Option::is_none) {
                 break;
             }
@@ -171,6 +201,7 @@ impl Reactor {
                 for group in self.groups.iter_mut().flatten() {
                     group.core.handle(Event::Tick { now_ms });
                 }
+                self.tick_peers();
                 self.arm_timer();
             }
             Op::LogWrite { group, batch_id, expected_bytes, .. } => {
@@ -196,6 +227,17 @@ impl Reactor {
                 connection.recv_done(result, rt, &mut self.io, conn);
             }
             Op::Send { conn, chunks, .. } => self.conns[conn].send_done(chunks, result),
+            Op::PeerRecv { peer } => self.peers[peer].recv_done(result),
+            Op::PeerSend { peer, frames, .. } => self.peers[peer].send_done(frames, result),
+            Op::LogRead { group, slot, lsn, buf } => self.group(group).log_read_done(slot, lsn, buf, result),
+            Op::ChunkRead { group, slot, chunk, buf } => self.group(group).chunk_read_done(slot, chunk, buf, result),
+            Op::CopyWrite { group, end, buf, .. } => {
+                let rt = self.group(group);
+                if let Err(reason) = rt.copy_write_done(end, buf.map(|b| b.len()), result) {
+                    tracing::error!(group = %rt.name, %reason, "initial copy write failed");
+                    rt.close_peer = true;
+                }
+            }
         }
     }
 
@@ -206,8 +248,9 @@ impl Reactor {
     fn drain_inbox(&mut self) {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
-                CoreMsg::AttachGroup { group, config } => {
-                    let rt = GroupRt::new(*group, config);
+                CoreMsg::AttachGroup { group, config, peer_defaults } => {
+                    self.peer_defaults = peer_defaults;
+                    let rt = GroupRt::new(*group, config, peer_defaults);
                     tracing::info!(group = %rt.name, "group online");
                     match self.groups.iter().position(Option::is_none) {
                         Some(slot) => self.groups[slot] = Some(rt),
@@ -217,8 +260,20 @@ impl Reactor {
                 CoreMsg::AttachConnection { group, volume_index, stream, session } => {
                     self.attach_connection(&group, volume_index, stream, session);
                 }
+                CoreMsg::BecomeSource { group, entry, reply } => self.become_source(&group, entry, reply),
+                CoreMsg::BecomeDestination { group, entry, baseline_lsn, reply } => {
+                    self.become_destination(group, entry, baseline_lsn, reply);
+                }
+                CoreMsg::DestinationState { group, reply } => {
+                    let state = self.find_group(&group).and_then(|i| self.groups[i].as_ref()?.destination_state());
+                    let _ = reply.send(state);
+                }
+                CoreMsg::AttachPeer { group, stream, source_view, reply } => {
+                    let _ = reply.send(self.attach_peer(&group, stream, source_view));
+                }
+                CoreMsg::LeavePartnership { group, reply } => self.leave_partnership(&group, reply),
                 CoreMsg::Status { reply } => {
-                    let _ = reply.send(self.groups.iter().flatten().map(GroupRt::status).collect());
+                    let _ = reply.send(self.status());
                 }
                 CoreMsg::DetachGroup { group, reply } => match self.find_group(&group) {
                     Some(index) => self.start_detach(index, Some(reply)),
@@ -236,6 +291,22 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    fn status(&self) -> Vec<GroupStatus> {
+        let mut all = Vec::new();
+        for (index, group) in self.groups.iter().enumerate() {
+            let Some(group) = group else { continue };
+            let mut status = group.status();
+            if let Some(partnership) = status.partnership.as_mut() {
+                for (_, peer) in self.peers.iter().filter(|(_, p)| p.group == index) {
+                    partnership.bytes_sent += peer.bytes_sent;
+                    partnership.bytes_received += peer.bytes_received;
+                }
+            }
+            all.push(status);
+        }
+        all
     }
 
     fn find_group(&self, name: &str) -> Option<usize> {
@@ -308,6 +379,7 @@ impl Reactor {
                 conn.close("group is being detached");
             }
         }
+        self.close_group_peers(index, "group is being detached");
         self.detaches.push(Detach { group: index, reply });
     }
 
@@ -319,7 +391,8 @@ impl Reactor {
         while index < self.detaches.len() {
             let slot = self.detaches[index].group;
             let group = self.groups[slot].as_mut().expect("detaching group is present");
-            let drained = group.connections == 0 && group.core.is_idle();
+            let drained =
+                group.connections == 0 && group.core.is_idle() && !self.peers.iter().any(|(_, p)| p.group == slot);
             let done = drained && (group.core.failure().is_some() || group.core.is_fully_checkpointed());
             if drained && !done {
                 group.core.handle(Event::CheckpointRequested);
@@ -337,3 +410,7 @@ impl Reactor {
         }
     }
 }
+
+#[path = "reactor_peers.rs"]
+mod peers;
+use peers::PendingDestination;

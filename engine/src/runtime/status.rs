@@ -39,4 +39,42 @@ pub struct GroupStatus {
     pub connections: usize,
     pub epoch: u32,
     pub last_recovery: RecoveryReport,
+    /// `standalone`, `source` or `destination`.
+    pub role: String,
+    pub partnership: Option<PartnershipStatus>,
+}
+
+/// A group's partnership, as `tandem partnership show` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartnershipStatus {
+    /// Hex of the 128-bit partnership id.
+    pub id: String,
+    pub mode: String,
+    pub peer_node: String,
+    pub peer_group: String,
+    /// Source: `HOST:PORT` of the destination.
+    pub peer_address: String,
+    /// Source: `InitialBlockCopy`, `ContinuouslyReplicating`, `WaitingForDestination`,
+    /// `Recovering`; destination: `Connected` or `WaitingForSource`.
+    pub state: String,
+    pub connected: bool,
+    /// Last LSN of the source's log (this group's on a source).
+    pub current_lsn: u64,
+    /// Source: last LSN the destination made durable; destination: last LSN durable here.
+    pub destination_durable_lsn: u64,
+    /// Log bytes the destination still lacks (source).
+    pub bytes_behind: u64,
+    /// Age of the oldest write the destination lacks, in milliseconds (source).
+    pub rpo_ms: u64,
+    /// Initial copy bytes the destination has not yet acknowledged (source).
+    pub copy_remaining_bytes: u64,
+    /// Initial copy bytes read and sent, and bytes skipped as holes (source).
+    pub copy_bytes_sent: u64,
+    pub copy_bytes_skipped: u64,
+    /// Destination: the initial copy is complete and durable.
+    pub copy_complete: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Why the connection last ended or was refused.
+    pub last_error: Option<String>,
 }

@@ -16,6 +16,9 @@ pub struct Export {
     pub size_bytes: u64,
     pub read_only: bool,
     pub description: String,
+    /// Why clients may not use the export now (a replication destination);
+    /// NBD_OPT_GO and NBD_OPT_INFO answer with this text (NBD_REP_ERR_POLICY).
+    pub refusal: Option<String>,
 }
 
 /// How a handshake ended.
@@ -40,6 +43,8 @@ pub enum HandshakeError {
     OptionTooLong { option: u32, length: u32 },
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client asked for export {name:?}, refused: {reason}")]
+    Refused { name: String, reason: String },
     #[error("client sent more than {MAX_OPTIONS} options")]
     TooManyOptions,
 }
@@ -78,7 +83,10 @@ pub fn handshake<S: Read + Write>(
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let export = find(&name).ok_or(HandshakeError::UnknownExport(name))?;
+                let export = find(&name).ok_or_else(|| HandshakeError::UnknownExport(name.clone()))?;
+                if let Some(reason) = export.refusal {
+                    return Err(HandshakeError::Refused { name, reason });
+                }
                 let mut reply = Vec::with_capacity(10 + 124);
                 reply.extend_from_slice(&export.size_bytes.to_be_bytes());
                 reply.extend_from_slice(&transmission_flags(&export).to_be_bytes());
@@ -158,6 +166,10 @@ fn info_or_go<S: Write>(
         )?;
         return Ok(None);
     };
+    if let Some(reason) = &export.refusal {
+        option_error(stream, option, REP_ERR_POLICY, reason)?;
+        return Ok(None);
+    }
     let mut info = Vec::with_capacity(12);
     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     info.extend_from_slice(&export.size_bytes.to_be_bytes());

@@ -26,7 +26,13 @@ impl Write for Duplex {
 }
 
 fn export() -> Export {
-    Export { name: "rg01/data".into(), size_bytes: 1 << 30, read_only: false, description: String::new() }
+    Export {
+        name: "rg01/data".into(),
+        size_bytes: 1 << 30,
+        read_only: false,
+        description: String::new(),
+        refusal: None,
+    }
 }
 
 fn find(name: &str) -> Option<Export> {

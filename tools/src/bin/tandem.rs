@@ -25,6 +25,9 @@ enum Command {
     /// Create, list, show and delete replication groups.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Create, show and remove partnerships (replication between two nodes).
+    #[command(subcommand)]
+    Partnership(PartnershipCommand),
     /// Status of every group: LSNs, log use, volumes, write counts and latency.
     Status {
         /// Print JSON instead of text.
@@ -65,6 +68,40 @@ enum GroupCommand {
     Delete { name: String },
 }
 
+#[derive(Subcommand)]
+enum PartnershipCommand {
+    /// Replicate a group of this node to a group of another node (run on the source node).
+    Create {
+        /// The group on this node whose writes are replicated.
+        #[arg(long)]
+        source_group: String,
+        /// The destination node's replication address, HOST[:PORT] (port 5445 by default).
+        #[arg(long)]
+        destination: String,
+        /// The group on the destination node that receives them (same volume sizes).
+        #[arg(long)]
+        destination_group: String,
+        /// sync: a write is acknowledged once both logs hold it; async: once this log holds it.
+        #[arg(long, default_value = "sync")]
+        mode: String,
+        /// Data channels (1 carries every frame in this version).
+        #[arg(long, default_value_t = 1)]
+        channels: u32,
+    },
+    /// Show the partnerships of this node (or of one group).
+    Show {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a group's partnership (on the source, the destination is told too).
+    Remove {
+        #[arg(long)]
+        group: String,
+    },
+}
+
 fn main() {
     let cli = Cli::parse();
     match run(&cli) {
@@ -83,6 +120,29 @@ fn main() {
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
         Command::Status { json } => print_groups(&call(&cli.api, &Request::Status)?, *json, true),
+        Command::Partnership(PartnershipCommand::Create {
+            source_group,
+            destination,
+            destination_group,
+            mode,
+            channels,
+        }) => {
+            let request = Request::PartnershipCreate {
+                source_group: source_group.clone(),
+                destination: destination.clone(),
+                destination_group: destination_group.clone(),
+                mode: mode.clone(),
+                channels: *channels,
+            };
+            print_message(&call(&cli.api, &request)?);
+        }
+        Command::Partnership(PartnershipCommand::Show { group, json }) => {
+            let body = call(&cli.api, &Request::PartnershipShow { group: group.clone() })?;
+            print_partnerships(&body, *json);
+        }
+        Command::Partnership(PartnershipCommand::Remove { group }) => {
+            print_message(&call(&cli.api, &Request::PartnershipRemove { group: group.clone() })?);
+        }
         Command::Group(GroupCommand::List { json }) => {
             print_groups(&call(&cli.api, &Request::GroupList)?, *json, false)
         }
@@ -194,6 +254,9 @@ fn print_detailed(g: &GroupStatus) {
     );
     println!("  reads         {} completed, {} read", g.reads_completed, format_size(g.bytes_read));
     println!("  checkpoints   {}   connections {}   epoch {}", g.checkpoints, g.connections, g.epoch);
+    if g.partnership.is_some() {
+        print_partnership(g);
+    }
     let r = &g.last_recovery;
     println!(
         "  last recovery replayed {} records ({}), LSN {}..{}, {} ms; stopped at {}",
@@ -204,4 +267,59 @@ fn print_detailed(g: &GroupStatus) {
         r.elapsed_ms,
         r.stopped
     );
+}
+
+fn print_partnerships(body: &ResponseBody, json: bool) {
+    let ResponseBody::Groups(groups) = body else { return };
+    if json {
+        let partnerships: Vec<serde_json::Value> = groups
+            .iter()
+            .filter_map(|g| {
+                let mut value = serde_json::to_value(g.partnership.as_ref()?).ok()?;
+                value["group"] = serde_json::Value::String(g.name.clone());
+                value["role"] = serde_json::Value::String(g.role.clone());
+                Some(value)
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&partnerships).expect("status serializes"));
+        return;
+    }
+    if groups.is_empty() {
+        println!("no partnerships; create one with `tandem partnership create --source-group G --destination HOST --destination-group G2`");
+        return;
+    }
+    for g in groups {
+        print_partnership(g);
+    }
+}
+
+fn print_partnership(g: &GroupStatus) {
+    let Some(p) = &g.partnership else { return };
+    let arrow = if g.role == "source" { "->" } else { "<-" };
+    println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
+    if g.role == "source" {
+        println!(
+            "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",
+            p.current_lsn,
+            p.destination_durable_lsn,
+            format_size(p.bytes_behind),
+            p.rpo_ms
+        );
+        println!(
+            "  initial copy  {} remaining, {} sent, {} skipped as holes",
+            format_size(p.copy_remaining_bytes),
+            format_size(p.copy_bytes_sent),
+            format_size(p.copy_bytes_skipped)
+        );
+    } else {
+        println!(
+            "  LSN           durable {}  initial copy {}",
+            p.destination_durable_lsn,
+            if p.copy_complete { "complete" } else { "in progress" }
+        );
+    }
+    println!("  traffic       {} sent, {} received", format_size(p.bytes_sent), format_size(p.bytes_received));
+    if let Some(error) = &p.last_error {
+        println!("  last error    {error}");
+    }
 }

@@ -37,6 +37,12 @@ fn run(args: &Args) -> Result<(), String> {
     let api = serve::bind_api(&config.node.api_socket)?;
     let nbd = TcpListener::bind(config.node.nbd_listen)
         .map_err(|e| format!("cannot listen for NBD on {}: {e}", config.node.nbd_listen))?;
+    let replication = TcpListener::bind(config.node.replication_listen).map_err(|e| {
+        format!(
+            "cannot listen for replication on {}: {e} (set node.replication_listen)",
+            config.node.replication_listen
+        )
+    })?;
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let api_path = config.node.api_socket.clone();
@@ -44,6 +50,7 @@ fn run(args: &Args) -> Result<(), String> {
     tracing::info!(
         node = %daemon.config.node.name,
         nbd = %daemon.config.node.nbd_listen,
+        replication = %daemon.config.node.replication_listen,
         api = %api_path.display(),
         cores = ?daemon.config.node.cores,
         "tandemd ready"
@@ -57,6 +64,16 @@ fn run(args: &Args) -> Result<(), String> {
     std::thread::Builder::new()
         .name("tandem-nbd-accept".into())
         .spawn(move || serve::serve_nbd(nbd_daemon, nbd))
+        .map_err(|e| e.to_string())?;
+    let replication_daemon = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("tandem-repl-accept".into())
+        .spawn(move || tandem_tools::replication::serve(replication_daemon, replication))
+        .map_err(|e| e.to_string())?;
+    let connector_daemon = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("tandem-repl-connect".into())
+        .spawn(move || tandem_tools::replication::run_connector(connector_daemon))
         .map_err(|e| e.to_string())?;
     let signal = signals.forever().next();
     tracing::info!(?signal, "stopping: draining groups and checkpointing volumes");

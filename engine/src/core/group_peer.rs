@@ -1,0 +1,370 @@
+//! The source side of a partnership inside the group's state machine: which
+//! records to ship and when, the initial block copy interleaved with them in
+//! one ordered stream, and the acknowledgement rule of sync mode.
+//!
+//! Records are shipped once they are durable in the local log (not in parallel
+//! with the append). So the destination never holds a record the source could
+//! lose in a torn tail, and its log is always a prefix of the source's chain:
+//! reconnection after a crash of either side needs no rollback. The price is
+//! latency in sync mode (local append, then the network and the remote append,
+//! one after the other); docs/ARCHITECTURE.md records this choice.
+//!
+//! The copy reads the source volumes chunk by chunk. A chunk is read under a
+//! fence: writes placed before it that overlap the chunk are applied first,
+//! later overlapping writes wait until the read is done, and the chunk enters
+//! the stream right after the last record placed before the fence. The
+//! destination applies the stream in order, so a newer write never loses to an
+//! older copy of its blocks.
+
+use super::{Action, ApplyOp, GroupCore};
+
+/// When a client write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    /// After the local log and the destination's log hold it.
+    Sync,
+    /// After the local log holds it; the destination follows.
+    Async,
+}
+
+/// How a source replicates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub mode: ReplicationMode,
+    /// Sync mode without a destination: hold writes (`true`, RPO 0 across
+    /// disconnects) or go on acknowledging after the local log (`false`).
+    pub hold_writes_when_lost: bool,
+    /// Bytes per initial-copy chunk.
+    pub copy_chunk_bytes: u32,
+    /// Size of every volume of the group, in order.
+    pub volume_sizes_bytes: Vec<u64>,
+    /// Log bytes shipped but not yet acknowledged before shipping pauses.
+    pub max_unacked_log_bytes: u64,
+    /// Copy bytes shipped but not yet acknowledged before copying pauses.
+    pub max_unacked_copy_bytes: u64,
+}
+
+/// How far the destination's initial copy has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPosition {
+    /// The next chunk starts here.
+    At { volume_index: u8, offset: u64 },
+    /// Every volume is copied (and the destination made it durable).
+    Done,
+}
+
+impl CopyPosition {
+    /// The copy progress a destination's superblock holds.
+    #[must_use]
+    pub fn from_entry(entry: &tandem_proto::PartnershipEntry) -> Self {
+        if entry.copy_state == tandem_proto::COPY_DONE {
+            Self::Done
+        } else {
+            let volume_index = u8::try_from(entry.copy_volume).unwrap_or(u8::MAX);
+            Self::At { volume_index, offset: entry.copy_offset }
+        }
+    }
+}
+
+/// What status calls the partnership's state (as Storage Replica does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationState {
+    WaitingForDestination,
+    InitialBlockCopy,
+    Recovering,
+    ContinuouslyReplicating,
+}
+
+impl ReplicationState {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::WaitingForDestination => "WaitingForDestination",
+            Self::InitialBlockCopy => "InitialBlockCopy",
+            Self::Recovering => "Recovering",
+            Self::ContinuouslyReplicating => "ContinuouslyReplicating",
+        }
+    }
+}
+
+/// A chunk being read under a fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fence {
+    pub chunk_id: u64,
+    pub volume_index: u8,
+    pub offset: u64,
+    pub length: u32,
+    /// The chunk shows the state after this LSN.
+    pub after_lsn: u64,
+    pub read_issued: bool,
+}
+
+impl Fence {
+    pub(super) fn holds(&self, apply: &ApplyOp) -> bool {
+        apply.lsn > self.after_lsn && self.overlaps(apply)
+    }
+
+    fn overlaps(&self, apply: &ApplyOp) -> bool {
+        apply.volume_index == self.volume_index
+            && apply.offset < self.offset + u64::from(self.length)
+            && self.offset < apply.offset + u64::from(apply.length)
+    }
+}
+
+/// Source-side shipping state.
+#[derive(Debug)]
+pub(super) struct Shipper {
+    pub config: PeerConfig,
+    pub connected: bool,
+    pub next_ship_lsn: u64,
+    /// Where the next chunk starts, as far as this side has shipped.
+    pub copy: CopyPosition,
+    /// The destination's durable copy progress (from its acknowledgements).
+    pub copy_acked: CopyPosition,
+    pub copy_done_sent: bool,
+    pub fence: Option<Fence>,
+    pub next_chunk_id: u64,
+    /// The local durable LSN when the connection came up: until the peer has
+    /// it, the partnership is catching up (`Recovering`).
+    pub catch_up_target_lsn: u64,
+}
+
+impl Shipper {
+    fn linear(&self, position: CopyPosition) -> u64 {
+        match position {
+            CopyPosition::Done => self.config.volume_sizes_bytes.iter().sum(),
+            CopyPosition::At { volume_index, offset } => {
+                self.config.volume_sizes_bytes[..usize::from(volume_index)].iter().sum::<u64>() + offset
+            }
+        }
+    }
+
+    /// The chunk after `position`, or `None` when the copy is complete.
+    fn chunk_at(&self, position: CopyPosition) -> Option<(u8, u64, u32)> {
+        let CopyPosition::At { mut volume_index, mut offset } = position else { return None };
+        loop {
+            let size = *self.config.volume_sizes_bytes.get(usize::from(volume_index))?;
+            if offset < size {
+                let length = (size - offset).min(u64::from(self.config.copy_chunk_bytes)) as u32;
+                return Some((volume_index, offset, length));
+            }
+            volume_index += 1;
+            offset = 0;
+        }
+    }
+}
+
+impl GroupCore {
+    /// Makes this group a replication source whose destination holds (or will
+    /// hold, through the initial copy) everything up to the returned LSN; every
+    /// later record is kept in the log until the destination acknowledges it.
+    pub fn attach_peer(&mut self, config: PeerConfig) -> u64 {
+        assert!(self.shipper.is_none(), "a group has at most one partnership");
+        let baseline_lsn = self.next_lsn - 1;
+        if self.retention.is_none() {
+            self.retention = Some(super::Retention::new(baseline_lsn, std::iter::empty()));
+        }
+        let baseline_lsn = self.retention.as_ref().expect("set above").peer_durable_lsn();
+        self.shipper = Some(Shipper {
+            config,
+            connected: false,
+            next_ship_lsn: baseline_lsn + 1,
+            copy: CopyPosition::At { volume_index: 0, offset: 0 },
+            copy_acked: CopyPosition::At { volume_index: 0, offset: 0 },
+            copy_done_sent: false,
+            fence: None,
+            next_chunk_id: 1,
+            catch_up_target_lsn: 0,
+        });
+        baseline_lsn
+    }
+
+    /// Ends the partnership: nothing is retained or shipped any more.
+    pub fn detach_peer(&mut self) {
+        self.shipper = None;
+        self.retention = None;
+    }
+
+    /// The destination is connected and holds every record up to
+    /// `peer_durable_lsn` and the copy up to `copy`. Refused (with the reason)
+    /// when this log no longer holds what the destination lacks, or when the
+    /// destination claims records this source never wrote.
+    pub fn peer_connected(&mut self, peer_durable_lsn: u64, copy: CopyPosition) -> Result<(), String> {
+        let last_lsn = self.next_lsn - 1;
+        let retention = self.retention.as_mut().expect("connected without a partnership");
+        let floor = retention.peer_durable_lsn();
+        if peer_durable_lsn > last_lsn {
+            return Err(format!(
+                "the destination holds records up to LSN {peer_durable_lsn} but this source has written only up to \
+                 LSN {last_lsn}; its log does not follow this group (remove and re-create the partnership)"
+            ));
+        }
+        if peer_durable_lsn < floor {
+            return Err(format!(
+                "the destination holds records up to LSN {peer_durable_lsn} but this source's log keeps records \
+                 only from LSN {} on; remove and re-create the partnership to copy the volumes again",
+                floor + 1
+            ));
+        }
+        retention.peer_durable(peer_durable_lsn);
+        let durable_lsn = self.durable_lsn;
+        let shipper = self.shipper.as_mut().expect("connected without a partnership");
+        shipper.connected = true;
+        shipper.next_ship_lsn = peer_durable_lsn + 1;
+        shipper.copy = copy;
+        shipper.copy_acked = copy;
+        shipper.copy_done_sent = copy == CopyPosition::Done;
+        shipper.fence = None;
+        shipper.catch_up_target_lsn = durable_lsn;
+        Ok(())
+    }
+
+    /// The connection to the destination is gone; a chunk being read is
+    /// abandoned (it is read again after reconnection).
+    pub fn peer_lost(&mut self) {
+        if let Some(shipper) = self.shipper.as_mut() {
+            shipper.connected = false;
+            shipper.fence = None;
+        }
+    }
+
+    /// The destination acknowledged its durable LSN and copy progress.
+    pub fn peer_acknowledged(&mut self, durable_lsn: u64, copy: CopyPosition) {
+        self.handle(super::Event::PeerDurable { lsn: durable_lsn });
+        if let Some(shipper) = self.shipper.as_mut() {
+            shipper.copy_acked = copy;
+        }
+    }
+
+    /// The chunk `chunk_id` was read and queued for sending after its records.
+    pub fn chunk_shipped(&mut self, chunk_id: u64) {
+        let Some(shipper) = self.shipper.as_mut() else { return };
+        let Some(fence) = shipper.fence.filter(|f| f.chunk_id == chunk_id) else { return };
+        shipper.fence = None;
+        let next =
+            CopyPosition::At { volume_index: fence.volume_index, offset: fence.offset + u64::from(fence.length) };
+        shipper.copy = match shipper.chunk_at(next) {
+            Some((volume_index, offset, _)) => CopyPosition::At { volume_index, offset },
+            None => CopyPosition::Done,
+        };
+    }
+
+    /// The partnership's state for status.
+    #[must_use]
+    pub fn replication_state(&self) -> Option<ReplicationState> {
+        let shipper = self.shipper.as_ref()?;
+        let peer_durable = self.retention.as_ref().map_or(0, super::Retention::peer_durable_lsn);
+        Some(if !shipper.connected {
+            ReplicationState::WaitingForDestination
+        } else if shipper.copy_acked != CopyPosition::Done {
+            ReplicationState::InitialBlockCopy
+        } else if peer_durable < shipper.catch_up_target_lsn {
+            ReplicationState::Recovering
+        } else {
+            ReplicationState::ContinuouslyReplicating
+        })
+    }
+
+    /// Bytes of the initial copy still to be acknowledged by the destination.
+    #[must_use]
+    pub fn copy_remaining_bytes(&self) -> u64 {
+        self.shipper.as_ref().map_or(0, |s| s.linear(CopyPosition::Done) - s.linear(s.copy_acked))
+    }
+
+    /// The destination's last acknowledged durable LSN.
+    #[must_use]
+    pub fn peer_durable_lsn(&self) -> Option<u64> {
+        self.retention.as_ref().map(super::Retention::peer_durable_lsn)
+    }
+
+    /// Sync mode with a complete copy waits for the destination before a write
+    /// is acknowledged; the returned LSN bounds what may complete.
+    pub(super) fn completion_limit_lsn(&self) -> u64 {
+        let Some(shipper) = self.shipper.as_ref() else { return self.durable_lsn };
+        let gated = shipper.config.mode == ReplicationMode::Sync
+            && shipper.copy_acked == CopyPosition::Done
+            && (shipper.connected || shipper.config.hold_writes_when_lost);
+        if gated {
+            self.durable_lsn.min(self.peer_durable_lsn().unwrap_or(0))
+        } else {
+            self.durable_lsn
+        }
+    }
+
+    /// Emits Ship actions for durable records (up to a fence), and starts,
+    /// issues and finishes the initial copy's chunks.
+    pub(super) fn ship(&mut self) {
+        let Some(shipper) = self.shipper.as_mut() else { return };
+        if !shipper.connected || self.failed.is_some() {
+            return;
+        }
+        let retention = self.retention.as_ref().expect("a shipper has retention");
+        let ship_limit = shipper.fence.map_or(self.durable_lsn, |f| f.after_lsn.min(self.durable_lsn));
+        let first_unacked = retention.records().next().map(|r| r.position);
+        while shipper.next_ship_lsn <= ship_limit {
+            let record = *retention.get(shipper.next_ship_lsn).expect("unacknowledged records are retained");
+            let unacked = first_unacked.map_or(0, |first| record.position - first);
+            if unacked >= shipper.config.max_unacked_log_bytes {
+                break;
+            }
+            self.actions.push(Action::Ship {
+                lsn: record.lsn,
+                position: record.position,
+                end_position: record.end_position,
+            });
+            shipper.next_ship_lsn += 1;
+        }
+        self.advance_copy();
+    }
+
+    fn advance_copy(&mut self) {
+        let next_lsn = self.next_lsn;
+        let shipper = self.shipper.as_mut().expect("checked by ship");
+        match shipper.fence {
+            None => {
+                let unacked = shipper.linear(shipper.copy) - shipper.linear(shipper.copy_acked);
+                if unacked >= shipper.config.max_unacked_copy_bytes {
+                    return;
+                }
+                match shipper.chunk_at(shipper.copy) {
+                    Some((volume_index, offset, length)) => {
+                        let chunk_id = shipper.next_chunk_id;
+                        shipper.next_chunk_id += 1;
+                        let after_lsn = next_lsn - 1;
+                        shipper.fence =
+                            Some(Fence { chunk_id, volume_index, offset, length, after_lsn, read_issued: false });
+                    }
+                    None if !shipper.copy_done_sent && shipper.next_ship_lsn > self.durable_lsn => {
+                        shipper.copy_done_sent = true;
+                        self.actions.push(Action::SendCopyDone { after_lsn: shipper.next_ship_lsn - 1 });
+                    }
+                    None => {}
+                }
+            }
+            Some(fence) if !fence.read_issued => {
+                let shipped = shipper.next_ship_lsn > fence.after_lsn;
+                let applied = !self
+                    .apply_inflight
+                    .iter()
+                    .chain(self.apply_queue.iter())
+                    .any(|a| a.lsn <= fence.after_lsn && fence.overlaps(a));
+                if shipped && applied {
+                    shipper.fence = Some(Fence { read_issued: true, ..fence });
+                    self.actions.push(Action::ReadChunk {
+                        chunk_id: fence.chunk_id,
+                        volume_index: fence.volume_index,
+                        offset: fence.offset,
+                        length: fence.length,
+                        after_lsn: fence.after_lsn,
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The fence of the chunk being copied, which holds back overlapping applies.
+    pub(super) fn fence(&self) -> Option<Fence> {
+        self.shipper.as_ref().and_then(|s| s.fence)
+    }
+}

@@ -1,0 +1,167 @@
+//! Partnership changes of a group on its core: becoming a source or a
+//! destination, connecting, and removal. Each persists the superblock's role
+//! and partnership through a checkpoint before it is answered.
+
+use crossbeam_channel::Sender;
+use tandem_proto::{PartnershipEntry, ROLE_DESTINATION, ROLE_SOURCE, ROLE_STANDALONE};
+
+use super::group_io::GroupRt;
+use super::replica_dest::DestinationLink;
+use super::replica_source::SourceLink;
+use crate::core::{CopyPosition, PeerConfig, ReplicationMode};
+
+/// Settings of the source side that are not stored in the superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerDefaults {
+    /// `on_peer_loss = "block"`: sync writes wait for the destination.
+    pub hold_writes_when_lost: bool,
+    pub copy_chunk_bytes: u32,
+}
+
+impl Default for PeerDefaults {
+    fn default() -> Self {
+        Self { hold_writes_when_lost: false, copy_chunk_bytes: 1 << 20 }
+    }
+}
+
+/// What a destination reports when its source connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationState {
+    pub partnership_id: [u8; 16],
+    pub durable_lsn: u64,
+    pub copy: CopyPosition,
+    pub connected: bool,
+}
+
+impl GroupRt {
+    pub(super) fn peer_config(&self, defaults: PeerDefaults) -> PeerConfig {
+        let mode = if self.superblock.partnership.mode == tandem_proto::MODE_SYNC {
+            ReplicationMode::Sync
+        } else {
+            ReplicationMode::Async
+        };
+        PeerConfig {
+            mode,
+            hold_writes_when_lost: defaults.hold_writes_when_lost,
+            copy_chunk_bytes: defaults.copy_chunk_bytes,
+            volume_sizes_bytes: self.volumes.iter().map(|v| v.size_bytes).collect(),
+            max_unacked_log_bytes: 64 << 20,
+            max_unacked_copy_bytes: 16 << 20,
+        }
+    }
+
+    /// Sets up the links a group's superblock calls for (at start-up).
+    pub(super) fn restore_partnership(&mut self, defaults: PeerDefaults) {
+        match self.superblock.role {
+            ROLE_SOURCE => {
+                self.core.attach_peer(self.peer_config(defaults));
+                self.source = Some(SourceLink::default());
+            }
+            ROLE_DESTINATION => {
+                let copy = CopyPosition::from_entry(&self.superblock.partnership);
+                self.destination = Some(DestinationLink::new(copy));
+            }
+            _ => {}
+        }
+    }
+
+    /// Makes this group a source; answers with the LSN after which records
+    /// are shipped (everything before it comes with the initial copy).
+    pub fn become_source(&mut self, entry: PartnershipEntry, defaults: PeerDefaults) -> Result<u64, String> {
+        if self.superblock.role != ROLE_STANDALONE {
+            return Err(format!("group {} is already in a partnership", self.name));
+        }
+        self.superblock.role = ROLE_SOURCE;
+        self.superblock.partnership = entry;
+        let baseline_lsn = self.core.attach_peer(self.peer_config(defaults));
+        self.source = Some(SourceLink::default());
+        Ok(baseline_lsn)
+    }
+
+    /// A destination can take over its source's LSN sequence only with an
+    /// empty, checkpointed log and no clients.
+    #[must_use]
+    pub fn ready_to_become_destination(&self) -> bool {
+        self.connections == 0 && self.core.is_fully_checkpointed() && self.core.snapshot().log_used_bytes == 0
+    }
+
+    /// Makes this (ready) group a destination continuing at `baseline_lsn + 1`.
+    /// A new epoch starts at the head, so no record of the earlier sequence
+    /// can ever be mistaken for one of the source's.
+    pub fn become_destination(&mut self, entry: PartnershipEntry, baseline_lsn: u64) {
+        assert!(self.ready_to_become_destination(), "checked by the caller");
+        self.superblock.role = ROLE_DESTINATION;
+        self.superblock.partnership = entry;
+        self.superblock.epoch += 1;
+        let head = self.core.head_position();
+        self.superblock.epoch_start_position = head;
+        self.core.rebase(baseline_lsn, self.superblock.epoch);
+        self.destination = Some(DestinationLink::new(CopyPosition::At { volume_index: 0, offset: 0 }));
+    }
+
+    /// Ends the partnership on this side (the connection is closed by the caller).
+    pub fn leave_partnership(&mut self) {
+        self.superblock.role = ROLE_STANDALONE;
+        self.superblock.partnership = PartnershipEntry::default_zeroed();
+        self.core.detach_peer();
+        self.source = None;
+        self.destination = None;
+    }
+
+    /// What this destination tells a connecting source.
+    #[must_use]
+    pub fn destination_state(&self) -> Option<DestinationState> {
+        let link = self.destination.as_ref()?;
+        Some(DestinationState {
+            partnership_id: self.superblock.partnership.id,
+            durable_lsn: self.core.snapshot().durable_lsn,
+            copy: if link.copy_done_received { link.copy_to_persist() } else { link.copy_written },
+            connected: link.conn.is_some(),
+        })
+    }
+
+    /// Replies once the superblock with the current partnership is durable.
+    pub fn persist_partnership(&mut self, reply: Sender<Result<(), String>>) {
+        self.persist_then_reply(reply);
+    }
+}
+
+impl GroupRt {
+    /// The partnership part of status (connection byte counts are added by
+    /// the reactor, which owns the connection).
+    #[must_use]
+    pub fn partnership_status(&self) -> Option<super::status::PartnershipStatus> {
+        let p = &self.superblock.partnership;
+        let text = |field: &[u8]| tandem_proto::read_fixed_str(field).unwrap_or_default().to_owned();
+        let snapshot = self.core.snapshot();
+        let mut status = super::status::PartnershipStatus {
+            id: p.id.iter().map(|b| format!("{b:02x}")).collect(),
+            mode: if p.mode == tandem_proto::MODE_SYNC { "sync" } else { "async" }.to_owned(),
+            peer_node: text(&p.peer_node),
+            peer_group: text(&p.peer_group),
+            peer_address: text(&p.peer_address),
+            current_lsn: snapshot.current_lsn,
+            ..Default::default()
+        };
+        if let Some(link) = self.source.as_ref() {
+            let peer_durable = self.core.peer_durable_lsn().unwrap_or(0);
+            status.state = self.core.replication_state().map_or("", |s| s.name()).to_owned();
+            status.connected = link.conn.is_some();
+            status.destination_durable_lsn = peer_durable;
+            status.bytes_behind = self.core.retained().map(|r| r.end_position - r.position).sum();
+            status.rpo_ms = link.rpo_ms(peer_durable, std::time::Instant::now());
+            status.copy_remaining_bytes = self.core.copy_remaining_bytes();
+            status.copy_bytes_sent = self.copy_bytes_read;
+            status.copy_bytes_skipped = self.copy_bytes_skipped;
+            status.last_error.clone_from(&link.last_error);
+        } else if let Some(link) = self.destination.as_ref() {
+            status.connected = link.conn.is_some();
+            status.state = if status.connected { "Connected" } else { "WaitingForSource" }.to_owned();
+            status.destination_durable_lsn = snapshot.durable_lsn;
+            status.copy_complete = link.copy_persisted == CopyPosition::Done;
+        } else {
+            return None;
+        }
+        Some(status)
+    }
+}

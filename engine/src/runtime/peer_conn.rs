@@ -1,0 +1,366 @@
+//! A replication connection on its group's core: frames in (records, acks,
+//! copy data) and frames out, all through the core's io_uring.
+//!
+//! Outgoing frames reference their payload where it already lives (the
+//! record buffer of a write, a log or volume read) and go out in batches with
+//! sendmsg; incoming frames are parsed from a receive buffer and their payloads
+//! gathered into O_DIRECT-aligned buffers ready for the log and the volume.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use tandem_proto::{FrameHeader, RecordHeader, FRAME_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC};
+
+use super::buf::AlignedBuf;
+use super::io::{Io, Op};
+use crate::core::group::errno_text;
+
+const RECV_BUF_BYTES: usize = 1 << 20;
+const MAX_SEND_FRAMES: usize = 64;
+/// Received frames waiting for the group before the connection stops reading.
+const MAX_RECEIVED_FRAMES: usize = 4096;
+/// Send a heartbeat when nothing else went out for this long.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Declare the peer lost when nothing arrived for this long.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bytes of a frame payload: a range of a shared buffer.
+#[derive(Debug, Clone)]
+pub struct SharedBytes {
+    pub buf: Rc<AlignedBuf>,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// A frame to send.
+#[derive(Debug)]
+pub struct OutFrame {
+    pub header: [u8; RECORD_HEADER_BYTES],
+    pub payload: Option<SharedBytes>,
+    /// Bytes already sent (of header, then payload).
+    pub sent: usize,
+}
+
+impl OutFrame {
+    #[must_use]
+    pub fn new(header: &[u8], payload: Option<SharedBytes>) -> Self {
+        Self { header: header.try_into().expect("64-byte header"), payload, sent: 0 }
+    }
+
+    fn len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.payload.as_ref().map_or(0, |p| p.len)
+    }
+
+    fn push_iovecs(&self, iovecs: &mut Vec<libc::iovec>) {
+        if self.sent < RECORD_HEADER_BYTES {
+            let rest = &self.header[self.sent..];
+            iovecs.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        }
+        if let Some(p) = &self.payload {
+            let skip = self.sent.saturating_sub(RECORD_HEADER_BYTES);
+            let bytes = &p.buf[p.start + skip..p.start + p.len];
+            if !bytes.is_empty() {
+                iovecs.push(libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() });
+            }
+        }
+    }
+}
+
+/// A frame received.
+#[derive(Debug)]
+pub enum InFrame {
+    /// A log record; `buf` holds a header sector then the payload (for writes).
+    Record { header: RecordHeader, buf: Option<AlignedBuf> },
+    /// Any other frame; `payload` (CopyData) is aligned for direct IO.
+    Control { header: FrameHeader, payload: Option<AlignedBuf> },
+}
+
+impl InFrame {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Self::Record { buf, .. } | Self::Control { payload: buf, .. } => buf.as_ref().map_or(0, |b| b.len()),
+        }
+    }
+}
+
+enum Gather {
+    Record { header: RecordHeader, buf: AlignedBuf, at: usize, end: usize },
+    Control { header: FrameHeader, buf: AlignedBuf, at: usize },
+}
+
+/// One replication connection.
+pub struct PeerConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub group: usize,
+    pub peer: String,
+    sector_bytes: usize,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    gather: Option<Gather>,
+    pub recv_inflight: bool,
+    pub send_inflight: bool,
+    send_broken: bool,
+    pub closing: bool,
+    pub close_reason: String,
+    queue: VecDeque<OutFrame>,
+    pub queued_bytes: usize,
+    pub received: VecDeque<InFrame>,
+    received_bytes_pending: usize,
+    last_recv: Instant,
+    last_send: Instant,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl PeerConn {
+    #[must_use]
+    pub fn new(id: u64, stream: TcpStream, group: usize, sector_bytes: usize) -> Self {
+        let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        let now = Instant::now();
+        Self {
+            id,
+            stream,
+            group,
+            peer,
+            sector_bytes,
+            rbuf: vec![0u8; RECV_BUF_BYTES].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            gather: None,
+            recv_inflight: false,
+            send_inflight: false,
+            send_broken: false,
+            closing: false,
+            close_reason: String::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            received: VecDeque::new(),
+            received_bytes_pending: 0,
+            last_recv: now,
+            last_send: now,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// Queues a frame behind every frame queued before it.
+    pub fn send(&mut self, frame: OutFrame) {
+        self.queued_bytes += frame.len();
+        self.queue.push_back(frame);
+    }
+
+    /// Takes the next received frame.
+    pub fn take_received(&mut self) -> Option<InFrame> {
+        let frame = self.received.pop_front()?;
+        self.received_bytes_pending -= frame.payload_bytes();
+        Some(frame)
+    }
+
+    /// Puts a frame back at the front (the group cannot take it yet).
+    pub fn put_back(&mut self, frame: InFrame) {
+        self.received_bytes_pending += frame.payload_bytes();
+        self.received.push_front(frame);
+    }
+
+    /// Starts closing; the group is told once nothing is in flight.
+    pub fn close(&mut self, reason: &str) {
+        if !self.closing {
+            tracing::warn!(peer = %self.peer, reason, "replication connection closing");
+            self.closing = true;
+            self.close_reason = reason.to_owned();
+        }
+        // SAFETY: shutdown on a socket this connection owns wakes pending IO.
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    #[must_use]
+    pub fn can_drop(&self) -> bool {
+        self.closing && !self.recv_inflight && !self.send_inflight
+    }
+
+    /// Heartbeat and timeout: returns true when a heartbeat should be queued.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        if self.closing {
+            return false;
+        }
+        if now.duration_since(self.last_recv) > PEER_TIMEOUT {
+            self.close(&format!("nothing received for {} s", PEER_TIMEOUT.as_secs()));
+            return false;
+        }
+        self.queue.is_empty() && !self.send_inflight && now.duration_since(self.last_send) >= HEARTBEAT_INTERVAL
+    }
+
+    /// Posts a receive and a send as needed.
+    pub fn post_io(&mut self, io: &mut Io, key: usize) {
+        let room = self.received.len() < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
+        if !self.closing && !self.recv_inflight && room && self.rend < self.rbuf.len() {
+            let fd = types::Fd(self.stream.as_raw_fd());
+            // SAFETY: rend < rbuf.len().
+            let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rend) };
+            let len = (self.rbuf.len() - self.rend) as u32;
+            self.recv_inflight = true;
+            io.submit(Op::PeerRecv { peer: key }, |_| opcode::Recv::new(fd, ptr, len).build());
+        }
+        if !self.closing && !self.send_inflight && !self.send_broken && !self.queue.is_empty() {
+            self.post_send(io, key);
+        }
+    }
+
+    fn post_send(&mut self, io: &mut Io, key: usize) {
+        let count = self.queue.len().min(MAX_SEND_FRAMES);
+        let frames: Vec<OutFrame> = self.queue.drain(..count).collect();
+        let mut iovecs = Vec::with_capacity(frames.len() * 2);
+        for frame in &frames {
+            frame.push_iovecs(&mut iovecs);
+        }
+        let iovecs = iovecs.into_boxed_slice();
+        // SAFETY: msghdr is plain old data; zero is a valid empty header.
+        let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msghdr.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
+        msghdr.msg_iovlen = iovecs.len();
+        self.send_inflight = true;
+        let fd = types::Fd(self.stream.as_raw_fd());
+        io.submit(Op::PeerSend { peer: key, frames, iovecs, msghdr }, |op| {
+            let Op::PeerSend { msghdr, .. } = op else { unreachable!() };
+            opcode::SendMsg::new(fd, &**msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
+        });
+    }
+
+    /// Completion of a send: frames not fully sent go back to the front.
+    pub fn send_done(&mut self, frames: Vec<OutFrame>, result: i32) {
+        self.send_inflight = false;
+        if result < 0 {
+            self.send_broken = true;
+            self.close(&format!("send failed: {}", errno_text(-result)));
+            return;
+        }
+        let mut sent = result as usize;
+        self.bytes_sent += sent as u64;
+        self.queued_bytes -= sent;
+        self.last_send = Instant::now();
+        let mut rest = Vec::new();
+        for mut frame in frames {
+            let left = frame.len() - frame.sent;
+            if sent >= left {
+                sent -= left;
+                continue;
+            }
+            frame.sent += sent;
+            sent = 0;
+            rest.push(frame);
+        }
+        for frame in rest.into_iter().rev() {
+            self.queue.push_front(frame);
+        }
+    }
+
+    /// Completion of a receive: parses every complete frame.
+    pub fn recv_done(&mut self, result: i32) {
+        self.recv_inflight = false;
+        if result <= 0 {
+            let reason = if result == 0 { "peer closed the connection".to_owned() } else { errno_text(-result) };
+            self.close(&reason);
+            return;
+        }
+        self.rend += result as usize;
+        self.bytes_received += result as u64;
+        self.last_recv = Instant::now();
+        if let Err(reason) = self.parse() {
+            self.close(&reason);
+        }
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart > 0 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+    }
+
+    fn parse(&mut self) -> Result<(), String> {
+        loop {
+            if self.gather.is_some() {
+                if !self.fill_gather()? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let available = &self.rbuf[self.rstart..self.rend];
+            if available.len() < RECORD_HEADER_BYTES {
+                return Ok(());
+            }
+            let magic = u32::from_le_bytes(available[..4].try_into().expect("4 bytes"));
+            let raw = &available[..RECORD_HEADER_BYTES];
+            self.rstart += RECORD_HEADER_BYTES;
+            match magic {
+                RECORD_MAGIC => {
+                    let header = RecordHeader::decode(raw).map_err(|e| format!("malformed record frame: {e}"))?;
+                    let payload = header.payload_bytes() as usize;
+                    if payload == 0 {
+                        self.deliver(InFrame::Record { header, buf: None });
+                        continue;
+                    }
+                    let sector = self.sector_bytes;
+                    let padded = tandem_proto::align_up(payload as u64, sector as u64) as usize;
+                    let buf = AlignedBuf::zeroed(sector + padded);
+                    self.gather = Some(Gather::Record { header, buf, at: sector, end: sector + payload });
+                }
+                FRAME_MAGIC => {
+                    let header = FrameHeader::decode(raw).map_err(|e| format!("malformed frame: {e}"))?;
+                    let payload = header.payload_bytes() as usize;
+                    if payload == 0 {
+                        self.deliver(InFrame::Control { header, payload: None });
+                        continue;
+                    }
+                    let buf = AlignedBuf::zeroed(payload);
+                    self.gather = Some(Gather::Control { header, buf, at: 0 });
+                }
+                other => return Err(format!("malformed frame: unknown magic {other:#010x}")),
+            }
+        }
+    }
+
+    /// Copies received bytes into the payload being gathered; true when done.
+    fn fill_gather(&mut self) -> Result<bool, String> {
+        let available = self.rend - self.rstart;
+        let (buf, at, end) = match self.gather.as_mut().expect("checked") {
+            Gather::Record { buf, at, end, .. } => (buf, at, *end),
+            Gather::Control { buf, at, .. } => {
+                let end = buf.len();
+                (buf, at, end)
+            }
+        };
+        let take = available.min(end - *at);
+        buf[*at..*at + take].copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+        *at += take;
+        self.rstart += take;
+        if *at < end {
+            return Ok(false);
+        }
+        match self.gather.take().expect("checked") {
+            Gather::Record { header, buf, end, .. } => {
+                header
+                    .verify_payload(&buf[self.sector_bytes..end])
+                    .map_err(|e| format!("record frame LSN {}: {e}", header.lsn))?;
+                self.deliver(InFrame::Record { header, buf: Some(buf) });
+            }
+            Gather::Control { header, buf, .. } => {
+                header.verify_payload(&buf).map_err(|e| format!("copy frame at {}: {e}", header.offset))?;
+                self.deliver(InFrame::Control { header, payload: Some(buf) });
+            }
+        }
+        Ok(true)
+    }
+
+    fn deliver(&mut self, frame: InFrame) {
+        self.received_bytes_pending += frame.payload_bytes();
+        self.received.push_back(frame);
+    }
+}

@@ -1,0 +1,273 @@
+//! The reactor's replication connections: partnership messages from the
+//! control plane, frames in and out, heartbeats, and loss of a peer.
+
+use std::net::TcpStream;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE};
+
+use super::Reactor;
+use crate::core::CopyPosition;
+use crate::runtime::peer_conn::{InFrame, OutFrame, PeerConn};
+
+/// A group waiting to be idle before it becomes a destination.
+pub(super) struct PendingDestination {
+    group: String,
+    entry: PartnershipEntry,
+    baseline_lsn: u64,
+    reply: Sender<Result<(), String>>,
+    since: Instant,
+}
+
+impl Reactor {
+    pub(super) fn become_source(&mut self, group: &str, entry: PartnershipEntry, reply: Sender<Result<u64, String>>) {
+        let Some(index) = self.find_group(group) else {
+            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+            return;
+        };
+        let defaults = self.peer_defaults;
+        let rt = self.groups[index].as_mut().expect("found");
+        match rt.become_source(entry, defaults) {
+            Ok(baseline_lsn) => {
+                // Answer with the baseline once the superblock says "source".
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                rt.persist_partnership(tx);
+                std::thread::spawn(move || {
+                    let result = rx.recv().unwrap_or_else(|_| Err("the group went away".to_owned()));
+                    let _ = reply.send(result.map(|()| baseline_lsn));
+                });
+            }
+            Err(reason) => {
+                let _ = reply.send(Err(reason));
+            }
+        }
+    }
+
+    pub(super) fn become_destination(
+        &mut self,
+        group: String,
+        entry: PartnershipEntry,
+        baseline_lsn: u64,
+        reply: Sender<Result<(), String>>,
+    ) {
+        let Some(index) = self.find_group(&group) else {
+            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+            return;
+        };
+        let rt = self.groups[index].as_mut().expect("found");
+        if rt.superblock.role != tandem_proto::ROLE_STANDALONE {
+            let _ = reply.send(Err(format!("group {group} is already in a partnership")));
+            return;
+        }
+        if rt.connections > 0 {
+            let _ = reply.send(Err(format!(
+                "the volumes of {group} are in use by {} client connection(s); disconnect them first",
+                rt.connections
+            )));
+            return;
+        }
+        rt.core.handle(crate::core::Event::CheckpointRequested);
+        self.pending_destinations.push(PendingDestination { group, entry, baseline_lsn, reply, since: Instant::now() });
+    }
+
+    /// Groups waiting to become destinations do so once their log is empty.
+    pub(super) fn progress_pending_destinations(&mut self) {
+        let mut index = 0;
+        while index < self.pending_destinations.len() {
+            let pending = &self.pending_destinations[index];
+            let Some(slot) = self.find_group(&pending.group) else {
+                let pending = self.pending_destinations.swap_remove(index);
+                let _ = pending.reply.send(Err(format!("group {} went away", pending.group)));
+                continue;
+            };
+            let rt = self.groups[slot].as_mut().expect("found");
+            if rt.ready_to_become_destination() {
+                let pending = self.pending_destinations.swap_remove(index);
+                rt.become_destination(pending.entry, pending.baseline_lsn);
+                rt.persist_partnership(pending.reply);
+                continue;
+            }
+            if pending.since.elapsed().as_secs() > 30 {
+                let pending = self.pending_destinations.swap_remove(index);
+                let _ = pending.reply.send(Err(format!(
+                    "group {} did not become idle within 30 s (writes in flight or log not checkpointed)",
+                    pending.group
+                )));
+                continue;
+            }
+            rt.core.handle(crate::core::Event::CheckpointRequested);
+            index += 1;
+        }
+    }
+
+    pub(super) fn attach_peer(
+        &mut self,
+        group: &str,
+        stream: TcpStream,
+        source_view: Option<(u64, CopyPosition)>,
+    ) -> Result<(), String> {
+        let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
+        if self.peers.iter().any(|(_, p)| p.group == index && !p.closing) {
+            return Err(format!("group {group} already has a replication connection"));
+        }
+        let rt = self.groups[index].as_mut().expect("found");
+        let sector = rt.sector_bytes();
+        let _ = stream.set_nodelay(true);
+        set_socket_buffers(&stream);
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        match (source_view, rt.source.as_mut(), rt.destination.as_mut()) {
+            (Some((durable_lsn, copy)), Some(_), None) => {
+                rt.core.peer_connected(durable_lsn, copy).inspect_err(|reason| {
+                    if let Some(link) = rt.source.as_mut() {
+                        link.last_error = Some(reason.clone());
+                    }
+                })?;
+                let key = self.peers.insert(PeerConn::new(id, stream, index, sector));
+                let link = rt.source.as_mut().expect("checked");
+                link.conn = Some((key, id));
+                link.last_error = None;
+            }
+            (None, None, Some(_)) => {
+                let key = self.peers.insert(PeerConn::new(id, stream, index, sector));
+                rt.destination.as_mut().expect("checked").conn = Some((key, id));
+            }
+            _ => return Err(format!("group {group} does not have that role in a partnership")),
+        }
+        tracing::info!(group, "replication connection up");
+        Ok(())
+    }
+
+    pub(super) fn leave_partnership(&mut self, group: &str, reply: Sender<Result<(), String>>) {
+        let Some(index) = self.find_group(group) else {
+            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+            return;
+        };
+        for (_, peer) in &mut self.peers {
+            if peer.group == index {
+                peer.close("partnership removed");
+            }
+        }
+        let rt = self.groups[index].as_mut().expect("found");
+        rt.leave_partnership();
+        rt.persist_partnership(reply);
+    }
+
+    /// Received frames go to their groups (a destination may leave some for later).
+    pub(super) fn take_peer_frames(&mut self) {
+        for (_, peer) in &mut self.peers {
+            let Some(rt) = self.groups[peer.group].as_mut() else { continue };
+            if rt.destination.is_some() {
+                rt.take_frames(peer, &mut self.io, peer.group);
+                continue;
+            }
+            while let Some(frame) = peer.take_received() {
+                let InFrame::Control { header, .. } = frame else {
+                    peer.close("the destination sent a log record, which only a source sends");
+                    break;
+                };
+                match header.frame_kind() {
+                    FrameKind::Heartbeat => {}
+                    FrameKind::Ack => {
+                        let current = rt.core.snapshot().current_lsn;
+                        if header.lsn > current {
+                            peer.close(&format!(
+                                "the destination acknowledged LSN {} beyond this source's last LSN {current}",
+                                header.lsn
+                            ));
+                            break;
+                        }
+                        let copy = if header.flags & ACK_FLAG_COPY_DONE != 0 {
+                            CopyPosition::Done
+                        } else {
+                            CopyPosition::At { volume_index: header.volume_index, offset: header.offset }
+                        };
+                        rt.core.peer_acknowledged(header.lsn, copy);
+                    }
+                    other => {
+                        peer.close(&format!("the destination sent a {other:?} frame, which only a source sends"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves outgoing frames to the connections, posts IO, and drops closed
+    /// connections (the group learns it lost its peer).
+    pub(super) fn progress_peers(&mut self) {
+        let mut dropped = Vec::new();
+        for (key, peer) in &mut self.peers {
+            if let Some(rt) = self.groups[peer.group].as_mut() {
+                if rt.close_peer {
+                    rt.close_peer = false;
+                    peer.close("an IO error on this node stopped replication");
+                }
+                if let Some(link) = rt.source.as_mut().filter(|l| l.conn.map(|c| c.0) == Some(key)) {
+                    for frame in link.take_ready() {
+                        peer.send(frame);
+                    }
+                }
+                if let Some(frame) = rt.ack_frame() {
+                    peer.send(frame);
+                }
+            }
+            if peer.can_drop() {
+                dropped.push(key);
+                continue;
+            }
+            peer.post_io(&mut self.io, key);
+        }
+        for key in dropped {
+            let peer = self.peers.remove(key);
+            let Some(rt) = self.groups[peer.group].as_mut() else { continue };
+            if let Some(link) = rt.source.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
+                link.disconnected();
+                link.last_error = Some(peer.close_reason.clone());
+                rt.core.peer_lost();
+            }
+            if let Some(link) = rt.destination.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
+                link.disconnected();
+            }
+            tracing::warn!(group = %rt.name, peer = %peer.peer, reason = %peer.close_reason, "replication connection lost");
+        }
+    }
+
+    pub(super) fn tick_peers(&mut self) {
+        let now = Instant::now();
+        for (_, peer) in &mut self.peers {
+            if peer.tick(now) {
+                let durable = self.groups[peer.group].as_ref().map_or(0, |g| g.core.snapshot().durable_lsn);
+                let header = FrameHeader::new(FrameKind::Heartbeat, 0, 0, durable, 0, 0);
+                peer.send(OutFrame::new(header.as_bytes(), None));
+            }
+        }
+    }
+
+    pub(super) fn close_group_peers(&mut self, index: usize, reason: &str) {
+        for (_, peer) in &mut self.peers {
+            if peer.group == index {
+                peer.close(reason);
+            }
+        }
+    }
+}
+
+/// Large socket buffers keep a long-distance link full.
+fn set_socket_buffers(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 4 << 20;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt with a valid int on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&bytes).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}

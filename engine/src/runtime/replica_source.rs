@@ -1,0 +1,259 @@
+//! The source side of a partnership on the group's core: executes the core's
+//! Ship, ReadChunk and SendCopyDone actions into an ordered outbox, from
+//! memory when the record's buffer is still held and from the log otherwise.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+use tandem_proto::{FrameHeader, FrameKind, RecordHeader, RecordKind, RING_OFFSET_BYTES};
+
+use super::buf::AlignedBuf;
+use super::group_io::GroupRt;
+use super::io::{Io, Op};
+use super::peer_conn::{OutFrame, SharedBytes};
+use crate::core::{LogRecord, WriteId};
+
+/// Records remembered for shipping from memory; beyond this many the rest is
+/// read back from the log.
+const MAX_UNSHIPPED_IN_MEMORY: usize = 65_536;
+
+/// Where a record waiting to be shipped can be found without reading the log.
+#[derive(Debug, Clone, Copy)]
+enum Unshipped {
+    Write(WriteId),
+    Header(RecordHeader),
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    frame: Option<OutFrame>,
+}
+
+/// Shipping state of a source group.
+#[derive(Debug, Default)]
+pub struct SourceLink {
+    /// The connection to the destination (reactor key and id), when connected.
+    pub conn: Option<(usize, u64)>,
+    unshipped: BTreeMap<u64, Unshipped>,
+    outbox: VecDeque<Slot>,
+    next_slot_id: u64,
+    /// (durable LSN, when it became durable): the age of the oldest record the
+    /// destination lacks is the RPO.
+    durable_times: VecDeque<(u64, Instant)>,
+    pub last_error: Option<String>,
+}
+
+impl SourceLink {
+    /// Remembers the records of an append for shipping from memory.
+    pub fn appended(&mut self, records: &[LogRecord]) {
+        for record in records {
+            if record.header.record_kind() == RecordKind::Pad || self.unshipped.len() >= MAX_UNSHIPPED_IN_MEMORY {
+                continue;
+            }
+            let entry = match record.write_id {
+                Some(id) if record.header.record_kind() == RecordKind::Write => Unshipped::Write(id),
+                _ => Unshipped::Header(record.header),
+            };
+            self.unshipped.insert(record.header.lsn, entry);
+        }
+    }
+
+    /// The connection is gone: what was queued is shipped again after the
+    /// reconnection, from the destination's durable LSN.
+    pub fn disconnected(&mut self) {
+        self.conn = None;
+        self.outbox.clear();
+    }
+
+    /// Frames ready to send, in stream order.
+    pub fn take_ready(&mut self) -> impl Iterator<Item = OutFrame> + '_ {
+        std::iter::from_fn(move || {
+            if self.outbox.front().is_some_and(|s| s.frame.is_some()) {
+                self.outbox.pop_front().and_then(|s| s.frame)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn reserve(&mut self) -> u64 {
+        let id = self.next_slot_id;
+        self.next_slot_id += 1;
+        self.outbox.push_back(Slot { id, frame: None });
+        id
+    }
+
+    fn push(&mut self, frame: OutFrame) {
+        let id = self.reserve();
+        self.fill(id, frame);
+    }
+
+    fn fill(&mut self, id: u64, frame: OutFrame) {
+        if let Some(slot) = self.outbox.iter_mut().find(|s| s.id == id) {
+            slot.frame = Some(frame);
+        }
+    }
+
+    /// Notes that the local log became durable up to `lsn` now, and forgets
+    /// what the destination has.
+    pub fn durable_advanced(&mut self, lsn: u64, peer_durable_lsn: u64, now: Instant) {
+        if self.durable_times.back().is_none_or(|(last, _)| *last < lsn) {
+            self.durable_times.push_back((lsn, now));
+        }
+        // An entry covers the records after its predecessor up to its LSN.
+        while self.durable_times.len() > 1 && self.durable_times[1].0 <= peer_durable_lsn {
+            self.durable_times.pop_front();
+        }
+        if self.durable_times.front().is_some_and(|(lsn, _)| *lsn <= peer_durable_lsn) {
+            self.durable_times.pop_front();
+        }
+    }
+
+    /// Current RPO: age of the oldest durable record the destination lacks.
+    #[must_use]
+    pub fn rpo_ms(&self, peer_durable_lsn: u64, now: Instant) -> u64 {
+        self.durable_times
+            .iter()
+            .find(|(lsn, _)| *lsn > peer_durable_lsn)
+            .map_or(0, |(_, at)| now.duration_since(*at).as_millis() as u64)
+    }
+}
+
+impl GroupRt {
+    /// Ships record `lsn` from memory if its buffer is still held, else
+    /// schedules a read of `position..end_position` from the log.
+    pub(super) fn ship(&mut self, io: &mut Io, group: usize, lsn: u64, position: u64, end_position: u64) {
+        let sector = self.sector_bytes();
+        let link = self.source.as_mut().expect("shipping needs a source link");
+        match link.unshipped.remove(&lsn) {
+            Some(Unshipped::Header(header)) => link.push(OutFrame::new(header.as_bytes(), None)),
+            Some(Unshipped::Write(id)) if self.writes.get(&id).is_some_and(|w| w.buf.is_some()) => {
+                let buf = Rc::clone(self.writes[&id].buf.as_ref().expect("checked"));
+                let header = RecordHeader::decode(&buf[..64]).expect("the append wrote a valid header");
+                assert_eq!(header.lsn, lsn, "a write buffer holds its own record");
+                let payload = SharedBytes { buf: Rc::clone(&buf), start: sector, len: header.payload_bytes() as usize };
+                link.push(OutFrame::new(header.as_bytes(), Some(payload)));
+            }
+            _ => {
+                let slot = link.reserve();
+                let len = (end_position - position) as usize;
+                let buf = AlignedBuf::zeroed(len);
+                let offset = RING_OFFSET_BYTES + position % self.superblock.ring_size_bytes;
+                let fd = types::Fd(self.log.file.as_raw_fd());
+                io.submit(Op::LogRead { group, slot, lsn, buf }, |op| {
+                    let Op::LogRead { buf, .. } = op else { unreachable!() };
+                    opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(offset).build()
+                });
+            }
+        }
+    }
+
+    /// Completion of a record read back from the log for shipping.
+    pub(super) fn log_read_done(&mut self, slot: u64, lsn: u64, buf: AlignedBuf, result: i32) {
+        let sector = self.sector_bytes();
+        let checked = if result < 0 || result as usize != buf.len() {
+            Err(format!("reading LSN {lsn} back from the log failed (result {result})"))
+        } else {
+            RecordHeader::decode(&buf[..64])
+                .map_err(|e| e.to_string())
+                .and_then(|h| {
+                    let payload = &buf[sector..sector + h.payload_bytes() as usize];
+                    h.verify_payload(payload).map(|()| h).map_err(|e| e.to_string())
+                })
+                .and_then(|h| if h.lsn == lsn { Ok(h) } else { Err(format!("found LSN {} for {lsn}", h.lsn)) })
+        };
+        let Some(link) = self.source.as_mut() else { return };
+        match checked {
+            Ok(header) => {
+                let len = header.payload_bytes() as usize;
+                let payload = (len > 0).then(|| SharedBytes { buf: Rc::new(buf), start: sector, len });
+                link.fill(slot, OutFrame::new(header.as_bytes(), payload));
+            }
+            Err(reason) => {
+                tracing::error!(group = %self.name, %reason, "cannot ship a record from the log");
+                link.last_error = Some(format!("cannot ship LSN {lsn} from the log: {reason}"));
+                link.disconnected();
+                self.core.peer_lost();
+                self.close_peer = true;
+            }
+        }
+    }
+
+    /// Reads a chunk of a volume for the initial copy; a chunk without data
+    /// (a hole of a thin volume) goes out as a zero range without being read.
+    pub(super) fn read_chunk(&mut self, io: &mut Io, group: usize, chunk: ChunkRequest) {
+        let volume = &self.volumes[usize::from(chunk.volume_index)];
+        let end = chunk.offset + u64::from(chunk.length);
+        let link = self.source.as_mut().expect("copying needs a source link");
+        if !super::device::has_data(&volume.file, chunk.offset, end) {
+            let header = FrameHeader::new(
+                FrameKind::CopyZero,
+                0,
+                chunk.volume_index,
+                chunk.after_lsn,
+                chunk.offset,
+                chunk.length,
+            );
+            link.push(OutFrame::new(header.as_bytes(), None));
+            self.copy_bytes_skipped += u64::from(chunk.length);
+            self.core.chunk_shipped(chunk.chunk_id);
+            return;
+        }
+        let slot = link.reserve();
+        let buf = AlignedBuf::zeroed(chunk.length as usize);
+        let direct = volume.direct_file.as_ref().filter(|_| {
+            let sector = u64::from(volume.sector_bytes);
+            chunk.offset.is_multiple_of(sector) && u64::from(chunk.length).is_multiple_of(sector)
+        });
+        let fd = types::Fd(direct.unwrap_or(&volume.file).as_raw_fd());
+        let offset = chunk.offset;
+        io.submit(Op::ChunkRead { group, slot, chunk, buf }, |op| {
+            let Op::ChunkRead { buf, .. } = op else { unreachable!() };
+            opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(offset).build()
+        });
+    }
+
+    /// Completion of a chunk read.
+    pub(super) fn chunk_read_done(&mut self, slot: u64, chunk: ChunkRequest, buf: AlignedBuf, result: i32) {
+        if result < 0 || result as usize != buf.len() {
+            tracing::error!(group = %self.name, result, "initial copy read failed");
+            if let Some(link) = self.source.as_mut() {
+                link.last_error = Some(format!(
+                    "reading volume {} at {} for the initial copy failed (result {result})",
+                    chunk.volume_index, chunk.offset
+                ));
+                link.disconnected();
+            }
+            self.core.peer_lost();
+            self.close_peer = true;
+            return;
+        }
+        let header = FrameHeader::copy_data(chunk.volume_index, chunk.after_lsn, chunk.offset, &buf);
+        let len = buf.len();
+        if let Some(link) = self.source.as_mut() {
+            link.fill(slot, OutFrame::new(header.as_bytes(), Some(SharedBytes { buf: Rc::new(buf), start: 0, len })));
+            self.copy_bytes_read += len as u64;
+        }
+        self.core.chunk_shipped(chunk.chunk_id);
+    }
+
+    /// Queues the end of the initial copy.
+    pub(super) fn send_copy_done(&mut self, after_lsn: u64) {
+        let header = FrameHeader::new(FrameKind::CopyDone, 0, 0, after_lsn, 0, 0);
+        self.source.as_mut().expect("source link").push(OutFrame::new(header.as_bytes(), None));
+    }
+}
+
+/// A chunk of the initial copy being read.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkRequest {
+    pub chunk_id: u64,
+    pub volume_index: u8,
+    pub offset: u64,
+    pub length: u32,
+    pub after_lsn: u64,
+}
