@@ -68,6 +68,9 @@ fn state_machine(c: &mut Criterion) {
                             core.handle(Event::CheckpointDone { lsn, tail_position, result: Ok(()) })
                         }
                         Action::Complete { .. } => {}
+                        Action::Ship { .. } | Action::ReadChunk { .. } | Action::SendCopyDone { .. } => {
+                            unreachable!("no partnership in this benchmark")
+                        }
                     }
                 }
                 pending = core.take_actions();

@@ -2,8 +2,10 @@
 //! directories, driven through the real `tandem` CLI and real NBD clients.
 
 pub mod nbd_client;
+pub mod netns;
 pub mod pattern;
 pub mod sim;
+pub mod writer;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -47,8 +49,12 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub api: PathBuf,
     pub nbd_port: u16,
-    /// Port of the replication listener (on 127.0.0.1).
+    /// Port of the replication listener.
     pub replication_port: u16,
+    /// The address its listeners bind (127.0.0.1, or its namespace's address).
+    pub host: String,
+    /// The network namespace it runs in, if any.
+    pub netns: Option<String>,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -64,6 +70,13 @@ impl Node {
     /// `[replication]` section.
     #[must_use]
     pub fn start_named(name: &str, engine_toml: &str, replication_toml: &str) -> Self {
+        Self::start_in(name, engine_toml, replication_toml, None)
+    }
+
+    /// Like `start_named`, inside network namespace `netns = (namespace, address)`.
+    #[must_use]
+    pub fn start_in(name: &str, engine_toml: &str, replication_toml: &str, netns: Option<(&str, &str)>) -> Self {
+        let host = netns.map_or("127.0.0.1", |(_, address)| address).to_owned();
         let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temporary directory");
         let api = dir.path().join("api.sock");
         let nbd_port = free_port();
@@ -72,13 +85,14 @@ impl Node {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let cores: Vec<String> = (0..cpus.min(2)).map(|c| c.to_string()).collect();
         let text = format!(
-            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nreplication_listen = \"127.0.0.1:{replication_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
+            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"{host}:{nbd_port}\"\nreplication_listen = \"{host}:{replication_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
             cores.join(", "),
             dir.path().join("state").display(),
             api.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let mut node = Self { dir, api, nbd_port, replication_port, config, child: None };
+        let netns = netns.map(|(ns, _)| ns.to_owned());
+        let mut node = Self { dir, api, nbd_port, replication_port, host, netns, config, child: None };
         node.spawn();
         node
     }
@@ -93,7 +107,15 @@ impl Node {
         assert!(self.child.is_none(), "daemon already running");
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path("tandemd.log")).expect("log file");
-        let child = Command::new(bin("tandemd"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(bin("tandemd"));
+                command
+            }
+            None => Command::new(bin("tandemd")),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env("NO_COLOR", "1")
@@ -117,6 +139,7 @@ impl Node {
 
     /// kill -9: no checkpoint, no clean close.
     pub fn kill9(&mut self) {
+        // `ip netns exec` execs tandemd, so the child is the daemon itself.
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -186,7 +209,51 @@ impl Node {
     /// NBD URI of `group/volume` for qemu and fio.
     #[must_use]
     pub fn nbd_uri(&self, group: &str, volume: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{group}/{volume}", self.nbd_port)
+        format!("nbd://{}:{}/{group}/{volume}", self.host, self.nbd_port)
+    }
+
+    /// `HOST:PORT` of the replication listener.
+    #[must_use]
+    pub fn replication_address(&self) -> String {
+        format!("{}:{}", self.host, self.replication_port)
+    }
+
+    /// A client command run where this node's listeners are reachable.
+    #[must_use]
+    pub fn client_command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, program]);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// The partnership of `group` as `tandem partnership show --json` reports it.
+    #[must_use]
+    pub fn partnership(&self, group: &str) -> serde_json::Value {
+        let text = self.cli_ok(&["partnership", "show", "--group", group, "--json"]);
+        let mut all: serde_json::Value = serde_json::from_str(&text).expect("partnership JSON");
+        all[0].take()
+    }
+
+    /// Waits until the source group's destination holds every record and the
+    /// initial copy is complete; panics with the status after `timeout`.
+    pub fn wait_in_sync(&self, group: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.partnership(group);
+            let caught_up = p["state"] == "ContinuouslyReplicating"
+                && p["destination_durable_lsn"] == p["current_lsn"]
+                && p["copy_remaining_bytes"] == 0;
+            if caught_up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{group} not in sync after {timeout:?}: {p:#}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

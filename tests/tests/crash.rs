@@ -6,62 +6,26 @@
 //!
 //! `TANDEM_CRASH_CYCLES=200 cargo nextest run -E 'test(kill9)'` runs the long mode.
 
-use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use tandem_tests::nbd_client::{NbdClient, CMD_WRITE, FLAG_FUA};
-use tandem_tests::pattern::{block_content, decode_block, Found, WriteModel, BLOCK_BYTES};
+use tandem_tests::nbd_client::NbdClient;
+use tandem_tests::pattern::{decode_block, Found, WriteModel, BLOCK_BYTES};
+use tandem_tests::writer::Writer;
 use tandem_tests::Node;
 
-const QUEUE_DEPTH: usize = 16;
 /// The group's volumes: (export name, size).
 const VOLUMES: [(&str, u64); 2] = [("data", 32 << 20), ("logs", 16 << 20)];
 
 /// Writes until the connection breaks (the daemon was killed); returns the
 /// next sequence number.
-fn write_until_killed(port: u16, volume: usize, model: &Mutex<WriteModel>, mut seq: u64, seed: u64) -> u64 {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (name, size) = VOLUMES[volume];
-    let blocks = size / BLOCK_BYTES as u64;
-    let Ok(mut client) = NbdClient::connect(port, &format!("rg01/{name}")) else { return seq };
-    let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
-    let mut busy_blocks: HashSet<u64> = HashSet::new();
-    loop {
-        while in_flight.len() < QUEUE_DEPTH {
-            let first = rng.random_range(0..blocks);
-            let count = rng.random_range(1..=8).min(blocks - first);
-            if (first..first + count).any(|b| busy_blocks.contains(&b)) {
-                continue;
-            }
-            seq += 1;
-            let mut payload = Vec::with_capacity(count as usize * BLOCK_BYTES);
-            {
-                let mut model = model.lock().unwrap();
-                for block in first..first + count {
-                    payload.extend_from_slice(&block_content(seq, block));
-                    model.issued.entry(block).or_default().push(seq);
-                    busy_blocks.insert(block);
-                }
-            }
-            let flags = if seq.is_multiple_of(5) { FLAG_FUA } else { 0 };
-            let offset = first * BLOCK_BYTES as u64;
-            if client.send(flags, CMD_WRITE, seq, offset, payload.len() as u32, &payload).is_err() {
-                return seq;
-            }
-            in_flight.insert(seq, (first, count));
-        }
-        let Ok((error, cookie)) = client.reply() else { return seq };
-        assert_eq!(error, 0, "write {cookie} failed with NBD error {error}");
-        let (first, count) = in_flight.remove(&cookie).expect("reply for a write in flight");
-        let mut model = model.lock().unwrap();
-        for block in first..first + count {
-            busy_blocks.remove(&block);
-            let acked = model.acked.entry(block).or_insert(0);
-            *acked = (*acked).max(cookie);
-        }
-    }
+fn write_until_killed(port: u16, volume: usize, model: &Mutex<WriteModel>, seq: u64, seed: u64) -> u64 {
+    let (name, size_bytes) = VOLUMES[volume];
+    let stop = AtomicBool::new(false);
+    let writer = Writer { port, export: format!("rg01/{name}"), size_bytes, model, stop: &stop };
+    writer.run(seq, seed)
 }
 
 /// Reads the whole volume and checks every block against the model. What a

@@ -189,6 +189,21 @@ pub fn fdatasync(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
+/// True when `start..end` of the file holds data (SEEK_DATA finds some before
+/// `end`). Holes of thin volumes read as zeros and need not be copied; block
+/// devices and filesystems without hole reporting always answer true.
+#[must_use]
+pub fn has_data(file: &File, start: u64, end: u64) -> bool {
+    let Ok(offset) = libc::off_t::try_from(start) else { return true };
+    // SAFETY: lseek on a descriptor we own; SEEK_DATA only reads metadata.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    if found < 0 {
+        // ENXIO: no data after `start` at all.
+        return io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    }
+    (found as u64) < end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,19 +226,4 @@ mod tests {
         assert!(missing.to_string().contains("cannot access"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// True when `start..end` of the file holds data (SEEK_DATA finds some before
-/// `end`). Holes of thin volumes read as zeros and need not be copied; block
-/// devices and filesystems without hole reporting always answer true.
-#[must_use]
-pub fn has_data(file: &File, start: u64, end: u64) -> bool {
-    let Ok(offset) = libc::off_t::try_from(start) else { return true };
-    // SAFETY: lseek on a descriptor we own; SEEK_DATA only reads metadata.
-    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
-    if found < 0 {
-        // ENXIO: no data after `start` at all.
-        return io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
-    }
-    (found as u64) < end
 }

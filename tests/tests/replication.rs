@@ -1,0 +1,266 @@
+//! Two daemons replicating: real partnerships over TCP between two network
+//! namespaces (loopback where namespaces are unavailable), real qemu-img
+//! writes through NBD, whole-volume md5 comparisons.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tandem_tests::netns::NetPair;
+use tandem_tests::{require_tool, run_ok, Node};
+
+const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Two nodes, in namespaces when this machine allows it.
+struct Pair {
+    source: Node,
+    destination: Node,
+    _net: Option<NetPair>,
+}
+
+fn start_pair(replication_toml: &str) -> Pair {
+    match NetPair::create() {
+        Ok(net) => {
+            let source = Node::start_in("node-a", "", replication_toml, Some((&net.ns[0], &net.addr[0])));
+            let destination = Node::start_in("node-b", "", replication_toml, Some((&net.ns[1], &net.addr[1])));
+            Pair { source, destination, _net: Some(net) }
+        }
+        Err(reason) => {
+            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
+            let source = Node::start_named("node-a", "", replication_toml);
+            let destination = Node::start_named("node-b", "", replication_toml);
+            Pair { source, destination, _net: None }
+        }
+    }
+}
+
+fn md5(path: &std::path::Path) -> String {
+    run_ok(Command::new("md5sum").arg(path)).split_whitespace().next().expect("md5sum output").to_owned()
+}
+
+fn random_image(node: &Node, name: &str, size_mib: u64) -> std::path::PathBuf {
+    let path = node.path(name);
+    run_ok(
+        Command::new("dd")
+            .arg("if=/dev/urandom")
+            .arg(format!("of={}", path.display()))
+            .arg("bs=1M")
+            .arg(format!("count={size_mib}"))
+            .arg("status=none"),
+    );
+    path
+}
+
+fn create(pair: &Pair, mode: &str, volumes: &[(&str, u64)]) {
+    pair.source.create_group("rg01", "256MiB", volumes);
+    pair.destination.create_group("rg02", "256MiB", volumes);
+    let address = pair.destination.replication_address();
+    let out = pair.source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        mode,
+    ]);
+    assert!(out.contains("partnership") && out.contains("created"), "{out}");
+}
+
+fn converge(mode: &str, volumes: &[(&str, u64)]) {
+    require_tool("qemu-img", "qemu-utils");
+    let pair = start_pair("");
+    // Data before the partnership exists goes through the initial copy;
+    // data after it through the log.
+    let before = random_image(&pair.source, "before.img", 32);
+    pair.source.create_group("rg01", "256MiB", volumes);
+    let (first, _) = volumes[0];
+    run_ok(
+        pair.source
+            .client_command("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&before)
+            .arg(pair.source.nbd_uri("rg01", first)),
+    );
+    pair.destination.create_group("rg02", "256MiB", volumes);
+    let address = pair.destination.replication_address();
+    let _ = pair.source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        mode,
+    ]);
+    let image = random_image(&pair.source, "image.img", 256);
+    for (index, (volume, size)) in volumes.iter().enumerate() {
+        let image =
+            if index == 0 { image.clone() } else { random_image(&pair.source, &format!("v{index}.img"), size >> 20) };
+        run_ok(
+            pair.source
+                .client_command("qemu-img")
+                .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+                .arg(&image)
+                .arg(pair.source.nbd_uri("rg01", volume)),
+        );
+    }
+    pair.source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    for (volume, _) in volumes {
+        let source = md5(&pair.source.path(&format!("rg01-{volume}.img")));
+        let destination = md5(&pair.destination.path(&format!("rg02-{volume}.img")));
+        assert_eq!(source, destination, "{mode}: volume {volume} differs after the partnership reported in sync");
+    }
+    let p = pair.source.partnership("rg01");
+    assert!(p["copy_bytes_skipped"].as_u64().unwrap() > 0, "holes were skipped: {p:#}");
+    let destination = pair.destination.partnership("rg02");
+    assert_eq!(destination["copy_complete"], true, "{destination:#}");
+}
+
+#[test]
+fn sync_partnership_with_one_volume_converges() {
+    converge("sync", &[("data", 320 << 20)]);
+}
+
+#[test]
+fn async_partnership_with_one_volume_converges() {
+    converge("async", &[("data", 320 << 20)]);
+}
+
+#[test]
+fn sync_partnership_with_three_volumes_converges() {
+    converge("sync", &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
+}
+
+#[test]
+fn async_partnership_with_three_volumes_converges() {
+    converge("async", &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
+}
+
+#[test]
+fn destination_exports_refuse_clients_with_the_reason() {
+    require_tool("qemu-io", "qemu-utils");
+    let pair = start_pair("");
+    create(&pair, "sync", &[("data", 16 << 20)]);
+    let output = pair
+        .destination
+        .client_command("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k"])
+        .arg(pair.destination.nbd_uri("rg02", "data"))
+        .output()
+        .expect("run qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(!output.status.success(), "a write to the destination was accepted: {text}");
+    assert!(text.contains("rg02 is a replication destination of node-a/rg01"), "{text}");
+    // Removing the partnership on the source frees both groups.
+    let out = pair.source.cli_ok(&["partnership", "remove", "--group", "rg01"]);
+    assert!(out.contains("standalone again"), "{out}");
+    run_ok(
+        pair.destination
+            .client_command("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(pair.destination.nbd_uri("rg02", "data")),
+    );
+    assert_eq!(pair.destination.group_status("rg02")["role"], "standalone");
+}
+
+fn refused(pair: &Pair, destination_group: &str) -> String {
+    let address = pair.destination.replication_address();
+    let output = pair.source.cli(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        destination_group,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "partnership with {destination_group} was not refused");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn the_destination_refuses_with_a_precise_reason() {
+    let pair = start_pair("");
+    pair.source.create_group("rg01", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
+    assert!(refused(&pair, "nothere").contains("group nothere does not exist on node-b"));
+    pair.destination.create_group("one", "128MiB", &[("data", 16 << 20)]);
+    assert!(refused(&pair, "one").contains("has 1 volume(s) but rg01 has 2"));
+    pair.destination.create_group("small", "128MiB", &[("data", 16 << 20), ("logs", 4 << 20)]);
+    let text = refused(&pair, "small");
+    assert!(
+        text.contains("volume 1 of small on node-b is 4194304 bytes but volume 1 of rg01 is 8388608 bytes"),
+        "{text}"
+    );
+    pair.destination.create_group("busy", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
+    let held = pair
+        .destination
+        .client_command("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 3000"])
+        .arg(pair.destination.nbd_uri("busy", "data"))
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(Duration::from_millis(500));
+    let text = refused(&pair, "busy");
+    assert!(text.contains("in use by 1 client connection(s)"), "{text}");
+    let mut held = held;
+    let _ = held.wait();
+    pair.destination.create_group("rg02", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
+    let address = pair.destination.replication_address();
+    let _ = pair.source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+    ]);
+    pair.source.create_group("other", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
+    let output = pair.source.cli(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "other",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+    ]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("group rg02 on node-b is already in a partnership"), "{text}");
+    let output = pair.source.cli(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "busy",
+    ]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("group rg01 is already in a partnership"), "{text}");
+    let output = pair.source.cli(&["group", "delete", "rg01"]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("remove it first"), "{text}");
+    let output = pair.source.cli(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "other",
+        "--destination",
+        "127.0.0.1:1",
+        "--destination-group",
+        "x",
+    ]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("cannot connect to the destination's replication listener"), "{text}");
+}
