@@ -24,7 +24,12 @@ pub struct NbdClient {
 impl NbdClient {
     /// Connects to `export` on 127.0.0.1:`port`.
     pub fn connect(port: u16, export: &str) -> io::Result<Self> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        Self::connect_to("127.0.0.1", port, export)
+    }
+
+    /// Connects to `export` on `host`:`port`.
+    pub fn connect_to(host: &str, port: u16, export: &str) -> io::Result<Self> {
+        let mut stream = TcpStream::connect((host, port))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut greeting = [0u8; 18];

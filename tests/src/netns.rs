@@ -55,6 +55,16 @@ impl NetPair {
         }
     }
 
+    /// Moves the calling thread into namespace `side` (only this thread:
+    /// setns changes the network namespace of one thread).
+    pub fn enter(&self, side: usize) {
+        let path = format!("/var/run/netns/{}", self.ns[side]);
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a namespace file descriptor we hold open.
+        let result = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(result, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+    }
+
     /// A command run inside namespace `side`.
     #[must_use]
     pub fn command(&self, side: usize, program: &str) -> Command {

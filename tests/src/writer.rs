@@ -15,6 +15,7 @@ const QUEUE_DEPTH: usize = 16;
 
 /// One writer's target and state.
 pub struct Writer<'a> {
+    pub host: &'a str,
     pub port: u16,
     pub export: String,
     pub size_bytes: u64,
@@ -29,7 +30,7 @@ impl Writer<'_> {
     pub fn run(&self, mut seq: u64, seed: u64) -> u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let blocks = self.size_bytes / BLOCK_BYTES as u64;
-        let Ok(mut client) = NbdClient::connect(self.port, &self.export) else { return seq };
+        let Ok(mut client) = NbdClient::connect_to(self.host, self.port, &self.export) else { return seq };
         let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
         let mut busy_blocks: HashSet<u64> = HashSet::new();
         loop {

@@ -24,7 +24,7 @@ const VOLUMES: [(&str, u64); 2] = [("data", 32 << 20), ("logs", 16 << 20)];
 fn write_until_killed(port: u16, volume: usize, model: &Mutex<WriteModel>, seq: u64, seed: u64) -> u64 {
     let (name, size_bytes) = VOLUMES[volume];
     let stop = AtomicBool::new(false);
-    let writer = Writer { port, export: format!("rg01/{name}"), size_bytes, model, stop: &stop };
+    let writer = Writer { host: "127.0.0.1", port, export: format!("rg01/{name}"), size_bytes, model, stop: &stop };
     writer.run(seq, seed)
 }
 

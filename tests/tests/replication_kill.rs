@@ -1,0 +1,294 @@
+//! Kill drills of a sync partnership: verifying writers through NBD on the
+//! source while the destination, the source, or both are killed with SIGKILL
+//! at random moments. After every restart and catch-up, each block of the
+//! destination holds its last acknowledged write or a later one (never an
+//! older one, never a torn one), and both sides are equal byte for byte.
+//!
+//! `TANDEM_REPL_KILL_CYCLES=50` runs more cycles of each kind;
+//! `TANDEM_REPL_KILL_SEED=N` replays the random choices.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tandem_tests::netns::NetPair;
+use tandem_tests::pattern::{decode_block, Found, WriteModel, BLOCK_BYTES};
+use tandem_tests::writer::Writer;
+use tandem_tests::Node;
+
+const VOLUMES: [(&str, u64); 2] = [("data", 32 << 20), ("logs", 16 << 20)];
+
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    Destination,
+    Source,
+    Both,
+}
+
+/// Checks the destination's volume file against the model and makes what it
+/// holds the floor for later cycles (it is durable: in the destination's log
+/// or its checkpointed volume, and equal to the source's).
+fn verify(destination: &Node, volume: usize, model: &Mutex<WriteModel>) -> Vec<String> {
+    let (name, _) = VOLUMES[volume];
+    let data = std::fs::read(destination.path(&format!("rg02-{name}.img"))).expect("read destination volume");
+    let mut model = model.lock().unwrap();
+    let mut errors = Vec::new();
+    for (index, block_data) in data.chunks(BLOCK_BYTES).enumerate() {
+        let block = index as u64;
+        match model.check(block, block_data) {
+            Ok(()) => {
+                if let Ok(Found::Write(seq)) = decode_block(block_data, block) {
+                    model.acked.insert(block, seq);
+                }
+            }
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    errors
+}
+
+#[test]
+fn sync_partnership_kill_drills_lose_no_acknowledged_write() {
+    let cycles: u32 = std::env::var("TANDEM_REPL_KILL_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let seed: u64 = std::env::var("TANDEM_REPL_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("replication kill drill: {cycles} cycles per victim, seed {seed} (TANDEM_REPL_KILL_SEED={seed} replays the choices)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Frequent checkpoints: kills land in checkpoints, log wraps and retention.
+    let mut source = Node::start_named("node-a", "checkpoint_used_percent = 10", "");
+    let mut destination = Node::start_named("node-b", "checkpoint_used_percent = 10", "");
+    source.create_group("rg01", "128MiB", &VOLUMES);
+    destination.create_group("rg02", "128MiB", &VOLUMES);
+    let address = destination.replication_address();
+    let _ = source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        "sync",
+    ]);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
+    let mut seqs = [0u64; 2];
+    for cycle in 0..3 * cycles {
+        let victim = [Victim::Destination, Victim::Source, Victim::Both][(cycle % 3) as usize];
+        let stop = Arc::new(AtomicBool::new(false));
+        let port = source.nbd_port;
+        let writers: Vec<_> = (0..VOLUMES.len())
+            .map(|volume| {
+                let model = Arc::clone(&models[volume]);
+                let stop = Arc::clone(&stop);
+                let (seq, writer_seed) = (seqs[volume], rng.random());
+                std::thread::spawn(move || {
+                    let (name, size_bytes) = VOLUMES[volume];
+                    let writer = Writer {
+                        host: "127.0.0.1",
+                        port,
+                        export: format!("rg01/{name}"),
+                        size_bytes,
+                        model: &model,
+                        stop: &stop,
+                    };
+                    writer.run(seq, writer_seed)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..300)));
+        match victim {
+            Victim::Destination => {
+                destination.kill9();
+                // The source goes on acknowledging writes (on_peer_loss = continue)
+                // and keeps them in its log for the destination.
+                std::thread::sleep(Duration::from_millis(rng.random_range(50..300)));
+                destination.spawn();
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..200)));
+                stop.store(true, Ordering::Relaxed);
+            }
+            Victim::Source => source.kill9(),
+            Victim::Both => {
+                destination.kill9();
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..100)));
+                source.kill9();
+            }
+        }
+        for (volume, writer) in writers.into_iter().enumerate() {
+            seqs[volume] = writer.join().expect("writer thread");
+        }
+        if matches!(victim, Victim::Source) {
+            // The source is gone, as in a disaster: in sync mode the destination
+            // alone must hold every acknowledged write (RPO 0). A clean stop
+            // applies and checkpoints everything its log holds.
+            destination.stop();
+            let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
+            assert!(
+                errors.is_empty(),
+                "cycle {cycle} (source killed, seed {seed}): the destination lacks acknowledged writes: {:#?}\ndestination log:\n{}",
+                &errors[..errors.len().min(10)],
+                destination.log()
+            );
+            destination.spawn();
+        }
+        if matches!(victim, Victim::Source | Victim::Both) {
+            source.spawn();
+        }
+        if matches!(victim, Victim::Both) {
+            destination.spawn();
+        }
+        source.wait_in_sync("rg01", Duration::from_secs(60));
+        let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
+        assert!(
+            errors.is_empty(),
+            "cycle {cycle} ({victim:?} killed, seed {seed}): {} bad blocks on the destination, first: {:#?}\nsource log:\n{}\ndestination log:\n{}",
+            errors.len(),
+            &errors[..errors.len().min(10)],
+            source.log(),
+            destination.log()
+        );
+        for (name, _) in VOLUMES {
+            let here = std::fs::read(source.path(&format!("rg01-{name}.img"))).expect("source volume");
+            let there = std::fs::read(destination.path(&format!("rg02-{name}.img"))).expect("destination volume");
+            assert!(
+                here == there,
+                "cycle {cycle} ({victim:?} killed, seed {seed}): volume {name} differs after catch-up"
+            );
+        }
+    }
+    let acked: usize = models.iter().map(|m| m.lock().unwrap().acked.len()).sum();
+    assert!(acked > 1000, "the writers got many writes acknowledged ({acked} blocks)");
+    eprintln!("replication kill drill done: {seqs:?} writes issued");
+}
+
+/// Runs verifying writers against the source inside its namespace until
+/// `stop` is set or the source dies; returns their threads.
+fn start_writers(
+    net: &Arc<NetPair>,
+    source: &Node,
+    models: &[Arc<Mutex<WriteModel>>; 2],
+    stop: &Arc<AtomicBool>,
+    seed: u64,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..VOLUMES.len())
+        .map(|volume| {
+            let (net, model, stop) = (Arc::clone(net), Arc::clone(&models[volume]), Arc::clone(stop));
+            let (host, port) = (source.host.clone(), source.nbd_port);
+            std::thread::spawn(move || {
+                net.enter(0);
+                let (name, size_bytes) = VOLUMES[volume];
+                let export = format!("rg01/{name}");
+                let writer = Writer { host: &host, port, export, size_bytes, model: &model, stop: &stop };
+                writer.run(volume as u64 * 1_000_000_000, seed + volume as u64)
+            })
+        })
+        .collect()
+}
+
+/// Sync mode holds writes while the destination cannot be reached: a source
+/// lost for good behind a cut link leaves no acknowledged write behind.
+#[test]
+fn a_source_lost_behind_a_cut_link_leaves_every_acknowledged_write_on_the_destination() {
+    let Ok(net) = NetPair::create() else {
+        eprintln!("network namespaces unavailable; this drill needs a link to cut");
+        return;
+    };
+    let net = Arc::new(net);
+    let mut source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+    let mut destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    source.create_group("rg01", "128MiB", &VOLUMES);
+    destination.create_group("rg02", "128MiB", &VOLUMES);
+    let address = destination.replication_address();
+    let _ = source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        "sync",
+    ]);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&net, &source, &models, &stop, rand::rng().random());
+    std::thread::sleep(Duration::from_millis(500));
+    net.set_link(false);
+    // Shorter than the peer timeout: the source still counts on its destination.
+    std::thread::sleep(Duration::from_millis(1500));
+    source.kill9();
+    for writer in writers {
+        writer.join().expect("writer thread");
+    }
+    destination.stop();
+    let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
+    assert!(errors.is_empty(), "the destination lacks acknowledged writes: {:#?}", &errors[..errors.len().min(10)]);
+    let acked: usize = models.iter().map(|m| m.lock().unwrap().acked.len()).sum();
+    assert!(acked > 100, "writes were acknowledged before the cut ({acked} blocks)");
+}
+
+/// A link cut longer than the peer timeout: the source declares its
+/// destination lost, goes on serving writes from its log, and catches the
+/// destination up from the log once the link is back.
+#[test]
+fn a_cut_link_is_caught_up_from_the_log_after_it_returns() {
+    let Ok(net) = NetPair::create() else {
+        eprintln!("network namespaces unavailable; this drill needs a link to cut");
+        return;
+    };
+    let net = Arc::new(net);
+    let source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+    let destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    source.create_group("rg01", "256MiB", &VOLUMES);
+    destination.create_group("rg02", "256MiB", &VOLUMES);
+    let address = destination.replication_address();
+    let _ = source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        "sync",
+    ]);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&net, &source, &models, &stop, rand::rng().random());
+    std::thread::sleep(Duration::from_millis(300));
+    net.set_link(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while source.partnership("rg01")["state"] != "WaitingForDestination" {
+        assert!(std::time::Instant::now() < deadline, "the source never declared its destination lost");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lost_at_lsn = source.partnership("rg01")["current_lsn"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let p = source.partnership("rg01");
+    assert!(p["current_lsn"].as_u64().unwrap() > lost_at_lsn, "writes go on without the destination: {p:#}");
+    net.set_link(true);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().expect("writer thread");
+    }
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
+    assert!(errors.is_empty(), "after catch-up: {:#?}", &errors[..errors.len().min(10)]);
+    for (name, _) in VOLUMES {
+        let here = std::fs::read(source.path(&format!("rg01-{name}.img"))).expect("source volume");
+        let there = std::fs::read(destination.path(&format!("rg02-{name}.img"))).expect("destination volume");
+        assert!(here == there, "volume {name} differs after catch-up");
+    }
+}
