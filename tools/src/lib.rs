@@ -5,6 +5,8 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod demo;
+pub mod nbd_load;
 pub mod registry;
 pub mod replication;
 pub mod serve;

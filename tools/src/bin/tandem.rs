@@ -28,6 +28,28 @@ enum Command {
     /// Create, show and remove partnerships (replication between two nodes).
     #[command(subcommand)]
     Partnership(PartnershipCommand),
+    /// Two nodes on loopback replicating a workload, with live status and a
+    /// final byte-for-byte check (no root, no configuration).
+    Demo {
+        /// sync or async.
+        #[arg(long, default_value = "sync")]
+        mode: String,
+        /// Size of the replicated volume.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Seconds of writes.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Writes in flight.
+        #[arg(long, default_value_t = 8)]
+        queue_depth: usize,
+        /// Bytes per write.
+        #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+        block_size: u64,
+        /// Keep the temporary directory (volumes, logs, daemon logs).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Status of every group: LSNs, log use, volumes, write counts and latency.
     Status {
         /// Print JSON instead of text.
@@ -119,6 +141,25 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
+        Command::Demo { mode, size, seconds, queue_depth, block_size, keep } => {
+            let block_bytes = u32::try_from(*block_size)
+                .ok()
+                .filter(|b| b.is_power_of_two() && (512..=(4 << 20)).contains(b))
+                .ok_or_else(|| CallError::Refused("--block-size must be a power of two from 512B to 4MiB".to_owned()))?;
+            if mode != "sync" && mode != "async" {
+                return Err(CallError::Refused(format!("--mode {mode}: use sync or async")));
+            }
+            let options = tandem_tools::demo::DemoOptions {
+                mode: mode.clone(),
+                volume_bytes: *size,
+                seconds: *seconds,
+                queue_depth: (*queue_depth).max(1),
+                block_bytes,
+                keep: *keep,
+            };
+            let summary = tandem_tools::demo::run(&options).map_err(CallError::Refused)?;
+            println!("{summary}");
+        }
         Command::Status { json } => print_groups(&call(&cli.api, &Request::Status)?, *json, true),
         Command::Partnership(PartnershipCommand::Create {
             source_group,
