@@ -264,3 +264,22 @@ fn the_destination_refuses_with_a_precise_reason() {
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("cannot connect to the destination's replication listener"), "{text}");
 }
+
+#[test]
+fn tandem_demo_replicates_a_workload_and_finds_the_volumes_equal() {
+    for mode in ["sync", "async"] {
+        let output = Command::new(tandem_tests::bin("tandem"))
+            .args(["demo", "--mode", mode, "--seconds", "2", "--size", "64MiB"])
+            .output()
+            .expect("run tandem demo");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "demo ({mode}) failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("comparing the volumes byte for byte ... equal"), "{stdout}");
+        assert!(stdout.contains(&format!("{mode} mode")), "{stdout}");
+        assert!(stdout.contains("initial block copy done"), "{stdout}");
+    }
+}

@@ -286,6 +286,10 @@ fn a_cut_link_is_caught_up_from_the_log_after_it_returns() {
     source.wait_in_sync("rg01", Duration::from_secs(60));
     let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
     assert!(errors.is_empty(), "after catch-up: {:#?}", &errors[..errors.len().min(10)]);
+    let events = source.cli_ok(&["events", "--json"]);
+    for id in [2001, 3001, 3002, 4001, 4002, 4003] {
+        assert!(events.contains(&format!("\"id\":{id},")), "event {id} missing:\n{events}");
+    }
     for (name, _) in VOLUMES {
         let here = std::fs::read(source.path(&format!("rg01-{name}.img"))).expect("source volume");
         let there = std::fs::read(destination.path(&format!("rg02-{name}.img"))).expect("destination volume");

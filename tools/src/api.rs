@@ -47,6 +47,11 @@ pub enum Request {
     PartnershipRemove {
         group: String,
     },
+    /// Events after `since`, waiting up to `wait_ms` for one.
+    Events {
+        since: u64,
+        wait_ms: u64,
+    },
 }
 
 /// A response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
@@ -59,11 +64,13 @@ pub struct Response {
     pub error: Option<String>,
 }
 
-/// What a successful request returns.
+/// What a successful request returns: `{"groups": [...]}`,
+/// `{"events": [...]}` or `{"message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(rename_all = "snake_case")]
 pub enum ResponseBody {
     Groups(Vec<GroupStatus>),
+    Events(Vec<crate::events::Event>),
     Message(String),
 }
 

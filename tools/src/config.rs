@@ -30,11 +30,13 @@ pub struct ReplicationConfig {
     pub on_peer_loss: String,
     /// Bytes per initial-copy chunk.
     pub copy_chunk_bytes: u32,
+    /// An async partnership whose RPO exceeds this raises event 5001 (0: never).
+    pub target_rpo_seconds: u64,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self { on_peer_loss: "continue".to_owned(), copy_chunk_bytes: 1 << 20 }
+        Self { on_peer_loss: "continue".to_owned(), copy_chunk_bytes: 1 << 20, target_rpo_seconds: 30 }
     }
 }
 

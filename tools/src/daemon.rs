@@ -45,6 +45,8 @@ pub struct Daemon {
     changing: Mutex<std::collections::BTreeSet<String>>,
     /// Why the last reconnection of a source group failed.
     peer_errors: Mutex<BTreeMap<String, String>>,
+    /// Numbered events of this daemon's life.
+    pub events: std::sync::Arc<crate::events::EventLog>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,10 +59,23 @@ impl Daemon {
     pub fn start(config: Config) -> Result<Self, String> {
         std::fs::create_dir_all(&config.node.state_dir)
             .map_err(|e| format!("cannot create state_dir {}: {e}", config.node.state_dir.display()))?;
+        let events = std::sync::Arc::new(crate::events::EventLog::default());
+        let (event_tx, event_rx) = crossbeam_channel::unbounded::<tandem_engine::runtime::events::EngineEvent>();
+        let log = std::sync::Arc::clone(&events);
+        std::thread::Builder::new()
+            .name("tandem-events".into())
+            .spawn(move || {
+                for event in event_rx {
+                    log.record(&event.group, event.kind);
+                }
+            })
+            .map_err(|e| format!("cannot start the event thread: {e}"))?;
+        let target_rpo_ms = config.replication.target_rpo_seconds * 1000;
         let mut cores = Vec::new();
         for (index, &cpu) in config.node.cores.iter().enumerate() {
             cores.push(
-                CoreHandle::spawn(index, cpu).map_err(|e| format!("cannot start core {index} on CPU {cpu}: {e}"))?,
+                CoreHandle::spawn(index, cpu, event_tx.clone(), target_rpo_ms)
+                    .map_err(|e| format!("cannot start core {index} on CPU {cpu}: {e}"))?,
             );
         }
         let daemon = Self {
@@ -70,6 +85,7 @@ impl Daemon {
             changes: Mutex::new(()),
             changing: Mutex::new(std::collections::BTreeSet::new()),
             peer_errors: Mutex::new(BTreeMap::new()),
+            events,
         };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
@@ -117,6 +133,10 @@ impl Daemon {
                 self.create_group(&name, &log, log_size_bytes, &volumes).map(ResponseBody::Message)
             }
             Request::GroupDelete { name } => self.delete_group(&name).map(ResponseBody::Message),
+            Request::Events { since, wait_ms } => {
+                let wait = Duration::from_millis(wait_ms.min(30_000));
+                Ok(ResponseBody::Events(self.events.since(since, wait)))
+            }
             Request::GroupList | Request::Status => Ok(ResponseBody::Groups(self.status())),
             Request::GroupShow { name } => {
                 let found: Vec<GroupStatus> = self.status().into_iter().filter(|g| g.name == name).collect();
@@ -186,7 +206,7 @@ impl Daemon {
         }
         self.attach(core, open);
         lock(&self.groups).insert(name.to_owned(), entry);
-        tracing::info!(group = name, core, "group created");
+        self.events.record(name, tandem_engine::runtime::events::EventKind::GroupCreated { volumes: volumes.len() });
         Ok(format!(
             "group {name} created: log {} ({} ring, {}-byte sectors), {} volume(s), served by core {core}",
             log.display(),
@@ -254,7 +274,7 @@ impl Daemon {
         groups.remove(name);
         let records: Vec<GroupRecord> = groups.values().map(|g| g.record.clone()).collect();
         registry::save(&self.config.node.state_dir, &records)?;
-        tracing::info!(group = name, "group deleted");
+        self.events.record(name, tandem_engine::runtime::events::EventKind::GroupDeleted);
         Ok(format!(
             "group {name} deleted: its volumes hold every acknowledged write; the log {} was released",
             entry.record.log_path.display()

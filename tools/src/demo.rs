@@ -92,6 +92,7 @@ impl DemoNode {
                 .find_map(|g: GroupStatus| g.partnership)
                 .ok_or_else(|| format!("{group} has no partnership")),
             ResponseBody::Message(m) => Err(m),
+            ResponseBody::Events(_) => Err("tandemd answered with events".to_owned()),
         }
     }
 
@@ -125,7 +126,8 @@ fn free_port() -> Result<u16, String> {
 
 /// Fills a quarter of a sparse file with random data in 4 MiB extents.
 fn seed_volume(path: &Path, size_bytes: u64) -> Result<u64, String> {
-    let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(path).map_err(|e| e.to_string())?;
     file.set_len(size_bytes).map_err(|e| e.to_string())?;
     let extent = 4u64 << 20;
     let mut rng = rand::rng();
@@ -159,7 +161,10 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool, String> {
 
 /// Runs the demo; returns a summary, or why it failed.
 pub fn run(options: &DemoOptions) -> Result<String, String> {
-    let dir = tempfile::Builder::new().prefix("tandem-demo-").tempdir().map_err(|e| format!("no temporary directory: {e}"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-demo-")
+        .tempdir()
+        .map_err(|e| format!("no temporary directory: {e}"))?;
     println!("== Tandem demo in {}: two nodes on loopback, {} replication", dir.path().display(), options.mode);
     let mut a = DemoNode::start("node-a", dir.path())?;
     let mut b = DemoNode::start("node-b", dir.path())?;
@@ -168,8 +173,14 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
     }
     let (source_volume, destination_volume) = (dir.path().join("node-a/data.img"), dir.path().join("node-b/data.img"));
     let seeded = seed_volume(&source_volume, options.volume_bytes)?;
-    std::fs::File::create(&destination_volume).and_then(|f| f.set_len(options.volume_bytes)).map_err(|e| e.to_string())?;
-    println!("== volumes: {} each, sparse; the source already holds {} of data", format_size(options.volume_bytes), format_size(seeded));
+    std::fs::File::create(&destination_volume)
+        .and_then(|f| f.set_len(options.volume_bytes))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "== volumes: {} each, sparse; the source already holds {} of data",
+        format_size(options.volume_bytes),
+        format_size(seeded)
+    );
     for (node, group, volume) in [(&a, "rg01", &source_volume), (&b, "rg02", &destination_volume)] {
         let request = Request::GroupCreate {
             name: group.to_owned(),
@@ -239,9 +250,11 @@ fn show_initial_copy(a: &DemoNode, total_bytes: u64) -> Result<u128, String> {
     let started = Instant::now();
     let bar = ProgressBar::new(total_bytes);
     bar.set_style(
-        ProgressStyle::with_template("   initial block copy [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
-            .map_err(|e| e.to_string())?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "   initial block copy [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        )
+        .map_err(|e| e.to_string())?
+        .progress_chars("=> "),
     );
     loop {
         let p = a.partnership("rg01")?;
@@ -259,7 +272,8 @@ fn show_initial_copy(a: &DemoNode, total_bytes: u64) -> Result<u128, String> {
 }
 
 fn run_workload(a: &DemoNode, options: &DemoOptions) -> Result<crate::nbd_load::LoadReport, String> {
-    let connection = NbdConnection::connect(&format!("127.0.0.1:{}", a.nbd_port), "rg01/data").map_err(|e| e.to_string())?;
+    let connection =
+        NbdConnection::connect(&format!("127.0.0.1:{}", a.nbd_port), "rg01/data").map_err(|e| e.to_string())?;
     let workload = Workload {
         block_bytes: options.block_bytes,
         queue_depth: options.queue_depth,

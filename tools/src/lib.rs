@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod events;
 pub mod nbd_load;
 pub mod registry;
 pub mod replication;

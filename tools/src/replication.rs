@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tandem_engine::core::CopyPosition;
+use tandem_engine::runtime::events::EventKind;
 use tandem_engine::runtime::status::GroupStatus;
 use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERSION};
 
@@ -193,6 +194,8 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
         }
     };
     daemon.attach_peer(&request.source_group, stream, Some((answer.durable_lsn, copy_position(answer.copy_at))))?;
+    let peer = format!("{}/{}", checked.destination_node, request.destination_group);
+    daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
         "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial block copy started",
         &id_hex[..8],
@@ -278,6 +281,8 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
         };
     }
     daemon.leave_partnership(group)?;
+    let peer = format!("{}/{}", partnership.peer_node, partnership.peer_group);
+    daemon.events.record(group, EventKind::PartnershipRemoved { peer });
     Ok(format!("partnership of {group} removed; {group} is standalone{remote}"))
 }
 
@@ -312,6 +317,12 @@ fn answer(daemon: &Daemon, mut stream: TcpStream) -> Result<(), String> {
         write_line(&mut stream, &reply)?;
         let reason = result.err();
         match (&hello.action, reason) {
+            (HelloAction::Check | HelloAction::Create, Some(reason)) => {
+                daemon
+                    .events
+                    .record(&hello.destination_group, EventKind::PartnershipRefused { reason: reason.clone() });
+                return Err(reason);
+            }
             (_, Some(reason)) => return Err(reason),
             (HelloAction::Check, None) => continue,
             (HelloAction::Remove, None) => return Ok(()),
@@ -358,6 +369,8 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             entry.peer_node = fixed_str(&hello.source_node).ok_or("source node name too long")?;
             entry.peer_group = fixed_str(&hello.source_group).ok_or("source group name too long")?;
             daemon.become_destination(name, entry, hello.baseline_lsn)?;
+            let source = format!("{}/{}", hello.source_node, hello.source_group);
+            daemon.events.record(name, EventKind::DestinationAttached { source });
             Ok(ok(hello.baseline_lsn, CopyPosition::At { volume_index: 0, offset: 0 }))
         }
         HelloAction::Resume | HelloAction::Remove => {
@@ -369,6 +382,8 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             }
             if matches!(hello.action, HelloAction::Remove) {
                 daemon.leave_partnership(name)?;
+                let peer = format!("{}/{}", hello.source_node, hello.source_group);
+                daemon.events.record(name, EventKind::PartnershipRemoved { peer });
                 return Ok(Answer { ok: true, ..Answer::default() });
             }
             if state.connected {

@@ -99,6 +99,7 @@ pub struct GroupRt {
     pub copy_bytes_skipped: u64,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
+    pub(super) observer: super::group_events::Observer,
     persist_waiters: Vec<(u64, crossbeam_channel::Sender<Result<(), String>>)>,
     batches: HashMap<u64, BatchIo>,
     checkpoint: Option<CheckpointIo>,
@@ -140,6 +141,7 @@ impl GroupRt {
             copy_bytes_read: 0,
             copy_bytes_skipped: 0,
             meta_version: 0,
+            observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
             batches: HashMap::new(),
             checkpoint: None,

@@ -4,6 +4,8 @@
 pub mod buf;
 mod conn;
 pub mod device;
+pub mod events;
+mod group_events;
 mod group_io;
 mod io;
 pub mod log_store;

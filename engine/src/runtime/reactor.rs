@@ -12,6 +12,7 @@ use io_uring::{opcode, types};
 use slab::Slab;
 
 use super::conn::Conn;
+use super::events::{EngineEvent, EventKind};
 use super::group_io::{Completion, GroupRt};
 use super::io::{Io, Op};
 use super::log_store::OpenGroup;
@@ -66,8 +67,9 @@ pub struct CoreHandle {
 }
 
 impl CoreHandle {
-    /// Starts core `index`, pinned to `cpu`.
-    pub fn spawn(index: usize, cpu: usize) -> std::io::Result<Self> {
+    /// Starts core `index`, pinned to `cpu`; it reports events on `events`
+    /// (RPO above `target_rpo_ms` among them; 0 turns that check off).
+    pub fn spawn(index: usize, cpu: usize, events: Sender<EngineEvent>, target_rpo_ms: u64) -> std::io::Result<Self> {
         // SAFETY: eventfd returns a new descriptor or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
@@ -82,7 +84,7 @@ impl CoreHandle {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                 tracing::warn!(core = index, cpu, "could not pin the core thread to its CPU; it runs unpinned");
             }
-            Reactor::new(io, rx, wake_for_thread).run();
+            Reactor::new(io, rx, wake_for_thread, events, target_rpo_ms).run();
         })?;
         Ok(Self { index, tx, wake, thread: std::sync::Mutex::new(Some(thread)) })
     }
@@ -121,6 +123,8 @@ struct Reactor {
     next_conn_id: u64,
     pending_destinations: Vec<PendingDestination>,
     peer_defaults: PeerDefaults,
+    events: Sender<EngineEvent>,
+    target_rpo_ms: u64,
     started: Instant,
     detaches: Vec<Detach>,
     shutting_down: bool,
@@ -128,7 +132,13 @@ struct Reactor {
 }
 
 impl Reactor {
-    fn new(io: Io, inbox: Receiver<CoreMsg>, wake: Arc<OwnedFd>) -> Self {
+    fn new(
+        io: Io,
+        inbox: Receiver<CoreMsg>,
+        wake: Arc<OwnedFd>,
+        events: Sender<EngineEvent>,
+        target_rpo_ms: u64,
+    ) -> Self {
         Self {
             io,
             inbox,
@@ -139,6 +149,8 @@ impl Reactor {
             next_conn_id: 1,
             pending_destinations: Vec::new(),
             peer_defaults: PeerDefaults::default(),
+            events,
+            target_rpo_ms,
             started: Instant::now(),
             detaches: Vec::new(),
             shutting_down: false,
@@ -202,6 +214,7 @@ impl Reactor {
                     group.core.handle(Event::Tick { now_ms });
                 }
                 self.tick_peers();
+                self.report_events();
                 self.arm_timer();
             }
             Op::LogWrite { group, batch_id, expected_bytes, .. } => {
@@ -251,6 +264,17 @@ impl Reactor {
                 CoreMsg::AttachGroup { group, config, peer_defaults } => {
                     self.peer_defaults = peer_defaults;
                     let rt = GroupRt::new(*group, config, peer_defaults);
+                    let report = &rt.recovery;
+                    if report.records_replayed > 0 {
+                        let kind = EventKind::RecoveryReplayed {
+                            records: report.records_replayed,
+                            bytes: report.bytes_replayed,
+                            first_lsn: report.first_lsn,
+                            last_lsn: report.last_lsn,
+                            elapsed_ms: report.elapsed_ms,
+                        };
+                        let _ = self.events.send(EngineEvent { group: rt.name.clone(), kind });
+                    }
                     tracing::info!(group = %rt.name, "group online");
                     match self.groups.iter().position(Option::is_none) {
                         Some(slot) => self.groups[slot] = Some(rt),
@@ -289,6 +313,14 @@ impl Reactor {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn report_events(&mut self) {
+        for group in self.groups.iter_mut().flatten() {
+            for kind in group.observe(self.target_rpo_ms) {
+                let _ = self.events.send(EngineEvent { group: group.name.clone(), kind });
             }
         }
     }

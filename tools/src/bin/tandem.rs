@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Numbered events (docs/events.md): partnerships, initial copy, peer lost and regained, RPO, recovery.
+    Events {
+        /// Keep waiting for new events.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Status of every group: LSNs, log use, volumes, write counts and latency.
     Status {
         /// Print JSON instead of text.
@@ -145,7 +154,9 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             let block_bytes = u32::try_from(*block_size)
                 .ok()
                 .filter(|b| b.is_power_of_two() && (512..=(4 << 20)).contains(b))
-                .ok_or_else(|| CallError::Refused("--block-size must be a power of two from 512B to 4MiB".to_owned()))?;
+                .ok_or_else(|| {
+                    CallError::Refused("--block-size must be a power of two from 512B to 4MiB".to_owned())
+                })?;
             if mode != "sync" && mode != "async" {
                 return Err(CallError::Refused(format!("--mode {mode}: use sync or async")));
             }
@@ -161,6 +172,29 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             println!("{summary}");
         }
         Command::Status { json } => print_groups(&call(&cli.api, &Request::Status)?, *json, true),
+        Command::Events { follow, json } => {
+            let mut since = 0;
+            loop {
+                let wait_ms = if *follow { 10_000 } else { 0 };
+                let ResponseBody::Events(events) = call(&cli.api, &Request::Events { since, wait_ms })? else {
+                    return Err(CallError::Refused("tandemd answered without events".to_owned()));
+                };
+                for event in &events {
+                    if *json {
+                        println!("{}", serde_json::to_string(event).expect("events serialize"));
+                    } else {
+                        println!(
+                            "{} {:>4} {:<7} {:<12} {}",
+                            event.time, event.id, event.severity, event.group, event.message
+                        );
+                    }
+                    since = event.seq;
+                }
+                if !*follow {
+                    break;
+                }
+            }
+        }
         Command::Partnership(PartnershipCommand::Create {
             source_group,
             destination,

@@ -1,0 +1,101 @@
+//! Events the cores report to the control plane: partnership state changes,
+//! the initial copy, RPO above target, recovery. Stable numbered ids are
+//! documented in docs/events.md; never renumber one.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened, with the numbers an operator needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    RecoveryReplayed { records: u64, bytes: u64, first_lsn: u64, last_lsn: u64, elapsed_ms: u64 },
+    InitialCopyStarted { total_bytes: u64 },
+    InitialCopyCompleted { bytes_sent: u64, bytes_skipped: u64, elapsed_ms: u64 },
+    PeerLost { reason: String },
+    PeerConnected { peer_durable_lsn: u64, current_lsn: u64 },
+    CatchUpCompleted { records: u64, elapsed_ms: u64 },
+    RpoExceeded { rpo_ms: u64, target_rpo_ms: u64, bytes_behind: u64 },
+    RpoWithinTarget { rpo_ms: u64, target_rpo_ms: u64 },
+    GroupFailed { reason: String },
+    GroupCreated { volumes: usize },
+    GroupDeleted,
+    PartnershipCreated { peer: String, mode: String },
+    PartnershipRemoved { peer: String },
+    PartnershipRefused { reason: String },
+    DestinationAttached { source: String },
+}
+
+impl EventKind {
+    /// The stable id.
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        match self {
+            Self::GroupCreated { .. } => 1001,
+            Self::GroupDeleted => 1002,
+            Self::RecoveryReplayed { .. } => 1003,
+            Self::GroupFailed { .. } => 1009,
+            Self::PartnershipCreated { .. } => 2001,
+            Self::PartnershipRemoved { .. } => 2002,
+            Self::PartnershipRefused { .. } => 2003,
+            Self::DestinationAttached { .. } => 2004,
+            Self::InitialCopyStarted { .. } => 3001,
+            Self::InitialCopyCompleted { .. } => 3002,
+            Self::PeerLost { .. } => 4001,
+            Self::PeerConnected { .. } => 4002,
+            Self::CatchUpCompleted { .. } => 4003,
+            Self::RpoExceeded { .. } => 5001,
+            Self::RpoWithinTarget { .. } => 5002,
+        }
+    }
+
+    /// `info`, `warning` or `error`.
+    #[must_use]
+    pub fn severity(&self) -> &'static str {
+        match self {
+            Self::GroupFailed { .. } => "error",
+            Self::PeerLost { .. } | Self::RpoExceeded { .. } | Self::PartnershipRefused { .. } => "warning",
+            _ => "info",
+        }
+    }
+
+    /// One line for people.
+    #[must_use]
+    pub fn message(&self) -> String {
+        match self {
+            Self::RecoveryReplayed { records, bytes, first_lsn, last_lsn, elapsed_ms } => format!(
+                "recovery replayed {records} records ({bytes} bytes, LSN {first_lsn}..{last_lsn}) in {elapsed_ms} ms"
+            ),
+            Self::InitialCopyStarted { total_bytes } => format!("initial block copy started ({total_bytes} bytes)"),
+            Self::InitialCopyCompleted { bytes_sent, bytes_skipped, elapsed_ms } => format!(
+                "initial block copy completed in {elapsed_ms} ms: {bytes_sent} bytes sent, {bytes_skipped} bytes of holes skipped"
+            ),
+            Self::PeerLost { reason } => format!("replication peer lost: {reason}"),
+            Self::PeerConnected { peer_durable_lsn, current_lsn } => format!(
+                "replication peer connected; it holds LSN {peer_durable_lsn}, this group is at LSN {current_lsn}"
+            ),
+            Self::CatchUpCompleted { records, elapsed_ms } => {
+                format!("catch-up completed: {records} records in {elapsed_ms} ms")
+            }
+            Self::RpoExceeded { rpo_ms, target_rpo_ms, bytes_behind } => format!(
+                "RPO {rpo_ms} ms exceeds the target of {target_rpo_ms} ms ({bytes_behind} bytes behind)"
+            ),
+            Self::RpoWithinTarget { rpo_ms, target_rpo_ms } => {
+                format!("RPO back within target: {rpo_ms} ms (target {target_rpo_ms} ms)")
+            }
+            Self::GroupFailed { reason } => format!("group failed: {reason}"),
+            Self::GroupCreated { volumes } => format!("group created with {volumes} volume(s)"),
+            Self::GroupDeleted => "group deleted".to_owned(),
+            Self::PartnershipCreated { peer, mode } => format!("partnership created with {peer} ({mode})"),
+            Self::PartnershipRemoved { peer } => format!("partnership with {peer} removed"),
+            Self::PartnershipRefused { reason } => format!("partnership refused: {reason}"),
+            Self::DestinationAttached { source } => format!("became the replication destination of {source}"),
+        }
+    }
+}
+
+/// An event of a group, as a core reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineEvent {
+    pub group: String,
+    pub kind: EventKind,
+}

@@ -1,0 +1,113 @@
+//! Turns a group's state changes into events, observed on every tick of its
+//! core: the partnership's state machine stays free of reporting concerns.
+
+use std::time::Instant;
+
+use super::events::EventKind;
+use super::group_io::GroupRt;
+use crate::core::ReplicationState;
+
+/// What the observer saw last.
+#[derive(Debug, Default)]
+pub struct Observer {
+    last_state: Option<ReplicationState>,
+    destination_connected: bool,
+    copy_started: Option<Instant>,
+    copy_completed: bool,
+    catch_up_started: Option<(Instant, u64)>,
+    rpo_exceeded: bool,
+    failure_reported: bool,
+}
+
+impl GroupRt {
+    /// Events since the last observation. `target_rpo_ms` = 0 disables the RPO check.
+    pub fn observe(&mut self, target_rpo_ms: u64) -> Vec<EventKind> {
+        let mut events = Vec::new();
+        if let (Some(reason), false) = (self.core.failure(), self.observer.failure_reported) {
+            self.observer.failure_reported = true;
+            events.push(EventKind::GroupFailed { reason: reason.to_owned() });
+        }
+        if let Some(link) = self.destination.as_ref() {
+            let connected = link.conn.is_some();
+            if connected != self.observer.destination_connected {
+                self.observer.destination_connected = connected;
+                let snapshot = self.core.snapshot();
+                events.push(if connected {
+                    EventKind::PeerConnected {
+                        peer_durable_lsn: snapshot.durable_lsn,
+                        current_lsn: snapshot.durable_lsn,
+                    }
+                } else {
+                    EventKind::PeerLost { reason: "the source's connection ended".to_owned() }
+                });
+            }
+        }
+        let Some(status) = self.partnership_status().filter(|_| self.source.is_some()) else {
+            self.observer.last_state = None;
+            return events;
+        };
+        let state = self.core.replication_state();
+        let previous = std::mem::replace(&mut self.observer.last_state, state);
+        let now = Instant::now();
+        if state != previous {
+            self.transition(previous, state, &status, now, &mut events);
+        }
+        if target_rpo_ms > 0 {
+            let exceeded = status.rpo_ms > target_rpo_ms;
+            if exceeded != self.observer.rpo_exceeded {
+                self.observer.rpo_exceeded = exceeded;
+                events.push(if exceeded {
+                    EventKind::RpoExceeded { rpo_ms: status.rpo_ms, target_rpo_ms, bytes_behind: status.bytes_behind }
+                } else {
+                    EventKind::RpoWithinTarget { rpo_ms: status.rpo_ms, target_rpo_ms }
+                });
+            }
+        }
+        events
+    }
+
+    fn transition(
+        &mut self,
+        previous: Option<ReplicationState>,
+        state: Option<ReplicationState>,
+        status: &super::status::PartnershipStatus,
+        now: Instant,
+        events: &mut Vec<EventKind>,
+    ) {
+        use ReplicationState::{ContinuouslyReplicating, InitialBlockCopy, Recovering, WaitingForDestination};
+        if state == Some(WaitingForDestination) && previous.is_some() {
+            let reason = status.last_error.clone().unwrap_or_else(|| "connection ended".to_owned());
+            events.push(EventKind::PeerLost { reason });
+        }
+        if previous == Some(WaitingForDestination) && state.is_some() {
+            events.push(EventKind::PeerConnected {
+                peer_durable_lsn: status.destination_durable_lsn,
+                current_lsn: status.current_lsn,
+            });
+            self.observer.catch_up_started = Some((now, status.destination_durable_lsn));
+        }
+        if state == Some(InitialBlockCopy) && self.observer.copy_started.is_none() {
+            self.observer.copy_started = Some(now);
+            let total_bytes = self.volumes.iter().map(|v| v.size_bytes).sum();
+            events.push(EventKind::InitialCopyStarted { total_bytes });
+        }
+        // The copy may finish between two observations, even across a reconnection.
+        let copy_finished = matches!(state, Some(Recovering | ContinuouslyReplicating));
+        if copy_finished && self.observer.copy_started.is_some() && !self.observer.copy_completed {
+            self.observer.copy_completed = true;
+            let elapsed_ms = self.observer.copy_started.map_or(0, |t| now.duration_since(t).as_millis() as u64);
+            events.push(EventKind::InitialCopyCompleted {
+                bytes_sent: status.copy_bytes_sent,
+                bytes_skipped: status.copy_bytes_skipped,
+                elapsed_ms,
+            });
+        }
+        if let (Some((started, from_lsn)), Some(ContinuouslyReplicating)) = (self.observer.catch_up_started, state) {
+            self.observer.catch_up_started = None;
+            events.push(EventKind::CatchUpCompleted {
+                records: status.destination_durable_lsn.saturating_sub(from_lsn),
+                elapsed_ms: now.duration_since(started).as_millis() as u64,
+            });
+        }
+    }
+}
