@@ -27,6 +27,11 @@ impl GroupRt {
             self.observer.failure_reported = true;
             events.push(EventKind::GroupFailed { reason: reason.to_owned() });
         }
+        if let (Some(started), None) = (self.copy_started_at, self.observer.copy_started) {
+            self.observer.copy_started = Some(started);
+            let total_bytes = self.volumes.iter().map(|v| v.size_bytes).sum();
+            events.push(EventKind::InitialCopyStarted { total_bytes });
+        }
         if let Some(link) = self.destination.as_ref() {
             let connected = link.conn.is_some();
             if connected != self.observer.destination_connected {
@@ -74,7 +79,7 @@ impl GroupRt {
         now: Instant,
         events: &mut Vec<EventKind>,
     ) {
-        use ReplicationState::{ContinuouslyReplicating, InitialBlockCopy, Recovering, WaitingForDestination};
+        use ReplicationState::{ContinuouslyReplicating, Recovering, WaitingForDestination};
         if state == Some(WaitingForDestination) && previous.is_some() {
             let reason = status.last_error.clone().unwrap_or_else(|| "connection ended".to_owned());
             events.push(EventKind::PeerLost { reason });
@@ -86,12 +91,7 @@ impl GroupRt {
             });
             self.observer.catch_up_started = Some((now, status.destination_durable_lsn));
         }
-        if state == Some(InitialBlockCopy) && self.observer.copy_started.is_none() {
-            self.observer.copy_started = Some(now);
-            let total_bytes = self.volumes.iter().map(|v| v.size_bytes).sum();
-            events.push(EventKind::InitialCopyStarted { total_bytes });
-        }
-        // The copy may finish between two observations, even across a reconnection.
+        // The copy may start and finish between two observations.
         let copy_finished = matches!(state, Some(Recovering | ContinuouslyReplicating));
         if copy_finished && self.observer.copy_started.is_some() && !self.observer.copy_completed {
             self.observer.copy_completed = true;

@@ -97,6 +97,8 @@ pub struct GroupRt {
     pub close_peer: bool,
     pub copy_bytes_read: u64,
     pub copy_bytes_skipped: u64,
+    /// When this process read the first chunk of the initial copy.
+    pub copy_started_at: Option<Instant>,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -140,6 +142,7 @@ impl GroupRt {
             close_peer: false,
             copy_bytes_read: 0,
             copy_bytes_skipped: 0,
+            copy_started_at: None,
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),

@@ -186,6 +186,7 @@ impl GroupRt {
     /// Reads a chunk of a volume for the initial copy; a chunk without data
     /// (a hole of a thin volume) goes out as a zero range without being read.
     pub(super) fn read_chunk(&mut self, io: &mut Io, group: usize, chunk: ChunkRequest) {
+        self.copy_started_at.get_or_insert_with(Instant::now);
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let end = chunk.offset + u64::from(chunk.length);
         let link = self.source.as_mut().expect("copying needs a source link");
