@@ -522,7 +522,7 @@ impl Daemon {
         &self,
         group: &str,
         stream: std::net::TcpStream,
-        source_view: Option<(u64, tandem_engine::core::CopyPosition)>,
+        source_view: Option<(u64, u64, tandem_engine::core::CopyPosition)>,
     ) -> Result<(), String> {
         let group_name = group.to_owned();
         let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {

@@ -61,6 +61,8 @@ pub struct Answer {
     pub error: Option<String>,
     pub destination_node: String,
     pub durable_lsn: u64,
+    /// The LSN the destination takes next.
+    pub next_lsn: u64,
     /// `None` when the initial copy is complete.
     pub copy_at: Option<(u8, u64)>,
 }
@@ -193,7 +195,11 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             return Err(format!("the destination refused the partnership: {reason}"));
         }
     };
-    daemon.attach_peer(&request.source_group, stream, Some((answer.durable_lsn, copy_position(answer.copy_at))))?;
+    daemon.attach_peer(
+        &request.source_group,
+        stream,
+        Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
+    )?;
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
@@ -223,7 +229,7 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     let answer = exchange(&mut stream, &hello)?;
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
-    daemon.attach_peer(&status.name, stream, Some((answer.durable_lsn, copy_position(answer.copy_at))))
+    daemon.attach_peer(&status.name, stream, Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))))
 }
 
 /// Keeps every source group connected: tries again with a growing backoff.
@@ -346,9 +352,10 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
     let name = &hello.destination_group;
     let status =
         daemon.group_status(name).map_err(|_| format!("group {name} does not exist on {}", daemon.config.node.name))?;
-    let ok = |durable_lsn, copy: CopyPosition| Answer {
+    let ok = |durable_lsn, next_lsn, copy: CopyPosition| Answer {
         ok: true,
         durable_lsn,
+        next_lsn,
         copy_at: match copy {
             CopyPosition::Done => None,
             CopyPosition::At { volume_index, offset } => Some((volume_index, offset)),
@@ -371,7 +378,7 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             daemon.become_destination(name, entry, hello.baseline_lsn)?;
             let source = format!("{}/{}", hello.source_node, hello.source_group);
             daemon.events.record(name, EventKind::DestinationAttached { source });
-            Ok(ok(hello.baseline_lsn, CopyPosition::At { volume_index: 0, offset: 0 }))
+            Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
         }
         HelloAction::Resume | HelloAction::Remove => {
             let state = daemon.destination_state(name)?.ok_or_else(|| {
@@ -389,7 +396,7 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             if state.connected {
                 return Err(format!("group {name} already has a connected source"));
             }
-            Ok(ok(state.durable_lsn, state.copy))
+            Ok(ok(state.durable_lsn, state.next_lsn, state.copy))
         }
     }
 }

@@ -185,12 +185,20 @@ impl GroupCore {
         self.retention = None;
     }
 
-    /// The destination is connected and holds every record up to
-    /// `peer_durable_lsn` and the copy up to `copy`. Refused (with the reason)
-    /// when this log no longer holds what the destination lacks, or when the
-    /// destination claims records this source never wrote.
-    pub fn peer_connected(&mut self, peer_durable_lsn: u64, copy: CopyPosition) -> Result<(), String> {
+    /// The destination is connected, holds every record up to
+    /// `peer_durable_lsn` durably (and up to `next_lsn - 1` on its way to its
+    /// log) and the copy up to `copy`. Refused (with the reason) when this log
+    /// no longer holds what the destination lacks, or when the destination
+    /// claims records this source never wrote.
+    pub fn peer_connected(&mut self, peer_durable_lsn: u64, next_lsn: u64, copy: CopyPosition) -> Result<(), String> {
         let last_lsn = self.next_lsn - 1;
+        if next_lsn <= peer_durable_lsn || next_lsn - 1 > self.durable_lsn {
+            return Err(format!(
+                "the destination continues at LSN {next_lsn} with LSN {peer_durable_lsn} durable, but this source \
+                 has LSN {} durable; its log does not follow this group (remove and re-create the partnership)",
+                self.durable_lsn
+            ));
+        }
         let retention = self.retention.as_mut().expect("connected without a partnership");
         let floor = retention.peer_durable_lsn();
         if peer_durable_lsn > last_lsn {
@@ -210,7 +218,7 @@ impl GroupCore {
         let durable_lsn = self.durable_lsn;
         let shipper = self.shipper.as_mut().expect("connected without a partnership");
         shipper.connected = true;
-        shipper.next_ship_lsn = peer_durable_lsn + 1;
+        shipper.next_ship_lsn = next_lsn;
         shipper.copy = copy;
         shipper.copy_acked = copy;
         shipper.copy_done_sent = copy == CopyPosition::Done;

@@ -3,6 +3,7 @@
 //! executes the returned actions.
 
 pub mod group;
+pub mod receiver;
 pub mod recovery;
 pub mod retention;
 pub mod ring;
@@ -12,6 +13,7 @@ pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
     LogRecord, WriteError, WriteId, WriteOp, WriteRequest,
 };
+pub use receiver::{Incoming, Receiver, ReceiverAction};
 pub use recovery::{replay, HeaderVerdict, ReplayOutcome, ScanStart, ScanStop, ScannedRecord, Scanner};
 pub use retention::Retention;
 pub use ring::{LogRing, Placement};

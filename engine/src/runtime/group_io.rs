@@ -179,24 +179,19 @@ impl GroupRt {
         self.core.handle(Event::Submit(request));
     }
 
-    /// A destination's write of the source's record `header.lsn`.
+    /// A destination's write of the source's record `lsn`.
     pub(super) fn submit_replicated(
         &mut self,
         pending: PendingWrite,
-        header: tandem_proto::RecordHeader,
+        lsn: u64,
+        (volume_index, offset, length): (u8, u64, u32),
         op: crate::core::WriteOp,
     ) {
         let id = self.next_write_id;
         self.next_write_id += 1;
         self.writes.insert(id, pending);
-        let request = crate::core::WriteRequest {
-            id,
-            volume_index: header.volume_index,
-            offset: header.offset,
-            length: header.length,
-            op,
-        };
-        self.core.handle(Event::SubmitReplicated { request, lsn: header.lsn });
+        let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
+        self.core.handle(Event::SubmitReplicated { request, lsn });
     }
 
     /// Runs the core and executes its actions; returns the writes to answer.
@@ -257,7 +252,7 @@ impl GroupRt {
             entry.peer_durable_lsn = peer_durable;
         }
         if let Some(link) = self.destination.as_ref() {
-            match link.copy_to_persist() {
+            match link.receiver.copy_to_persist() {
                 crate::core::CopyPosition::Done => entry.copy_state = tandem_proto::COPY_DONE,
                 crate::core::CopyPosition::At { volume_index, offset } => {
                     entry.copy_state = tandem_proto::COPY_IN_PROGRESS;
@@ -463,7 +458,7 @@ impl GroupRt {
             tracing::error!(group = %self.name, ?result, "checkpoint failed");
         }
         if let (Some(link), Ok(())) = (self.destination.as_mut(), &result) {
-            link.copy_persisted = crate::core::CopyPosition::from_entry(&checkpoint.partnership);
+            link.receiver.persisted(crate::core::CopyPosition::from_entry(&checkpoint.partnership));
         }
         let version = checkpoint.meta_version;
         let reply_now: Vec<_> =

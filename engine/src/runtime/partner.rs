@@ -29,6 +29,9 @@ impl Default for PeerDefaults {
 pub struct DestinationState {
     pub partnership_id: [u8; 16],
     pub durable_lsn: u64,
+    /// The next LSN the destination takes (records up to it are in its log
+    /// or on their way there).
+    pub next_lsn: u64,
     pub copy: CopyPosition,
     pub connected: bool,
 }
@@ -59,7 +62,8 @@ impl GroupRt {
             }
             ROLE_DESTINATION => {
                 let copy = CopyPosition::from_entry(&self.superblock.partnership);
-                self.destination = Some(DestinationLink::new(copy));
+                let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
+                self.destination = Some(DestinationLink::new(sizes, copy));
             }
             _ => {}
         }
@@ -96,7 +100,8 @@ impl GroupRt {
         let head = self.core.head_position();
         self.superblock.epoch_start_position = head;
         self.core.rebase(baseline_lsn, self.superblock.epoch);
-        self.destination = Some(DestinationLink::new(CopyPosition::At { volume_index: 0, offset: 0 }));
+        let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
+        self.destination = Some(DestinationLink::new(sizes, CopyPosition::At { volume_index: 0, offset: 0 }));
     }
 
     /// Ends the partnership on this side (the connection is closed by the caller).
@@ -115,7 +120,8 @@ impl GroupRt {
         Some(DestinationState {
             partnership_id: self.superblock.partnership.id,
             durable_lsn: self.core.snapshot().durable_lsn,
-            copy: if link.copy_done_received { link.copy_to_persist() } else { link.copy_written },
+            next_lsn: self.core.snapshot().current_lsn + 1,
+            copy: link.receiver.copy_position(),
             connected: link.conn.is_some(),
         })
     }
@@ -158,7 +164,7 @@ impl GroupRt {
             status.connected = link.conn.is_some();
             status.state = if status.connected { "Connected" } else { "WaitingForSource" }.to_owned();
             status.destination_durable_lsn = snapshot.durable_lsn;
-            status.copy_complete = link.copy_persisted == CopyPosition::Done;
+            status.copy_complete = link.receiver.copy_complete();
         } else {
             return None;
         }

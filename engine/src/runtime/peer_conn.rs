@@ -162,12 +162,6 @@ impl PeerConn {
         Some(frame)
     }
 
-    /// Puts a frame back at the front (the group cannot take it yet).
-    pub fn put_back(&mut self, frame: InFrame) {
-        self.received_bytes_pending += frame.payload_bytes();
-        self.received.push_front(frame);
-    }
-
     /// Starts closing; the group is told once nothing is in flight.
     pub fn close(&mut self, reason: &str) {
         if !self.closing {

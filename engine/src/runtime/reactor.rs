@@ -43,7 +43,8 @@ pub enum CoreMsg {
     AttachPeer {
         group: String,
         stream: TcpStream,
-        source_view: Option<(u64, CopyPosition)>,
+        /// The destination's durable LSN, next LSN and copy position.
+        source_view: Option<(u64, u64, CopyPosition)>,
         reply: Sender<Result<(), String>>,
     },
     /// End a group's partnership on this node; answers once durable.

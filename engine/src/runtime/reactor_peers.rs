@@ -105,7 +105,7 @@ impl Reactor {
         &mut self,
         group: &str,
         stream: TcpStream,
-        source_view: Option<(u64, CopyPosition)>,
+        source_view: Option<(u64, u64, CopyPosition)>,
     ) -> Result<(), String> {
         let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
         if self.peers.iter().any(|(_, p)| p.group == index && !p.closing) {
@@ -118,8 +118,8 @@ impl Reactor {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         match (source_view, rt.source.as_mut(), rt.destination.as_mut()) {
-            (Some((durable_lsn, copy)), Some(_), None) => {
-                rt.core.peer_connected(durable_lsn, copy).inspect_err(|reason| {
+            (Some((durable_lsn, next_lsn, copy)), Some(_), None) => {
+                rt.core.peer_connected(durable_lsn, next_lsn, copy).inspect_err(|reason| {
                     if let Some(link) = rt.source.as_mut() {
                         link.last_error = Some(reason.clone());
                     }
@@ -131,7 +131,7 @@ impl Reactor {
             }
             (None, None, Some(_)) => {
                 let key = self.peers.insert(PeerConn::new(id, stream, index, sector));
-                rt.destination.as_mut().expect("checked").conn = Some((key, id));
+                rt.source_connected(key, id);
             }
             _ => return Err(format!("group {group} does not have that role in a partnership")),
         }

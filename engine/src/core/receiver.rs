@@ -1,0 +1,275 @@
+//! The destination side of a partnership, sans IO: the replication stream in
+//! order (records into the group's log with the source's LSNs, initial-copy
+//! frames written between them in stream order), what may be acknowledged,
+//! and what the initial copy has durably reached.
+//!
+//! Stream order is apply order: a copy frame shows its range after a given
+//! LSN, so it is written only once every record before it is applied, and no
+//! record after it is submitted until it is written. A frame that breaks the
+//! protocol (a gap or a repeat in LSNs, a range outside the volumes) is
+//! refused: the runtime closes the connection, nothing of it is applied.
+
+use std::collections::VecDeque;
+
+use tandem_proto::{RecordHeader, RecordKind, FLAG_NO_HOLE};
+
+use super::group::peer::CopyPosition;
+use super::WriteOp;
+
+/// A frame as the receiver sees it; payloads stay with the runtime, named by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Record {
+        header: RecordHeader,
+        payload_id: Option<u64>,
+    },
+    /// A range of the initial copy; `payload_id` `None` is a zero range (hole).
+    Copy {
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+        payload_id: Option<u64>,
+    },
+    CopyDone,
+}
+
+/// What the runtime does for the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverAction {
+    /// Submit the source's record `lsn` to the group's core.
+    Submit { lsn: u64, volume_index: u8, offset: u64, length: u32, op: WriteOp, payload_id: Option<u64> },
+    /// Write (or punch, without payload) a copy range; report `copy_written(end)`.
+    WriteCopy { volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>, end: CopyPosition },
+    /// Persist the copy state soon (the copy is complete).
+    Persist,
+    /// The stream broke the protocol: close the connection.
+    Refuse(String),
+}
+
+/// The destination's receiving state.
+#[derive(Debug)]
+pub struct Receiver {
+    volume_sizes_bytes: Vec<u64>,
+    queue: VecDeque<Incoming>,
+    next_lsn: u64,
+    copy_written: CopyPosition,
+    copy_done_received: bool,
+    copy_persisted: CopyPosition,
+    copy_write_in_flight: bool,
+    acked: Option<(u64, CopyPosition)>,
+}
+
+impl Receiver {
+    /// A destination whose copy progress persisted is `copy_persisted`.
+    #[must_use]
+    pub fn new(volume_sizes_bytes: Vec<u64>, copy_persisted: CopyPosition) -> Self {
+        Self {
+            volume_sizes_bytes,
+            queue: VecDeque::new(),
+            next_lsn: 1,
+            copy_written: copy_persisted,
+            copy_done_received: copy_persisted == CopyPosition::Done,
+            copy_persisted,
+            copy_write_in_flight: false,
+            acked: None,
+        }
+    }
+
+    /// A source connected; its stream continues at `next_lsn` (after what
+    /// this log holds). Frames of an earlier connection are forgotten.
+    pub fn connected(&mut self, next_lsn: u64) {
+        self.queue.clear();
+        self.next_lsn = next_lsn;
+        self.acked = None;
+    }
+
+    /// The copy position to report to a connecting source.
+    #[must_use]
+    pub fn copy_position(&self) -> CopyPosition {
+        if self.copy_done_received {
+            self.copy_to_persist()
+        } else {
+            self.copy_written
+        }
+    }
+
+    /// A frame arrived.
+    pub fn push(&mut self, frame: Incoming) {
+        self.queue.push_back(frame);
+    }
+
+    /// Frames waiting.
+    #[must_use]
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Takes frames in stream order while it may; `core_has_unapplied` says
+    /// whether the group still applies records submitted earlier.
+    pub fn drive(&mut self, core_has_unapplied: bool) -> Vec<ReceiverAction> {
+        let mut actions = Vec::new();
+        let mut unapplied = core_has_unapplied;
+        while let Some(frame) = self.queue.front() {
+            if self.copy_write_in_flight {
+                break;
+            }
+            let frame = frame.clone();
+            let action = match frame {
+                Incoming::Record { header, payload_id } => {
+                    unapplied = true;
+                    self.record(&header, payload_id)
+                }
+                Incoming::Copy { .. } if unapplied => break,
+                Incoming::Copy { volume_index, offset, length, payload_id } => {
+                    self.copy(volume_index, offset, length, payload_id)
+                }
+                Incoming::CopyDone => {
+                    self.copy_done_received = true;
+                    ReceiverAction::Persist
+                }
+            };
+            self.queue.pop_front();
+            let refused = matches!(action, ReceiverAction::Refuse(_));
+            actions.push(action);
+            if refused {
+                self.queue.clear();
+                break;
+            }
+        }
+        actions
+    }
+
+    fn check_range(&self, volume_index: u8, offset: u64, length: u32) -> Result<(), String> {
+        let size = self.volume_sizes_bytes.get(usize::from(volume_index)).ok_or_else(|| {
+            format!("volume {volume_index} does not exist here ({} volumes)", self.volume_sizes_bytes.len())
+        })?;
+        if offset + u64::from(length) > *size {
+            return Err(format!("range {offset}+{length} is beyond volume {volume_index} ({size} bytes)"));
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, header: &RecordHeader, payload_id: Option<u64>) -> ReceiverAction {
+        if header.lsn != self.next_lsn {
+            return ReceiverAction::Refuse(format!(
+                "record LSN {} arrived where LSN {} was expected (a gap or a repeat in the stream)",
+                header.lsn, self.next_lsn
+            ));
+        }
+        let op = match header.record_kind() {
+            RecordKind::Write => WriteOp::Write { payload_checksum: header.payload_checksum },
+            RecordKind::Trim => WriteOp::Trim,
+            RecordKind::WriteZeroes => WriteOp::WriteZeroes { no_hole: header.flags & FLAG_NO_HOLE != 0 },
+            RecordKind::Pad => return ReceiverAction::Refuse("a pad record was shipped; pads stay local".to_owned()),
+        };
+        if let Err(reason) = self.check_range(header.volume_index, header.offset, header.length) {
+            return ReceiverAction::Refuse(format!("record LSN {}: {reason}", header.lsn));
+        }
+        self.next_lsn += 1;
+        let (lsn, volume_index, offset, length) = (header.lsn, header.volume_index, header.offset, header.length);
+        ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id }
+    }
+
+    fn copy(&mut self, volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>) -> ReceiverAction {
+        if self.copy_done_received {
+            return ReceiverAction::Refuse("a copy frame arrived after the copy was complete".to_owned());
+        }
+        if let Err(reason) = self.check_range(volume_index, offset, length) {
+            return ReceiverAction::Refuse(format!("copy frame: {reason}"));
+        }
+        self.copy_write_in_flight = true;
+        let end = CopyPosition::At { volume_index, offset: offset + u64::from(length) };
+        ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
+    }
+
+    /// A copy write finished (`end` from its action).
+    pub fn copy_written(&mut self, end: CopyPosition) {
+        assert!(self.copy_write_in_flight, "one copy write at a time");
+        self.copy_write_in_flight = false;
+        self.copy_written = end;
+    }
+
+    /// A copy write failed: the range is written again after reconnection.
+    pub fn copy_failed(&mut self) {
+        self.copy_write_in_flight = false;
+    }
+
+    /// What a checkpoint starting now may persist: the copy written before it.
+    #[must_use]
+    pub fn copy_to_persist(&self) -> CopyPosition {
+        if self.copy_done_received && !self.copy_write_in_flight {
+            CopyPosition::Done
+        } else {
+            self.copy_written
+        }
+    }
+
+    /// A checkpoint persisted `copy`.
+    pub fn persisted(&mut self, copy: CopyPosition) {
+        self.copy_persisted = copy;
+    }
+
+    /// True once the whole copy is durable here.
+    #[must_use]
+    pub fn copy_complete(&self) -> bool {
+        self.copy_persisted == CopyPosition::Done
+    }
+
+    /// The acknowledgement to send when something moved: the durable LSN, and
+    /// the copy written so far (`Done` only once durable).
+    pub fn ack(&mut self, durable_lsn: u64) -> Option<(u64, CopyPosition)> {
+        let copy = if self.copy_complete() { CopyPosition::Done } else { self.copy_written };
+        if self.acked == Some((durable_lsn, copy)) {
+            return None;
+        }
+        self.acked = Some((durable_lsn, copy));
+        self.acked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::RecordStamp;
+
+    const STAMP: RecordStamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+
+    fn record(lsn: u64, offset: u64) -> Incoming {
+        Incoming::Record { header: RecordHeader::write(STAMP, lsn, 0, offset, &[1u8; 512]), payload_id: Some(lsn) }
+    }
+
+    #[test]
+    fn copy_frames_wait_for_earlier_records_and_hold_later_ones() {
+        let mut receiver = Receiver::new(vec![1 << 20], CopyPosition::At { volume_index: 0, offset: 0 });
+        receiver.connected(5);
+        receiver.push(record(5, 0));
+        receiver.push(Incoming::Copy { volume_index: 0, offset: 0, length: 4096, payload_id: Some(100) });
+        receiver.push(record(6, 0));
+        let actions = receiver.drive(false);
+        assert_eq!(actions.len(), 1, "the copy waits for LSN 5 to be applied: {actions:?}");
+        assert!(matches!(actions[0], ReceiverAction::Submit { lsn: 5, .. }));
+        let actions = receiver.drive(false);
+        assert!(matches!(actions[..], [ReceiverAction::WriteCopy { .. }]), "{actions:?}");
+        assert!(receiver.drive(false).is_empty(), "LSN 6 waits for the copy write");
+        receiver.copy_written(CopyPosition::At { volume_index: 0, offset: 4096 });
+        assert!(matches!(receiver.drive(true)[..], [ReceiverAction::Submit { lsn: 6, .. }]));
+        assert_eq!(receiver.ack(6), Some((6, CopyPosition::At { volume_index: 0, offset: 4096 })));
+        assert_eq!(receiver.ack(6), None, "nothing moved");
+    }
+
+    #[test]
+    fn gaps_repeats_and_ranges_outside_the_volumes_are_refused() {
+        let mut receiver = Receiver::new(vec![1 << 20], CopyPosition::Done);
+        receiver.connected(3);
+        receiver.push(record(3, 0));
+        receiver.push(record(3, 0));
+        let actions = receiver.drive(false);
+        assert!(matches!(&actions[1], ReceiverAction::Refuse(r) if r.contains("LSN 3 arrived where LSN 4")));
+        receiver.connected(4);
+        receiver.push(record(4, 1 << 20));
+        assert!(matches!(&receiver.drive(false)[0], ReceiverAction::Refuse(r) if r.contains("beyond volume 0")));
+        receiver.connected(4);
+        receiver.push(Incoming::Copy { volume_index: 0, offset: 0, length: 512, payload_id: None });
+        assert!(matches!(&receiver.drive(false)[0], ReceiverAction::Refuse(r) if r.contains("after the copy")));
+    }
+}
