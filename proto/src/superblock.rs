@@ -58,6 +58,8 @@ pub struct PartnershipEntry {
     pub peer_durable_lsn: u64,
     /// Destination: [`COPY_IN_PROGRESS`] or [`COPY_DONE`]; the copy cursor
     /// below is durable (the volumes were fdatasync'ed before it was written).
+    /// Source: [`COPY_DONE`] once the destination acknowledged the whole copy
+    /// (sync mode then waits for the destination even right after a restart), else 0.
     pub copy_state: u32,
     /// Destination: volume the initial copy has reached.
     pub copy_volume: u32,
@@ -274,7 +276,11 @@ impl Superblock {
         if !(1..=16).contains(&p.channels) {
             return Err(field_error("partnership", format!("{} channels is outside 1..=16", p.channels)));
         }
-        if self.role == ROLE_DESTINATION && p.copy_state != COPY_IN_PROGRESS && p.copy_state != COPY_DONE {
+        let copy_state_ok = match self.role {
+            ROLE_DESTINATION => p.copy_state == COPY_IN_PROGRESS || p.copy_state == COPY_DONE,
+            _ => p.copy_state == 0 || p.copy_state == COPY_DONE,
+        };
+        if !copy_state_ok {
             return Err(field_error("partnership", format!("unknown copy state {}", p.copy_state)));
         }
         let names_ok = [&p.peer_node[..], &p.peer_group[..], &p.peer_address[..]]

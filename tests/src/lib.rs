@@ -4,7 +4,9 @@
 pub mod nbd_client;
 pub mod netns;
 pub mod pattern;
+pub mod repl_sim;
 pub mod sim;
+pub mod sim_node;
 pub mod writer;
 
 use std::net::TcpListener;

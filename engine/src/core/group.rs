@@ -275,6 +275,9 @@ pub struct GroupCore {
     shipper: Option<peer::Shipper>,
     /// The volumes changed outside the log since the last checkpoint began.
     unlogged_changes: bool,
+    /// Volume writes wait until their record is durable (groups in a
+    /// partnership; see `set_apply_after_durable`).
+    apply_after_durable: bool,
     actions: Vec<Action>,
 }
 
@@ -329,6 +332,7 @@ impl GroupCore {
             retention,
             shipper: None,
             unlogged_changes: false,
+            apply_after_durable: false,
             actions: Vec::new(),
         }
     }
@@ -345,6 +349,24 @@ impl GroupCore {
         self.settled_lsn = lsn;
         self.checkpoint_lsn = lsn;
         self.stamp.epoch = epoch;
+    }
+
+    /// The last LSN this log has taken: placed, or submitted and waiting for
+    /// a place (a destination continues its stream after it).
+    #[must_use]
+    pub fn last_taken_lsn(&self) -> u64 {
+        self.next_lsn - 1 + self.pending.len() as u64
+    }
+
+    /// Volume writes of a group in a partnership are issued only once their
+    /// record is durable in the log. A crash can then leave no trace in the
+    /// volumes of a write its log lost: on a source such a trace would be a
+    /// difference the destination never receives; on a destination it would
+    /// be a later write present without an earlier one (write order broken).
+    /// Sync writes lose no latency to it: the volume write runs while the
+    /// record travels to the destination.
+    pub fn set_apply_after_durable(&mut self, enabled: bool) {
+        self.apply_after_durable = enabled;
     }
 
     /// Where the next record will be placed.
@@ -364,7 +386,7 @@ impl GroupCore {
         match event {
             Event::Submit(request) => self.submit(request),
             Event::SubmitReplicated { request, lsn } => {
-                let expected = self.next_lsn + self.pending.len() as u64;
+                let expected = self.last_taken_lsn() + 1;
                 assert_eq!(lsn, expected, "replicated records arrive in LSN order");
                 assert!(self.shipper.is_none(), "a source does not take replicated records");
                 self.submit(request);
@@ -625,6 +647,10 @@ impl GroupCore {
             let blocked = self.fence().is_some_and(|f| f.holds(&candidate))
                 || self.apply_inflight.iter().any(|a| a.overlaps(&candidate))
                 || self.apply_queue.iter().take(index).any(|a| a.overlaps(&candidate));
+            if self.apply_after_durable && candidate.lsn > self.durable_lsn {
+                // The queue is in LSN order: every later one waits too.
+                break;
+            }
             if blocked {
                 index += 1;
                 continue;

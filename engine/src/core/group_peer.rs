@@ -42,6 +42,10 @@ pub struct PeerConfig {
     pub max_unacked_log_bytes: u64,
     /// Copy bytes shipped but not yet acknowledged before copying pauses.
     pub max_unacked_copy_bytes: u64,
+    /// The destination completed the initial copy before (persisted on this
+    /// side): sync mode holds writes for it from the start, even before the
+    /// first connection after a restart.
+    pub copy_complete: bool,
 }
 
 /// How far the destination's initial copy has come.
@@ -165,12 +169,15 @@ impl GroupCore {
             self.retention = Some(super::Retention::new(baseline_lsn, std::iter::empty()));
         }
         let baseline_lsn = self.retention.as_ref().expect("set above").peer_durable_lsn();
+        self.set_apply_after_durable(true);
+        let copy_acked =
+            if config.copy_complete { CopyPosition::Done } else { CopyPosition::At { volume_index: 0, offset: 0 } };
         self.shipper = Some(Shipper {
             config,
             connected: false,
             next_ship_lsn: baseline_lsn + 1,
             copy: CopyPosition::At { volume_index: 0, offset: 0 },
-            copy_acked: CopyPosition::At { volume_index: 0, offset: 0 },
+            copy_acked,
             copy_done_sent: false,
             fence: None,
             next_chunk_id: 1,
@@ -183,6 +190,7 @@ impl GroupCore {
     pub fn detach_peer(&mut self) {
         self.shipper = None;
         self.retention = None;
+        self.set_apply_after_durable(false);
     }
 
     /// The destination is connected, holds every record up to
@@ -273,6 +281,12 @@ impl GroupCore {
         })
     }
 
+    /// True once the destination acknowledged the whole initial copy as durable.
+    #[must_use]
+    pub fn copy_acknowledged(&self) -> bool {
+        self.shipper.as_ref().is_some_and(|s| s.copy_acked == CopyPosition::Done)
+    }
+
     /// Bytes of the initial copy still to be acknowledged by the destination.
     #[must_use]
     pub fn copy_remaining_bytes(&self) -> u64 {
@@ -285,13 +299,20 @@ impl GroupCore {
         self.retention.as_ref().map(super::Retention::peer_durable_lsn)
     }
 
-    /// Sync mode with a complete copy waits for the destination before a write
-    /// is acknowledged; the returned LSN bounds what may complete.
+    /// Sync mode waits for the destination before a write is acknowledged
+    /// (once it holds the whole copy, or while it is away under
+    /// `hold_writes_when_lost`); the returned LSN bounds what may complete.
     pub(super) fn completion_limit_lsn(&self) -> u64 {
         let Some(shipper) = self.shipper.as_ref() else { return self.durable_lsn };
+        // Connected: the destination counts once it holds the whole copy.
+        // Disconnected with `hold_writes_when_lost`: hold, whatever this side
+        // remembers of the copy (a restart may have forgotten that it completed).
         let gated = shipper.config.mode == ReplicationMode::Sync
-            && shipper.copy_acked == CopyPosition::Done
-            && (shipper.connected || shipper.config.hold_writes_when_lost);
+            && if shipper.connected {
+                shipper.copy_acked == CopyPosition::Done
+            } else {
+                shipper.config.hold_writes_when_lost
+            };
         if gated {
             self.durable_lsn.min(self.peer_durable_lsn().unwrap_or(0))
         } else {

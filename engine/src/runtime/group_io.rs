@@ -251,6 +251,9 @@ impl GroupRt {
         if let Some(peer_durable) = self.core.peer_durable_lsn() {
             entry.peer_durable_lsn = peer_durable;
         }
+        if self.core.copy_acknowledged() {
+            entry.copy_state = tandem_proto::COPY_DONE;
+        }
         if let Some(link) = self.destination.as_ref() {
             match link.receiver.copy_to_persist() {
                 crate::core::CopyPosition::Done => entry.copy_state = tandem_proto::COPY_DONE,

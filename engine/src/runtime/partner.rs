@@ -50,6 +50,7 @@ impl GroupRt {
             volume_sizes_bytes: self.volumes.iter().map(|v| v.size_bytes).collect(),
             max_unacked_log_bytes: 64 << 20,
             max_unacked_copy_bytes: 16 << 20,
+            copy_complete: self.superblock.partnership.copy_state == tandem_proto::COPY_DONE,
         }
     }
 
@@ -64,6 +65,7 @@ impl GroupRt {
                 let copy = CopyPosition::from_entry(&self.superblock.partnership);
                 let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
                 self.destination = Some(DestinationLink::new(sizes, copy));
+                self.core.set_apply_after_durable(true);
             }
             _ => {}
         }
@@ -102,6 +104,7 @@ impl GroupRt {
         self.core.rebase(baseline_lsn, self.superblock.epoch);
         let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
         self.destination = Some(DestinationLink::new(sizes, CopyPosition::At { volume_index: 0, offset: 0 }));
+        self.core.set_apply_after_durable(true);
     }
 
     /// Ends the partnership on this side (the connection is closed by the caller).
@@ -120,7 +123,7 @@ impl GroupRt {
         Some(DestinationState {
             partnership_id: self.superblock.partnership.id,
             durable_lsn: self.core.snapshot().durable_lsn,
-            next_lsn: self.core.snapshot().current_lsn + 1,
+            next_lsn: self.core.last_taken_lsn() + 1,
             copy: link.receiver.copy_position(),
             connected: link.conn.is_some(),
         })

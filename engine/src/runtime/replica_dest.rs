@@ -63,7 +63,7 @@ impl GroupRt {
     /// A source connected: its stream continues after the last record this
     /// log took (as `destination_state` told it).
     pub(super) fn source_connected(&mut self, key: usize, id: u64) {
-        let next_lsn = self.core.snapshot().current_lsn + 1;
+        let next_lsn = self.core.last_taken_lsn() + 1;
         let link = self.destination.as_mut().expect("destination link");
         link.conn = Some((key, id));
         link.payloads.clear();

@@ -1,0 +1,625 @@
+//! Deterministic simulation of a partnership: the real `GroupCore` of a
+//! source (shipping, initial copy under a fence, sync acknowledgement) and of
+//! a destination behind the real `Receiver`, on simulated disks (power loss:
+//! in-flight and unflushed sectors land or not) and a simulated network
+//! (frames delayed, connections dropped, partitions, duplicated frames,
+//! reconnection) driven from one seed.
+//!
+//! Checked after every step and fault:
+//! - sync mode: after a destination power loss with the copy complete, every
+//!   write acknowledged to a client is there (RPO 0, `on_peer_loss = block`);
+//! - the destination applies in LSN order: after its power loss with the copy
+//!   complete, its volumes equal the source's initial content plus exactly the
+//!   source's records up to the destination's last LSN;
+//! - a reconnection never finds the destination ahead of the source, and the
+//!   source's log still holds everything the destination lacks;
+//! - duplicated frames are refused and never applied twice;
+//! - once faults stop, both sides converge byte for byte.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tandem_engine::core::{
+    CopyPosition, Event, GroupConfig, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode, WriteOp,
+    WriteRequest,
+};
+use tandem_proto::{xxh3_128_bytes, RecordHeader, RecordKind};
+
+use crate::pattern::{block_content_sized, WriteModel};
+use crate::sim_node::{NodeOutput, SimNode, SECTOR};
+
+const RING_SECTORS: usize = 96;
+const VOLUME_SECTORS: u64 = 32;
+const VOLUMES: usize = 2;
+const SOURCE_GROUP_ID: u32 = 0x50_0c;
+const DESTINATION_GROUP_ID: u32 = 0xde_57;
+
+/// What a seed did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplSimStats {
+    pub writes_acked: u64,
+    pub source_crashes: u64,
+    pub destination_crashes: u64,
+    pub connections: u64,
+    pub drops: u64,
+    pub duplicates_refused: u64,
+    pub records_shipped: u64,
+    pub chunks_copied: u64,
+    pub prefix_checks: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Frame {
+    Record { header: RecordHeader, payload: Vec<u8> },
+    Copy { volume: u8, offset: u64, length: u32, data: Option<Vec<u8>> },
+    CopyDone,
+    Ack { lsn: u64, copy: CopyPosition },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Calm,
+    Faulty,
+    Converge,
+}
+
+struct Link {
+    id: u64,
+    to_destination: VecDeque<Frame>,
+    to_source: VecDeque<Frame>,
+}
+
+struct ChunkRead {
+    link_id: u64,
+    chunk_id: u64,
+    after_lsn: u64,
+    volume: u8,
+    offset: u64,
+    length: u32,
+}
+
+struct World {
+    rng: StdRng,
+    mode: ReplicationMode,
+    peer_config: PeerConfig,
+    source: SimNode,
+    destination: SimNode,
+    receiver: Receiver,
+    payloads: HashMap<u64, Vec<u8>>,
+    next_payload_id: u64,
+    next_destination_write: u64,
+    link: Option<Link>,
+    next_link_id: u64,
+    partitioned_until: usize,
+    chunk_reads: Vec<ChunkRead>,
+    /// The source volumes before any record, and every record shipped (all
+    /// durable at the source, so they survive its power losses).
+    initial: Vec<Vec<u8>>,
+    history: BTreeMap<u64, (RecordHeader, Vec<u8>)>,
+    in_flight: HashMap<u64, Vec<u64>>,
+    busy: HashSet<u64>,
+    model: WriteModel,
+    /// Like `model`, with only the acknowledgements sync mode vouches for:
+    /// those given while the destination held the whole copy, or while it
+    /// was away and writes were held for it.
+    vouched: WriteModel,
+    next_seq: u64,
+    stats: ReplSimStats,
+}
+
+fn volume_sizes() -> Vec<u64> {
+    vec![VOLUME_SECTORS * SECTOR as u64; VOLUMES]
+}
+
+/// Sector key across volumes for the write model.
+fn key(volume: u8, sector: u64) -> u64 {
+    u64::from(volume) * VOLUME_SECTORS + sector
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut config = || GroupConfig {
+            max_batch_bytes: (SECTOR * rng.random_range(4..32)) as u64,
+            max_batch_records: rng.random_range(2..16),
+            max_inflight_appends: rng.random_range(1..=4),
+            checkpoint_used_percent: rng.random_range(10..=90),
+            checkpoint_interval_ms: u64::MAX,
+        };
+        let (source_config, destination_config) = (config(), config());
+        let mode = if rng.random_bool(0.5) { ReplicationMode::Sync } else { ReplicationMode::Async };
+        // Some sectors of the source hold data before the partnership (the
+        // rest are holes); the destination holds unrelated bytes.
+        let initial: Vec<Vec<u8>> = (0..VOLUMES)
+            .map(|volume| {
+                let mut data = vec![0u8; VOLUME_SECTORS as usize * SECTOR];
+                for sector in 0..VOLUME_SECTORS {
+                    if rng.random_bool(0.3) {
+                        // Write 0 of the model: there before the partnership.
+                        let content = block_content_sized(0, key(volume as u8, sector), SECTOR);
+                        data[sector as usize * SECTOR..(sector as usize + 1) * SECTOR].copy_from_slice(&content);
+                    }
+                }
+                data
+            })
+            .collect();
+        let garbage: Vec<Vec<u8>> =
+            (0..VOLUMES).map(|_| (0..VOLUME_SECTORS as usize * SECTOR).map(|_| rng.random()).collect()).collect();
+        let mut source = SimNode::new(SOURCE_GROUP_ID, source_config, RING_SECTORS, initial.clone());
+        let mut destination = SimNode::new(DESTINATION_GROUP_ID, destination_config, RING_SECTORS, garbage);
+        let peer_config = PeerConfig {
+            mode,
+            hold_writes_when_lost: true,
+            copy_chunk_bytes: (SECTOR * rng.random_range(2..=16)) as u32,
+            volume_sizes_bytes: volume_sizes(),
+            max_unacked_log_bytes: (SECTOR * rng.random_range(2..64)) as u64,
+            max_unacked_copy_bytes: (SECTOR * rng.random_range(1..64)) as u64,
+            copy_complete: false,
+        };
+        let baseline = source.core.attach_peer(peer_config.clone());
+        destination.rebase(baseline);
+        destination.core.set_apply_after_durable(true);
+        destination.superblock.copy = Some(CopyPosition::At { volume_index: 0, offset: 0 });
+        let receiver = Receiver::new(volume_sizes(), CopyPosition::At { volume_index: 0, offset: 0 });
+        let mut model = WriteModel::default();
+        for (volume, data) in initial.iter().enumerate() {
+            for sector in 0..VOLUME_SECTORS {
+                let at = sector as usize * SECTOR;
+                if data[at..at + SECTOR].iter().any(|&b| b != 0) {
+                    model.issued.insert(key(volume as u8, sector), vec![0]);
+                    model.acked.insert(key(volume as u8, sector), 0);
+                }
+            }
+        }
+        Self {
+            rng,
+            mode,
+            peer_config,
+            source,
+            destination,
+            receiver,
+            payloads: HashMap::new(),
+            next_payload_id: 1,
+            next_destination_write: 1,
+            link: None,
+            next_link_id: 1,
+            partitioned_until: 0,
+            chunk_reads: Vec::new(),
+            initial,
+            history: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            busy: HashSet::new(),
+            vouched: WriteModel {
+                issued: model.issued.clone(),
+                acked: model.acked.clone(),
+                zeroing: model.zeroing.clone(),
+            },
+            model,
+            next_seq: 1,
+            stats: ReplSimStats::default(),
+        }
+    }
+
+    /// A client write, trim or write-zeroes on the source.
+    fn submit(&mut self) {
+        let volume = self.rng.random_range(0..VOLUMES) as u8;
+        let first = self.rng.random_range(0..VOLUME_SECTORS);
+        let count = self.rng.random_range(1..=4).min(VOLUME_SECTORS - first);
+        if (first..first + count).any(|s| self.busy.contains(&key(volume, s))) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let kind = self.rng.random_range(0..10);
+        let mut payload = Vec::new();
+        let mut keys = Vec::new();
+        for sector in first..first + count {
+            let k = key(volume, sector);
+            if kind < 8 {
+                payload.extend_from_slice(&block_content_sized(seq, k, SECTOR));
+            } else {
+                payload.extend_from_slice(&[0u8; SECTOR]);
+            }
+            self.model.issued.entry(k).or_default().push(seq);
+            self.vouched.issued.entry(k).or_default().push(seq);
+            self.busy.insert(k);
+            keys.push(k);
+        }
+        let op = match kind {
+            0..8 => WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) },
+            8 => WriteOp::Trim,
+            _ => WriteOp::WriteZeroes { no_hole: self.rng.random_bool(0.5) },
+        };
+        if kind >= 8 {
+            self.model.zeroing.insert(seq);
+            self.vouched.zeroing.insert(seq);
+        }
+        let offset = first * SECTOR as u64;
+        let length = payload.len() as u32;
+        self.source.writes.insert(seq, (volume, offset, payload));
+        self.in_flight.insert(seq, keys);
+        self.source.core.handle(Event::Submit(WriteRequest { id: seq, volume_index: volume, offset, length, op }));
+    }
+
+    fn send_to_destination(&mut self, frame: Frame) {
+        if let Some(link) = self.link.as_mut() {
+            link.to_destination.push_back(frame);
+        }
+    }
+
+    /// Runs both nodes and the receiver until nothing new comes out.
+    fn settle(&mut self) -> Result<(), String> {
+        for _ in 0..64 {
+            let mut progressed = false;
+            let copy = self.source.core.copy_acknowledged().then_some(CopyPosition::Done);
+            for output in self.source.run(copy) {
+                progressed = true;
+                self.source_output(output)?;
+            }
+            progressed |= self.drive_receiver();
+            let copy = Some(self.receiver.copy_to_persist());
+            for output in self.destination.run(copy) {
+                progressed = true;
+                match output {
+                    NodeOutput::Completed { result, .. } => {
+                        result.map_err(|e| format!("replicated write failed: {e:?}"))?
+                    }
+                    NodeOutput::CopyWritten { end } => self.receiver.copy_written(end),
+                    NodeOutput::CopyPersisted { copy } => self.receiver.persisted(copy),
+                    other => unreachable!("a destination ships nothing: {other:?}"),
+                }
+            }
+            if let Some(link) = self.link.as_mut() {
+                if let Some((lsn, copy)) = self.receiver.ack(self.destination.core.snapshot().durable_lsn) {
+                    link.to_source.push_back(Frame::Ack { lsn, copy });
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn source_output(&mut self, output: NodeOutput) -> Result<(), String> {
+        match output {
+            NodeOutput::Completed { id, result } => {
+                result.map_err(|e| format!("client write {id} failed: {e:?}"))?;
+                let vouched =
+                    self.mode == ReplicationMode::Sync && (self.link.is_none() || self.source.core.copy_acknowledged());
+                for k in self.in_flight.remove(&id).expect("completed write was in flight") {
+                    self.busy.remove(&k);
+                    let acked = self.model.acked.entry(k).or_insert(0);
+                    *acked = (*acked).max(id);
+                    if vouched {
+                        let acked = self.vouched.acked.entry(k).or_insert(0);
+                        *acked = (*acked).max(id);
+                    }
+                }
+                self.stats.writes_acked += 1;
+            }
+            NodeOutput::Ship { lsn, position, end_position } => {
+                // Shipped records are durable here: the log must still hold them.
+                let (header, payload) = self.source.read_record(lsn, position, end_position)?;
+                self.history.insert(lsn, (header, payload.clone()));
+                self.stats.records_shipped += 1;
+                self.send_to_destination(Frame::Record { header, payload });
+            }
+            NodeOutput::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
+                let link_id = self.link.as_ref().map_or(0, |l| l.id);
+                self.chunk_reads.push(ChunkRead { link_id, chunk_id, after_lsn, volume: volume_index, offset, length });
+            }
+            NodeOutput::SendCopyDone => self.send_to_destination(Frame::CopyDone),
+            // The source's superblock now knows its destination completed the copy.
+            NodeOutput::CopyPersisted { .. } => {}
+            NodeOutput::CopyWritten { .. } => unreachable!("a source copies nothing in"),
+        }
+        Ok(())
+    }
+
+    fn drive_receiver(&mut self) -> bool {
+        let actions = self.receiver.drive(self.destination.core.has_unapplied());
+        let progressed = !actions.is_empty();
+        for action in actions {
+            match action {
+                ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id } => {
+                    let bytes = match payload_id {
+                        Some(id) => self.payloads.remove(&id).expect("payload of a queued frame"),
+                        None => vec![0u8; length as usize],
+                    };
+                    let id = self.next_destination_write;
+                    self.next_destination_write += 1;
+                    self.destination.writes.insert(id, (volume_index, offset, bytes));
+                    let request = WriteRequest { id, volume_index, offset, length, op };
+                    self.destination.core.handle(Event::SubmitReplicated { request, lsn });
+                }
+                ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end } => {
+                    let bytes = match payload_id {
+                        Some(id) => self.payloads.remove(&id).expect("payload of a queued frame"),
+                        None => vec![0u8; length as usize],
+                    };
+                    self.destination.write_copy(volume_index, offset, bytes, end);
+                }
+                ReceiverAction::Persist => {
+                    self.destination.core.handle(Event::VolumesChangedOutsideLog);
+                    self.destination.core.handle(Event::CheckpointRequested);
+                }
+                ReceiverAction::Refuse(reason) => {
+                    assert!(reason.contains("repeat"), "the receiver refused a correct stream: {reason}");
+                    self.stats.duplicates_refused += 1;
+                    self.drop_link();
+                }
+            }
+        }
+        progressed
+    }
+
+    fn drop_link(&mut self) {
+        if self.link.take().is_some() {
+            self.stats.drops += 1;
+            self.source.core.peer_lost();
+        }
+    }
+
+    /// The handshake of the daemons: the destination says what it holds.
+    fn connect(&mut self) -> Result<(), String> {
+        let snapshot = self.destination.core.snapshot();
+        let (durable, next) = (snapshot.durable_lsn, self.destination.core.last_taken_lsn() + 1);
+        self.source
+            .core
+            .peer_connected(durable, next, self.receiver.copy_position())
+            .map_err(|e| format!("reconnection refused: {e}"))?;
+        self.receiver.connected(next);
+        self.payloads.clear();
+        self.link = Some(Link { id: self.next_link_id, to_destination: VecDeque::new(), to_source: VecDeque::new() });
+        self.next_link_id += 1;
+        self.stats.connections += 1;
+        Ok(())
+    }
+
+    fn deliver_to_destination(&mut self) {
+        let Some(frame) = self.link.as_mut().and_then(|l| l.to_destination.pop_front()) else { return };
+        let mut payload = |data: Vec<u8>| {
+            let id = self.next_payload_id;
+            self.next_payload_id += 1;
+            self.payloads.insert(id, data);
+            id
+        };
+        let incoming = match frame {
+            Frame::Record { header, payload: data } => {
+                let payload_id = (header.record_kind() == RecordKind::Write).then(|| payload(data));
+                Incoming::Record { header, payload_id }
+            }
+            Frame::Copy { volume, offset, length, data } => {
+                Incoming::Copy { volume_index: volume, offset, length, payload_id: data.map(payload) }
+            }
+            Frame::CopyDone => Incoming::CopyDone,
+            Frame::Ack { .. } => unreachable!("acks travel to the source"),
+        };
+        self.receiver.push(incoming);
+    }
+
+    fn deliver_to_source(&mut self) -> Result<(), String> {
+        let Some(frame) = self.link.as_mut().and_then(|l| l.to_source.pop_front()) else { return Ok(()) };
+        let Frame::Ack { lsn, copy } = frame else { unreachable!("only acks travel to the source") };
+        let current = self.source.core.snapshot().current_lsn;
+        if lsn > current {
+            return Err(format!("the destination acknowledged LSN {lsn} beyond the source's {current}"));
+        }
+        self.source.core.peer_acknowledged(lsn, copy);
+        Ok(())
+    }
+
+    fn complete_chunk_read(&mut self) -> Result<(), String> {
+        if self.chunk_reads.is_empty() {
+            return Ok(());
+        }
+        let index = self.rng.random_range(0..self.chunk_reads.len());
+        let read = self.chunk_reads.swap_remove(index);
+        let data = self.source.visible(read.volume, read.offset, read.length as usize);
+        if self.link.as_ref().is_some_and(|l| l.id == read.link_id) {
+            // The fence: the chunk shows its range exactly as of its LSN (a
+            // read of an earlier connection lost its fence and is dropped).
+            let expected = &self.state_at(read.after_lsn)[usize::from(read.volume)];
+            if data[..] != expected[read.offset as usize..read.offset as usize + read.length as usize] {
+                return Err(format!(
+                    "chunk {}+{} of volume {} does not show the state after LSN {}",
+                    read.offset, read.length, read.volume, read.after_lsn
+                ));
+            }
+            let data = data.iter().any(|&b| b != 0).then_some(data);
+            self.send_to_destination(Frame::Copy {
+                volume: read.volume,
+                offset: read.offset,
+                length: read.length,
+                data,
+            });
+            self.stats.chunks_copied += 1;
+        }
+        self.source.core.chunk_shipped(read.chunk_id);
+        Ok(())
+    }
+
+    fn duplicate_a_frame(&mut self) {
+        let Some(link) = self.link.as_mut() else { return };
+        if let Some(frame @ Frame::Record { .. }) = link.to_destination.front().cloned() {
+            link.to_destination.push_front(frame);
+        }
+    }
+
+    fn crash_source(&mut self) -> Result<(), String> {
+        self.stats.source_crashes += 1;
+        self.drop_link();
+        self.chunk_reads.clear();
+        self.source.lose_power(&mut self.rng);
+        let floor = self.source.superblock.tail_lsn - 1;
+        self.source.recover(Some(floor))?;
+        let mut config = self.peer_config.clone();
+        config.copy_complete = self.source.superblock.copy == Some(CopyPosition::Done);
+        self.source.core.attach_peer(config);
+        self.in_flight.clear();
+        self.busy.clear();
+        // The source's own volumes hold every write it acknowledged.
+        for volume in 0..VOLUMES as u8 {
+            for sector in 0..VOLUME_SECTORS {
+                let data = self.source.visible(volume, sector * SECTOR as u64, SECTOR);
+                self.model.check(key(volume, sector), &data).map_err(|e| format!("source after power loss: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn crash_destination(&mut self) -> Result<(), String> {
+        self.stats.destination_crashes += 1;
+        self.drop_link();
+        self.destination.lose_power(&mut self.rng);
+        let outcome = self.destination.recover(None)?;
+        self.destination.core.set_apply_after_durable(true);
+        let copy = self.destination.superblock.copy.unwrap_or(CopyPosition::At { volume_index: 0, offset: 0 });
+        self.receiver = Receiver::new(volume_sizes(), copy);
+        self.payloads.clear();
+        if copy == CopyPosition::Done {
+            self.check_prefix(outcome.last_lsn)?;
+            if self.mode == ReplicationMode::Sync {
+                for volume in 0..VOLUMES as u8 {
+                    for sector in 0..VOLUME_SECTORS {
+                        let data = self.destination.visible(volume, sector * SECTOR as u64, SECTOR);
+                        self.vouched
+                            .check(key(volume, sector), &data)
+                            .map_err(|e| format!("sync mode lost an acknowledged write on the destination: {e}"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The destination's volumes are the source's initial content plus
+    /// exactly the source's records up to `last_lsn`, in LSN order.
+    /// The source's volumes after LSN `lsn`: the initial content and every
+    /// record up to it, in LSN order.
+    fn state_at(&self, lsn: u64) -> Vec<Vec<u8>> {
+        let mut state = self.initial.clone();
+        for (header, payload) in self.history.range(..=lsn).map(|(_, r)| r) {
+            let volume = &mut state[usize::from(header.volume_index)];
+            let start = header.offset as usize;
+            match header.record_kind() {
+                RecordKind::Write => volume[start..start + payload.len()].copy_from_slice(payload),
+                RecordKind::Trim | RecordKind::WriteZeroes | RecordKind::Pad => {
+                    volume[start..start + header.length as usize].fill(0);
+                }
+            }
+        }
+        state
+    }
+
+    fn check_prefix(&mut self, last_lsn: u64) -> Result<(), String> {
+        self.stats.prefix_checks += 1;
+        let expected = self.state_at(last_lsn);
+        for (volume, expected) in expected.iter().enumerate() {
+            let found = self.destination.visible(volume as u8, 0, expected.len());
+            if let Some(sector) = (0..VOLUME_SECTORS as usize)
+                .find(|s| found[s * SECTOR..(s + 1) * SECTOR] != expected[s * SECTOR..(s + 1) * SECTOR])
+            {
+                let describe = |data: &[u8]| crate::pattern::decode_block(data, key(volume as u8, sector as u64));
+                let touching: Vec<u64> = self
+                    .history
+                    .range(..=last_lsn)
+                    .filter(|(_, (h, _))| {
+                        usize::from(h.volume_index) == volume
+                            && h.offset as usize <= sector * SECTOR
+                            && (h.offset + u64::from(h.length)) as usize > sector * SECTOR
+                    })
+                    .map(|(lsn, _)| *lsn)
+                    .collect();
+                return Err(format!(
+                    "after recovery to LSN {last_lsn}, destination volume {volume} sector {sector} is not the source's state at that LSN: found {:?}, expected {:?}; records touching it: {touching:?}; history has {} records",
+                    describe(&found[sector * SECTOR..(sector + 1) * SECTOR]),
+                    describe(&expected[sector * SECTOR..(sector + 1) * SECTOR]),
+                    self.history.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, step: usize, phase: Phase) -> Result<(), String> {
+        let roll = self.rng.random_range(0..1000);
+        let faults = phase == Phase::Faulty;
+        let writes = phase != Phase::Converge;
+        match roll {
+            0..10 if faults => self.crash_source()?,
+            10..20 if faults => self.crash_destination()?,
+            20..35 if faults => self.drop_link(),
+            35..40 if faults => {
+                self.drop_link();
+                self.partitioned_until = step + self.rng.random_range(10..200);
+            }
+            40..50 if faults => self.duplicate_a_frame(),
+            50..200 if self.in_flight.len() < 8 && writes => self.submit(),
+            200..350 if self.source.pending_count() > 0 => {
+                let index = self.rng.random_range(0..self.source.pending_count());
+                self.source.deliver(index);
+            }
+            350..500 if self.destination.pending_count() > 0 => {
+                let index = self.rng.random_range(0..self.destination.pending_count());
+                self.destination.deliver(index);
+            }
+            500..650 => self.deliver_to_destination(),
+            650..800 => self.deliver_to_source()?,
+            800..900 => self.complete_chunk_read()?,
+            _ => {
+                if self.link.is_none() && step >= self.partitioned_until {
+                    self.connect()?;
+                }
+            }
+        }
+        self.settle()
+    }
+
+    /// With faults over: everything delivered, both sides equal byte for byte.
+    fn converge(&mut self, seed_steps: usize) -> Result<(), String> {
+        for step in 0..20_000 {
+            self.step(seed_steps + step, Phase::Converge)?;
+            let quiet = self.link.as_ref().is_some_and(|l| l.to_destination.is_empty() && l.to_source.is_empty())
+                && self.in_flight.is_empty()
+                && self.chunk_reads.is_empty()
+                && self.source.pending_count() == 0
+                && self.destination.pending_count() == 0
+                && self.source.core.copy_acknowledged()
+                && self.source.core.peer_durable_lsn() == Some(self.source.core.snapshot().current_lsn)
+                && self.destination.core.snapshot().durable_lsn == self.source.core.snapshot().current_lsn;
+            if quiet {
+                for volume in 0..VOLUMES as u8 {
+                    let size = VOLUME_SECTORS as usize * SECTOR;
+                    if self.source.visible(volume, 0, size) != self.destination.visible(volume, 0, size) {
+                        return Err(format!("volume {volume} differs after convergence"));
+                    }
+                }
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "did not converge: link {}, source LSN {:?}, destination {:?}, copy acknowledged {}",
+            self.link.is_some(),
+            self.source.core.snapshot(),
+            self.destination.core.snapshot(),
+            self.source.core.copy_acknowledged()
+        ))
+    }
+}
+
+/// Runs one seed; `Err` names the seed and what broke.
+pub fn run_seed(seed: u64, steps: usize) -> Result<ReplSimStats, String> {
+    let mut world = World::new(seed);
+    for step in 0..steps {
+        // Calm stretches let initial copies complete and sync mode hold
+        // writes for the destination; faulty ones break everything.
+        let phase = if (step / 300) % 2 == 0 { Phase::Calm } else { Phase::Faulty };
+        world.step(step, phase).map_err(|e| format!("seed {seed} ({:?}), step {step}: {e}", world.mode))?;
+    }
+    world.converge(steps).map_err(|e| format!("seed {seed} ({:?}), convergence: {e}", world.mode))?;
+    world.crash_destination().map_err(|e| format!("seed {seed} ({:?}), final destination crash: {e}", world.mode))?;
+    Ok(world.stats)
+}
