@@ -145,9 +145,8 @@ impl Daemon {
                 }
                 Ok(ResponseBody::Groups(found))
             }
-            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels } => {
-                let request =
-                    crate::replication::CreateRequest { source_group, destination, destination_group, mode, channels };
+            Request::PartnershipCreate { source_group, destination, destination_group, mode } => {
+                let request = crate::replication::CreateRequest { source_group, destination, destination_group, mode };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
             }

@@ -105,7 +105,6 @@ pub struct CreateRequest {
     pub destination: String,
     pub destination_group: String,
     pub mode: String,
-    pub channels: u32,
 }
 
 /// Resolves `HOST[:PORT]` with the default replication port.
@@ -141,7 +140,8 @@ fn hello_for(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest, act
         source_group: request.source_group.clone(),
         destination_group: request.destination_group.clone(),
         mode: request.mode.clone(),
-        channels: request.channels,
+        // One connection carries every frame in this version.
+        channels: 1,
         volume_sizes_bytes: status.volumes.iter().map(|v| v.size_bytes).collect(),
         log_sector_bytes: status.log_sector_bytes,
         baseline_lsn: 0,
@@ -165,9 +165,6 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
         "async" => MODE_ASYNC,
         other => return Err(format!("--mode {other}: use sync or async")),
     };
-    if !(1..=16).contains(&request.channels) {
-        return Err(format!("--channels {}: use 1 to 16", request.channels));
-    }
     let status = daemon.group_status(&request.source_group)?;
     if status.role != "standalone" {
         return Err(format!("group {} is already in a partnership ({})", request.source_group, status.role));
@@ -180,7 +177,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     let mut entry = PartnershipEntry::default_zeroed();
     entry.id = id;
     entry.mode = mode;
-    entry.channels = request.channels;
+    entry.channels = 1;
     entry.peer_node = fixed_str(&checked.destination_node).unwrap_or([0; 64]);
     entry.peer_group = fixed_str(&request.destination_group).ok_or("destination group name too long")?;
     entry.peer_address = fixed_str(&request.destination).ok_or("destination address longer than 127 bytes")?;
@@ -203,14 +200,13 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
-        "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial block copy started",
+        "partnership {} created: {}/{} -> {}/{} ({}); initial block copy started",
         &id_hex[..8],
         daemon.config.node.name,
         request.source_group,
         checked.destination_node,
         request.destination_group,
-        request.mode,
-        request.channels
+        request.mode
     ))
 }
 
@@ -222,7 +218,6 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         destination: partnership.peer_address.clone(),
         destination_group: partnership.peer_group.clone(),
         mode: partnership.mode.clone(),
-        channels: 1,
     };
     let mut stream = connect(&request.destination)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
@@ -275,7 +270,6 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
             destination: partnership.peer_address.clone(),
             destination_group: partnership.peer_group.clone(),
             mode: partnership.mode.clone(),
-            channels: 1,
         };
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
         remote = match connect(&request.destination).and_then(|mut s| exchange(&mut s, &hello)) {

@@ -115,9 +115,6 @@ enum PartnershipCommand {
         /// sync: a write is acknowledged once both logs hold it; async: once this log holds it.
         #[arg(long, default_value = "sync")]
         mode: String,
-        /// Data channels (1 carries every frame in this version).
-        #[arg(long, default_value_t = 1)]
-        channels: u32,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -195,19 +192,12 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 }
             }
         }
-        Command::Partnership(PartnershipCommand::Create {
-            source_group,
-            destination,
-            destination_group,
-            mode,
-            channels,
-        }) => {
+        Command::Partnership(PartnershipCommand::Create { source_group, destination, destination_group, mode }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
                 destination: destination.clone(),
                 destination_group: destination_group.clone(),
                 mode: mode.clone(),
-                channels: *channels,
             };
             print_message(&call(&cli.api, &request)?);
         }
