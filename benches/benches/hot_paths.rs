@@ -68,7 +68,11 @@ fn state_machine(c: &mut Criterion) {
                             core.handle(Event::CheckpointDone { lsn, tail_position, result: Ok(()) })
                         }
                         Action::Complete { .. } => {}
-                        Action::Ship { .. } | Action::ReadChunk { .. } | Action::SendCopyDone { .. } => {
+                        Action::Ship { .. }
+                        | Action::ReadChunk { .. }
+                        | Action::SendCopyDone { .. }
+                        | Action::SendRebase { .. }
+                        | Action::PersistBitmap { .. } => {
                             unreachable!("no partnership in this benchmark")
                         }
                     }

@@ -110,7 +110,48 @@ const _: () = assert!(std::mem::size_of::<GenerationEntry>() == 32);
 const FIXED_FIELDS_BYTES: usize = 248;
 const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
 const PARTNERSHIP_BYTES: usize = std::mem::size_of::<PartnershipEntry>();
-const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - 16;
+const BITMAP_ENTRY_BYTES: usize = std::mem::size_of::<BitmapEntry>();
+const RESERVED_BYTES: usize =
+    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 16;
+
+/// Where the group's dirty-region bitmap lives: at the end of the log device,
+/// after the ring. One bit per `region_bytes` of every volume, volume after
+/// volume; a set bit means the destination may lack that region (its records
+/// left the log before the destination had them). All zero: no bitmap (logs
+/// formatted without one; a full log then holds writes back instead).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq, Eq)]
+pub struct BitmapEntry {
+    /// Byte offset of the bitmap area in the log device.
+    pub offset: u64,
+    /// Bytes of the area (whole sectors).
+    pub bytes: u64,
+    /// Bytes of volume one bit covers (a power of two).
+    pub region_bytes: u64,
+    pub reserved: u64,
+}
+const _: () = assert!(std::mem::size_of::<BitmapEntry>() == 32);
+
+/// Most bits a bitmap holds (1 MiB of bitmap): larger groups get larger regions.
+pub const MAX_BITMAP_BITS: u64 = 8 << 20;
+/// Smallest region one bit covers.
+pub const MIN_BITMAP_REGION_BYTES: u64 = 64 << 10;
+
+impl BitmapEntry {
+    /// The region size for volumes of `total_volume_bytes`: the smallest power
+    /// of two of at least 64 KiB that keeps the bitmap within 1 MiB.
+    #[must_use]
+    pub fn region_bytes_for(total_volume_bytes: u64) -> u64 {
+        let needed = total_volume_bytes.div_ceil(MAX_BITMAP_BITS).max(MIN_BITMAP_REGION_BYTES);
+        needed.next_power_of_two()
+    }
+
+    /// Bits for volumes of these sizes with `region_bytes` regions.
+    #[must_use]
+    pub fn bits_for(volume_sizes: impl IntoIterator<Item = u64>, region_bytes: u64) -> u64 {
+        volume_sizes.into_iter().map(|size| size.div_ceil(region_bytes)).sum()
+    }
+}
 
 /// The superblock, exactly one slot long.
 #[repr(C)]
@@ -154,6 +195,8 @@ pub struct Superblock {
     pub generation_history: [GenerationEntry; MAX_GENERATION_HISTORY],
     /// The partnership when `role` is source or destination, else zero.
     pub partnership: PartnershipEntry,
+    /// The dirty-region bitmap area (zero: none).
+    pub bitmap: BitmapEntry,
     /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.
@@ -249,6 +292,12 @@ impl Superblock {
         }
         self.validate_partnership()?;
         self.validate_volumes()?;
+        if self.bitmap.bytes > 0 {
+            let bits = BitmapEntry::bits_for(self.volumes().iter().map(|v| v.size_bytes), self.bitmap.region_bytes);
+            if bits > self.bitmap.bytes * 8 {
+                return Err(field_error("bitmap", format!("{bits} regions do not fit in {} bytes", self.bitmap.bytes)));
+            }
+        }
         if self.reserved.iter().any(|&b| b != 0) {
             return Err(field_error("reserved", "must be zero in version 1"));
         }
@@ -310,8 +359,21 @@ impl Superblock {
                 format!("{} is not a positive multiple of the sector", self.ring_size_bytes),
             ));
         }
-        if self.ring_offset.checked_add(self.ring_size_bytes) != Some(self.log_size_bytes) {
-            return Err(field_error("log_size_bytes", "does not equal ring offset + ring size"));
+        let ring_end = self.ring_offset.checked_add(self.ring_size_bytes);
+        if ring_end.and_then(|end| end.checked_add(self.bitmap.bytes)) != Some(self.log_size_bytes) {
+            return Err(field_error("log_size_bytes", "does not equal ring offset + ring size + bitmap"));
+        }
+        let bitmap = &self.bitmap;
+        if bitmap.bytes > 0
+            && (Some(bitmap.offset) != ring_end
+                || !bitmap.bytes.is_multiple_of(sector)
+                || !bitmap.region_bytes.is_power_of_two()
+                || bitmap.region_bytes < MIN_BITMAP_REGION_BYTES)
+        {
+            return Err(field_error(
+                "bitmap",
+                "area must follow the ring in whole sectors, regions a power of two ≥ 64 KiB",
+            ));
         }
         if !self.tail_position.is_multiple_of(sector) || !self.epoch_start_position.is_multiple_of(sector) {
             return Err(field_error("tail_position", "tail and epoch start positions must be sector-aligned"));

@@ -34,6 +34,10 @@ pub enum FrameKind {
     CopyZero = 4,
     /// Source to destination: the initial copy is complete after LSN `lsn`.
     CopyDone = 5,
+    /// Source to destination, first on a connection: records up to `lsn` left
+    /// the source's log for its bitmap; continue the log after `lsn` and
+    /// start a copy of the marked regions from the beginning.
+    Rebase = 6,
 }
 
 impl FrameKind {
@@ -45,6 +49,7 @@ impl FrameKind {
             3 => Some(Self::CopyData),
             4 => Some(Self::CopyZero),
             5 => Some(Self::CopyDone),
+            6 => Some(Self::Rebase),
             _ => None,
         }
     }
@@ -164,7 +169,7 @@ impl FrameHeader {
         let length_ok = match kind {
             FrameKind::CopyData => header.length > 0 && header.length <= MAX_COPY_PAYLOAD_BYTES,
             FrameKind::CopyZero => header.length > 0,
-            FrameKind::Heartbeat | FrameKind::Ack | FrameKind::CopyDone => header.length == 0,
+            FrameKind::Heartbeat | FrameKind::Ack | FrameKind::CopyDone | FrameKind::Rebase => header.length == 0,
         };
         if !length_ok || header.offset.checked_add(u64::from(header.length)).is_none() {
             return Err(FrameDecodeError::BadLength { kind, length: header.length });

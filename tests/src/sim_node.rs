@@ -43,6 +43,10 @@ enum Pending {
         tail: (u64, u64),
         copy: Option<CopyPosition>,
     },
+    BitmapWrite {
+        bytes: Vec<u8>,
+        spilled_up_to_lsn: Option<u64>,
+    },
     SuperblockWrite {
         lsn: u64,
         tail: (u64, u64),
@@ -91,6 +95,13 @@ pub enum NodeOutput {
     CopyPersisted {
         copy: CopyPosition,
     },
+    SendRebase {
+        lsn: u64,
+    },
+    /// Records up to this LSN are about to leave the log for the bitmap.
+    Spilling {
+        up_to_lsn: u64,
+    },
 }
 
 /// One node.
@@ -102,6 +113,8 @@ pub struct SimNode {
     pub volumes: Vec<Vec<u8>>,
     volatile: BTreeMap<(u8, usize), Vec<u8>>,
     pub superblock: DurableSuperblock,
+    /// The bitmap area of the log device (durable).
+    pub bitmap_area: Vec<u8>,
     pending: Vec<Pending>,
     segments_left: HashMap<u64, usize>,
     /// Volume, offset and the bytes the volume gets, of every write in the core.
@@ -133,6 +146,7 @@ impl SimNode {
             volumes,
             volatile: BTreeMap::new(),
             superblock,
+            bitmap_area: vec![0u8; 4 * SECTOR],
             pending: Vec::new(),
             segments_left: HashMap::new(),
             writes: HashMap::new(),
@@ -194,6 +208,14 @@ impl SimNode {
                     self.outputs.push(NodeOutput::ReadChunk { chunk_id, volume_index, offset, length, after_lsn });
                 }
                 Action::SendCopyDone { .. } => self.outputs.push(NodeOutput::SendCopyDone),
+                Action::SendRebase { lsn } => self.outputs.push(NodeOutput::SendRebase { lsn }),
+                Action::PersistBitmap { spilled_up_to_lsn } => {
+                    let bytes = self.core.bitmap_bytes(self.bitmap_area.len()).expect("a bitmap to persist");
+                    if let Some(up_to_lsn) = spilled_up_to_lsn {
+                        self.outputs.push(NodeOutput::Spilling { up_to_lsn });
+                    }
+                    self.pending.push(Pending::BitmapWrite { bytes, spilled_up_to_lsn });
+                }
             }
         }
         std::mem::take(&mut self.outputs)
@@ -242,6 +264,10 @@ impl SimNode {
                 self.land_volatile(volume, offset, &bytes);
                 self.core.handle(Event::VolumesChangedOutsideLog);
                 self.outputs.push(NodeOutput::CopyWritten { end });
+            }
+            Pending::BitmapWrite { bytes, spilled_up_to_lsn } => {
+                self.bitmap_area = bytes;
+                self.core.bitmap_persisted(spilled_up_to_lsn);
             }
             Pending::CheckpointFlush { lsn, tail, copy } => {
                 self.flush_volumes();
@@ -319,6 +345,11 @@ impl SimNode {
                         if rng.random_bool(0.5) {
                             self.volatile.insert((volume, offset / SECTOR + i), sector.to_vec());
                         }
+                    }
+                }
+                Pending::BitmapWrite { bytes, .. } => {
+                    if rng.random_bool(0.5) {
+                        self.bitmap_area = bytes;
                     }
                 }
                 Pending::CheckpointFlush { .. } | Pending::SuperblockWrite { .. } => {}
@@ -399,9 +430,11 @@ impl SimNode {
     }
 
     /// A destination takes over its source's LSN sequence (idle, empty log):
-    /// a new epoch starts at the head.
+    /// a new epoch starts at the head, and (in the same superblock write) its
+    /// copy starts over.
     pub fn rebase(&mut self, lsn: u64) {
         let head = self.core.head_position();
+        self.superblock.copy = Some(CopyPosition::At { volume_index: 0, offset: 0 });
         self.superblock.epoch += 1;
         self.superblock.epoch_start_position = head;
         self.superblock.checkpoint_lsn = lsn;

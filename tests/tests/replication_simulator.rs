@@ -26,6 +26,8 @@ fn partnerships_survive_power_loss_and_network_faults() {
         total.records_shipped += stats.records_shipped;
         total.chunks_copied += stats.chunks_copied;
         total.prefix_checks += stats.prefix_checks;
+        total.spills += stats.spills;
+        total.rebases += stats.rebases;
     }
     eprintln!("{seeds} seeds: {total:?}");
     assert!(total.writes_acked > seeds * 20, "writes were acknowledged: {total:?}");
@@ -33,4 +35,8 @@ fn partnerships_survive_power_loss_and_network_faults() {
     assert!(total.duplicates_refused > seeds / 4, "duplicated frames were refused: {total:?}");
     assert!(total.prefix_checks > seeds, "the destination's state was checked against the source's: {total:?}");
     assert!(total.chunks_copied > seeds, "initial copies ran: {total:?}");
+    assert!(
+        total.spills > seeds / 20 && total.rebases > seeds / 20,
+        "full logs spilled into the bitmap and caught up: {total:?}"
+    );
 }

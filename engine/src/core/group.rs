@@ -173,6 +173,16 @@ pub enum Action {
         length: u32,
         after_lsn: u64,
     },
+    /// Tell the destination (first on this connection) to continue after
+    /// `lsn`: the records before it left the log for the bitmap.
+    SendRebase {
+        lsn: u64,
+    },
+    /// Write the bitmap (`GroupCore::bitmap_bytes`) to its area, then report
+    /// `GroupCore::bitmap_persisted(spilled_up_to_lsn)`.
+    PersistBitmap {
+        spilled_up_to_lsn: Option<u64>,
+    },
     /// Tell the destination the initial copy is complete.
     SendCopyDone {
         after_lsn: u64,
@@ -278,6 +288,13 @@ pub struct GroupCore {
     /// Volume writes wait until their record is durable (groups in a
     /// partnership; see `set_apply_after_durable`).
     apply_after_durable: bool,
+    /// A source's dirty-region bitmap, when its log has room for one.
+    bitmap: Option<super::bitmap::DirtyBitmap>,
+    bitmap_write_in_flight: bool,
+    bitmap_write_again: bool,
+    spill_in_flight: bool,
+    spill_cancelled: bool,
+    spills: u64,
     actions: Vec<Action>,
 }
 
@@ -333,6 +350,12 @@ impl GroupCore {
             shipper: None,
             unlogged_changes: false,
             apply_after_durable: false,
+            bitmap: None,
+            bitmap_write_in_flight: false,
+            bitmap_write_again: false,
+            spill_in_flight: false,
+            spill_cancelled: false,
+            spills: 0,
             actions: Vec::new(),
         }
     }
@@ -411,6 +434,7 @@ impl GroupCore {
         self.issue_applies();
         self.complete_and_settle();
         self.ship();
+        self.maybe_spill();
         self.maybe_checkpoint();
         std::mem::take(&mut self.actions)
     }
@@ -596,7 +620,15 @@ impl GroupCore {
                 let end_position = position + bytes;
                 self.placed.push_back(PlacedRecord { lsn, end_position, write_id, applied: false, completed: false });
                 if let Some(retention) = self.retention.as_mut() {
-                    retention.placed(ScannedRecord { lsn, position, end_position });
+                    let header = &record.header;
+                    retention.placed(ScannedRecord {
+                        lsn,
+                        position,
+                        end_position,
+                        volume_index: header.volume_index,
+                        offset: header.offset,
+                        length: header.length,
+                    });
                 }
             }
         }
@@ -701,6 +733,8 @@ pub fn errno_text(errno: i32) -> String {
     format!("{} (errno {errno})", std::io::Error::from_raw_os_error(errno))
 }
 
+#[path = "group_bitmap.rs"]
+mod bitmap_spill;
 #[path = "group_checkpoint.rs"]
 mod checkpoint;
 #[path = "group_failure.rs"]

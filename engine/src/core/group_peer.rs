@@ -17,6 +17,7 @@
 //! older copy of its blocks.
 
 use super::{Action, ApplyOp, GroupCore};
+use crate::core::bitmap::DirtyBitmap;
 
 /// When a client write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,7 @@ impl CopyPosition {
 pub enum ReplicationState {
     WaitingForDestination,
     InitialBlockCopy,
+    BitmapCatchUp,
     Recovering,
     ContinuouslyReplicating,
 }
@@ -85,6 +87,7 @@ impl ReplicationState {
         match self {
             Self::WaitingForDestination => "WaitingForDestination",
             Self::InitialBlockCopy => "InitialBlockCopy",
+            Self::BitmapCatchUp => "BitmapCatchUp",
             Self::Recovering => "Recovering",
             Self::ContinuouslyReplicating => "ContinuouslyReplicating",
         }
@@ -131,6 +134,29 @@ pub(super) struct Shipper {
     /// The local durable LSN when the connection came up: until the peer has
     /// it, the partnership is catching up (`Recovering`).
     pub catch_up_target_lsn: u64,
+    /// The destination's acknowledged durable LSN (the retention floor may be
+    /// higher: records folded into the bitmap left the log unacknowledged).
+    pub acked_lsn: u64,
+    /// The destination completed a copy once: any later copy is a bitmap pass.
+    pub copy_ever_completed: bool,
+    /// Tell the destination first to continue after this LSN (bitmap catch-up).
+    pub rebase_to: Option<u64>,
+    /// A rebase to this LSN was sent: acknowledgements below it predate it
+    /// and say nothing about the new copy.
+    pub awaiting_rebase: Option<u64>,
+    /// Chunks sent and not yet acknowledged: (end, as a linear position; bytes).
+    /// A bitmap pass skips clean regions, so positions alone do not tell
+    /// how much is in flight.
+    pub copy_in_flight: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// Which regions a copy covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CopyPass {
+    /// Every region: the initial copy.
+    Full,
+    /// The regions the bitmap marks.
+    Bitmap,
 }
 
 impl Shipper {
@@ -143,9 +169,22 @@ impl Shipper {
         }
     }
 
+    pub(super) fn pass(&self) -> CopyPass {
+        if self.copy_ever_completed {
+            CopyPass::Bitmap
+        } else {
+            CopyPass::Full
+        }
+    }
+
     /// The chunk after `position`, or `None` when the copy is complete.
-    fn chunk_at(&self, position: CopyPosition) -> Option<(u8, u64, u32)> {
+    fn chunk_at(&self, bitmap: Option<&DirtyBitmap>, position: CopyPosition) -> Option<(u8, u64, u32)> {
         let CopyPosition::At { mut volume_index, mut offset } = position else { return None };
+        if self.pass() == CopyPass::Bitmap {
+            let (volume_index, start, end) = bitmap?.next_dirty(volume_index, offset)?;
+            let length = (end - start).min(u64::from(self.config.copy_chunk_bytes)) as u32;
+            return Some((volume_index, start, length));
+        }
         loop {
             let size = *self.config.volume_sizes_bytes.get(usize::from(volume_index))?;
             if offset < size {
@@ -170,6 +209,7 @@ impl GroupCore {
         }
         let baseline_lsn = self.retention.as_ref().expect("set above").peer_durable_lsn();
         self.set_apply_after_durable(true);
+        let config_copy_complete = config.copy_complete;
         let copy_acked =
             if config.copy_complete { CopyPosition::Done } else { CopyPosition::At { volume_index: 0, offset: 0 } };
         self.shipper = Some(Shipper {
@@ -182,6 +222,11 @@ impl GroupCore {
             fence: None,
             next_chunk_id: 1,
             catch_up_target_lsn: 0,
+            acked_lsn: baseline_lsn,
+            copy_ever_completed: config_copy_complete,
+            rebase_to: None,
+            awaiting_rebase: None,
+            copy_in_flight: std::collections::VecDeque::new(),
         });
         baseline_lsn
     }
@@ -215,7 +260,8 @@ impl GroupCore {
                  LSN {last_lsn}; its log does not follow this group (remove and re-create the partnership)"
             ));
         }
-        if peer_durable_lsn < floor {
+        let bitmap_dirty = self.bitmap.as_ref().is_some_and(|b| !b.is_clean());
+        if peer_durable_lsn < floor && !bitmap_dirty {
             return Err(format!(
                 "the destination holds records up to LSN {peer_durable_lsn} but this source's log keeps records \
                  only from LSN {} on; remove and re-create the partnership to copy the volumes again",
@@ -223,15 +269,36 @@ impl GroupCore {
             ));
         }
         retention.peer_durable(peer_durable_lsn);
+        self.cancel_spill();
         let durable_lsn = self.durable_lsn;
         let shipper = self.shipper.as_mut().expect("connected without a partnership");
         shipper.connected = true;
+        shipper.fence = None;
+        shipper.copy_in_flight.clear();
+        shipper.catch_up_target_lsn = durable_lsn;
+        shipper.acked_lsn = peer_durable_lsn;
+        if peer_durable_lsn < floor {
+            // Records up to the floor left the log for the bitmap: the
+            // destination continues after the floor and copies the marked
+            // regions (or everything, if it never had a complete copy).
+            shipper.rebase_to = Some(floor);
+            shipper.awaiting_rebase = Some(floor);
+            shipper.next_ship_lsn = floor + 1;
+            shipper.copy = CopyPosition::At { volume_index: 0, offset: 0 };
+            shipper.copy_acked = shipper.copy;
+            shipper.copy_done_sent = false;
+            return Ok(());
+        }
+        shipper.rebase_to = None;
+        shipper.awaiting_rebase = None;
         shipper.next_ship_lsn = next_lsn;
         shipper.copy = copy;
         shipper.copy_acked = copy;
         shipper.copy_done_sent = copy == CopyPosition::Done;
-        shipper.fence = None;
-        shipper.catch_up_target_lsn = durable_lsn;
+        if copy == CopyPosition::Done && bitmap_dirty && !self.spill_in_flight() {
+            // A pass completed before the bitmap's clearing was persisted.
+            self.clear_bitmap();
+        }
         Ok(())
     }
 
@@ -247,8 +314,21 @@ impl GroupCore {
     /// The destination acknowledged its durable LSN and copy progress.
     pub fn peer_acknowledged(&mut self, durable_lsn: u64, copy: CopyPosition) {
         self.handle(super::Event::PeerDurable { lsn: durable_lsn });
-        if let Some(shipper) = self.shipper.as_mut() {
-            shipper.copy_acked = copy;
+        let Some(shipper) = self.shipper.as_mut() else { return };
+        shipper.acked_lsn = shipper.acked_lsn.max(durable_lsn);
+        match shipper.awaiting_rebase {
+            Some(floor) if durable_lsn < floor => return,
+            Some(_) => shipper.awaiting_rebase = None,
+            None => {}
+        }
+        let completed = copy == CopyPosition::Done && shipper.copy_acked != CopyPosition::Done;
+        shipper.copy_acked = copy;
+        if completed {
+            // Whatever the pass, the destination now holds every region.
+            shipper.copy_ever_completed = true;
+            if self.bitmap.as_ref().is_some_and(|b| !b.is_clean()) {
+                self.clear_bitmap();
+            }
         }
     }
 
@@ -259,7 +339,9 @@ impl GroupCore {
         shipper.fence = None;
         let next =
             CopyPosition::At { volume_index: fence.volume_index, offset: fence.offset + u64::from(fence.length) };
-        shipper.copy = match shipper.chunk_at(next) {
+        let end = shipper.linear(next);
+        shipper.copy_in_flight.push_back((end, u64::from(fence.length)));
+        shipper.copy = match shipper.chunk_at(self.bitmap.as_ref(), next) {
             Some((volume_index, offset, _)) => CopyPosition::At { volume_index, offset },
             None => CopyPosition::Done,
         };
@@ -272,6 +354,8 @@ impl GroupCore {
         let peer_durable = self.retention.as_ref().map_or(0, super::Retention::peer_durable_lsn);
         Some(if !shipper.connected {
             ReplicationState::WaitingForDestination
+        } else if shipper.copy_acked != CopyPosition::Done && shipper.pass() == CopyPass::Bitmap {
+            ReplicationState::BitmapCatchUp
         } else if shipper.copy_acked != CopyPosition::Done {
             ReplicationState::InitialBlockCopy
         } else if peer_durable < shipper.catch_up_target_lsn {
@@ -290,13 +374,20 @@ impl GroupCore {
     /// Bytes of the initial copy still to be acknowledged by the destination.
     #[must_use]
     pub fn copy_remaining_bytes(&self) -> u64 {
-        self.shipper.as_ref().map_or(0, |s| s.linear(CopyPosition::Done) - s.linear(s.copy_acked))
+        let Some(s) = self.shipper.as_ref() else { return 0 };
+        match (s.pass(), s.copy_acked) {
+            (_, CopyPosition::Done) => 0,
+            (CopyPass::Full, acked) => s.linear(CopyPosition::Done) - s.linear(acked),
+            (CopyPass::Bitmap, CopyPosition::At { volume_index, offset }) => {
+                self.bitmap.as_ref().map_or(0, |b| b.dirty_bytes_from(volume_index, offset))
+            }
+        }
     }
 
     /// The destination's last acknowledged durable LSN.
     #[must_use]
     pub fn peer_durable_lsn(&self) -> Option<u64> {
-        self.retention.as_ref().map(super::Retention::peer_durable_lsn)
+        self.shipper.as_ref().map(|s| s.acked_lsn)
     }
 
     /// Sync mode waits for the destination before a write is acknowledged
@@ -327,6 +418,9 @@ impl GroupCore {
         if !shipper.connected || self.failed.is_some() {
             return;
         }
+        if let Some(lsn) = shipper.rebase_to.take() {
+            self.actions.push(Action::SendRebase { lsn });
+        }
         let retention = self.retention.as_ref().expect("a shipper has retention");
         let ship_limit = shipper.fence.map_or(self.durable_lsn, |f| f.after_lsn.min(self.durable_lsn));
         let first_unacked = retention.records().next().map(|r| r.position);
@@ -351,11 +445,15 @@ impl GroupCore {
         let shipper = self.shipper.as_mut().expect("checked by ship");
         match shipper.fence {
             None => {
-                let unacked = shipper.linear(shipper.copy) - shipper.linear(shipper.copy_acked);
+                let acked = shipper.linear(shipper.copy_acked);
+                while shipper.copy_in_flight.front().is_some_and(|(end, _)| *end <= acked) {
+                    shipper.copy_in_flight.pop_front();
+                }
+                let unacked: u64 = shipper.copy_in_flight.iter().map(|(_, bytes)| bytes).sum();
                 if unacked >= shipper.config.max_unacked_copy_bytes {
                     return;
                 }
-                match shipper.chunk_at(shipper.copy) {
+                match shipper.chunk_at(self.bitmap.as_ref(), shipper.copy) {
                     Some((volume_index, offset, length)) => {
                         let chunk_id = shipper.next_chunk_id;
                         shipper.next_chunk_id += 1;
@@ -365,6 +463,7 @@ impl GroupCore {
                     }
                     None if !shipper.copy_done_sent && shipper.next_ship_lsn > self.durable_lsn => {
                         shipper.copy_done_sent = true;
+                        shipper.copy = CopyPosition::Done;
                         self.actions.push(Action::SendCopyDone { after_lsn: shipper.next_ship_lsn - 1 });
                     }
                     None => {}

@@ -229,7 +229,11 @@ impl Harness {
                     );
                     assert!(self.completed.insert(id), "seed {seed}: write {id} completed twice");
                 }
-                Action::Ship { .. } | Action::ReadChunk { .. } | Action::SendCopyDone { .. } => {
+                Action::Ship { .. }
+                | Action::ReadChunk { .. }
+                | Action::SendCopyDone { .. }
+                | Action::SendRebase { .. }
+                | Action::PersistBitmap { .. } => {
                     unreachable!("no partnership in this test")
                 }
             }

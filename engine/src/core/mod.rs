@@ -2,12 +2,14 @@
 //! clock or a thread: the runtime (or a test, or the simulator) feeds events and
 //! executes the returned actions.
 
+pub mod bitmap;
 pub mod group;
 pub mod receiver;
 pub mod recovery;
 pub mod retention;
 pub mod ring;
 
+pub use bitmap::DirtyBitmap;
 pub use group::peer::{CopyPosition, PeerConfig, ReplicationMode, ReplicationState};
 pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,

@@ -31,6 +31,10 @@ pub enum Incoming {
         payload_id: Option<u64>,
     },
     CopyDone,
+    /// Continue after `lsn` and start the copy over (bitmap catch-up).
+    Rebase {
+        lsn: u64,
+    },
 }
 
 /// What the runtime does for the receiver.
@@ -42,6 +46,10 @@ pub enum ReceiverAction {
     WriteCopy { volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>, end: CopyPosition },
     /// Persist the copy state soon (the copy is complete).
     Persist,
+    /// Once the group is idle and its log empty, continue its log after `lsn`
+    /// (a new epoch), persist that with the copy restarted, and report
+    /// `rebased`. Nothing after it is taken until then.
+    Rebase { lsn: u64 },
     /// The stream broke the protocol: close the connection.
     Refuse(String),
 }
@@ -56,6 +64,7 @@ pub struct Receiver {
     copy_done_received: bool,
     copy_persisted: CopyPosition,
     copy_write_in_flight: bool,
+    rebase_in_flight: bool,
     acked: Option<(u64, CopyPosition)>,
 }
 
@@ -71,6 +80,7 @@ impl Receiver {
             copy_done_received: copy_persisted == CopyPosition::Done,
             copy_persisted,
             copy_write_in_flight: false,
+            rebase_in_flight: false,
             acked: None,
         }
     }
@@ -81,13 +91,16 @@ impl Receiver {
         self.queue.clear();
         self.next_lsn = next_lsn;
         self.acked = None;
+        // A rebase belongs to its connection; the next one asks again if needed.
+        self.rebase_in_flight = false;
     }
 
-    /// The copy position to report to a connecting source.
+    /// The copy position to report to a connecting source: complete only
+    /// once that is durable here (a source relies on it from then on).
     #[must_use]
     pub fn copy_position(&self) -> CopyPosition {
-        if self.copy_done_received {
-            self.copy_to_persist()
+        if self.copy_complete() {
+            CopyPosition::Done
         } else {
             self.copy_written
         }
@@ -110,7 +123,7 @@ impl Receiver {
         let mut actions = Vec::new();
         let mut unapplied = core_has_unapplied;
         while let Some(frame) = self.queue.front() {
-            if self.copy_write_in_flight {
+            if self.copy_write_in_flight || self.rebase_in_flight {
                 break;
             }
             let frame = frame.clone();
@@ -126,6 +139,14 @@ impl Receiver {
                 Incoming::CopyDone => {
                     self.copy_done_received = true;
                     ReceiverAction::Persist
+                }
+                Incoming::Rebase { .. } if unapplied => break,
+                Incoming::Rebase { lsn } => {
+                    self.rebase_in_flight = true;
+                    self.next_lsn = lsn + 1;
+                    self.copy_written = CopyPosition::At { volume_index: 0, offset: 0 };
+                    self.copy_done_received = false;
+                    ReceiverAction::Rebase { lsn }
                 }
             };
             self.queue.pop_front();
@@ -180,6 +201,13 @@ impl Receiver {
         self.copy_write_in_flight = true;
         let end = CopyPosition::At { volume_index, offset: offset + u64::from(length) };
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
+    }
+
+    /// The group continues after the rebase LSN, durably, with the copy restarted.
+    pub fn rebased(&mut self) {
+        assert!(self.rebase_in_flight, "a rebase was in flight");
+        self.rebase_in_flight = false;
+        self.copy_persisted = CopyPosition::At { volume_index: 0, offset: 0 };
     }
 
     /// A copy write finished (`end` from its action).

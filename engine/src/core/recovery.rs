@@ -237,12 +237,16 @@ impl Scanner {
     }
 }
 
-/// A record the scan accepted: its LSN and where it lies in the ring.
+/// A record the scan accepted: its LSN, where it lies in the ring, and the
+/// range of the volume it changes (for the dirty-region bitmap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScannedRecord {
     pub lsn: u64,
     pub position: u64,
     pub end_position: u64,
+    pub volume_index: u8,
+    pub offset: u64,
+    pub length: u32,
 }
 
 /// What a replay did.
@@ -294,7 +298,14 @@ pub fn replay<B: AsRef<[u8]>, E>(
             Err(stop) => break stop,
         };
         let payload = payload.as_ref().map_or(&[][..], |p| &p.as_ref()[..header.payload_bytes() as usize]);
-        scanned.push(ScannedRecord { lsn: header.lsn, position, end_position: scanner.position() });
+        scanned.push(ScannedRecord {
+            lsn: header.lsn,
+            position,
+            end_position: scanner.position(),
+            volume_index: header.volume_index,
+            offset: header.offset,
+            length: header.length,
+        });
         if header.lsn > apply_after_lsn {
             apply(&header, payload)?;
             records += 1;

@@ -80,7 +80,14 @@ mod tests {
     use super::*;
 
     fn record(lsn: u64) -> ScannedRecord {
-        ScannedRecord { lsn, position: lsn * 8192, end_position: (lsn + 1) * 8192 }
+        ScannedRecord {
+            lsn,
+            position: lsn * 8192,
+            end_position: (lsn + 1) * 8192,
+            volume_index: 0,
+            offset: lsn * 4096,
+            length: 4096,
+        }
     }
 
     #[test]

@@ -223,6 +223,8 @@ impl GroupRt {
                     self.read_chunk(io, group, chunk);
                 }
                 Action::SendCopyDone { after_lsn } => self.send_copy_done(after_lsn),
+                Action::SendRebase { lsn } => self.send_rebase(lsn),
+                Action::PersistBitmap { spilled_up_to_lsn } => self.write_bitmap(io, group, spilled_up_to_lsn),
             }
         }
         if let Some(link) = self.source.as_mut() {
@@ -233,10 +235,11 @@ impl GroupRt {
 
     /// Makes the superblock's role and partnership durable at the next
     /// checkpoint, which is started at once; `reply` hears when it is.
-    pub fn persist_soon(&mut self) {
+    pub fn persist_soon(&mut self) -> u64 {
         self.meta_version += 1;
         self.core.handle(Event::VolumesChangedOutsideLog);
         self.core.handle(Event::CheckpointRequested);
+        self.meta_version
     }
 
     /// Like `persist_soon`, answering `reply` once the superblock is durable.
@@ -462,6 +465,10 @@ impl GroupRt {
         }
         if let (Some(link), Ok(())) = (self.destination.as_mut(), &result) {
             link.receiver.persisted(crate::core::CopyPosition::from_entry(&checkpoint.partnership));
+            if link.rebase_persisting.is_some_and(|v| v <= checkpoint.meta_version) {
+                link.rebase_persisting = None;
+                link.receiver.rebased();
+            }
         }
         let version = checkpoint.meta_version;
         let reply_now: Vec<_> =

@@ -50,6 +50,8 @@ pub enum Op {
     LogRead { group: usize, slot: u64, lsn: u64, buf: AlignedBuf },
     /// A chunk of a volume read for the initial copy.
     ChunkRead { group: usize, slot: u64, chunk: super::replica_source::ChunkRequest, buf: AlignedBuf },
+    /// A source's bitmap written to its area in the log device.
+    BitmapWrite { group: usize, buf: AlignedBuf, spilled_up_to_lsn: Option<u64> },
     /// A destination's copy write (`buf`) or hole punch (`None`) ending at `end`.
     CopyWrite { group: usize, end: crate::core::CopyPosition, buf: Option<AlignedBuf> },
     /// Receive on a client connection into the connection's own buffer.

@@ -92,10 +92,22 @@ pub fn format_log(request: &FormatRequest) -> io::Result<Superblock> {
         superblock.volumes[index] = volume_entry(spec)?;
     }
     let log = prepare_log_device(&request.log_path, request.log_size_bytes)?;
-    let ring_size = (log.size_bytes - RING_OFFSET_BYTES) / u64::from(log.sector_bytes) * u64::from(log.sector_bytes);
+    let sector = u64::from(log.sector_bytes);
+    // The dirty-region bitmap takes the end of the log device.
+    let sizes: Vec<u64> = superblock.volumes().iter().map(|v| v.size_bytes).collect();
+    let region_bytes = tandem_proto::BitmapEntry::region_bytes_for(sizes.iter().sum());
+    let bits = tandem_proto::BitmapEntry::bits_for(sizes, region_bytes);
+    let bitmap_bytes = tandem_proto::align_up(bits.div_ceil(8), sector);
+    let ring_size = (log.size_bytes - RING_OFFSET_BYTES - bitmap_bytes) / sector * sector;
     superblock.sector_size = log.sector_bytes;
     superblock.ring_size_bytes = ring_size;
-    superblock.log_size_bytes = RING_OFFSET_BYTES + ring_size;
+    superblock.bitmap = tandem_proto::BitmapEntry {
+        offset: RING_OFFSET_BYTES + ring_size,
+        bytes: bitmap_bytes,
+        region_bytes,
+        reserved: 0,
+    };
+    superblock.log_size_bytes = RING_OFFSET_BYTES + ring_size + bitmap_bytes;
     superblock.validate().map_err(|e| invalid(e.to_string()))?;
     if !log.is_block {
         zero_fill(&log)?;

@@ -60,6 +60,13 @@ impl GroupRt {
             ROLE_SOURCE => {
                 self.core.attach_peer(self.peer_config(defaults));
                 self.source = Some(SourceLink::default());
+                match self.read_bitmap() {
+                    Ok(Some(bitmap)) => self.core.set_bitmap(bitmap),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(group = %self.name, error = %e, "cannot read the dirty-region bitmap; a full log holds writes back")
+                    }
+                }
             }
             ROLE_DESTINATION => {
                 let copy = CopyPosition::from_entry(&self.superblock.partnership);
@@ -81,7 +88,31 @@ impl GroupRt {
         self.superblock.partnership = entry;
         let baseline_lsn = self.core.attach_peer(self.peer_config(defaults));
         self.source = Some(SourceLink::default());
+        if let Some(bitmap) = self.new_bitmap() {
+            // A new partnership starts clean (the initial copy covers everything).
+            self.core.set_bitmap(bitmap);
+            self.core.clear_bitmap();
+        }
         Ok(baseline_lsn)
+    }
+
+    fn new_bitmap(&self) -> Option<crate::core::DirtyBitmap> {
+        let area = self.superblock.bitmap;
+        (area.bytes > 0).then(|| {
+            crate::core::DirtyBitmap::new(area.region_bytes, self.volumes.iter().map(|v| v.size_bytes).collect())
+        })
+    }
+
+    /// The bitmap as the log device holds it (`None` for logs without one).
+    fn read_bitmap(&self) -> std::io::Result<Option<crate::core::DirtyBitmap>> {
+        let area = self.superblock.bitmap;
+        if area.bytes == 0 {
+            return Ok(None);
+        }
+        let mut buf = super::buf::AlignedBuf::zeroed(area.bytes as usize);
+        super::device::read_exact_at(&self.log.file, &mut buf, area.offset)?;
+        let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
+        Ok(Some(crate::core::DirtyBitmap::from_bytes(area.region_bytes, sizes, &buf)))
     }
 
     /// A destination can take over its source's LSN sequence only with an

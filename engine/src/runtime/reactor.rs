@@ -245,6 +245,9 @@ impl Reactor {
             Op::PeerSend { peer, frames, .. } => self.peers[peer].send_done(frames, result),
             Op::LogRead { group, slot, lsn, buf } => self.group(group).log_read_done(slot, lsn, buf, result),
             Op::ChunkRead { group, slot, chunk, buf } => self.group(group).chunk_read_done(slot, chunk, buf, result),
+            Op::BitmapWrite { group, buf, spilled_up_to_lsn } => {
+                self.group(group).bitmap_write_done(spilled_up_to_lsn, buf.len(), result);
+            }
             Op::CopyWrite { group, end, buf, .. } => {
                 let rt = self.group(group);
                 if let Err(reason) = rt.copy_write_done(end, buf.map(|b| b.len()), result) {

@@ -29,6 +29,10 @@ pub struct DestinationLink {
     /// The connection from the source (reactor key and id), when connected.
     pub conn: Option<(usize, u64)>,
     pub receiver: Receiver,
+    /// A rebase waiting for the group to be idle with an empty log.
+    pub pending_rebase: Option<u64>,
+    /// The metadata version whose persistence completes the rebase.
+    pub rebase_persisting: Option<u64>,
     /// Payloads of frames queued in the receiver, by id.
     payloads: HashMap<u64, AlignedBuf>,
     next_payload_id: u64,
@@ -40,14 +44,18 @@ impl DestinationLink {
         Self {
             conn: None,
             receiver: Receiver::new(volume_sizes_bytes, copy_persisted),
+            pending_rebase: None,
+            rebase_persisting: None,
             payloads: HashMap::new(),
             next_payload_id: 1,
         }
     }
 
-    /// The connection is gone.
+    /// The connection is gone, and with it a rebase it asked for but that
+    /// did not start (the next connection asks again if still needed).
     pub fn disconnected(&mut self) {
         self.conn = None;
+        self.pending_rebase = None;
     }
 
     fn keep(&mut self, payload: Option<AlignedBuf>) -> Option<u64> {
@@ -70,8 +78,28 @@ impl GroupRt {
         link.receiver.connected(next_lsn);
     }
 
+    /// Carries out a pending rebase once the group is idle with an empty log:
+    /// a new epoch starts at the head, and the superblock (with the copy
+    /// restarted) is persisted before anything after the rebase is taken.
+    fn progress_rebase(&mut self) {
+        let Some(lsn) = self.destination.as_ref().and_then(|l| l.pending_rebase) else { return };
+        if !(self.core.is_fully_checkpointed() && self.core.snapshot().log_used_bytes == 0) {
+            self.core.handle(Event::CheckpointRequested);
+            return;
+        }
+        self.superblock.epoch += 1;
+        self.superblock.epoch_start_position = self.core.head_position();
+        self.core.rebase(lsn, self.superblock.epoch);
+        let version = self.persist_soon();
+        let link = self.destination.as_mut().expect("checked");
+        link.pending_rebase = None;
+        link.rebase_persisting = Some(version);
+        tracing::info!(group = %self.name, lsn, "bitmap catch-up: the log continues after the source's LSN {lsn}");
+    }
+
     /// Moves received frames into the receiver and executes what it decides.
     pub(super) fn take_frames(&mut self, conn: &mut PeerConn, io: &mut Io, group: usize) {
+        self.progress_rebase();
         let link = self.destination.as_mut().expect("destination link");
         while link.receiver.queued() < MAX_QUEUED_FRAMES {
             let Some(frame) = conn.take_received() else { break };
@@ -85,6 +113,7 @@ impl GroupRt {
                         payload_id: link.keep(payload),
                     },
                     FrameKind::CopyDone => Incoming::CopyDone,
+                    FrameKind::Rebase => Incoming::Rebase { lsn: header.lsn },
                     FrameKind::Heartbeat => continue,
                     FrameKind::Ack => {
                         conn.close("the source sent an acknowledgement, which only a destination sends");
@@ -118,7 +147,12 @@ impl GroupRt {
                     let buf = payload_id.and_then(|id| link.payloads.remove(&id));
                     self.write_copy(io, group, (volume_index, offset, length), buf, end);
                 }
-                ReceiverAction::Persist => self.persist_soon(),
+                ReceiverAction::Persist => {
+                    self.persist_soon();
+                }
+                ReceiverAction::Rebase { lsn } => {
+                    self.destination.as_mut().expect("destination link").pending_rebase = Some(lsn);
+                }
                 ReceiverAction::Refuse(reason) => {
                     conn.close(&reason);
                     return;

@@ -242,6 +242,41 @@ impl GroupRt {
         self.core.chunk_shipped(chunk.chunk_id);
     }
 
+    /// Queues the instruction to continue after `lsn` (first on the connection).
+    pub(super) fn send_rebase(&mut self, lsn: u64) {
+        let header = FrameHeader::new(FrameKind::Rebase, 0, 0, lsn, 0, 0);
+        self.source.as_mut().expect("source link").push(OutFrame::new(header.as_bytes(), None));
+    }
+
+    /// Writes the bitmap to its area; its completion lets spilled records go.
+    pub(super) fn write_bitmap(&mut self, io: &mut Io, group: usize, spilled_up_to_lsn: Option<u64>) {
+        let area = self.superblock.bitmap;
+        let bytes = self.core.bitmap_bytes(area.bytes as usize).expect("only groups with a bitmap persist one");
+        let mut buf = AlignedBuf::zeroed(area.bytes as usize);
+        buf.copy_from_slice(&bytes);
+        let fd = types::Fd(self.log.file.as_raw_fd());
+        io.submit(Op::BitmapWrite { group, buf, spilled_up_to_lsn }, |op| {
+            let Op::BitmapWrite { buf, .. } = op else { unreachable!() };
+            opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(area.offset).build()
+        });
+    }
+
+    /// Completion of a bitmap write.
+    pub(super) fn bitmap_write_done(&mut self, spilled_up_to_lsn: Option<u64>, expected: usize, result: i32) {
+        if result < 0 || result as usize != expected {
+            // Nothing is released: writes wait for log space, nothing is lost.
+            tracing::error!(group = %self.name, result, "writing the dirty-region bitmap failed; writes wait for log space");
+            if let Some(link) = self.source.as_mut() {
+                link.last_error = Some(format!("writing the dirty-region bitmap failed (result {result})"));
+            }
+            return;
+        }
+        if spilled_up_to_lsn.is_some() {
+            tracing::warn!(group = %self.name, ?spilled_up_to_lsn, "log full without the destination: records folded into the bitmap");
+        }
+        self.core.bitmap_persisted(spilled_up_to_lsn);
+    }
+
     /// Queues the end of the initial copy.
     pub(super) fn send_copy_done(&mut self, after_lsn: u64) {
         let header = FrameHeader::new(FrameKind::CopyDone, 0, 0, after_lsn, 0, 0);
