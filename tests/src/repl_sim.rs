@@ -100,6 +100,8 @@ struct World {
     chunk_reads: Vec<ChunkRead>,
     /// A destination rebase waiting for an idle, empty log.
     pending_rebase: Option<u64>,
+    /// A rebase done, waiting for the checkpoint that makes it durable.
+    rebase_persisting: bool,
     /// The source volumes before any record, and every record shipped (all
     /// durable at the source, so they survive its power losses).
     initial: Vec<Vec<u8>>,
@@ -197,6 +199,7 @@ impl World {
             partitioned_until: 0,
             chunk_reads: Vec::new(),
             pending_rebase: None,
+            rebase_persisting: false,
             initial,
             history: BTreeMap::new(),
             in_flight: HashMap::new(),
@@ -278,7 +281,12 @@ impl World {
                         result.map_err(|e| format!("replicated write failed: {e:?}"))?
                     }
                     NodeOutput::CopyWritten { end } => self.receiver.copy_written(end),
-                    NodeOutput::CopyPersisted { copy } => self.receiver.persisted(copy),
+                    NodeOutput::CopyPersisted { copy } => {
+                        self.receiver.persisted(copy);
+                        if std::mem::take(&mut self.rebase_persisting) {
+                            self.receiver.rebased();
+                        }
+                    }
                     other => unreachable!("a destination ships nothing: {other:?}"),
                 }
             }
@@ -402,12 +410,18 @@ impl World {
         }
         self.pending_rebase = None;
         self.destination.rebase(lsn);
-        self.receiver.rebased();
+        self.receiver.rebase_performed();
+        // As in the daemon, the receiver goes on once a checkpoint after the
+        // rebase is durable; acknowledgements may leave in between.
+        self.rebase_persisting = true;
+        self.destination.core.handle(Event::VolumesChangedOutsideLog);
+        self.destination.core.handle(Event::CheckpointRequested);
         true
     }
 
     fn drop_link(&mut self) {
         self.pending_rebase = None;
+        self.rebase_persisting = false;
         if self.link.take().is_some() {
             self.stats.drops += 1;
             self.source.core.peer_lost();
@@ -535,6 +549,7 @@ impl World {
         self.receiver = Receiver::new(volume_sizes(), copy);
         self.payloads.clear();
         self.pending_rebase = None;
+        self.rebase_persisting = false;
         if copy == CopyPosition::Done {
             self.check_prefix(outcome.last_lsn)?;
             if self.mode == ReplicationMode::Sync {

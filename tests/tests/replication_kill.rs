@@ -296,3 +296,70 @@ fn a_cut_link_is_caught_up_from_the_log_after_it_returns() {
         assert!(here == there, "volume {name} differs after catch-up");
     }
 }
+
+/// A cut long enough for the writes to outgrow the source's log: the log
+/// folds what the destination lacks into the bitmap instead of holding
+/// writes back, and the destination catches up by copying the marked regions.
+#[test]
+fn a_log_that_fills_during_a_cut_spills_into_the_bitmap_and_catches_up() {
+    tandem_tests::require_tool("qemu-img", "qemu-utils");
+    let Ok(net) = NetPair::create() else {
+        eprintln!("network namespaces unavailable; this drill needs a link to cut");
+        return;
+    };
+    let source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+    let destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    let volumes = [("data", 256u64 << 20)];
+    source.create_group("rg01", "128MiB", &volumes);
+    destination.create_group("rg02", "128MiB", &volumes);
+    let address = destination.replication_address();
+    let _ = source.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+        "--mode",
+        "sync",
+    ]);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    net.set_link(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while source.partnership("rg01")["state"] != "WaitingForDestination" {
+        assert!(std::time::Instant::now() < deadline, "the source never declared its destination lost");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 192 MiB of writes do not fit in the 128 MiB log: without the bitmap
+    // they would wait for the destination forever.
+    let image = source.path("image.img");
+    tandem_tests::run_ok(
+        std::process::Command::new("dd").arg("if=/dev/urandom").arg(format!("of={}", image.display())).args([
+            "bs=1M",
+            "count=192",
+            "status=none",
+        ]),
+    );
+    tandem_tests::run_ok(
+        source
+            .client_command("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&image)
+            .arg(source.nbd_uri("rg01", "data")),
+    );
+    let p = source.partnership("rg01");
+    assert!(p["bitmap_spills"].as_u64().unwrap() > 0 && p["bitmap_dirty_bytes"].as_u64().unwrap() > 0, "{p:#}");
+    net.set_link(true);
+    source.wait_in_sync("rg01", Duration::from_secs(120));
+    let here = std::fs::read(source.path("rg01-data.img")).expect("source volume");
+    let there = std::fs::read(destination.path("rg02-data.img")).expect("destination volume");
+    assert!(here == there, "the volumes differ after the bitmap catch-up");
+    let p = source.partnership("rg01");
+    assert_eq!(p["bitmap_dirty_bytes"], 0, "the bitmap is clear once the destination holds every region: {p:#}");
+    let events = source.cli_ok(&["events", "--json"]);
+    for id in [4004, 4005] {
+        assert!(events.contains(&format!("\"id\":{id},")), "event {id} missing:\n{events}");
+    }
+}

@@ -20,6 +20,18 @@ impl GroupCore {
         self.bitmap.as_ref().map(|b| b.to_bytes(len))
     }
 
+    /// Bytes of the volumes the bitmap marks.
+    #[must_use]
+    pub fn bitmap_dirty_bytes(&self) -> u64 {
+        self.bitmap.as_ref().map_or(0, |b| b.dirty_bytes_from(0, 0))
+    }
+
+    /// Times records were folded into the bitmap since this group was opened.
+    #[must_use]
+    pub fn bitmap_spills(&self) -> u64 {
+        self.spills
+    }
+
     /// True when regions are marked (a bitmap catch-up is owed).
     #[must_use]
     pub fn bitmap_dirty(&self) -> bool {

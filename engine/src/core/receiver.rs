@@ -203,11 +203,16 @@ impl Receiver {
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
     }
 
-    /// The group continues after the rebase LSN, durably, with the copy restarted.
-    pub fn rebased(&mut self) {
-        assert!(self.rebase_in_flight, "a rebase was in flight");
-        self.rebase_in_flight = false;
+    /// The group's log now continues after the rebase LSN: the copy is
+    /// restarted from here on (whatever a connection does next), and its
+    /// completion is no longer reported.
+    pub fn rebase_performed(&mut self) {
         self.copy_persisted = CopyPosition::At { volume_index: 0, offset: 0 };
+    }
+
+    /// The rebase is durable: frames after it may be taken.
+    pub fn rebased(&mut self) {
+        self.rebase_in_flight = false;
     }
 
     /// A copy write finished (`end` from its action).
@@ -232,9 +237,12 @@ impl Receiver {
         }
     }
 
-    /// A checkpoint persisted `copy`.
+    /// A checkpoint persisted `copy` (one that began before a rebase says
+    /// nothing about the copy that the rebase restarts).
     pub fn persisted(&mut self, copy: CopyPosition) {
-        self.copy_persisted = copy;
+        if !self.rebase_in_flight {
+            self.copy_persisted = copy;
+        }
     }
 
     /// True once the whole copy is durable here.
@@ -246,6 +254,11 @@ impl Receiver {
     /// The acknowledgement to send when something moved: the durable LSN, and
     /// the copy written so far (`Done` only once durable).
     pub fn ack(&mut self, durable_lsn: u64) -> Option<(u64, CopyPosition)> {
+        if self.rebase_in_flight {
+            // The log may already continue after the rebase while the copy it
+            // restarts is not yet durable: say nothing until it is.
+            return None;
+        }
         let copy = if self.copy_complete() { CopyPosition::Done } else { self.copy_written };
         if self.acked == Some((durable_lsn, copy)) {
             return None;

@@ -14,6 +14,8 @@ pub enum EventKind {
     PeerLost { reason: String },
     PeerConnected { peer_durable_lsn: u64, current_lsn: u64 },
     CatchUpCompleted { records: u64, elapsed_ms: u64 },
+    BitmapSpill { dirty_bytes: u64 },
+    BitmapCatchUpCompleted { elapsed_ms: u64 },
     RpoExceeded { rpo_ms: u64, target_rpo_ms: u64, bytes_behind: u64 },
     RpoWithinTarget { rpo_ms: u64, target_rpo_ms: u64 },
     GroupFailed { reason: String },
@@ -43,6 +45,8 @@ impl EventKind {
             Self::PeerLost { .. } => 4001,
             Self::PeerConnected { .. } => 4002,
             Self::CatchUpCompleted { .. } => 4003,
+            Self::BitmapSpill { .. } => 4004,
+            Self::BitmapCatchUpCompleted { .. } => 4005,
             Self::RpoExceeded { .. } => 5001,
             Self::RpoWithinTarget { .. } => 5002,
         }
@@ -53,7 +57,10 @@ impl EventKind {
     pub fn severity(&self) -> &'static str {
         match self {
             Self::GroupFailed { .. } => "error",
-            Self::PeerLost { .. } | Self::RpoExceeded { .. } | Self::PartnershipRefused { .. } => "warning",
+            Self::PeerLost { .. }
+            | Self::RpoExceeded { .. }
+            | Self::PartnershipRefused { .. }
+            | Self::BitmapSpill { .. } => "warning",
             _ => "info",
         }
     }
@@ -75,6 +82,12 @@ impl EventKind {
             ),
             Self::CatchUpCompleted { records, elapsed_ms } => {
                 format!("catch-up completed: {records} records in {elapsed_ms} ms")
+            }
+            Self::BitmapSpill { dirty_bytes } => format!(
+                "the log filled while the destination was away: its records were folded into the dirty-region bitmap ({dirty_bytes} bytes to copy at reconnection)"
+            ),
+            Self::BitmapCatchUpCompleted { elapsed_ms } => {
+                format!("bitmap catch-up completed in {elapsed_ms} ms: the destination holds every marked region")
             }
             Self::RpoExceeded { rpo_ms, target_rpo_ms, bytes_behind } => format!(
                 "RPO {rpo_ms} ms exceeds the target of {target_rpo_ms} ms ({bytes_behind} bytes behind)"

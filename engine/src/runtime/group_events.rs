@@ -17,6 +17,8 @@ pub struct Observer {
     catch_up_started: Option<(Instant, u64)>,
     rpo_exceeded: bool,
     failure_reported: bool,
+    spills_reported: u64,
+    bitmap_catch_up_started: Option<Instant>,
 }
 
 impl GroupRt {
@@ -54,6 +56,19 @@ impl GroupRt {
         let state = self.core.replication_state();
         let previous = std::mem::replace(&mut self.observer.last_state, state);
         let now = Instant::now();
+        if status.bitmap_spills > self.observer.spills_reported {
+            self.observer.spills_reported = status.bitmap_spills;
+            events.push(EventKind::BitmapSpill { dirty_bytes: status.bitmap_dirty_bytes });
+        }
+        if state == Some(ReplicationState::BitmapCatchUp) && self.observer.bitmap_catch_up_started.is_none() {
+            self.observer.bitmap_catch_up_started = Some(now);
+        }
+        let caught_up = matches!(state, Some(ReplicationState::Recovering | ReplicationState::ContinuouslyReplicating));
+        if let (Some(started), true) = (self.observer.bitmap_catch_up_started, caught_up) {
+            self.observer.bitmap_catch_up_started = None;
+            events
+                .push(EventKind::BitmapCatchUpCompleted { elapsed_ms: now.duration_since(started).as_millis() as u64 });
+        }
         if state != previous {
             self.transition(previous, state, &status, now, &mut events);
         }

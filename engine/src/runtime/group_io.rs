@@ -199,9 +199,12 @@ impl GroupRt {
     /// before the completion of its write (in the same batch) releases it.
     pub fn pump(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) {
         let actions = self.core.take_actions();
+        // The stream's order: a rebase comes before the records after it.
         for action in &actions {
-            if let Action::Ship { lsn, position, end_position } = *action {
-                self.ship(io, group, lsn, position, end_position);
+            match *action {
+                Action::Ship { lsn, position, end_position } => self.ship(io, group, lsn, position, end_position),
+                Action::SendRebase { lsn } => self.send_rebase(lsn),
+                _ => {}
             }
         }
         for action in actions {
@@ -216,14 +219,13 @@ impl GroupRt {
                 Action::Checkpoint { lsn, tail_position, tail_lsn } => {
                     self.start_checkpoint(io, group, lsn, (tail_position, tail_lsn));
                 }
-                Action::Ship { .. } => {}
+                Action::Ship { .. } | Action::SendRebase { .. } => {}
                 Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
                     let chunk =
                         super::replica_source::ChunkRequest { chunk_id, volume_index, offset, length, after_lsn };
                     self.read_chunk(io, group, chunk);
                 }
                 Action::SendCopyDone { after_lsn } => self.send_copy_done(after_lsn),
-                Action::SendRebase { lsn } => self.send_rebase(lsn),
                 Action::PersistBitmap { spilled_up_to_lsn } => self.write_bitmap(io, group, spilled_up_to_lsn),
             }
         }

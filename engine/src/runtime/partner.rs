@@ -193,6 +193,8 @@ impl GroupRt {
             status.copy_remaining_bytes = self.core.copy_remaining_bytes();
             status.copy_bytes_sent = self.copy_bytes_read;
             status.copy_bytes_skipped = self.copy_bytes_skipped;
+            status.bitmap_dirty_bytes = self.core.bitmap_dirty_bytes();
+            status.bitmap_spills = self.core.bitmap_spills();
             status.last_error.clone_from(&link.last_error);
         } else if let Some(link) = self.destination.as_ref() {
             status.connected = link.conn.is_some();

@@ -56,6 +56,9 @@ impl DestinationLink {
     pub fn disconnected(&mut self) {
         self.conn = None;
         self.pending_rebase = None;
+        // A rebase already performed stays performed; the next connection's
+        // stream does not wait for its persistence (see `Receiver::connected`).
+        self.rebase_persisting = None;
     }
 
     fn keep(&mut self, payload: Option<AlignedBuf>) -> Option<u64> {
@@ -92,6 +95,7 @@ impl GroupRt {
         self.core.rebase(lsn, self.superblock.epoch);
         let version = self.persist_soon();
         let link = self.destination.as_mut().expect("checked");
+        link.receiver.rebase_performed();
         link.pending_rebase = None;
         link.rebase_persisting = Some(version);
         tracing::info!(group = %self.name, lsn, "bitmap catch-up: the log continues after the source's LSN {lsn}");

@@ -73,6 +73,10 @@ pub struct PartnershipStatus {
     pub copy_bytes_skipped: u64,
     /// Destination: the initial copy is complete and durable.
     pub copy_complete: bool,
+    /// Source: bytes of the volumes the dirty-region bitmap marks (copied by
+    /// the next bitmap catch-up), and how often a full log folded records into it.
+    pub bitmap_dirty_bytes: u64,
+    pub bitmap_spills: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Why the connection last ended or was refused.

@@ -376,6 +376,13 @@ fn print_partnership(g: &GroupStatus) {
             format_size(p.copy_bytes_sent),
             format_size(p.copy_bytes_skipped)
         );
+        if p.bitmap_dirty_bytes > 0 || p.bitmap_spills > 0 {
+            println!(
+                "  bitmap        {} marked for catch-up ({} spill(s) of a full log since start)",
+                format_size(p.bitmap_dirty_bytes),
+                p.bitmap_spills
+            );
+        }
     } else {
         println!(
             "  LSN           durable {}  initial copy {}",
