@@ -38,6 +38,10 @@ pub enum FrameKind {
     /// the source's log for its bitmap; continue the log after `lsn` and
     /// start a copy of the marked regions from the beginning.
     Rebase = 6,
+    /// Source to destination: the records after this frame are applied only
+    /// once every record up to `lsn` is (their writes were issued after those
+    /// completed); keeps write order on the destination at every instant.
+    Barrier = 7,
 }
 
 impl FrameKind {
@@ -50,6 +54,7 @@ impl FrameKind {
             4 => Some(Self::CopyZero),
             5 => Some(Self::CopyDone),
             6 => Some(Self::Rebase),
+            7 => Some(Self::Barrier),
             _ => None,
         }
     }
@@ -64,7 +69,9 @@ pub struct FrameHeader {
     pub kind: u8,
     pub flags: u8,
     pub volume_index: u8,
-    pub reserved: u64,
+    /// Ack: the destination's applied LSN (every record up to it is in its
+    /// volumes); zero in other frames.
+    pub aux: u64,
     pub lsn: u64,
     pub offset: u64,
     pub length: u32,
@@ -105,7 +112,7 @@ impl FrameHeader {
             kind: kind as u8,
             flags,
             volume_index,
-            reserved: 0,
+            aux: 0,
             lsn,
             offset,
             length,
@@ -125,6 +132,13 @@ impl FrameHeader {
         header.payload_checksum = xxh3_128_bytes(payload);
         header.header_checksum = header.compute_checksum();
         header
+    }
+
+    /// The header with its checksum computed again (after changing a field).
+    #[must_use]
+    pub fn resealed(mut self) -> Self {
+        self.header_checksum = self.compute_checksum();
+        self
     }
 
     fn compute_checksum(&self) -> u64 {
@@ -169,7 +183,9 @@ impl FrameHeader {
         let length_ok = match kind {
             FrameKind::CopyData => header.length > 0 && header.length <= MAX_COPY_PAYLOAD_BYTES,
             FrameKind::CopyZero => header.length > 0,
-            FrameKind::Heartbeat | FrameKind::Ack | FrameKind::CopyDone | FrameKind::Rebase => header.length == 0,
+            FrameKind::Heartbeat | FrameKind::Ack | FrameKind::CopyDone | FrameKind::Rebase | FrameKind::Barrier => {
+                header.length == 0
+            }
         };
         if !length_ok || header.offset.checked_add(u64::from(header.length)).is_none() {
             return Err(FrameDecodeError::BadLength { kind, length: header.length });

@@ -139,6 +139,12 @@ impl Node {
         panic!("tandemd did not answer within 30 s:\n{}", self.log());
     }
 
+    /// The daemon's process id while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// kill -9: no checkpoint, no clean close.
     pub fn kill9(&mut self) {
         // `ip netns exec` execs tandemd, so the child is the daemon itself.
@@ -241,6 +247,22 @@ impl Node {
         all[0].take()
     }
 
+    /// Waits until every event id of `ids` was reported; panics with the
+    /// events after `timeout`.
+    pub fn wait_for_events(&self, ids: &[u32], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.cli_ok(&["events", "--json"]);
+            let missing: Vec<u32> =
+                ids.iter().copied().filter(|id| !events.contains(&format!("\"id\":{id},"))).collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "events {missing:?} missing after {timeout:?}:\n{events}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the source group's destination holds every record and the
     /// initial copy is complete; panics with the status after `timeout`.
     pub fn wait_in_sync(&self, group: &str, timeout: Duration) {
@@ -249,6 +271,7 @@ impl Node {
             let p = self.partnership(group);
             let caught_up = p["state"] == "ContinuouslyReplicating"
                 && p["destination_durable_lsn"] == p["current_lsn"]
+                && p["destination_applied_lsn"] == p["current_lsn"]
                 && p["copy_remaining_bytes"] == 0;
             if caught_up {
                 return;

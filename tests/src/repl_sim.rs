@@ -59,6 +59,7 @@ enum Frame {
     Copy { volume: u8, offset: u64, length: u32, data: Option<Vec<u8>> },
     CopyDone,
     Rebase { lsn: u64 },
+    Barrier { lsn: u64 },
     Ack { lsn: u64, copy: CopyPosition },
 }
 
@@ -71,6 +72,8 @@ enum Phase {
 
 struct Link {
     id: u64,
+    /// The last barrier sent on this connection.
+    barrier_lsn: u64,
     to_destination: VecDeque<Frame>,
     to_source: VecDeque<Frame>,
 }
@@ -291,7 +294,9 @@ impl World {
                 }
             }
             if let Some(link) = self.link.as_mut() {
-                if let Some((lsn, copy)) = self.receiver.ack(self.destination.core.snapshot().durable_lsn) {
+                let core = &self.destination.core;
+                if let Some((lsn, _, copy)) = self.receiver.ack(core.snapshot().durable_lsn, core.applied_prefix_lsn())
+                {
                     link.to_source.push_back(Frame::Ack { lsn, copy });
                 }
             }
@@ -323,7 +328,11 @@ impl World {
                 }
                 self.stats.writes_acked += 1;
             }
-            NodeOutput::Ship { lsn, position, end_position } => {
+            NodeOutput::Ship { lsn, position, end_position, depends_on } => {
+                if let Some(link) = self.link.as_mut().filter(|l| depends_on > l.barrier_lsn) {
+                    link.barrier_lsn = depends_on;
+                    link.to_destination.push_back(Frame::Barrier { lsn: depends_on });
+                }
                 // Shipped records are durable here: the log must still hold them.
                 let (header, payload) = self.source.read_record(lsn, position, end_position)?;
                 self.history.insert(lsn, (header, payload.clone()));
@@ -366,7 +375,7 @@ impl World {
         let progressed = !actions.is_empty();
         for action in actions {
             match action {
-                ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id } => {
+                ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id, depends_on } => {
                     let bytes = match payload_id {
                         Some(id) => self.payloads.remove(&id).expect("payload of a queued frame"),
                         None => vec![0u8; length as usize],
@@ -375,7 +384,7 @@ impl World {
                     self.next_destination_write += 1;
                     self.destination.writes.insert(id, (volume_index, offset, bytes));
                     let request = WriteRequest { id, volume_index, offset, length, op };
-                    self.destination.core.handle(Event::SubmitReplicated { request, lsn });
+                    self.destination.core.handle(Event::SubmitReplicated { request, lsn, depends_on });
                 }
                 ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end } => {
                     let bytes = match payload_id {
@@ -438,7 +447,12 @@ impl World {
             .map_err(|e| format!("reconnection refused: {e}"))?;
         self.receiver.connected(next);
         self.payloads.clear();
-        self.link = Some(Link { id: self.next_link_id, to_destination: VecDeque::new(), to_source: VecDeque::new() });
+        self.link = Some(Link {
+            id: self.next_link_id,
+            barrier_lsn: 0,
+            to_destination: VecDeque::new(),
+            to_source: VecDeque::new(),
+        });
         self.next_link_id += 1;
         self.stats.connections += 1;
         Ok(())
@@ -462,6 +476,7 @@ impl World {
             }
             Frame::CopyDone => Incoming::CopyDone,
             Frame::Rebase { lsn } => Incoming::Rebase { lsn },
+            Frame::Barrier { lsn } => Incoming::Barrier { lsn },
             Frame::Ack { .. } => unreachable!("acks travel to the source"),
         };
         self.receiver.push(incoming);

@@ -78,6 +78,7 @@ pub enum NodeOutput {
         lsn: u64,
         position: u64,
         end_position: u64,
+        depends_on: u64,
     },
     ReadChunk {
         chunk_id: u64,
@@ -201,8 +202,8 @@ impl SimNode {
                     self.writes.remove(&id);
                     self.outputs.push(NodeOutput::Completed { id, result });
                 }
-                Action::Ship { lsn, position, end_position } => {
-                    self.outputs.push(NodeOutput::Ship { lsn, position, end_position });
+                Action::Ship { lsn, position, end_position, depends_on } => {
+                    self.outputs.push(NodeOutput::Ship { lsn, position, end_position, depends_on });
                 }
                 Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
                     self.outputs.push(NodeOutput::ReadChunk { chunk_id, volume_index, offset, length, after_lsn });

@@ -59,6 +59,9 @@ pub enum Event {
     SubmitReplicated {
         request: WriteRequest,
         lsn: u64,
+        /// Every record up to this LSN is applied before this one (see
+        /// `ScannedRecord::depends_on`).
+        depends_on: u64,
     },
     /// The runtime changed the volumes outside the log (the initial copy of a
     /// destination): a checkpoint must make that durable too.
@@ -128,6 +131,8 @@ pub struct ApplyOp {
     pub offset: u64,
     pub length: u32,
     pub kind: ApplyKind,
+    /// Records up to this LSN are applied first (destinations; see `SubmitReplicated`).
+    pub depends_on: u64,
 }
 
 impl ApplyOp {
@@ -158,10 +163,12 @@ pub enum Action {
     },
     /// Send record `lsn` (at `position..end_position` in the log) to the
     /// replication destination, after every record shipped before it.
+    /// `depends_on`: see `ScannedRecord::depends_on`.
     Ship {
         lsn: u64,
         position: u64,
         end_position: u64,
+        depends_on: u64,
     },
     /// Read `length` bytes of the volume at `offset` (the state after
     /// `after_lsn`, held stable by a fence), queue them for the destination,
@@ -260,7 +267,11 @@ pub struct GroupCore {
     ring: LogRing,
     next_lsn: u64,
     next_batch_id: u64,
-    pending: VecDeque<WriteRequest>,
+    /// Submitted writes waiting for a place, each with the highest LSN
+    /// completed when it was submitted (what it may depend on).
+    pending: VecDeque<(WriteRequest, u64)>,
+    /// The highest LSN completed so far.
+    max_completed_lsn: u64,
     placed: VecDeque<PlacedRecord>,
     batches: VecDeque<BatchState>,
     durable_lsn: u64,
@@ -329,6 +340,7 @@ impl GroupCore {
             next_lsn: checkpoint_lsn + 1,
             next_batch_id: 1,
             pending: VecDeque::new(),
+            max_completed_lsn: checkpoint_lsn,
             placed: VecDeque::new(),
             batches: VecDeque::new(),
             durable_lsn: checkpoint_lsn,
@@ -407,12 +419,13 @@ impl GroupCore {
     /// feeding several submissions before taking actions is what forms batches.
     pub fn handle(&mut self, event: Event) {
         match event {
-            Event::Submit(request) => self.submit(request),
-            Event::SubmitReplicated { request, lsn } => {
+            Event::Submit(request) => self.submit(request, self.max_completed_lsn),
+            Event::SubmitReplicated { request, lsn, depends_on } => {
                 let expected = self.last_taken_lsn() + 1;
                 assert_eq!(lsn, expected, "replicated records arrive in LSN order");
                 assert!(self.shipper.is_none(), "a source does not take replicated records");
-                self.submit(request);
+                assert!(depends_on < lsn, "record {lsn} depends on a later record {depends_on}");
+                self.submit(request, depends_on);
             }
             Event::VolumesChangedOutsideLog => self.unlogged_changes = true,
             Event::AppendDone { batch_id, result } => self.append_done(batch_id, result),
@@ -478,9 +491,9 @@ impl GroupCore {
         }
     }
 
-    fn submit(&mut self, request: WriteRequest) {
+    fn submit(&mut self, request: WriteRequest, depends_on: u64) {
         if self.failed.is_some() {
-            self.pending.push_back(request);
+            self.pending.push_back((request, depends_on));
             return;
         }
         let record_bytes = self.ring.record_bytes(payload_bytes(&request));
@@ -490,7 +503,7 @@ impl GroupCore {
             self.actions.push(Action::Complete { id: request.id, result });
             return;
         }
-        self.pending.push_back(request);
+        self.pending.push_back((request, depends_on));
     }
 
     fn form_batches(&mut self) {
@@ -514,7 +527,7 @@ impl GroupCore {
         let mut segments: Vec<AppendSegment> = Vec::new();
         let mut batch_bytes = 0u64;
         let mut records = 0usize;
-        while let Some(request) = self.pending.front().copied() {
+        while let Some((request, depends_on)) = self.pending.front().copied() {
             let bytes = self.ring.record_bytes(payload_bytes(&request));
             if records > 0
                 && (batch_bytes + bytes > self.config.max_batch_bytes || records + 2 > self.config.max_batch_records)
@@ -526,11 +539,13 @@ impl GroupCore {
             if placement.pad_bytes > 0 {
                 let pad_position = placement.position - placement.pad_bytes;
                 let header = self.pad_header(placement.pad_bytes);
-                self.place(&mut segments, pad_position, placement.pad_bytes, LogRecord { header, write_id: None });
+                let pad = LogRecord { header, write_id: None };
+                self.place(&mut segments, pad_position, placement.pad_bytes, pad, 0);
                 records += 1;
             }
-            let (header, apply) = self.record_for(&request);
-            self.place(&mut segments, placement.position, bytes, LogRecord { header, write_id: Some(request.id) });
+            let (header, apply) = self.record_for(&request, depends_on);
+            let record = LogRecord { header, write_id: Some(request.id) };
+            self.place(&mut segments, placement.position, bytes, record, depends_on);
             self.apply_queue.push_back(apply);
             batch_bytes += bytes + placement.pad_bytes;
             records += 1;
@@ -552,7 +567,7 @@ impl GroupCore {
         RecordHeader::without_payload(self.stamp, RecordKind::Pad, 0, lsn, 0, 0, length)
     }
 
-    fn record_for(&mut self, request: &WriteRequest) -> (RecordHeader, ApplyOp) {
+    fn record_for(&mut self, request: &WriteRequest, depends_on: u64) -> (RecordHeader, ApplyOp) {
         let lsn = self.take_lsn();
         let (header, kind) = match request.op {
             WriteOp::Write { payload_checksum } => (
@@ -581,6 +596,7 @@ impl GroupCore {
             offset: request.offset,
             length: request.length,
             kind,
+            depends_on,
         };
         (header, apply)
     }
@@ -606,7 +622,14 @@ impl GroupCore {
     /// Appends a record (or pad) to the batch's segments; records are tracked
     /// until they settle. A pad is always followed by its record in the same
     /// batch, so it needs no tracking of its own.
-    fn place(&mut self, segments: &mut Vec<AppendSegment>, position: u64, bytes: u64, record: LogRecord) {
+    fn place(
+        &mut self,
+        segments: &mut Vec<AppendSegment>,
+        position: u64,
+        bytes: u64,
+        record: LogRecord,
+        depends_on: u64,
+    ) {
         let ring_offset = self.ring.ring_offset(position);
         let lsn = record.header.lsn;
         assert_eq!(self.placed_head, position, "records are placed back to back");
@@ -628,6 +651,7 @@ impl GroupCore {
                         volume_index: header.volume_index,
                         offset: header.offset,
                         length: header.length,
+                        depends_on,
                     });
                 }
             }
@@ -673,6 +697,8 @@ impl GroupCore {
         if self.failed.is_some() {
             return;
         }
+        let dependency_order = self.apply_after_durable && self.shipper.is_none();
+        let applied_prefix = self.applied_prefix_lsn();
         let mut index = 0;
         while index < self.apply_queue.len() {
             let candidate = self.apply_queue[index];
@@ -683,6 +709,12 @@ impl GroupCore {
                 // The queue is in LSN order: every later one waits too.
                 break;
             }
+            if dependency_order && candidate.depends_on > applied_prefix {
+                // A destination keeps write order at every instant: a write
+                // the source's client issued after others completed waits
+                // until they are applied here (their dependencies are monotone).
+                break;
+            }
             if blocked {
                 index += 1;
                 continue;
@@ -690,6 +722,15 @@ impl GroupCore {
             self.apply_queue.remove(index);
             self.apply_inflight.push(candidate);
             self.actions.push(Action::Apply(candidate));
+        }
+    }
+
+    /// Every record up to this LSN is applied to the volumes.
+    #[must_use]
+    pub fn applied_prefix_lsn(&self) -> u64 {
+        match self.placed.iter().find(|r| !r.applied) {
+            Some(first_unapplied) => first_unapplied.lsn - 1,
+            None => self.placed.back().map_or(self.settled_lsn, |r| r.lsn),
         }
     }
 
@@ -705,6 +746,7 @@ impl GroupCore {
             }
             if record.applied && !record.completed {
                 record.completed = true;
+                self.max_completed_lsn = self.max_completed_lsn.max(record.lsn);
                 self.writes_completed += 1;
                 self.actions.push(Action::Complete { id: record.write_id, result: Ok(()) });
             }

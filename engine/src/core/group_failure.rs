@@ -12,7 +12,7 @@ impl GroupCore {
 
     pub(super) fn fail_pending_if_failed(&mut self) {
         let Some(reason) = self.failed.clone() else { return };
-        for request in self.pending.drain(..) {
+        for (request, _) in self.pending.drain(..) {
             self.actions
                 .push(Action::Complete { id: request.id, result: Err(WriteError::GroupFailed(reason.clone())) });
         }

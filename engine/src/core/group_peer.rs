@@ -148,6 +148,8 @@ pub(super) struct Shipper {
     /// A bitmap pass skips clean regions, so positions alone do not tell
     /// how much is in flight.
     pub copy_in_flight: std::collections::VecDeque<(u64, u64)>,
+    /// The destination's applied LSN (its volumes hold every record up to it).
+    pub applied_lsn: u64,
 }
 
 /// Which regions a copy covers.
@@ -227,6 +229,7 @@ impl GroupCore {
             rebase_to: None,
             awaiting_rebase: None,
             copy_in_flight: std::collections::VecDeque::new(),
+            applied_lsn: 0,
         });
         baseline_lsn
     }
@@ -347,6 +350,19 @@ impl GroupCore {
         };
     }
 
+    /// The destination's volumes hold every record up to `lsn`.
+    pub fn peer_applied(&mut self, lsn: u64) {
+        if let Some(shipper) = self.shipper.as_mut() {
+            shipper.applied_lsn = shipper.applied_lsn.max(lsn);
+        }
+    }
+
+    /// The destination's last acknowledged applied LSN.
+    #[must_use]
+    pub fn peer_applied_lsn(&self) -> Option<u64> {
+        self.shipper.as_ref().map(|s| s.applied_lsn)
+    }
+
     /// The partnership's state for status.
     #[must_use]
     pub fn replication_state(&self) -> Option<ReplicationState> {
@@ -434,6 +450,7 @@ impl GroupCore {
                 lsn: record.lsn,
                 position: record.position,
                 end_position: record.end_position,
+                depends_on: record.depends_on,
             });
             shipper.next_ship_lsn += 1;
         }

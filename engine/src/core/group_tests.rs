@@ -289,3 +289,36 @@ fn random_completion_orders_keep_the_invariants() {
         assert_eq!(core.snapshot().log_used_bytes, 0, "seed {seed}: the log drained");
     }
 }
+
+fn replicated(lsn: u64, offset: u64, depends_on: u64) -> Event {
+    let request = WriteRequest {
+        id: lsn,
+        volume_index: 0,
+        offset,
+        length: 4096,
+        op: WriteOp::Write { payload_checksum: [1; 16] },
+    };
+    Event::SubmitReplicated { request, lsn, depends_on }
+}
+
+#[test]
+fn a_destination_applies_dependent_writes_in_order_and_independent_ones_together() {
+    let mut core = core_with(64, GroupConfig::default());
+    core.set_apply_after_durable(true);
+    // 2 was issued after 1 completed at the source, 3 after 2; 4 alongside 3.
+    core.handle(replicated(1, 0, 0));
+    core.handle(replicated(2, 8192, 1));
+    core.handle(replicated(3, 16384, 2));
+    core.handle(replicated(4, 24576, 2));
+    let actions = core.take_actions();
+    assert!(applies(&actions).is_empty(), "nothing is applied before it is durable");
+    for batch in appends(&actions) {
+        core.handle(Event::AppendDone { batch_id: batch.batch_id, result: Ok(()) });
+    }
+    let lsns = |actions: &[Action]| applies(actions).iter().map(|a| a.lsn).collect::<Vec<_>>();
+    assert_eq!(lsns(&core.take_actions()), vec![1], "2 waits for 1");
+    core.handle(Event::ApplyDone { lsn: 1, result: Ok(()) });
+    assert_eq!(lsns(&core.take_actions()), vec![2], "3 and 4 wait for 2");
+    core.handle(Event::ApplyDone { lsn: 2, result: Ok(()) });
+    assert_eq!(lsns(&core.take_actions()), vec![3, 4], "3 and 4 are independent");
+}

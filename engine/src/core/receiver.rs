@@ -35,13 +35,26 @@ pub enum Incoming {
     Rebase {
         lsn: u64,
     },
+    /// Records after this apply only once every record up to `lsn` is applied.
+    Barrier {
+        lsn: u64,
+    },
 }
 
 /// What the runtime does for the receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiverAction {
     /// Submit the source's record `lsn` to the group's core.
-    Submit { lsn: u64, volume_index: u8, offset: u64, length: u32, op: WriteOp, payload_id: Option<u64> },
+    Submit {
+        lsn: u64,
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+        op: WriteOp,
+        payload_id: Option<u64>,
+        /// Apply only after every record up to this LSN is applied.
+        depends_on: u64,
+    },
     /// Write (or punch, without payload) a copy range; report `copy_written(end)`.
     WriteCopy { volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>, end: CopyPosition },
     /// Persist the copy state soon (the copy is complete).
@@ -65,7 +78,9 @@ pub struct Receiver {
     copy_persisted: CopyPosition,
     copy_write_in_flight: bool,
     rebase_in_flight: bool,
-    acked: Option<(u64, CopyPosition)>,
+    acked: Option<(u64, u64, CopyPosition)>,
+    /// The last barrier of the stream.
+    barrier_lsn: u64,
 }
 
 impl Receiver {
@@ -82,6 +97,7 @@ impl Receiver {
             copy_write_in_flight: false,
             rebase_in_flight: false,
             acked: None,
+            barrier_lsn: 0,
         }
     }
 
@@ -93,6 +109,7 @@ impl Receiver {
         self.acked = None;
         // A rebase belongs to its connection; the next one asks again if needed.
         self.rebase_in_flight = false;
+        self.barrier_lsn = 0;
     }
 
     /// The copy position to report to a connecting source: complete only
@@ -139,6 +156,11 @@ impl Receiver {
                 Incoming::CopyDone => {
                     self.copy_done_received = true;
                     ReceiverAction::Persist
+                }
+                Incoming::Barrier { lsn } => {
+                    self.queue.pop_front();
+                    self.barrier_lsn = self.barrier_lsn.max(lsn);
+                    continue;
                 }
                 Incoming::Rebase { .. } if unapplied => break,
                 Incoming::Rebase { lsn } => {
@@ -188,7 +210,8 @@ impl Receiver {
         }
         self.next_lsn += 1;
         let (lsn, volume_index, offset, length) = (header.lsn, header.volume_index, header.offset, header.length);
-        ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id }
+        let depends_on = self.barrier_lsn.min(lsn - 1);
+        ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id, depends_on }
     }
 
     fn copy(&mut self, volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>) -> ReceiverAction {
@@ -253,17 +276,17 @@ impl Receiver {
 
     /// The acknowledgement to send when something moved: the durable LSN, and
     /// the copy written so far (`Done` only once durable).
-    pub fn ack(&mut self, durable_lsn: u64) -> Option<(u64, CopyPosition)> {
+    pub fn ack(&mut self, durable_lsn: u64, applied_lsn: u64) -> Option<(u64, u64, CopyPosition)> {
         if self.rebase_in_flight {
             // The log may already continue after the rebase while the copy it
             // restarts is not yet durable: say nothing until it is.
             return None;
         }
         let copy = if self.copy_complete() { CopyPosition::Done } else { self.copy_written };
-        if self.acked == Some((durable_lsn, copy)) {
+        if self.acked == Some((durable_lsn, applied_lsn, copy)) {
             return None;
         }
-        self.acked = Some((durable_lsn, copy));
+        self.acked = Some((durable_lsn, applied_lsn, copy));
         self.acked
     }
 }
@@ -294,8 +317,8 @@ mod tests {
         assert!(receiver.drive(false).is_empty(), "LSN 6 waits for the copy write");
         receiver.copy_written(CopyPosition::At { volume_index: 0, offset: 4096 });
         assert!(matches!(receiver.drive(true)[..], [ReceiverAction::Submit { lsn: 6, .. }]));
-        assert_eq!(receiver.ack(6), Some((6, CopyPosition::At { volume_index: 0, offset: 4096 })));
-        assert_eq!(receiver.ack(6), None, "nothing moved");
+        assert_eq!(receiver.ack(6, 5), Some((6, 5, CopyPosition::At { volume_index: 0, offset: 4096 })));
+        assert_eq!(receiver.ack(6, 5), None, "nothing moved");
     }
 
     #[test]

@@ -247,6 +247,11 @@ pub struct ScannedRecord {
     pub volume_index: u8,
     pub offset: u64,
     pub length: u32,
+    /// The highest LSN completed when the record's write was submitted: a
+    /// destination applies it only after every record up to there. Records
+    /// read back from a log after a restart do not know it and depend on
+    /// the record before them.
+    pub depends_on: u64,
 }
 
 /// What a replay did.
@@ -305,6 +310,7 @@ pub fn replay<B: AsRef<[u8]>, E>(
             volume_index: header.volume_index,
             offset: header.offset,
             length: header.length,
+            depends_on: header.lsn - 1,
         });
         if header.lsn > apply_after_lsn {
             apply(&header, payload)?;

@@ -87,6 +87,7 @@ mod tests {
             volume_index: 0,
             offset: lsn * 4096,
             length: 4096,
+            depends_on: lsn - 1,
         }
     }
 

@@ -18,7 +18,8 @@ pub struct Observer {
     rpo_exceeded: bool,
     failure_reported: bool,
     spills_reported: u64,
-    bitmap_catch_up_started: Option<Instant>,
+    /// When regions were first seen marked in the bitmap (a catch-up is owed).
+    bitmap_dirty_since: Option<Instant>,
 }
 
 impl GroupRt {
@@ -60,14 +61,15 @@ impl GroupRt {
             self.observer.spills_reported = status.bitmap_spills;
             events.push(EventKind::BitmapSpill { dirty_bytes: status.bitmap_dirty_bytes });
         }
-        if state == Some(ReplicationState::BitmapCatchUp) && self.observer.bitmap_catch_up_started.is_none() {
-            self.observer.bitmap_catch_up_started = Some(now);
+        // A catch-up may start and end between two observations: what counts
+        // is that marked regions were seen and the bitmap is clear again.
+        if status.bitmap_dirty_bytes > 0 && self.observer.bitmap_dirty_since.is_none() {
+            self.observer.bitmap_dirty_since = Some(now);
         }
-        let caught_up = matches!(state, Some(ReplicationState::Recovering | ReplicationState::ContinuouslyReplicating));
-        if let (Some(started), true) = (self.observer.bitmap_catch_up_started, caught_up) {
-            self.observer.bitmap_catch_up_started = None;
-            events
-                .push(EventKind::BitmapCatchUpCompleted { elapsed_ms: now.duration_since(started).as_millis() as u64 });
+        if let (Some(since), 0) = (self.observer.bitmap_dirty_since, status.bitmap_dirty_bytes) {
+            self.observer.bitmap_dirty_since = None;
+            let elapsed_ms = now.duration_since(since).as_millis() as u64;
+            events.push(EventKind::BitmapCatchUpCompleted { elapsed_ms });
         }
         if state != previous {
             self.transition(previous, state, &status, now, &mut events);

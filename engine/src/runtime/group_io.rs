@@ -186,12 +186,13 @@ impl GroupRt {
         lsn: u64,
         (volume_index, offset, length): (u8, u64, u32),
         op: crate::core::WriteOp,
+        depends_on: u64,
     ) {
         let id = self.next_write_id;
         self.next_write_id += 1;
         self.writes.insert(id, pending);
         let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
-        self.core.handle(Event::SubmitReplicated { request, lsn });
+        self.core.handle(Event::SubmitReplicated { request, lsn, depends_on });
     }
 
     /// Runs the core and executes its actions; returns the writes to answer.
@@ -202,7 +203,9 @@ impl GroupRt {
         // The stream's order: a rebase comes before the records after it.
         for action in &actions {
             match *action {
-                Action::Ship { lsn, position, end_position } => self.ship(io, group, lsn, position, end_position),
+                Action::Ship { lsn, position, end_position, depends_on } => {
+                    self.ship(io, group, (lsn, depends_on), position, end_position);
+                }
                 Action::SendRebase { lsn } => self.send_rebase(lsn),
                 _ => {}
             }

@@ -188,6 +188,7 @@ impl GroupRt {
             status.state = self.core.replication_state().map_or("", |s| s.name()).to_owned();
             status.connected = link.conn.is_some();
             status.destination_durable_lsn = peer_durable;
+            status.destination_applied_lsn = self.core.peer_applied_lsn().unwrap_or(0);
             status.bytes_behind = self.core.retained().map(|r| r.end_position - r.position).sum();
             status.rpo_ms = link.rpo_ms(peer_durable, std::time::Instant::now());
             status.copy_remaining_bytes = self.core.copy_remaining_bytes();
@@ -200,6 +201,7 @@ impl GroupRt {
             status.connected = link.conn.is_some();
             status.state = if status.connected { "Connected" } else { "WaitingForSource" }.to_owned();
             status.destination_durable_lsn = snapshot.durable_lsn;
+            status.destination_applied_lsn = self.core.applied_prefix_lsn();
             status.copy_complete = link.receiver.copy_complete();
         } else {
             return None;

@@ -184,6 +184,7 @@ impl Reactor {
                             CopyPosition::At { volume_index: header.volume_index, offset: header.offset }
                         };
                         rt.core.peer_acknowledged(header.lsn, copy);
+                        rt.core.peer_applied(header.aux.min(header.lsn));
                     }
                     other => {
                         peer.close(&format!("the destination sent a {other:?} frame, which only a source sends"));

@@ -118,6 +118,7 @@ impl GroupRt {
                     },
                     FrameKind::CopyDone => Incoming::CopyDone,
                     FrameKind::Rebase => Incoming::Rebase { lsn: header.lsn },
+                    FrameKind::Barrier => Incoming::Barrier { lsn: header.lsn },
                     FrameKind::Heartbeat => continue,
                     FrameKind::Ack => {
                         conn.close("the source sent an acknowledgement, which only a destination sends");
@@ -131,7 +132,7 @@ impl GroupRt {
         let actions = self.destination.as_mut().expect("destination link").receiver.drive(unapplied);
         for action in actions {
             match action {
-                ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id } => {
+                ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id, depends_on } => {
                     let link = self.destination.as_mut().expect("destination link");
                     let buf = payload_id.and_then(|id| link.payloads.remove(&id));
                     let payload_bytes = buf.as_ref().map_or(0, |_| length as usize);
@@ -144,7 +145,7 @@ impl GroupRt {
                         started: Instant::now(),
                     };
                     self.account_write(payload_bytes as u32);
-                    self.submit_replicated(pending, lsn, (volume_index, offset, length), op);
+                    self.submit_replicated(pending, lsn, (volume_index, offset, length), op, depends_on);
                 }
                 ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end } => {
                     let link = self.destination.as_mut().expect("destination link");
@@ -222,12 +223,17 @@ impl GroupRt {
         let durable_lsn = self.core.snapshot().durable_lsn;
         let link = self.destination.as_mut()?;
         link.conn?;
-        let header = match link.receiver.ack(durable_lsn)? {
-            (lsn, CopyPosition::Done) => FrameHeader::new(FrameKind::Ack, ACK_FLAG_COPY_DONE, 0, lsn, 0, 0),
-            (lsn, CopyPosition::At { volume_index, offset }) => {
+        let applied_lsn = self.core.applied_prefix_lsn();
+        let link = self.destination.as_mut()?;
+        let (lsn, applied_lsn, copy) = link.receiver.ack(durable_lsn, applied_lsn)?;
+        let mut header = match copy {
+            CopyPosition::Done => FrameHeader::new(FrameKind::Ack, ACK_FLAG_COPY_DONE, 0, lsn, 0, 0),
+            CopyPosition::At { volume_index, offset } => {
                 FrameHeader::new(FrameKind::Ack, 0, volume_index, lsn, offset, 0)
             }
         };
+        header.aux = applied_lsn;
+        let header = header.resealed();
         Some(OutFrame::new(header.as_bytes(), None))
     }
 }

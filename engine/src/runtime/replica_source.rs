@@ -45,6 +45,8 @@ pub struct SourceLink {
     /// destination lacks is the RPO.
     durable_times: VecDeque<(u64, Instant)>,
     pub last_error: Option<String>,
+    /// The last barrier sent on this connection.
+    barrier_lsn: u64,
 }
 
 impl SourceLink {
@@ -67,6 +69,7 @@ impl SourceLink {
     pub fn disconnected(&mut self) {
         self.conn = None;
         self.outbox.clear();
+        self.barrier_lsn = 0;
     }
 
     /// Frames ready to send, in stream order.
@@ -126,9 +129,21 @@ impl SourceLink {
 impl GroupRt {
     /// Ships record `lsn` from memory if its buffer is still held, else
     /// schedules a read of `position..end_position` from the log.
-    pub(super) fn ship(&mut self, io: &mut Io, group: usize, lsn: u64, position: u64, end_position: u64) {
+    pub(super) fn ship(
+        &mut self,
+        io: &mut Io,
+        group: usize,
+        (lsn, depends_on): (u64, u64),
+        position: u64,
+        end_position: u64,
+    ) {
         let sector = self.sector_bytes();
         let link = self.source.as_mut().expect("shipping needs a source link");
+        if depends_on > link.barrier_lsn {
+            link.barrier_lsn = depends_on;
+            let header = FrameHeader::new(FrameKind::Barrier, 0, 0, depends_on, 0, 0);
+            link.push(OutFrame::new(header.as_bytes(), None));
+        }
         match link.unshipped.remove(&lsn) {
             Some(Unshipped::Header(header)) => link.push(OutFrame::new(header.as_bytes(), None)),
             Some(Unshipped::Write(id)) if self.writes.get(&id).is_some_and(|w| w.buf.is_some()) => {

@@ -62,6 +62,9 @@ pub struct PartnershipStatus {
     pub current_lsn: u64,
     /// Source: last LSN the destination made durable; destination: last LSN durable here.
     pub destination_durable_lsn: u64,
+    /// Source: last LSN the destination applied to its volumes (they equal
+    /// this side's up to it); destination: the same, here.
+    pub destination_applied_lsn: u64,
     /// Log bytes the destination still lacks (source).
     pub bytes_behind: u64,
     /// Age of the oldest write the destination lacks, in milliseconds (source).
