@@ -163,6 +163,10 @@ impl Receiver {
                     continue;
                 }
                 Incoming::Rebase { .. } if unapplied => break,
+                Incoming::Rebase { lsn } if lsn < self.next_lsn => ReceiverAction::Refuse(format!(
+                    "a rebase to LSN {lsn} would move the stream back (this log continues at LSN {})",
+                    self.next_lsn
+                )),
                 Incoming::Rebase { lsn } => {
                     self.rebase_in_flight = true;
                     self.next_lsn = lsn + 1;

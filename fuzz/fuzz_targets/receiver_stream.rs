@@ -1,0 +1,68 @@
+//! The destination's stream logic under any sequence of frames a peer could
+//! send: it never panics, submits records only in LSN order without gaps,
+//! never writes a copy range outside the volumes, and refuses what breaks
+//! the protocol.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tandem_engine::core::{CopyPosition, Incoming, Receiver, ReceiverAction};
+use tandem_proto::{RecordHeader, RecordKind, RecordStamp};
+
+const STAMP: RecordStamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+const SIZES: [u64; 2] = [1 << 20, 64 << 10];
+
+fuzz_target!(|data: &[u8]| {
+    let mut receiver = Receiver::new(SIZES.to_vec(), CopyPosition::At { volume_index: 0, offset: 0 });
+    let mut next_lsn = 10;
+    receiver.connected(next_lsn);
+    for chunk in data.chunks(12) {
+        if chunk.len() < 12 {
+            break;
+        }
+        let value = u64::from_le_bytes(chunk[4..12].try_into().unwrap());
+        let lsn = u64::from(chunk[1]) + 1;
+        let volume_index = chunk[2] % 3;
+        let offset = value % (2 << 20);
+        let length = u32::from(chunk[3]) * 512 + 512;
+        let incoming = match chunk[0] % 6 {
+            0 => Incoming::Record {
+                header: RecordHeader::write(STAMP, lsn, volume_index, offset, &vec![1u8; length as usize]),
+                payload_id: Some(1),
+            },
+            1 => Incoming::Record {
+                header: RecordHeader::without_payload(STAMP, RecordKind::Trim, 0, lsn, volume_index, offset, length),
+                payload_id: None,
+            },
+            2 => Incoming::Copy { volume_index, offset, length, payload_id: None },
+            3 => Incoming::CopyDone,
+            4 => Incoming::Rebase { lsn: value % 64 },
+            _ => Incoming::Barrier { lsn: value % 64 },
+        };
+        receiver.push(incoming);
+        for action in receiver.drive(chunk[0] & 0x80 != 0) {
+            match action {
+                ReceiverAction::Submit { lsn, volume_index, offset, length, depends_on, .. } => {
+                    assert_eq!(lsn, next_lsn, "records are submitted in LSN order");
+                    assert!(depends_on < lsn);
+                    assert!(offset + u64::from(length) <= SIZES[usize::from(volume_index)]);
+                    next_lsn += 1;
+                }
+                ReceiverAction::WriteCopy { volume_index, offset, length, end, .. } => {
+                    assert!(offset + u64::from(length) <= SIZES[usize::from(volume_index)]);
+                    receiver.copy_written(end);
+                }
+                ReceiverAction::Rebase { lsn } => {
+                    assert!(lsn + 1 >= next_lsn, "a rebase only moves the stream forward");
+                    next_lsn = lsn + 1;
+                    receiver.rebase_performed();
+                    receiver.rebased();
+                }
+                ReceiverAction::Persist => receiver.persisted(receiver.copy_to_persist()),
+                ReceiverAction::Refuse(_) => {
+                    receiver.connected(next_lsn);
+                }
+            }
+        }
+        let _ = receiver.ack(next_lsn - 1, next_lsn - 1);
+    }
+});
