@@ -163,7 +163,7 @@ impl Receiver {
                     continue;
                 }
                 Incoming::Rebase { .. } if unapplied => break,
-                Incoming::Rebase { lsn } if lsn < self.next_lsn => ReceiverAction::Refuse(format!(
+                Incoming::Rebase { lsn } if lsn + 1 < self.next_lsn => ReceiverAction::Refuse(format!(
                     "a rebase to LSN {lsn} would move the stream back (this log continues at LSN {})",
                     self.next_lsn
                 )),
