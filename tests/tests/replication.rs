@@ -118,6 +118,8 @@ fn converge(mode: &str, volumes: &[(&str, u64)]) {
     }
     let p = pair.source.partnership("rg01");
     assert!(p["copy_bytes_skipped"].as_u64().unwrap() > 0, "holes were skipped: {p:#}");
+    assert!(p["ack_round_trip_us_avg"].as_f64().unwrap() > 0.0, "round trips were measured: {p:#}");
+    assert!(p["last_in_sync_unix_ms"].as_u64().unwrap() > 0, "the destination was seen in sync: {p:#}");
     let destination = pair.destination.partnership("rg02");
     assert_eq!(destination["copy_complete"], true, "{destination:#}");
 }

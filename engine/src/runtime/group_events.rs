@@ -55,6 +55,10 @@ impl GroupRt {
             return events;
         };
         let state = self.core.replication_state();
+        let in_sync = state == Some(ReplicationState::ContinuouslyReplicating) && status.bytes_behind == 0;
+        if let Some(link) = self.source.as_mut() {
+            link.observe_sync(in_sync);
+        }
         let previous = std::mem::replace(&mut self.observer.last_state, state);
         let now = Instant::now();
         if status.bitmap_spills > self.observer.spills_reported {

@@ -197,11 +197,15 @@ impl GroupRt {
             status.bitmap_dirty_bytes = self.core.bitmap_dirty_bytes();
             status.bitmap_spills = self.core.bitmap_spills();
             status.last_error.clone_from(&link.last_error);
+            status.ack_round_trip_us_avg = link.ack_round_trip_us_avg;
+            status.last_in_sync_unix_ms = link.last_in_sync_unix_ms;
+            status.last_out_of_sync_unix_ms = link.last_out_of_sync_unix_ms;
         } else if let Some(link) = self.destination.as_ref() {
             status.connected = link.conn.is_some();
             status.state = if status.connected { "Connected" } else { "WaitingForSource" }.to_owned();
             status.destination_durable_lsn = snapshot.durable_lsn;
             status.destination_applied_lsn = self.core.applied_prefix_lsn();
+            status.source_durable_lsn = link.source_durable_lsn;
             status.copy_complete = link.receiver.copy_complete();
         } else {
             return None;

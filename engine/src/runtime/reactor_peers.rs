@@ -185,6 +185,9 @@ impl Reactor {
                         };
                         rt.core.peer_acknowledged(header.lsn, copy);
                         rt.core.peer_applied(header.aux.min(header.lsn));
+                        if let Some(link) = rt.source.as_mut() {
+                            link.acknowledged(header.lsn, Instant::now());
+                        }
                     }
                     other => {
                         peer.close(&format!("the destination sent a {other:?} frame, which only a source sends"));

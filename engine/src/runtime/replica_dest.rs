@@ -29,6 +29,8 @@ pub struct DestinationLink {
     /// The connection from the source (reactor key and id), when connected.
     pub conn: Option<(usize, u64)>,
     pub receiver: Receiver,
+    /// The last durable LSN the source reported (heartbeats, records).
+    pub source_durable_lsn: u64,
     /// A rebase waiting for the group to be idle with an empty log.
     pub pending_rebase: Option<u64>,
     /// The metadata version whose persistence completes the rebase.
@@ -44,6 +46,7 @@ impl DestinationLink {
         Self {
             conn: None,
             receiver: Receiver::new(volume_sizes_bytes, copy_persisted),
+            source_durable_lsn: 0,
             pending_rebase: None,
             rebase_persisting: None,
             payloads: HashMap::new(),
@@ -108,7 +111,10 @@ impl GroupRt {
         while link.receiver.queued() < MAX_QUEUED_FRAMES {
             let Some(frame) = conn.take_received() else { break };
             let incoming = match frame {
-                InFrame::Record { header, buf } => Incoming::Record { header, payload_id: link.keep(buf) },
+                InFrame::Record { header, buf } => {
+                    link.source_durable_lsn = link.source_durable_lsn.max(header.lsn);
+                    Incoming::Record { header, payload_id: link.keep(buf) }
+                }
                 InFrame::Control { header, payload } => match header.frame_kind() {
                     FrameKind::CopyData | FrameKind::CopyZero => Incoming::Copy {
                         volume_index: header.volume_index,
@@ -119,7 +125,10 @@ impl GroupRt {
                     FrameKind::CopyDone => Incoming::CopyDone,
                     FrameKind::Rebase => Incoming::Rebase { lsn: header.lsn },
                     FrameKind::Barrier => Incoming::Barrier { lsn: header.lsn },
-                    FrameKind::Heartbeat => continue,
+                    FrameKind::Heartbeat => {
+                        link.source_durable_lsn = link.source_durable_lsn.max(header.lsn);
+                        continue;
+                    }
                     FrameKind::Ack => {
                         conn.close("the source sent an acknowledgement, which only a destination sends");
                         return;

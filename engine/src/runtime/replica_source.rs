@@ -47,6 +47,22 @@ pub struct SourceLink {
     pub last_error: Option<String>,
     /// The last barrier sent on this connection.
     barrier_lsn: u64,
+    /// When records were shipped (sampled), for the round trip to the
+    /// destination's durable acknowledgement.
+    shipped_at: VecDeque<(u64, Instant)>,
+    /// Average round trip from shipping a record to its durable
+    /// acknowledgement (exponentially weighted), in microseconds.
+    pub ack_round_trip_us_avg: f64,
+    /// When the destination last was, and last stopped being, in sync
+    /// (Unix milliseconds; 0: never).
+    pub last_in_sync_unix_ms: u64,
+    pub last_out_of_sync_unix_ms: u64,
+}
+
+/// Now as Unix milliseconds.
+#[must_use]
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl SourceLink {
@@ -70,6 +86,29 @@ impl SourceLink {
         self.conn = None;
         self.outbox.clear();
         self.barrier_lsn = 0;
+        self.shipped_at.clear();
+    }
+
+    /// The destination acknowledged everything up to `lsn` as durable.
+    pub fn acknowledged(&mut self, lsn: u64, now: Instant) {
+        let mut sample = None;
+        while self.shipped_at.front().is_some_and(|(shipped, _)| *shipped <= lsn) {
+            sample = self.shipped_at.pop_front().map(|(_, at)| now.duration_since(at).as_micros() as f64);
+        }
+        if let Some(us) = sample {
+            self.ack_round_trip_us_avg =
+                if self.ack_round_trip_us_avg == 0.0 { us } else { 0.9 * self.ack_round_trip_us_avg + 0.1 * us };
+        }
+    }
+
+    /// Notes whether the destination is in sync now.
+    pub fn observe_sync(&mut self, in_sync: bool) {
+        let now = unix_ms_now();
+        if in_sync {
+            self.last_in_sync_unix_ms = now;
+        } else if self.last_in_sync_unix_ms >= self.last_out_of_sync_unix_ms {
+            self.last_out_of_sync_unix_ms = now;
+        }
     }
 
     /// Frames ready to send, in stream order.
@@ -139,6 +178,10 @@ impl GroupRt {
     ) {
         let sector = self.sector_bytes();
         let link = self.source.as_mut().expect("shipping needs a source link");
+        // One sample in flight at a time is enough for an average.
+        if link.shipped_at.is_empty() {
+            link.shipped_at.push_back((lsn, Instant::now()));
+        }
         if depends_on > link.barrier_lsn {
             link.barrier_lsn = depends_on;
             let header = FrameHeader::new(FrameKind::Barrier, 0, 0, depends_on, 0, 0);

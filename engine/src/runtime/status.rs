@@ -82,6 +82,15 @@ pub struct PartnershipStatus {
     pub bitmap_spills: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Source: average time from shipping a record to the destination's
+    /// durable acknowledgement (network round trip plus its log write).
+    pub ack_round_trip_us_avg: f64,
+    /// Source: when the destination was last in sync, and last fell out of
+    /// sync (Unix milliseconds; 0: never). Destination: the last LSN the
+    /// source said it holds (`source_durable_lsn`).
+    pub last_in_sync_unix_ms: u64,
+    pub last_out_of_sync_unix_ms: u64,
+    pub source_durable_lsn: u64,
     /// Why the connection last ended or was refused.
     pub last_error: Option<String>,
 }

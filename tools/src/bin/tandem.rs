@@ -376,6 +376,12 @@ fn print_partnership(g: &GroupStatus) {
             format_size(p.copy_bytes_sent),
             format_size(p.copy_bytes_skipped)
         );
+        println!(
+            "  sync          last in sync {}, last out of sync {}; ship-to-durable-ack round trip avg {:.0} us",
+            ago(p.last_in_sync_unix_ms),
+            ago(p.last_out_of_sync_unix_ms),
+            p.ack_round_trip_us_avg
+        );
         if p.bitmap_dirty_bytes > 0 || p.bitmap_spills > 0 {
             println!(
                 "  bitmap        {} marked for catch-up ({} spill(s) of a full log since start)",
@@ -385,8 +391,10 @@ fn print_partnership(g: &GroupStatus) {
         }
     } else {
         println!(
-            "  LSN           durable {}  initial copy {}",
+            "  LSN           durable {}  applied {}  source's last known {}  initial copy {}",
             p.destination_durable_lsn,
+            p.destination_applied_lsn,
+            p.source_durable_lsn,
             if p.copy_complete { "complete" } else { "in progress" }
         );
     }
@@ -394,4 +402,13 @@ fn print_partnership(g: &GroupStatus) {
     if let Some(error) = &p.last_error {
         println!("  last error    {error}");
     }
+}
+
+/// "12 s ago" for a Unix time in milliseconds ("never" for 0).
+fn ago(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "never".to_owned();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    format!("{} s ago", now.saturating_sub(unix_ms) / 1000)
 }
