@@ -98,3 +98,38 @@ fn groups_on_block_devices_use_device_geometry_claim_devices_and_recover() {
     assert!(stderr.contains("already holds the log of group rg01"), "{stderr}");
     fresh.stop();
 }
+
+#[test]
+fn a_destination_whose_log_has_other_sectors_is_refused() {
+    assert!(
+        std::path::Path::new("/dev/loop-control").exists(),
+        "this test needs loop devices (root and /dev/loop-control)"
+    );
+    let source = Node::start_named("node-a", "", "");
+    let destination = Node::start_named("node-b", "", "");
+    source.create_group("rg01", "128MiB", &[("data", 16 << 20)]);
+    // The destination's log is a device with 512-byte sectors; the source's a file (4096).
+    let log = LoopDevice::new(&destination, "log.backing", 160 << 20, 512);
+    let volume = destination.path("rg02-data.img");
+    std::fs::File::create(&volume).unwrap().set_len(16 << 20).unwrap();
+    let volume = format!("data={}", volume.display());
+    let _ = destination.cli_ok(&["group", "create", "--name", "rg02", "--log", &log.device, "--volume", &volume]);
+    let address = destination.replication_address();
+    let output = source.cli(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+    ]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the log of rg02 on node-b has 512-byte sectors but the source's has 4096-byte sectors"),
+        "{text}"
+    );
+    let _ = destination.cli_ok(&["group", "delete", "rg02"]);
+}
