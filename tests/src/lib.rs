@@ -239,6 +239,44 @@ impl Node {
         }
     }
 
+    /// Runs `tandem partnership create` on this (source) node towards
+    /// `destination_group` of `destination`, without `--mode` when `mode` is `None`.
+    #[must_use]
+    pub fn partner(&self, group: &str, destination: &Node, destination_group: &str, mode: Option<&str>) -> Output {
+        let address = destination.replication_address();
+        let mut args = vec![
+            "partnership",
+            "create",
+            "--source-group",
+            group,
+            "--destination",
+            &address,
+            "--destination-group",
+            destination_group,
+        ];
+        if let Some(mode) = mode {
+            args.extend(["--mode", mode]);
+        }
+        self.cli(&args)
+    }
+
+    /// Like `partner`, and panics with the CLI's message when it is refused.
+    pub fn partner_ok(&self, group: &str, destination: &Node, destination_group: &str, mode: Option<&str>) -> String {
+        let output = self.partner(group, destination, destination_group, mode);
+        assert!(output.status.success(), "partnership create failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Creates `rg01` here and `rg02` on `destination` over sparse volumes,
+    /// partners them in `mode` and waits until the destination is in sync.
+    pub fn replicate_to(&self, destination: &Node, log_size: &str, volumes: &[(&str, u64)], mode: &str) {
+        self.create_group("rg01", log_size, volumes);
+        destination.create_group("rg02", log_size, volumes);
+        let out = self.partner_ok("rg01", destination, "rg02", Some(mode));
+        assert!(out.contains("partnership") && out.contains("created"), "{out}");
+        self.wait_in_sync("rg01", Duration::from_secs(60));
+    }
+
     /// The partnership of `group` as `tandem partnership show --json` reports it.
     #[must_use]
     pub fn partnership(&self, group: &str) -> serde_json::Value {

@@ -21,13 +21,12 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_engine::core::{
-    CopyPosition, DirtyBitmap, Event, GroupConfig, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode,
-    WriteOp, WriteRequest,
+    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode, WriteRequest,
 };
-use tandem_proto::{xxh3_128_bytes, RecordHeader, RecordKind};
+use tandem_proto::{RecordHeader, RecordKind};
 
 use crate::pattern::{block_content_sized, WriteModel};
-use crate::sim_node::{NodeOutput, SimNode, SECTOR};
+use crate::sim_node::{random_config, ClientWrite, NodeOutput, SimNode, SECTOR};
 
 const RING_SECTORS: usize = 48;
 const VOLUME_SECTORS: u64 = 32;
@@ -132,14 +131,8 @@ fn key(volume: u8, sector: u64) -> u64 {
 impl World {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut config = || GroupConfig {
-            max_batch_bytes: (SECTOR * rng.random_range(4..32)) as u64,
-            max_batch_records: rng.random_range(2..16),
-            max_inflight_appends: rng.random_range(1..=4),
-            checkpoint_used_percent: rng.random_range(10..=90),
-            checkpoint_interval_ms: u64::MAX,
-        };
-        let (source_config, destination_config) = (config(), config());
+        let source_config = random_config(&mut rng);
+        let destination_config = random_config(&mut rng);
         let mode = if rng.random_bool(0.5) { ReplicationMode::Sync } else { ReplicationMode::Async };
         // Some sectors of the source hold data before the partnership (the
         // rest are holes); the destination holds unrelated bytes.
@@ -228,27 +221,14 @@ impl World {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let kind = self.rng.random_range(0..10);
-        let mut payload = Vec::new();
-        let mut keys = Vec::new();
-        for sector in first..first + count {
-            let k = key(volume, sector);
-            if kind < 8 {
-                payload.extend_from_slice(&block_content_sized(seq, k, SECTOR));
-            } else {
-                payload.extend_from_slice(&[0u8; SECTOR]);
-            }
+        let keys: Vec<u64> = (first..first + count).map(|sector| key(volume, sector)).collect();
+        let ClientWrite { payload, op, zeroing } = ClientWrite::random(&mut self.rng, seq, &keys);
+        for &k in &keys {
             self.model.issued.entry(k).or_default().push(seq);
             self.vouched.issued.entry(k).or_default().push(seq);
             self.busy.insert(k);
-            keys.push(k);
         }
-        let op = match kind {
-            0..8 => WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) },
-            8 => WriteOp::Trim,
-            _ => WriteOp::WriteZeroes { no_hole: self.rng.random_bool(0.5) },
-        };
-        if kind >= 8 {
+        if zeroing {
             self.model.zeroing.insert(seq);
             self.vouched.zeroing.insert(seq);
         }

@@ -21,11 +21,10 @@ use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem_engine::core::{Event, GroupConfig, WriteOp, WriteRequest};
-use tandem_proto::xxh3_128_bytes;
+use tandem_engine::core::{Event, WriteRequest};
 
-use crate::pattern::{block_content_sized, WriteModel};
-use crate::sim_node::{NodeOutput, SimNode, SECTOR};
+use crate::pattern::WriteModel;
+use crate::sim_node::{random_config, ClientWrite, NodeOutput, SimNode, SECTOR};
 
 const RING_SECTORS: usize = 64;
 const VOLUME_SECTORS: u64 = 32;
@@ -60,13 +59,7 @@ struct World {
 impl World {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let config = GroupConfig {
-            max_batch_bytes: (SECTOR * rng.random_range(4..32)) as u64,
-            max_batch_records: rng.random_range(2..16),
-            max_inflight_appends: rng.random_range(1..=4),
-            checkpoint_used_percent: rng.random_range(10..=90),
-            checkpoint_interval_ms: u64::MAX,
-        };
+        let config = random_config(&mut rng);
         let peer_durable_lsn = rng.random_bool(0.5).then_some(0);
         let volume = vec![0u8; VOLUME_SECTORS as usize * SECTOR];
         let mut node = SimNode::new(GROUP_ID, config, RING_SECTORS, vec![volume]);
@@ -116,23 +109,13 @@ impl World {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let kind = self.rng.random_range(0..10);
-        let mut payload = Vec::new();
-        for sector in first..first + count {
-            if kind < 8 {
-                payload.extend_from_slice(&block_content_sized(seq, sector, SECTOR));
-            } else {
-                payload.extend_from_slice(&[0u8; SECTOR]);
-            }
+        let sectors: Vec<u64> = (first..first + count).collect();
+        let ClientWrite { payload, op, zeroing } = ClientWrite::random(&mut self.rng, seq, &sectors);
+        for &sector in &sectors {
             self.model.issued.entry(sector).or_default().push(seq);
             self.busy.insert(sector);
         }
-        let op = match kind {
-            0..8 => WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) },
-            8 => WriteOp::Trim,
-            _ => WriteOp::WriteZeroes { no_hole: self.rng.random_bool(0.5) },
-        };
-        if kind >= 8 {
+        if zeroing {
             self.model.zeroing.insert(seq);
         }
         let offset = first * SECTOR as u64;

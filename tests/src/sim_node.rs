@@ -11,9 +11,11 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use tandem_engine::core::{
     replay, Action, AppendSegment, CopyPosition, Event, GroupConfig, GroupCore, LogRing, ReplayOutcome, Retention,
-    ScanStart, Scanner, WriteError, WriteId,
+    ScanStart, Scanner, WriteError, WriteId, WriteOp,
 };
-use tandem_proto::{RecordHeader, RecordKind, RecordStamp};
+use tandem_proto::{xxh3_128_bytes, RecordHeader, RecordKind, RecordStamp};
+
+use crate::pattern::block_content_sized;
 
 pub const SECTOR: usize = 512;
 
@@ -442,5 +444,46 @@ impl SimNode {
         self.superblock.tail_position = head;
         self.superblock.tail_lsn = lsn + 1;
         self.core.rebase(lsn, self.superblock.epoch);
+    }
+}
+
+/// A random write-path configuration: batch bounds, appends in flight and the
+/// checkpoint threshold (never by time: the simulations have no clock).
+pub fn random_config(rng: &mut StdRng) -> GroupConfig {
+    GroupConfig {
+        max_batch_bytes: (SECTOR * rng.random_range(4..32)) as u64,
+        max_batch_records: rng.random_range(2..16),
+        max_inflight_appends: rng.random_range(1..=4),
+        checkpoint_used_percent: rng.random_range(10..=90),
+        checkpoint_interval_ms: u64::MAX,
+    }
+}
+
+/// What a simulated client sends for write `seq` over the sectors named by
+/// `keys` (the write model's block keys): self-describing sectors 8 times in
+/// 10, else a trim or a write-zeroes (`zeroing`).
+pub struct ClientWrite {
+    pub payload: Vec<u8>,
+    pub op: WriteOp,
+    pub zeroing: bool,
+}
+
+impl ClientWrite {
+    pub fn random(rng: &mut StdRng, seq: u64, keys: &[u64]) -> Self {
+        let kind = rng.random_range(0..10);
+        let mut payload = Vec::with_capacity(keys.len() * SECTOR);
+        for &key in keys {
+            if kind < 8 {
+                payload.extend_from_slice(&block_content_sized(seq, key, SECTOR));
+            } else {
+                payload.extend_from_slice(&[0u8; SECTOR]);
+            }
+        }
+        let op = match kind {
+            0..8 => WriteOp::Write { payload_checksum: xxh3_128_bytes(&payload) },
+            8 => WriteOp::Trim,
+            _ => WriteOp::WriteZeroes { no_hole: rng.random_bool(0.5) },
+        };
+        Self { payload, op, zeroing: kind >= 8 }
     }
 }

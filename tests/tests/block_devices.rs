@@ -114,17 +114,7 @@ fn a_destination_whose_log_has_other_sectors_is_refused() {
     std::fs::File::create(&volume).unwrap().set_len(16 << 20).unwrap();
     let volume = format!("data={}", volume.display());
     let _ = destination.cli_ok(&["group", "create", "--name", "rg02", "--log", &log.device, "--volume", &volume]);
-    let address = destination.replication_address();
-    let output = source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-    ]);
+    let output = source.partner("rg01", &destination, "rg02", None);
     let text = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(

@@ -50,25 +50,6 @@ fn random_image(node: &Node, name: &str, size_mib: u64) -> std::path::PathBuf {
     path
 }
 
-fn create(pair: &Pair, mode: &str, volumes: &[(&str, u64)]) {
-    pair.source.create_group("rg01", "256MiB", volumes);
-    pair.destination.create_group("rg02", "256MiB", volumes);
-    let address = pair.destination.replication_address();
-    let out = pair.source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        mode,
-    ]);
-    assert!(out.contains("partnership") && out.contains("created"), "{out}");
-}
-
 fn converge(mode: &str, volumes: &[(&str, u64)]) {
     require_tool("qemu-img", "qemu-utils");
     let pair = start_pair("");
@@ -85,19 +66,7 @@ fn converge(mode: &str, volumes: &[(&str, u64)]) {
             .arg(pair.source.nbd_uri("rg01", first)),
     );
     pair.destination.create_group("rg02", "256MiB", volumes);
-    let address = pair.destination.replication_address();
-    let _ = pair.source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        mode,
-    ]);
+    let _ = pair.source.partner_ok("rg01", &pair.destination, "rg02", Some(mode));
     let image = random_image(&pair.source, "image.img", 256);
     for (index, (volume, size)) in volumes.iter().enumerate() {
         let image =
@@ -148,7 +117,7 @@ fn async_partnership_with_three_volumes_converges() {
 fn destination_exports_refuse_clients_with_the_reason() {
     require_tool("qemu-io", "qemu-utils");
     let pair = start_pair("");
-    create(&pair, "sync", &[("data", 16 << 20)]);
+    pair.source.replicate_to(&pair.destination, "256MiB", &[("data", 16 << 20)], "sync");
     let output = pair
         .destination
         .client_command("qemu-io")
@@ -172,17 +141,7 @@ fn destination_exports_refuse_clients_with_the_reason() {
 }
 
 fn refused(pair: &Pair, destination_group: &str) -> String {
-    let address = pair.destination.replication_address();
-    let output = pair.source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        destination_group,
-    ]);
+    let output = pair.source.partner("rg01", &pair.destination, destination_group, None);
     assert_eq!(output.status.code(), Some(1), "partnership with {destination_group} was not refused");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -214,40 +173,12 @@ fn the_destination_refuses_with_a_precise_reason() {
     let mut held = held;
     let _ = held.wait();
     pair.destination.create_group("rg02", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
-    let address = pair.destination.replication_address();
-    let _ = pair.source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-    ]);
+    let _ = pair.source.partner_ok("rg01", &pair.destination, "rg02", None);
     pair.source.create_group("other", "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)]);
-    let output = pair.source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "other",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-    ]);
+    let output = pair.source.partner("other", &pair.destination, "rg02", None);
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("group rg02 on node-b is already in a partnership"), "{text}");
-    let output = pair.source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "busy",
-    ]);
+    let output = pair.source.partner("rg01", &pair.destination, "busy", None);
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("group rg01 is already in a partnership"), "{text}");
     let output = pair.source.cli(&["group", "delete", "rg01"]);

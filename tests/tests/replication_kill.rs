@@ -60,22 +60,7 @@ fn sync_partnership_kill_drills_lose_no_acknowledged_write() {
     // Frequent checkpoints: kills land in checkpoints, log wraps and retention.
     let mut source = Node::start_named("node-a", "checkpoint_used_percent = 10", "");
     let mut destination = Node::start_named("node-b", "checkpoint_used_percent = 10", "");
-    source.create_group("rg01", "128MiB", &VOLUMES);
-    destination.create_group("rg02", "128MiB", &VOLUMES);
-    let address = destination.replication_address();
-    let _ = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        "sync",
-    ]);
-    source.wait_in_sync("rg01", Duration::from_secs(60));
+    source.replicate_to(&destination, "128MiB", &VOLUMES, "sync");
     let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
     let mut seqs = [0u64; 2];
     for cycle in 0..3 * cycles {
@@ -173,6 +158,31 @@ fn sync_partnership_kill_drills_lose_no_acknowledged_write() {
     eprintln!("replication kill drill done: {seqs:?} writes issued");
 }
 
+/// A source and a destination daemon in two namespaces joined by a link to
+/// cut; `None` (said on stderr) where namespaces are unavailable.
+fn nodes_in_namespaces() -> Option<(Arc<NetPair>, Node, Node)> {
+    let net = match NetPair::create() {
+        Ok(net) => Arc::new(net),
+        Err(reason) => {
+            eprintln!("network namespaces unavailable ({reason}); this drill needs a link to cut");
+            return None;
+        }
+    };
+    let source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+    let destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    Some((net, source, destination))
+}
+
+/// Cuts the link and waits until the source declares its destination lost.
+fn cut_until_lost(net: &NetPair, source: &Node) {
+    net.set_link(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while source.partnership("rg01")["state"] != "WaitingForDestination" {
+        assert!(std::time::Instant::now() < deadline, "the source never declared its destination lost");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs verifying writers against the source inside its namespace until
 /// `stop` is set or the source dies; returns their threads.
 fn start_writers(
@@ -201,29 +211,8 @@ fn start_writers(
 /// lost for good behind a cut link leaves no acknowledged write behind.
 #[test]
 fn a_source_lost_behind_a_cut_link_leaves_every_acknowledged_write_on_the_destination() {
-    let Ok(net) = NetPair::create() else {
-        eprintln!("network namespaces unavailable; this drill needs a link to cut");
-        return;
-    };
-    let net = Arc::new(net);
-    let mut source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
-    let mut destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
-    source.create_group("rg01", "128MiB", &VOLUMES);
-    destination.create_group("rg02", "128MiB", &VOLUMES);
-    let address = destination.replication_address();
-    let _ = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        "sync",
-    ]);
-    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let Some((net, mut source, mut destination)) = nodes_in_namespaces() else { return };
+    source.replicate_to(&destination, "128MiB", &VOLUMES, "sync");
     let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&net, &source, &models, &stop, rand::rng().random());
@@ -247,39 +236,13 @@ fn a_source_lost_behind_a_cut_link_leaves_every_acknowledged_write_on_the_destin
 /// destination up from the log once the link is back.
 #[test]
 fn a_cut_link_is_caught_up_from_the_log_after_it_returns() {
-    let Ok(net) = NetPair::create() else {
-        eprintln!("network namespaces unavailable; this drill needs a link to cut");
-        return;
-    };
-    let net = Arc::new(net);
-    let source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
-    let mut destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
-    source.create_group("rg01", "256MiB", &VOLUMES);
-    destination.create_group("rg02", "256MiB", &VOLUMES);
-    let address = destination.replication_address();
-    let _ = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        "sync",
-    ]);
-    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let Some((net, source, mut destination)) = nodes_in_namespaces() else { return };
+    source.replicate_to(&destination, "256MiB", &VOLUMES, "sync");
     let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&net, &source, &models, &stop, rand::rng().random());
     std::thread::sleep(Duration::from_millis(300));
-    net.set_link(false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while source.partnership("rg01")["state"] != "WaitingForDestination" {
-        assert!(std::time::Instant::now() < deadline, "the source never declared its destination lost");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cut_until_lost(&net, &source);
     let lost_at_lsn = source.partnership("rg01")["current_lsn"].as_u64().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let p = source.partnership("rg01");
@@ -309,35 +272,10 @@ fn a_cut_link_is_caught_up_from_the_log_after_it_returns() {
 #[test]
 fn a_log_that_fills_during_a_cut_spills_into_the_bitmap_and_catches_up() {
     tandem_tests::require_tool("qemu-img", "qemu-utils");
-    let Ok(net) = NetPair::create() else {
-        eprintln!("network namespaces unavailable; this drill needs a link to cut");
-        return;
-    };
-    let source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
-    let mut destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    let Some((net, source, mut destination)) = nodes_in_namespaces() else { return };
     let volumes = [("data", 256u64 << 20)];
-    source.create_group("rg01", "128MiB", &volumes);
-    destination.create_group("rg02", "128MiB", &volumes);
-    let address = destination.replication_address();
-    let _ = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--mode",
-        "sync",
-    ]);
-    source.wait_in_sync("rg01", Duration::from_secs(60));
-    net.set_link(false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while source.partnership("rg01")["state"] != "WaitingForDestination" {
-        assert!(std::time::Instant::now() < deadline, "the source never declared its destination lost");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    source.replicate_to(&destination, "128MiB", &volumes, "sync");
+    cut_until_lost(&net, &source);
     // 192 MiB of writes do not fit in the 128 MiB log: without the bitmap
     // they would wait for the destination forever.
     let image = source.path("image.img");

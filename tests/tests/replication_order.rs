@@ -79,22 +79,7 @@ fn the_destination_never_shows_a_write_without_its_predecessors() {
     for mode in ["async", "sync"] {
         let source = Node::start_named("node-a", "", "");
         let destination = Node::start_named("node-b", "", "");
-        source.create_group("rg01", "128MiB", &VOLUMES);
-        destination.create_group("rg02", "128MiB", &VOLUMES);
-        let address = destination.replication_address();
-        let _ = source.cli_ok(&[
-            "partnership",
-            "create",
-            "--source-group",
-            "rg01",
-            "--destination",
-            &address,
-            "--destination-group",
-            "rg02",
-            "--mode",
-            mode,
-        ]);
-        source.wait_in_sync("rg01", Duration::from_secs(60));
+        source.replicate_to(&destination, "128MiB", &VOLUMES, mode);
         let stop = Arc::new(AtomicBool::new(false));
         let writer_stop = Arc::clone(&stop);
         let port = source.nbd_port;
