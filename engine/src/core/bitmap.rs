@@ -94,6 +94,12 @@ impl DirtyBitmap {
             let regions = size.div_ceil(self.region_bytes);
             let mut region = offset / self.region_bytes;
             while offset < size && region < regions {
+                let bit = self.first_bit[usize::from(volume)] + region;
+                if self.words[(bit / 64) as usize] == 0 {
+                    // A clean word: skip the rest of its 64 regions at once.
+                    region += 64 - bit % 64;
+                    continue;
+                }
                 if self.is_dirty(usize::from(volume), region) {
                     let start = offset.max(region * self.region_bytes);
                     let end = ((region + 1) * self.region_bytes).min(size);

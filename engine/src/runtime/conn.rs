@@ -15,7 +15,7 @@ use io_uring::{opcode, types};
 
 use super::buf::AlignedBuf;
 use super::group_io::{GroupRt, PendingWrite};
-use super::io::{Io, Op};
+use super::io::{msghdr_for, Io, Op};
 use super::session::{BlockError, BlockRequest, BlockSession, Parsed};
 use crate::core::group::errno_text;
 use crate::core::WriteOp;
@@ -420,10 +420,7 @@ impl Conn {
             .iter()
             .map(|c| libc::iovec { iov_base: c.as_ptr() as *mut libc::c_void, iov_len: c.len() })
             .collect();
-        // SAFETY: msghdr is plain old data; zero is a valid empty header.
-        let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        msghdr.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
-        msghdr.msg_iovlen = iovecs.len();
+        let msghdr = msghdr_for(&iovecs);
         self.send_inflight = true;
         let fd = types::Fd(self.stream.as_raw_fd());
         io.submit(Op::Send { conn: key, chunks, iovecs, msghdr }, |op| {

@@ -66,6 +66,17 @@ pub enum Op {
     },
 }
 
+/// A sendmsg header over `iovecs`; both are kept in the op until the
+/// completion, which keeps the kernel's pointers valid.
+#[must_use]
+pub fn msghdr_for(iovecs: &[libc::iovec]) -> Box<libc::msghdr> {
+    // SAFETY: msghdr is plain old data; zero is a valid empty header.
+    let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+    msghdr.msg_iov = iovecs.as_ptr().cast_mut();
+    msghdr.msg_iovlen = iovecs.len();
+    msghdr
+}
+
 /// The ring plus the ops it carries.
 pub struct Io {
     pub ring: IoUring,

@@ -189,7 +189,9 @@ impl GroupRt {
             status.connected = link.conn.is_some();
             status.destination_durable_lsn = peer_durable;
             status.destination_applied_lsn = self.core.peer_applied_lsn().unwrap_or(0);
-            status.bytes_behind = self.core.retained().map(|r| r.end_position - r.position).sum();
+            // Log bytes from the oldest record the destination lacks to the head.
+            status.bytes_behind =
+                self.core.retained().next().map_or(0, |first| self.core.head_position() - first.position);
             status.rpo_ms = link.rpo_ms(peer_durable, std::time::Instant::now());
             status.copy_remaining_bytes = self.core.copy_remaining_bytes();
             status.copy_bytes_sent = self.copy_bytes_read;

@@ -16,7 +16,7 @@ use io_uring::{opcode, types};
 use tandem_proto::{FrameHeader, RecordHeader, FRAME_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC};
 
 use super::buf::AlignedBuf;
-use super::io::{Io, Op};
+use super::io::{msghdr_for, Io, Op};
 use crate::core::group::errno_text;
 
 const RECV_BUF_BYTES: usize = 1 << 20;
@@ -214,10 +214,7 @@ impl PeerConn {
             frame.push_iovecs(&mut iovecs);
         }
         let iovecs = iovecs.into_boxed_slice();
-        // SAFETY: msghdr is plain old data; zero is a valid empty header.
-        let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        msghdr.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
-        msghdr.msg_iovlen = iovecs.len();
+        let msghdr = msghdr_for(&iovecs);
         self.send_inflight = true;
         let fd = types::Fd(self.stream.as_raw_fd());
         io.submit(Op::PeerSend { peer: key, frames, iovecs, msghdr }, |op| {

@@ -16,6 +16,10 @@ use super::io::{Io, Op};
 use super::peer_conn::{OutFrame, SharedBytes};
 use crate::core::{LogRecord, WriteId};
 
+/// The RPO is measured to this resolution.
+const RPO_RESOLUTION: std::time::Duration = std::time::Duration::from_millis(1);
+/// Most entries of the durable-time history the RPO is measured from.
+const MAX_DURABLE_TIMES: usize = 65_536;
 /// Records remembered for shipping from memory; beyond this many the rest is
 /// read back from the log.
 const MAX_UNSHIPPED_IN_MEMORY: usize = 65_536;
@@ -23,7 +27,8 @@ const MAX_UNSHIPPED_IN_MEMORY: usize = 65_536;
 /// Where a record waiting to be shipped can be found without reading the log.
 #[derive(Debug, Clone, Copy)]
 enum Unshipped {
-    Write(WriteId),
+    /// A write whose payload is in its record buffer (while the write is pending).
+    Write(WriteId, RecordHeader),
     Header(RecordHeader),
 }
 
@@ -73,7 +78,7 @@ impl SourceLink {
                 continue;
             }
             let entry = match record.write_id {
-                Some(id) if record.header.record_kind() == RecordKind::Write => Unshipped::Write(id),
+                Some(id) if record.header.record_kind() == RecordKind::Write => Unshipped::Write(id, record.header),
                 _ => Unshipped::Header(record.header),
             };
             self.unshipped.insert(record.header.lsn, entry);
@@ -143,8 +148,17 @@ impl SourceLink {
     /// Notes that the local log became durable up to `lsn` now, and forgets
     /// what the destination has.
     pub fn durable_advanced(&mut self, lsn: u64, peer_durable_lsn: u64, now: Instant) {
-        if self.durable_times.back().is_none_or(|(last, _)| *last < lsn) {
-            self.durable_times.push_back((lsn, now));
+        let full = self.durable_times.len() >= MAX_DURABLE_TIMES;
+        match self.durable_times.back_mut() {
+            Some((last, _)) if *last >= lsn => {}
+            // Within a millisecond of the newest entry, or with the history
+            // at its bound (a destination away for long), the newest entry
+            // grows: its records count as durable as early as its first, so
+            // the RPO is never understated and the history stays bounded.
+            Some((last, at)) if full || now.duration_since(*at) < RPO_RESOLUTION => {
+                *last = lsn;
+            }
+            _ => self.durable_times.push_back((lsn, now)),
         }
         // An entry covers the records after its predecessor up to its LSN.
         while self.durable_times.len() > 1 && self.durable_times[1].0 <= peer_durable_lsn {
@@ -189,11 +203,10 @@ impl GroupRt {
         }
         match link.unshipped.remove(&lsn) {
             Some(Unshipped::Header(header)) => link.push(OutFrame::new(header.as_bytes(), None)),
-            Some(Unshipped::Write(id)) if self.writes.get(&id).is_some_and(|w| w.buf.is_some()) => {
+            Some(Unshipped::Write(id, header)) if self.writes.get(&id).is_some_and(|w| w.buf.is_some()) => {
+                assert_eq!(header.lsn, lsn, "a remembered record ships under its own LSN");
                 let buf = Rc::clone(self.writes[&id].buf.as_ref().expect("checked"));
-                let header = RecordHeader::decode(&buf[..64]).expect("the append wrote a valid header");
-                assert_eq!(header.lsn, lsn, "a write buffer holds its own record");
-                let payload = SharedBytes { buf: Rc::clone(&buf), start: sector, len: header.payload_bytes() as usize };
+                let payload = SharedBytes { buf, start: sector, len: header.payload_bytes() as usize };
                 link.push(OutFrame::new(header.as_bytes(), Some(payload)));
             }
             _ => {
