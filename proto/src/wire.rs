@@ -12,11 +12,19 @@ use crate::checksum::{xxh3_128_bytes, xxh3_128_low64, Checksum128};
 /// "TNDF" as a little-endian u32.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TNDF");
 /// Version of the replication protocol (frames and the JSON handshake).
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest payload of a copy frame.
 pub const MAX_COPY_PAYLOAD_BYTES: u32 = 4 << 20;
 /// Ack flag: the destination's initial copy is complete and durable.
 pub const ACK_FLAG_COPY_DONE: u8 = 0x01;
+
+/// Whether the 64-byte frame header `header` (record or frame) belongs to
+/// the session's ordered stream (see [`FrameKind::is_ordered`]); records do.
+#[must_use]
+pub fn header_is_ordered(header: &[u8]) -> bool {
+    let magic = u32::from_le_bytes(header[..4].try_into().expect("a frame header has a magic"));
+    magic != FRAME_MAGIC || FrameKind::from_u8(header[5]).is_none_or(FrameKind::is_ordered)
+}
 
 /// What a [`FrameHeader`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +53,15 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// Whether the frame belongs to the session's ordered stream. Heartbeats
+    /// and acknowledgements do not: they keep one channel alive or carry
+    /// values that only grow, so they go on any channel and are used on
+    /// arrival; every other frame is delivered in the order it was sent.
+    #[must_use]
+    pub fn is_ordered(self) -> bool {
+        !matches!(self, Self::Heartbeat | Self::Ack)
+    }
+
     #[must_use]
     pub fn from_u8(value: u8) -> Option<Self> {
         match value {
@@ -225,5 +242,19 @@ mod tests {
         assert_eq!(FrameHeader::decode(ack.as_bytes()).unwrap().payload_bytes(), 0);
         let bad = FrameHeader::new(FrameKind::Heartbeat, 0, 0, 5, 0, 12);
         assert!(matches!(FrameHeader::decode(bad.as_bytes()), Err(FrameDecodeError::BadLength { .. })));
+    }
+
+    #[test]
+    fn only_heartbeats_and_acks_leave_the_ordered_stream() {
+        for kind in 1..=7u8 {
+            let kind = FrameKind::from_u8(kind).unwrap();
+            let header = FrameHeader::new(kind, 0, 0, 1, 0, 0);
+            let expected = !matches!(kind, FrameKind::Heartbeat | FrameKind::Ack);
+            assert_eq!(header_is_ordered(header.as_bytes()), expected, "{kind:?}");
+        }
+        let mut record = [0u8; 64];
+        record[..4].copy_from_slice(&crate::RECORD_MAGIC.to_le_bytes());
+        record[5] = FrameKind::Heartbeat as u8;
+        assert!(header_is_ordered(&record), "records are always ordered, whatever their byte 5");
     }
 }

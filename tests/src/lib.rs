@@ -243,6 +243,12 @@ impl Node {
     /// `destination_group` of `destination`, without `--mode` when `mode` is `None`.
     #[must_use]
     pub fn partner(&self, group: &str, destination: &Node, destination_group: &str, mode: Option<&str>) -> Output {
+        let options = mode.map_or_else(Vec::new, |mode| vec!["--mode", mode]);
+        self.partner_with(group, destination, destination_group, &options)
+    }
+
+    /// `tandem partnership create` with further `options` (`--mode`, `--channels`).
+    pub fn partner_with(&self, group: &str, destination: &Node, destination_group: &str, options: &[&str]) -> Output {
         let address = destination.replication_address();
         let mut args = vec![
             "partnership",
@@ -254,9 +260,7 @@ impl Node {
             "--destination-group",
             destination_group,
         ];
-        if let Some(mode) = mode {
-            args.extend(["--mode", mode]);
-        }
+        args.extend(options);
         self.cli(&args)
     }
 

@@ -50,7 +50,9 @@ fn random_image(node: &Node, name: &str, size_mib: u64) -> std::path::PathBuf {
     path
 }
 
-fn converge(mode: &str, volumes: &[(&str, u64)]) {
+/// Converges with `channels` data channels (the stream is striped over them
+/// and reordered at the destination).
+fn converge(mode: &str, channels: u32, volumes: &[(&str, u64)]) {
     require_tool("qemu-img", "qemu-utils");
     let pair = start_pair("");
     // Data before the partnership exists goes through the initial copy;
@@ -66,7 +68,15 @@ fn converge(mode: &str, volumes: &[(&str, u64)]) {
             .arg(pair.source.nbd_uri("rg01", first)),
     );
     pair.destination.create_group("rg02", "256MiB", volumes);
-    let _ = pair.source.partner_ok("rg01", &pair.destination, "rg02", Some(mode));
+    let channels_text = channels.to_string();
+    let output =
+        pair.source.partner_with("rg01", &pair.destination, "rg02", &["--mode", mode, "--channels", &channels_text]);
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        out.contains(&format!("({mode}, {channels} channel(s))")),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let image = random_image(&pair.source, "image.img", 256);
     for (index, (volume, size)) in volumes.iter().enumerate() {
         let image =
@@ -89,28 +99,30 @@ fn converge(mode: &str, volumes: &[(&str, u64)]) {
     assert!(p["copy_bytes_skipped"].as_u64().unwrap() > 0, "holes were skipped: {p:#}");
     assert!(p["ack_round_trip_us_avg"].as_f64().unwrap() > 0.0, "round trips were measured: {p:#}");
     assert!(p["last_in_sync_unix_ms"].as_u64().unwrap() > 0, "the destination was seen in sync: {p:#}");
+    assert_eq!(p["channels"], channels, "{p:#}");
+    assert_eq!(p["channels_connected"], channels, "every channel is up: {p:#}");
     let destination = pair.destination.partnership("rg02");
     assert_eq!(destination["copy_complete"], true, "{destination:#}");
 }
 
 #[test]
 fn sync_partnership_with_one_volume_converges() {
-    converge("sync", &[("data", 320 << 20)]);
+    converge("sync", 2, &[("data", 320 << 20)]);
 }
 
 #[test]
 fn async_partnership_with_one_volume_converges() {
-    converge("async", &[("data", 320 << 20)]);
+    converge("async", 1, &[("data", 320 << 20)]);
 }
 
 #[test]
 fn sync_partnership_with_three_volumes_converges() {
-    converge("sync", &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
+    converge("sync", 4, &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
 }
 
 #[test]
 fn async_partnership_with_three_volumes_converges() {
-    converge("async", &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
+    converge("async", 3, &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
 }
 
 #[test]
@@ -196,6 +208,11 @@ fn the_destination_refuses_with_a_precise_reason() {
     ]);
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("cannot connect to the destination's replication listener"), "{text}");
+    for channels in ["0", "17"] {
+        let output = pair.source.partner_with("other", &pair.destination, "rg02", &["--channels", channels]);
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains(&format!("--channels {channels}: a partnership has 1 to 16 data channels")), "{text}");
+    }
 }
 
 #[test]

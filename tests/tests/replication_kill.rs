@@ -305,3 +305,48 @@ fn a_log_that_fills_during_a_cut_spills_into_the_bitmap_and_catches_up() {
     let p = source.partnership("rg01");
     assert_eq!(p["bitmap_dirty_bytes"], 0, "the bitmap is clear once the destination holds every region: {p:#}");
 }
+
+/// The source's established replication connections, as `ss` lists them
+/// (local port of each).
+fn replication_channel_ports(net: &NetPair, destination: &Node) -> Vec<String> {
+    let filter = format!("dport = :{}", destination.replication_port);
+    let output = net.command(0, "ss").args(["-Htn", "state", "established"]).arg(&filter).output().expect("ss");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.rsplit_once(':').map(|(_, port)| port.to_owned()))
+        .collect()
+}
+
+/// One data channel of a session breaks (its socket destroyed under load):
+/// the whole session ends, the source reconnects every channel, catches up
+/// from the log and loses nothing.
+#[test]
+fn losing_one_data_channel_ends_the_session_and_it_reconnects_without_loss() {
+    let Some((net, source, mut destination)) = nodes_in_namespaces() else { return };
+    source.replicate_to(&destination, "256MiB", &VOLUMES, "sync");
+    let ports = replication_channel_ports(&net, &destination);
+    assert_eq!(ports.len(), 2, "two data channels by default: {ports:?}");
+    let models = [Arc::new(Mutex::new(WriteModel::default())), Arc::new(Mutex::new(WriteModel::default()))];
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&net, &source, &models, &stop, rand::rng().random());
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = format!("sport = :{}", ports[1]);
+    let killed = net.command(0, "ss").args(["-K", "-Htn"]).arg(&victim).output().expect("ss -K");
+    assert!(killed.status.success(), "ss -K: {}", String::from_utf8_lossy(&killed.stderr));
+    source.wait_for_events(&[4001, 4002], Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().expect("writer thread");
+    }
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let p = source.partnership("rg01");
+    assert_eq!(p["channels_connected"], 2, "every channel is back: {p:#}");
+    let now = replication_channel_ports(&net, &destination);
+    assert!(!now.contains(&ports[0]) && !now.contains(&ports[1]), "the session was replaced: {ports:?} then {now:?}");
+    destination.stop();
+    let errors: Vec<String> = (0..VOLUMES.len()).flat_map(|v| verify(&destination, v, &models[v])).collect();
+    assert!(errors.is_empty(), "after the channel loss: {:#?}", &errors[..errors.len().min(10)]);
+    let acked: usize = models.iter().map(|m| m.lock().unwrap().acked.len()).sum();
+    assert!(acked > 100, "writes were acknowledged around the loss ({acked} blocks)");
+}

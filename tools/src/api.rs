@@ -39,6 +39,7 @@ pub enum Request {
         destination: String,
         destination_group: String,
         mode: String,
+        channels: u32,
     },
     PartnershipShow {
         group: Option<String>,

@@ -145,8 +145,9 @@ impl Daemon {
                 }
                 Ok(ResponseBody::Groups(found))
             }
-            Request::PartnershipCreate { source_group, destination, destination_group, mode } => {
-                let request = crate::replication::CreateRequest { source_group, destination, destination_group, mode };
+            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels } => {
+                let request =
+                    crate::replication::CreateRequest { source_group, destination, destination_group, mode, channels };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
             }
@@ -520,13 +521,13 @@ impl Daemon {
     pub fn attach_peer(
         &self,
         group: &str,
-        stream: std::net::TcpStream,
+        streams: Vec<std::net::TcpStream>,
         source_view: Option<(u64, u64, tandem_engine::core::CopyPosition)>,
     ) -> Result<(), String> {
         let group_name = group.to_owned();
         let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {
             group: group_name,
-            stream,
+            streams,
             source_view,
             reply,
         })?;

@@ -195,6 +195,7 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         destination: format!("127.0.0.1:{}", b.replication_port),
         destination_group: "rg02".to_owned(),
         mode: options.mode.clone(),
+        channels: 2,
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");

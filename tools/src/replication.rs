@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tandem_engine::core::CopyPosition;
 use tandem_engine::runtime::events::EventKind;
+use tandem_engine::runtime::peer_session::MAX_CHANNELS;
 use tandem_engine::runtime::status::GroupStatus;
 use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERSION};
 
+use crate::channel_join::JoiningSessions;
 use crate::daemon::Daemon;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -36,6 +38,8 @@ pub enum HelloAction {
     Resume,
     /// End the partnership on the destination.
     Remove,
+    /// Add data channel `channel` to the session a Create or Resume opened.
+    Join,
 }
 
 /// The source's handshake line.
@@ -52,6 +56,12 @@ pub struct Hello {
     pub volume_sizes_bytes: Vec<u64>,
     pub log_sector_bytes: u32,
     pub baseline_lsn: u64,
+    /// Join: the session the destination named in its answer, and the
+    /// channel (1..channels) this connection becomes.
+    #[serde(default)]
+    pub session: u64,
+    #[serde(default)]
+    pub channel: u32,
 }
 
 /// The destination's answer.
@@ -65,6 +75,10 @@ pub struct Answer {
     pub next_lsn: u64,
     /// `None` when the initial copy is complete.
     pub copy_at: Option<(u8, u64)>,
+    /// Create and Resume with several channels: the session the other
+    /// channels join.
+    #[serde(default)]
+    pub session: u64,
 }
 
 fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> Result<(), String> {
@@ -105,6 +119,7 @@ pub struct CreateRequest {
     pub destination: String,
     pub destination_group: String,
     pub mode: String,
+    pub channels: u32,
 }
 
 /// Resolves `HOST[:PORT]` with the default replication port.
@@ -140,11 +155,12 @@ fn hello_for(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest, act
         source_group: request.source_group.clone(),
         destination_group: request.destination_group.clone(),
         mode: request.mode.clone(),
-        // One connection carries every frame in this version.
-        channels: 1,
+        channels: request.channels,
         volume_sizes_bytes: status.volumes.iter().map(|v| v.size_bytes).collect(),
         log_sector_bytes: status.log_sector_bytes,
         baseline_lsn: 0,
+        session: 0,
+        channel: 0,
     }
 }
 
@@ -165,6 +181,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
         "async" => MODE_ASYNC,
         other => return Err(format!("--mode {other}: use sync or async")),
     };
+    check_channels(request.channels)?;
     let status = daemon.group_status(&request.source_group)?;
     if status.role != "standalone" {
         return Err(format!("group {} is already in a partnership ({})", request.source_group, status.role));
@@ -177,7 +194,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     let mut entry = PartnershipEntry::default_zeroed();
     entry.id = id;
     entry.mode = mode;
-    entry.channels = 1;
+    entry.channels = request.channels;
     entry.peer_node = fixed_str(&checked.destination_node).unwrap_or([0; 64]);
     entry.peer_group = fixed_str(&request.destination_group).ok_or("destination group name too long")?;
     entry.peer_address = fixed_str(&request.destination).ok_or("destination address longer than 127 bytes")?;
@@ -192,21 +209,30 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             return Err(format!("the destination refused the partnership: {reason}"));
         }
     };
+    let streams = match join_channels(stream, &request.destination, &commit, answer.session) {
+        Ok(streams) => streams,
+        Err(reason) => {
+            // The destination keeps the partnership; the connector resumes it.
+            daemon.note_peer_error(&request.source_group, reason.clone());
+            return Err(format!("the partnership was created but its data channels could not connect ({reason}); it reconnects by itself"));
+        }
+    };
     daemon.attach_peer(
         &request.source_group,
-        stream,
+        streams,
         Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
     )?;
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
-        "partnership {} created: {}/{} -> {}/{} ({}); initial block copy started",
+        "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial block copy started",
         &id_hex[..8],
         daemon.config.node.name,
         request.source_group,
         checked.destination_node,
         request.destination_group,
-        request.mode
+        request.mode,
+        request.channels
     ))
 }
 
@@ -218,13 +244,42 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         destination: partnership.peer_address.clone(),
         destination_group: partnership.peer_group.clone(),
         mode: partnership.mode.clone(),
+        channels: partnership.channels,
     };
     let mut stream = connect(&request.destination)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
     let answer = exchange(&mut stream, &hello)?;
-    let _ = stream.set_read_timeout(None);
-    let _ = stream.set_write_timeout(None);
-    daemon.attach_peer(&status.name, stream, Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))))
+    let streams = join_channels(stream, &request.destination, &hello, answer.session)?;
+    daemon.attach_peer(
+        &status.name,
+        streams,
+        Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
+    )
+}
+
+fn check_channels(channels: u32) -> Result<(), String> {
+    if (1..=MAX_CHANNELS as u32).contains(&channels) {
+        Ok(())
+    } else {
+        Err(format!("--channels {channels}: a partnership has 1 to {MAX_CHANNELS} data channels (2 by default)"))
+    }
+}
+
+/// Opens the other data channels of the session that `first` (channel 0)
+/// opened with `hello`; all of them, in channel order, ready for the core.
+fn join_channels(first: TcpStream, address: &str, hello: &Hello, session: u64) -> Result<Vec<TcpStream>, String> {
+    let mut streams = vec![first];
+    for channel in 1..hello.channels {
+        let mut stream = connect(address)?;
+        let join = Hello { action: HelloAction::Join, session, channel, ..hello.clone() };
+        exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
+        streams.push(stream);
+    }
+    for stream in &streams {
+        let _ = stream.set_read_timeout(None);
+        let _ = stream.set_write_timeout(None);
+    }
+    Ok(streams)
 }
 
 /// Keeps every source group connected: tries again with a growing backoff.
@@ -270,6 +325,7 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
             destination: partnership.peer_address.clone(),
             destination_group: partnership.peer_group.clone(),
             mode: partnership.mode.clone(),
+            channels: partnership.channels,
         };
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
         remote = match connect(&request.destination).and_then(|mut s| exchange(&mut s, &hello)) {
@@ -288,12 +344,14 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
 
 /// Accepts replication connections; each handshake runs on its own thread.
 pub fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
+    let sessions = Arc::new(JoiningSessions::new(HANDSHAKE_TIMEOUT));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let daemon = Arc::clone(&daemon);
+        let sessions = Arc::clone(&sessions);
         let spawned = std::thread::Builder::new().name("tandem-repl-handshake".into()).spawn(move || {
             let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-            if let Err(reason) = answer(&daemon, stream) {
+            if let Err(reason) = answer(&daemon, &sessions, stream) {
                 tracing::warn!(%peer, %reason, "replication handshake refused");
             }
         });
@@ -303,17 +361,24 @@ pub fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
     }
 }
 
-fn answer(daemon: &Daemon, mut stream: TcpStream) -> Result<(), String> {
+fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) -> Result<(), String> {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
     loop {
         let hello: Hello = read_line(&mut stream)?;
+        if matches!(hello.action, HelloAction::Join) {
+            return join(daemon, sessions, stream, &hello);
+        }
         let result = destination_step(daemon, &hello);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
             Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
         };
         reply.destination_node.clone_from(&daemon.config.node.name);
+        let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
+        if opens_session {
+            reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, hello.channels);
+        }
         write_line(&mut stream, &reply)?;
         let reason = result.err();
         match (&hello.action, reason) {
@@ -327,12 +392,39 @@ fn answer(daemon: &Daemon, mut stream: TcpStream) -> Result<(), String> {
             (HelloAction::Check, None) => continue,
             (HelloAction::Remove, None) => return Ok(()),
             (HelloAction::Create | HelloAction::Resume, None) => {
-                let _ = stream.set_read_timeout(None);
-                let _ = stream.set_write_timeout(None);
-                return daemon.attach_peer(&hello.destination_group, stream, None);
+                let joined = sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream)?;
+                return attach_joined(daemon, &hello.destination_group, joined);
             }
+            (HelloAction::Join, None) => unreachable!("joins are answered by join()"),
         }
     }
+}
+
+/// A data channel joining the session its Create or Resume opened.
+fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hello: &Hello) -> Result<(), String> {
+    let group = &hello.destination_group;
+    let joined = stream
+        .try_clone()
+        .map_err(|e| format!("cannot keep data channel {} of {group}: {e}", hello.channel))
+        .and_then(|kept| sessions.add(group, &hello.partnership_id, hello.session, hello.channel, kept));
+    let reply = Answer {
+        ok: joined.is_ok(),
+        error: joined.as_ref().err().cloned(),
+        destination_node: daemon.config.node.name.clone(),
+        ..Answer::default()
+    };
+    write_line(&mut stream, &reply)?;
+    attach_joined(daemon, group, joined?)
+}
+
+/// Hands a session to the group's core once all its channels joined.
+fn attach_joined(daemon: &Daemon, group: &str, joined: Option<Vec<TcpStream>>) -> Result<(), String> {
+    let Some(streams) = joined else { return Ok(()) };
+    for stream in &streams {
+        let _ = stream.set_read_timeout(None);
+        let _ = stream.set_write_timeout(None);
+    }
+    daemon.attach_peer(group, streams, None)
 }
 
 /// Validates a handshake step on the destination and carries it out.
@@ -344,6 +436,9 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
         ));
     }
     let name = &hello.destination_group;
+    check_channels(hello.channels).map_err(|_| {
+        format!("the source asks for {} data channels; a partnership has 1 to {MAX_CHANNELS}", hello.channels)
+    })?;
     let status =
         daemon.group_status(name).map_err(|_| format!("group {name} does not exist on {}", daemon.config.node.name))?;
     let ok = |durable_lsn, next_lsn, copy: CopyPosition| Answer {
@@ -374,6 +469,7 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             daemon.events.record(name, EventKind::DestinationAttached { source });
             Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
         }
+        HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
         HelloAction::Resume | HelloAction::Remove => {
             let state = daemon.destination_state(name)?.ok_or_else(|| {
                 format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)

@@ -37,10 +37,11 @@ pub enum Op {
     /// A volume read for a client; `buf` is the reply (header then data).
     VolumeRead { conn: usize, cookie: u64, buf: Vec<u8>, header_bytes: usize, offset: u64, done: usize },
     /// Receive on a replication connection into its own buffer.
-    PeerRecv { peer: usize },
+    PeerRecv { peer: usize, channel: usize },
     /// Send of replication frames, owned here until the completion.
     PeerSend {
         peer: usize,
+        channel: usize,
         frames: Vec<super::peer_conn::OutFrame>,
         #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
         iovecs: Box<[libc::iovec]>,

@@ -11,6 +11,7 @@ mod io;
 pub mod log_store;
 mod partner;
 mod peer_conn;
+pub mod peer_session;
 mod reactor;
 mod replica_dest;
 mod replica_source;

@@ -177,6 +177,7 @@ impl GroupRt {
         let mut status = super::status::PartnershipStatus {
             id: p.id.iter().map(|b| format!("{b:02x}")).collect(),
             mode: if p.mode == tandem_proto::MODE_SYNC { "sync" } else { "async" }.to_owned(),
+            channels: p.channels,
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),

@@ -92,11 +92,9 @@ enum Gather {
     Control { header: FrameHeader, buf: AlignedBuf, at: usize },
 }
 
-/// One replication connection.
+/// One replication connection (a channel of a [`super::peer_session::PeerSession`]).
 pub struct PeerConn {
-    pub id: u64,
     pub stream: TcpStream,
-    pub group: usize,
     pub peer: String,
     sector_bytes: usize,
     rbuf: Box<[u8]>,
@@ -120,13 +118,11 @@ pub struct PeerConn {
 
 impl PeerConn {
     #[must_use]
-    pub fn new(id: u64, stream: TcpStream, group: usize, sector_bytes: usize) -> Self {
+    pub fn new(stream: TcpStream, sector_bytes: usize) -> Self {
         let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let now = Instant::now();
         Self {
-            id,
             stream,
-            group,
             peer,
             sector_bytes,
             rbuf: vec![0u8; RECV_BUF_BYTES].into_boxed_slice(),
@@ -190,8 +186,16 @@ impl PeerConn {
         self.queue.is_empty() && !self.send_inflight && now.duration_since(self.last_send) >= HEARTBEAT_INTERVAL
     }
 
-    /// Posts a receive and a send as needed.
-    pub fn post_io(&mut self, io: &mut Io, key: usize) {
+    /// Frames queued and not yet handed to the kernel.
+    #[cfg(test)]
+    #[must_use]
+    pub fn queued_frames(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Posts a receive and a send as needed; `key` and `channel` name this
+    /// connection in its session.
+    pub fn post_io(&mut self, io: &mut Io, key: usize, channel: usize) {
         let room = self.received.len() < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
         if !self.closing && !self.recv_inflight && room && self.rend < self.rbuf.len() {
             let fd = types::Fd(self.stream.as_raw_fd());
@@ -199,14 +203,14 @@ impl PeerConn {
             let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rend) };
             let len = (self.rbuf.len() - self.rend) as u32;
             self.recv_inflight = true;
-            io.submit(Op::PeerRecv { peer: key }, |_| opcode::Recv::new(fd, ptr, len).build());
+            io.submit(Op::PeerRecv { peer: key, channel }, |_| opcode::Recv::new(fd, ptr, len).build());
         }
         if !self.closing && !self.send_inflight && !self.send_broken && !self.queue.is_empty() {
-            self.post_send(io, key);
+            self.post_send(io, key, channel);
         }
     }
 
-    fn post_send(&mut self, io: &mut Io, key: usize) {
+    fn post_send(&mut self, io: &mut Io, key: usize, channel: usize) {
         let count = self.queue.len().min(MAX_SEND_FRAMES);
         let frames: Vec<OutFrame> = self.queue.drain(..count).collect();
         let mut iovecs = Vec::with_capacity(frames.len() * 2);
@@ -217,7 +221,7 @@ impl PeerConn {
         let msghdr = msghdr_for(&iovecs);
         self.send_inflight = true;
         let fd = types::Fd(self.stream.as_raw_fd());
-        io.submit(Op::PeerSend { peer: key, frames, iovecs, msghdr }, |op| {
+        io.submit(Op::PeerSend { peer: key, channel, frames, iovecs, msghdr }, |op| {
             let Op::PeerSend { msghdr, .. } = op else { unreachable!() };
             opcode::SendMsg::new(fd, &**msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
         });

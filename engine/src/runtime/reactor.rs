@@ -17,7 +17,7 @@ use super::group_io::{Completion, GroupRt};
 use super::io::{Io, Op};
 use super::log_store::OpenGroup;
 use super::partner::{DestinationState, PeerDefaults};
-use super::peer_conn::PeerConn;
+use super::peer_session::PeerSession;
 use super::session::BlockSession;
 use super::status::GroupStatus;
 use crate::core::{CopyPosition, Event, GroupConfig};
@@ -42,7 +42,8 @@ pub enum CoreMsg {
     /// checks the destination's state first.
     AttachPeer {
         group: String,
-        stream: TcpStream,
+        /// The session's data channels, in channel order.
+        streams: Vec<TcpStream>,
         /// The destination's durable LSN, next LSN and copy position.
         source_view: Option<(u64, u64, CopyPosition)>,
         reply: Sender<Result<(), String>>,
@@ -120,7 +121,7 @@ struct Reactor {
     wake: Arc<OwnedFd>,
     groups: Vec<Option<GroupRt>>,
     conns: Slab<Conn>,
-    peers: Slab<PeerConn>,
+    peers: Slab<PeerSession>,
     next_conn_id: u64,
     pending_destinations: Vec<PendingDestination>,
     peer_defaults: PeerDefaults,
@@ -241,8 +242,8 @@ impl Reactor {
                 connection.recv_done(result, rt, &mut self.io, conn);
             }
             Op::Send { conn, chunks, .. } => self.conns[conn].send_done(chunks, result),
-            Op::PeerRecv { peer } => self.peers[peer].recv_done(result),
-            Op::PeerSend { peer, frames, .. } => self.peers[peer].send_done(frames, result),
+            Op::PeerRecv { peer, channel } => self.peers[peer].recv_done(channel, result),
+            Op::PeerSend { peer, channel, frames, .. } => self.peers[peer].send_done(channel, frames, result),
             Op::LogRead { group, slot, lsn, buf } => self.group(group).log_read_done(slot, lsn, buf, result),
             Op::ChunkRead { group, slot, chunk, buf } => self.group(group).chunk_read_done(slot, chunk, buf, result),
             Op::BitmapWrite { group, buf, spilled_up_to_lsn } => {
@@ -296,8 +297,8 @@ impl Reactor {
                     let state = self.find_group(&group).and_then(|i| self.groups[i].as_ref()?.destination_state());
                     let _ = reply.send(state);
                 }
-                CoreMsg::AttachPeer { group, stream, source_view, reply } => {
-                    let _ = reply.send(self.attach_peer(&group, stream, source_view));
+                CoreMsg::AttachPeer { group, streams, source_view, reply } => {
+                    let _ = reply.send(self.attach_peer(&group, streams, source_view));
                 }
                 CoreMsg::LeavePartnership { group, reply } => self.leave_partnership(&group, reply),
                 CoreMsg::Status { reply } => {
@@ -336,8 +337,9 @@ impl Reactor {
             let mut status = group.status();
             if let Some(partnership) = status.partnership.as_mut() {
                 for (_, peer) in self.peers.iter().filter(|(_, p)| p.group == index) {
-                    partnership.bytes_sent += peer.bytes_sent;
-                    partnership.bytes_received += peer.bytes_received;
+                    partnership.bytes_sent += peer.bytes_sent();
+                    partnership.bytes_received += peer.bytes_received();
+                    partnership.channels_connected = peer.channel_count() as u32;
                 }
             }
             all.push(status);

@@ -9,7 +9,8 @@ use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE}
 
 use super::Reactor;
 use crate::core::CopyPosition;
-use crate::runtime::peer_conn::{InFrame, OutFrame, PeerConn};
+use crate::runtime::peer_conn::InFrame;
+use crate::runtime::peer_session::{PeerSession, MAX_CHANNELS};
 
 /// A group waiting to be idle before it becomes a destination.
 pub(super) struct PendingDestination {
@@ -104,17 +105,29 @@ impl Reactor {
     pub(super) fn attach_peer(
         &mut self,
         group: &str,
-        stream: TcpStream,
+        streams: Vec<TcpStream>,
         source_view: Option<(u64, u64, CopyPosition)>,
     ) -> Result<(), String> {
         let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
-        if self.peers.iter().any(|(_, p)| p.group == index && !p.closing) {
+        if self.peers.iter().any(|(_, p)| p.group == index && !p.closing()) {
             return Err(format!("group {group} already has a replication connection"));
         }
+        if !(1..=MAX_CHANNELS).contains(&streams.len()) {
+            return Err(format!("a partnership has 1 to {MAX_CHANNELS} channels, not {}", streams.len()));
+        }
         let rt = self.groups[index].as_mut().expect("found");
+        let expected = rt.superblock.partnership.channels as usize;
+        if streams.len() != expected {
+            return Err(format!(
+                "group {group}'s partnership has {expected} channel(s) but {} connected",
+                streams.len()
+            ));
+        }
         let sector = rt.sector_bytes();
-        let _ = stream.set_nodelay(true);
-        set_socket_buffers(&stream);
+        for stream in &streams {
+            let _ = stream.set_nodelay(true);
+            set_socket_buffers(stream);
+        }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         match (source_view, rt.source.as_mut(), rt.destination.as_mut()) {
@@ -124,13 +137,13 @@ impl Reactor {
                         link.last_error = Some(reason.clone());
                     }
                 })?;
-                let key = self.peers.insert(PeerConn::new(id, stream, index, sector));
+                let key = self.peers.insert(PeerSession::new(id, streams, index, sector));
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
                 link.last_error = None;
             }
             (None, None, Some(_)) => {
-                let key = self.peers.insert(PeerConn::new(id, stream, index, sector));
+                let key = self.peers.insert(PeerSession::new(id, streams, index, sector));
                 rt.source_connected(key, id);
             }
             _ => return Err(format!("group {group} does not have that role in a partnership")),
@@ -226,26 +239,24 @@ impl Reactor {
         for key in dropped {
             let peer = self.peers.remove(key);
             let Some(rt) = self.groups[peer.group].as_mut() else { continue };
+            let reason = peer.close_reason().to_owned();
             if let Some(link) = rt.source.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
                 link.disconnected();
-                link.last_error = Some(peer.close_reason.clone());
+                link.last_error = Some(reason.clone());
                 rt.core.peer_lost();
             }
             if let Some(link) = rt.destination.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
                 link.disconnected();
             }
-            tracing::warn!(group = %rt.name, peer = %peer.peer, reason = %peer.close_reason, "replication connection lost");
+            tracing::warn!(group = %rt.name, peer = %peer.peer(), %reason, "replication connection lost");
         }
     }
 
     pub(super) fn tick_peers(&mut self) {
         let now = Instant::now();
         for (_, peer) in &mut self.peers {
-            if peer.tick(now) {
-                let durable = self.groups[peer.group].as_ref().map_or(0, |g| g.core.snapshot().durable_lsn);
-                let header = FrameHeader::new(FrameKind::Heartbeat, 0, 0, durable, 0, 0);
-                peer.send(OutFrame::new(header.as_bytes(), None));
-            }
+            let durable = self.groups[peer.group].as_ref().map_or(0, |g| g.core.snapshot().durable_lsn);
+            peer.tick(now, &FrameHeader::new(FrameKind::Heartbeat, 0, 0, durable, 0, 0));
         }
     }
 

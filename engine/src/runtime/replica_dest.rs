@@ -15,7 +15,8 @@ use super::buf::AlignedBuf;
 use super::group_io::{GroupRt, PendingWrite};
 use super::io::{Io, Op};
 use super::log_store::fallocate_mode;
-use super::peer_conn::{InFrame, OutFrame, PeerConn};
+use super::peer_conn::{InFrame, OutFrame};
+use super::peer_session::PeerSession;
 use crate::core::{CopyPosition, Event, Incoming, Receiver, ReceiverAction};
 
 /// Marks a write that came from the source: it has no client to answer.
@@ -105,7 +106,7 @@ impl GroupRt {
     }
 
     /// Moves received frames into the receiver and executes what it decides.
-    pub(super) fn take_frames(&mut self, conn: &mut PeerConn, io: &mut Io, group: usize) {
+    pub(super) fn take_frames(&mut self, conn: &mut PeerSession, io: &mut Io, group: usize) {
         self.progress_rebase();
         let link = self.destination.as_mut().expect("destination link");
         while link.receiver.queued() < MAX_QUEUED_FRAMES {

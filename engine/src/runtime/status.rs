@@ -50,6 +50,9 @@ pub struct PartnershipStatus {
     /// Hex of the 128-bit partnership id.
     pub id: String,
     pub mode: String,
+    /// Data channels of the partnership, and how many are connected now.
+    pub channels: u32,
+    pub channels_connected: u32,
     pub peer_node: String,
     pub peer_group: String,
     /// Source: `HOST:PORT` of the destination.

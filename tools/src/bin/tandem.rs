@@ -115,6 +115,9 @@ enum PartnershipCommand {
         /// sync: a write is acknowledged once both logs hold it; async: once this log holds it.
         #[arg(long, default_value = "sync")]
         mode: String,
+        /// Data channels (TCP connections) the replication stream is striped over, 1 to 16.
+        #[arg(long, default_value_t = 2)]
+        channels: u32,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -192,12 +195,19 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 }
             }
         }
-        Command::Partnership(PartnershipCommand::Create { source_group, destination, destination_group, mode }) => {
+        Command::Partnership(PartnershipCommand::Create {
+            source_group,
+            destination,
+            destination_group,
+            mode,
+            channels,
+        }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
                 destination: destination.clone(),
                 destination_group: destination_group.clone(),
                 mode: mode.clone(),
+                channels: *channels,
             };
             print_message(&call(&cli.api, &request)?);
         }
@@ -362,6 +372,7 @@ fn print_partnership(g: &GroupStatus) {
     let Some(p) = &g.partnership else { return };
     let arrow = if g.role == "source" { "->" } else { "<-" };
     println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
+    println!("  channels      {} of {} connected", p.channels_connected, p.channels);
     if g.role == "source" {
         println!(
             "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",

@@ -1,0 +1,236 @@
+//! A replication session: the N data channels (TCP connections) of one
+//! partnership, used as one ordered stream.
+//!
+//! The ordered frames (records, copy data, barriers: everything except
+//! heartbeats and acknowledgements) are striped round robin: the k-th ordered
+//! frame of a session goes on channel k mod N. The receiving side takes them
+//! back in the same rotation, so the stream comes out exactly as it went in
+//! without a sequence number on the wire, and consecutive LSNs travel on
+//! different connections (a large copy chunk on one does not hold up the
+//! records behind it on the wire). Heartbeats keep each channel alive on its
+//! own; acknowledgements carry values that only grow and use channel 0.
+//! Losing any channel ends the session: a stream with a hole cannot go on,
+//! and the reconnection resumes from the destination's durable LSN.
+
+use std::net::TcpStream;
+use std::time::Instant;
+
+use tandem_proto::FrameHeader;
+
+use super::io::Io;
+use super::peer_conn::{InFrame, OutFrame, PeerConn};
+
+/// Most data channels a partnership may have (the superblock allows 16).
+pub const MAX_CHANNELS: usize = 16;
+
+/// The rotation of the ordered stream over the channels.
+#[derive(Debug, Clone, Copy)]
+struct Rotation {
+    channels: usize,
+    next: usize,
+}
+
+impl Rotation {
+    fn advance(&mut self) {
+        self.next = (self.next + 1) % self.channels;
+    }
+}
+
+/// The channels of one partnership's connection to its peer.
+pub struct PeerSession {
+    pub id: u64,
+    pub group: usize,
+    channels: Vec<PeerConn>,
+    send_rotation: Rotation,
+    recv_rotation: Rotation,
+}
+
+impl PeerSession {
+    /// A session over `streams`, channel i being `streams[i]` on both sides.
+    #[must_use]
+    pub fn new(id: u64, streams: Vec<TcpStream>, group: usize, sector_bytes: usize) -> Self {
+        assert!((1..=MAX_CHANNELS).contains(&streams.len()), "a session has 1..={MAX_CHANNELS} channels");
+        let count = streams.len();
+        let channels = streams.into_iter().map(|s| PeerConn::new(s, sector_bytes)).collect();
+        let rotation = Rotation { channels: count, next: 0 };
+        Self { id, group, channels, send_rotation: rotation, recv_rotation: rotation }
+    }
+
+    /// The peer's address (of channel 0), for logs.
+    #[must_use]
+    pub fn peer(&self) -> &str {
+        &self.channels[0].peer
+    }
+
+    #[must_use]
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Queues a frame: ordered frames in rotation, the others on channel 0.
+    pub fn send(&mut self, frame: OutFrame) {
+        if tandem_proto::header_is_ordered(&frame.header) {
+            self.channels[self.send_rotation.next].send(frame);
+            self.send_rotation.advance();
+        } else {
+            self.channels[0].send(frame);
+        }
+    }
+
+    /// The next received frame: a heartbeat or acknowledgement at the front
+    /// of any channel, else the next ordered frame from the channel whose
+    /// turn it is (nothing when that one has not arrived yet).
+    pub fn take_received(&mut self) -> Option<InFrame> {
+        for channel in &mut self.channels {
+            if channel.received.front().is_some_and(|f| !frame_is_ordered(f)) {
+                return channel.take_received();
+            }
+        }
+        let frame = self.channels[self.recv_rotation.next].take_received()?;
+        self.recv_rotation.advance();
+        Some(frame)
+    }
+
+    /// Closes every channel.
+    pub fn close(&mut self, reason: &str) {
+        for channel in &mut self.channels {
+            channel.close(reason);
+        }
+    }
+
+    /// Whether the session is ending (any channel closed ends all).
+    #[must_use]
+    pub fn closing(&self) -> bool {
+        self.channels.iter().any(|c| c.closing)
+    }
+
+    /// Why the session ended: the first channel that closed says.
+    #[must_use]
+    pub fn close_reason(&self) -> &str {
+        self.channels.iter().find(|c| c.closing).map_or("", |c| c.close_reason.as_str())
+    }
+
+    /// Nothing of the session is in flight any more.
+    #[must_use]
+    pub fn can_drop(&self) -> bool {
+        self.channels.iter().all(PeerConn::can_drop)
+    }
+
+    /// Heartbeats for idle channels, and the timeout of silent ones.
+    pub fn tick(&mut self, now: Instant, heartbeat: &FrameHeader) {
+        for channel in &mut self.channels {
+            if channel.tick(now) {
+                channel.send(OutFrame::new(heartbeat.as_bytes(), None));
+            }
+        }
+    }
+
+    /// Posts receives and sends on every channel; a channel that closed
+    /// closes the others first, so the session ends as one.
+    pub fn post_io(&mut self, io: &mut Io, key: usize) {
+        if self.closing() {
+            let reason = self.close_reason().to_owned();
+            for channel in self.channels.iter_mut().filter(|c| !c.closing) {
+                channel.close(&format!("another channel of the session closed: {reason}"));
+            }
+        }
+        for (index, channel) in self.channels.iter_mut().enumerate() {
+            channel.post_io(io, key, index);
+        }
+    }
+
+    pub fn recv_done(&mut self, channel: usize, result: i32) {
+        self.channels[channel].recv_done(result);
+    }
+
+    pub fn send_done(&mut self, channel: usize, frames: Vec<OutFrame>, result: i32) {
+        self.channels[channel].send_done(frames, result);
+    }
+
+    #[must_use]
+    pub fn bytes_sent(&self) -> u64 {
+        self.channels.iter().map(|c| c.bytes_sent).sum()
+    }
+
+    #[must_use]
+    pub fn bytes_received(&self) -> u64 {
+        self.channels.iter().map(|c| c.bytes_received).sum()
+    }
+}
+
+fn frame_is_ordered(frame: &InFrame) -> bool {
+    match frame {
+        InFrame::Record { .. } => true,
+        InFrame::Control { header, .. } => header.frame_kind().is_ordered(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use tandem_proto::FrameKind;
+
+    use super::*;
+
+    fn loopback_pair() -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().unwrap();
+        stream
+    }
+
+    fn control(kind: FrameKind, lsn: u64) -> InFrame {
+        InFrame::Control { header: FrameHeader::new(kind, 0, 0, lsn, 0, 0), payload: None }
+    }
+
+    fn lsn_of(frame: &InFrame) -> u64 {
+        match frame {
+            InFrame::Record { header, .. } => header.lsn,
+            InFrame::Control { header, .. } => header.lsn,
+        }
+    }
+
+    /// Frames arrive on three channels in the rotation the sender used,
+    /// with heartbeats and acknowledgements in between; the session gives
+    /// the ordered ones back in sending order whatever channel filled first.
+    #[test]
+    fn the_ordered_stream_comes_back_in_sending_order() {
+        let streams = (0..3).map(|_| loopback_pair()).collect();
+        let mut session = PeerSession::new(1, streams, 0, 512);
+        // Ordered frames 1..=7 went to channels 0,1,2,0,1,2,0; channel 2 is late.
+        for lsn in [1, 4, 7] {
+            session.channels[0].received.push_back(control(FrameKind::Barrier, lsn));
+        }
+        session.channels[1].received.push_back(control(FrameKind::Barrier, 2));
+        session.channels[1].received.push_back(control(FrameKind::Heartbeat, 100));
+        session.channels[1].received.push_back(control(FrameKind::Barrier, 5));
+        let mut taken = Vec::new();
+        while let Some(frame) = session.take_received() {
+            taken.push(lsn_of(&frame));
+        }
+        assert_eq!(taken, vec![1, 2, 100], "frame 3 on channel 2 has not arrived: no ordered frame may pass it");
+        session.channels[2].received.push_back(control(FrameKind::Ack, 200));
+        session.channels[2].received.push_back(control(FrameKind::Barrier, 3));
+        session.channels[2].received.push_back(control(FrameKind::Barrier, 6));
+        while let Some(frame) = session.take_received() {
+            taken.push(lsn_of(&frame));
+        }
+        assert_eq!(taken, vec![1, 2, 100, 200, 3, 4, 5, 6, 7]);
+    }
+
+    /// The sender's rotation puts ordered frames on every channel in turn and
+    /// keeps heartbeats and acknowledgements out of it.
+    #[test]
+    fn ordered_frames_rotate_over_the_channels() {
+        let streams = (0..2).map(|_| loopback_pair()).collect();
+        let mut session = PeerSession::new(1, streams, 0, 512);
+        for lsn in 1..=5 {
+            session.send(OutFrame::new(FrameHeader::new(FrameKind::Barrier, 0, 0, lsn, 0, 0).as_bytes(), None));
+            session.send(OutFrame::new(FrameHeader::new(FrameKind::Ack, 0, 0, lsn, 0, 0).as_bytes(), None));
+        }
+        let frames_on = |channel: usize| session.channels[channel].queued_frames();
+        assert_eq!(frames_on(0), 3 + 5, "barriers 1, 3, 5 and every acknowledgement");
+        assert_eq!(frames_on(1), 2, "barriers 2 and 4");
+    }
+}

@@ -1,0 +1,144 @@
+//! Sessions on a destination whose data channels are still connecting.
+//!
+//! A source opens channel 0 with Create or Resume; the answer names a session
+//! token, and the source opens channels 1..N with Join and that token. The
+//! session goes to the group's core once every channel is there, in channel
+//! order. A session that does not complete within the handshake timeout, or
+//! that a newer Create or Resume of the same group replaces, is dropped with
+//! its connections (the source sees them close and reconnects).
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+struct Joining {
+    token: u64,
+    partnership_id: String,
+    streams: Vec<Option<TcpStream>>,
+    opened: Instant,
+}
+
+/// The joining sessions of a destination node, by group.
+pub struct JoiningSessions {
+    by_group: Mutex<HashMap<String, Joining>>,
+    timeout: Duration,
+}
+
+impl JoiningSessions {
+    #[must_use]
+    pub fn new(timeout: Duration) -> Self {
+        Self { by_group: Mutex::default(), timeout }
+    }
+
+    /// Opens a session of `channels` channels for `group`; returns its token.
+    pub fn open(&self, group: &str, partnership_id: &str, channels: u32) -> u64 {
+        let token = rand::random::<u64>() | 1;
+        let joining = Joining {
+            token,
+            partnership_id: partnership_id.to_owned(),
+            streams: (0..channels).map(|_| None).collect(),
+            opened: Instant::now(),
+        };
+        self.lock().insert(group.to_owned(), joining);
+        token
+    }
+
+    /// Adds channel `channel` of session `token`; returns every channel once
+    /// the session is complete.
+    pub fn add(
+        &self,
+        group: &str,
+        partnership_id: &str,
+        token: u64,
+        channel: u32,
+        stream: TcpStream,
+    ) -> Result<Option<Vec<TcpStream>>, String> {
+        let mut by_group = self.lock();
+        let Some(joining) = by_group.get_mut(group) else {
+            return Err(format!("no session of group {group} is waiting for data channels; the source reconnects"));
+        };
+        if joining.opened.elapsed() > self.timeout {
+            by_group.remove(group);
+            return Err(format!(
+                "the session of group {group} waited more than {} s for its data channels; the source reconnects",
+                self.timeout.as_secs()
+            ));
+        }
+        if joining.token != token || joining.partnership_id != partnership_id {
+            return Err(format!("session {token:#x} is not the open session of group {group}; the source reconnects"));
+        }
+        let count = joining.streams.len();
+        let Some(slot) = joining.streams.get_mut(channel as usize) else {
+            return Err(format!("channel {channel} is outside the session's {count} channel(s)"));
+        };
+        if slot.is_some() {
+            return Err(format!("channel {channel} of the session already joined"));
+        }
+        *slot = Some(stream);
+        if joining.streams.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let joining = by_group.remove(group).expect("present");
+        Ok(Some(joining.streams.into_iter().map(|s| s.expect("complete")).collect()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Joining>> {
+        self.by_group.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn stream() -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        TcpStream::connect(listener.local_addr().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_session_completes_with_every_channel_in_order() {
+        let sessions = JoiningSessions::new(Duration::from_secs(15));
+        let token = sessions.open("rg02", "ab", 3);
+        let (s0, s1, s2) = (stream(), stream(), stream());
+        let local = [s0.local_addr().unwrap(), s1.local_addr().unwrap(), s2.local_addr().unwrap()];
+        assert!(sessions.add("rg02", "ab", token, 2, s2).unwrap().is_none());
+        assert!(sessions.add("rg02", "ab", token, 0, s0).unwrap().is_none());
+        let all = sessions.add("rg02", "ab", token, 1, s1).unwrap().expect("complete");
+        let got: Vec<_> = all.iter().map(|s| s.local_addr().unwrap()).collect();
+        assert_eq!(got, local, "channels come back in channel order");
+        let late = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        assert!(late.contains("no session of group rg02"), "{late}");
+    }
+
+    #[test]
+    fn wrong_joins_are_refused_with_the_reason() {
+        let sessions = JoiningSessions::new(Duration::from_secs(15));
+        let token = sessions.open("rg02", "ab", 2);
+        let wrong_token = sessions.add("rg02", "ab", token ^ 2, 1, stream()).unwrap_err();
+        assert!(wrong_token.contains("is not the open session"), "{wrong_token}");
+        let wrong_partnership = sessions.add("rg02", "cd", token, 1, stream()).unwrap_err();
+        assert!(wrong_partnership.contains("is not the open session"), "{wrong_partnership}");
+        let outside = sessions.add("rg02", "ab", token, 2, stream()).unwrap_err();
+        assert!(outside.contains("outside the session's 2 channel(s)"), "{outside}");
+        assert!(sessions.add("rg02", "ab", token, 1, stream()).unwrap().is_none());
+        let twice = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        assert!(twice.contains("already joined"), "{twice}");
+        // A newer session replaces the older one, whose token no longer joins.
+        let newer = sessions.open("rg02", "ab", 2);
+        assert!(sessions.add("rg02", "ab", token, 0, stream()).is_err());
+        assert!(sessions.add("rg02", "ab", newer, 0, stream()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_session_that_waits_too_long_is_dropped() {
+        let sessions = JoiningSessions::new(Duration::ZERO);
+        let token = sessions.open("rg02", "ab", 2);
+        std::thread::sleep(Duration::from_millis(5));
+        let expired = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        assert!(expired.contains("waited more than 0 s"), "{expired}");
+    }
+}
