@@ -161,3 +161,39 @@ fn a_group_with_a_missing_volume_is_reported_and_the_others_keep_serving() {
     let listed = node.cli_ok(&["group", "list"]);
     assert!(listed.contains("rg01") && !listed.contains("rg02"), "{listed}");
 }
+
+/// `tandem status | head -1`: the CLI ends on SIGPIPE like any command-line
+/// tool when its reader goes away, without a panic message.
+#[test]
+fn a_reader_that_goes_away_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let node = Node::start("");
+    for index in 0..2 {
+        let volume = sparse(&node, &format!("v{index}.img"), 1 << 20);
+        node.cli_ok(&[
+            "group",
+            "create",
+            "--name",
+            &format!("g{index}"),
+            "--log-size",
+            "128MiB",
+            "--log",
+            &node.path(&format!("g{index}.log")).display().to_string(),
+            "--volume",
+            &volume,
+        ]);
+    }
+    let mut child = Command::new(bin("tandem"))
+        .arg("--api")
+        .arg(&node.api)
+        .args(["status", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tandem");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for tandem");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success() || output.status.signal() == Some(libc::SIGPIPE), "{:?}: {stderr}", output.status);
+}

@@ -134,6 +134,10 @@ enum PartnershipCommand {
 }
 
 fn main() {
+    // `tandem status | head` ends quietly when the reader goes away, as
+    // command-line tools do, instead of panicking on a broken pipe.
+    // SAFETY: restoring the default action of a signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => {}
