@@ -122,6 +122,11 @@ pub struct SimNode {
     segments_left: HashMap<u64, usize>,
     /// Volume, offset and the bytes the volume gets, of every write in the core.
     pub writes: HashMap<WriteId, (u8, u64, Vec<u8>)>,
+    /// Writes answered before their volume write was issued: their bytes
+    /// stay in `writes` until it is.
+    answered_unapplied: std::collections::HashSet<WriteId>,
+    /// Writes whose volume write was issued and that are not answered yet.
+    applies_issued: std::collections::HashSet<WriteId>,
     outputs: Vec<NodeOutput>,
     pub checkpoints: u64,
     pub records_replayed: u64,
@@ -153,6 +158,8 @@ impl SimNode {
             pending: Vec::new(),
             segments_left: HashMap::new(),
             writes: HashMap::new(),
+            answered_unapplied: std::collections::HashSet::new(),
+            applies_issued: std::collections::HashSet::new(),
             outputs: Vec::new(),
             checkpoints: 0,
             records_replayed: 0,
@@ -192,7 +199,12 @@ impl SimNode {
                     }
                 }
                 Action::Apply(apply) => {
-                    let (volume, offset, bytes) = self.writes[&apply.write_id].clone();
+                    let (volume, offset, bytes) = if self.answered_unapplied.remove(&apply.write_id) {
+                        self.writes.remove(&apply.write_id).expect("an answered write keeps its bytes")
+                    } else {
+                        self.applies_issued.insert(apply.write_id);
+                        self.writes[&apply.write_id].clone()
+                    };
                     assert_eq!((volume, offset), (apply.volume_index, apply.offset), "apply targets the write");
                     self.pending.push(Pending::VolumeWrite { lsn: apply.lsn, volume, offset: offset as usize, bytes });
                 }
@@ -201,7 +213,13 @@ impl SimNode {
                     self.pending.push(Pending::CheckpointFlush { lsn, tail, copy: copy_to_persist });
                 }
                 Action::Complete { id, result } => {
-                    self.writes.remove(&id);
+                    // A durable write may be answered before its volume
+                    // write is issued, which still needs its bytes.
+                    if self.applies_issued.remove(&id) {
+                        self.writes.remove(&id);
+                    } else {
+                        self.answered_unapplied.insert(id);
+                    }
                     self.outputs.push(NodeOutput::Completed { id, result });
                 }
                 Action::Ship { lsn, position, end_position, depends_on } => {
@@ -365,6 +383,8 @@ impl SimNode {
         }
         self.segments_left.clear();
         self.writes.clear();
+        self.answered_unapplied.clear();
+        self.applies_issued.clear();
         self.outputs.clear();
     }
 

@@ -170,7 +170,7 @@ fn a_reader_that_goes_away_ends_the_cli_quietly() {
     let node = Node::start("");
     for index in 0..2 {
         let volume = sparse(&node, &format!("v{index}.img"), 1 << 20);
-        node.cli_ok(&[
+        let _ = node.cli_ok(&[
             "group",
             "create",
             "--name",

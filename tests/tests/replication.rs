@@ -125,6 +125,36 @@ fn async_partnership_with_three_volumes_converges() {
     converge("async", 3, &[("data", 320 << 20), ("logs", 64 << 20), ("index", 32 << 20)]);
 }
 
+/// A source answers a write once it is durable in both logs, possibly before
+/// its own volume write (which starts only after the log write): a read right
+/// after it must still return it. Writes and read-backs alternate on
+/// overlapping ranges of the source's export.
+#[test]
+fn a_source_reads_back_every_write_it_answered() {
+    require_tool("qemu-io", "qemu-utils");
+    let pair = start_pair("");
+    pair.source.replicate_to(&pair.destination, "256MiB", &[("data", 16 << 20)], "sync");
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for round in 0..300u64 {
+        let pattern = round % 250 + 1;
+        let offset = (round * 7919 % 250) * 4096;
+        let length = 4096 * (1 + round % 16);
+        args.extend(["-c".into(), format!("write -P {pattern} {offset} {length}")]);
+        args.extend(["-c".into(), format!("read -P {pattern} {offset} {length}")]);
+    }
+    let output = pair
+        .source
+        .client_command("qemu-io")
+        .args(&args)
+        .arg(pair.source.nbd_uri("rg01", "data"))
+        .output()
+        .expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{text}");
+    assert!(!text.contains("Pattern verification failed"), "a read missed the write before it: {text}");
+    assert_eq!(text.matches("read ").count(), 300, "{text}");
+}
+
 #[test]
 fn destination_exports_refuse_clients_with_the_reason() {
     require_tool("qemu-io", "qemu-utils");

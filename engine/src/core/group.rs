@@ -23,6 +23,10 @@ use super::ring::LogRing;
 /// Identifies a write for the runtime (which owns its buffer).
 pub type WriteId = u64;
 
+/// Payload bytes of volume writes still to do below which durable writes are
+/// answered before their volume write (see `GroupCore::complete_and_settle`).
+pub const MAX_ANSWERED_UNAPPLIED_BYTES: u64 = 64 << 20;
+
 /// What a write does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOp {
@@ -277,6 +281,10 @@ pub struct GroupCore {
     durable_lsn: u64,
     apply_queue: VecDeque<ApplyOp>,
     apply_inflight: Vec<ApplyOp>,
+    /// Payload bytes of queued and in-flight volume writes: while small, a
+    /// durable write completes before its volume write (reads of its range
+    /// wait instead; see `unapplied_overlaps`).
+    unapplied_write_bytes: u64,
     settled_lsn: u64,
     settled_end_position: u64,
     /// Where the next record (or pad) is placed; asserts back-to-back placement.
@@ -346,6 +354,7 @@ impl GroupCore {
             durable_lsn: checkpoint_lsn,
             apply_queue: VecDeque::new(),
             apply_inflight: Vec::new(),
+            unapplied_write_bytes: 0,
             settled_lsn: checkpoint_lsn,
             settled_end_position: head,
             placed_head: head,
@@ -546,6 +555,9 @@ impl GroupCore {
             let (header, apply) = self.record_for(&request, depends_on);
             let record = LogRecord { header, write_id: Some(request.id) };
             self.place(&mut segments, placement.position, bytes, record, depends_on);
+            if apply.kind == ApplyKind::Write {
+                self.unapplied_write_bytes += u64::from(apply.length);
+            }
             self.apply_queue.push_back(apply);
             batch_bytes += bytes + placement.pad_bytes;
             records += 1;
@@ -688,7 +700,8 @@ impl GroupCore {
             self.fail(format!("volume write of LSN {lsn} failed: {}", errno_text(failure.errno)));
         }
         let index = self.apply_inflight.iter().position(|a| a.lsn == lsn).expect("apply done for an unknown LSN");
-        self.apply_inflight.swap_remove(index);
+        let apply = self.apply_inflight.swap_remove(index);
+        self.forget_unapplied(&apply);
         let index = self.placed.binary_search_by_key(&lsn, |r| r.lsn).expect("an applied record is still placed");
         self.placed[index].applied = true;
     }
@@ -725,6 +738,21 @@ impl GroupCore {
         }
     }
 
+    fn forget_unapplied(&mut self, apply: &ApplyOp) {
+        if apply.kind == ApplyKind::Write {
+            self.unapplied_write_bytes -= u64::from(apply.length);
+        }
+    }
+
+    /// Whether a volume change of a taken write overlapping this range is
+    /// not yet in the volume: a read of the range must wait, since the write
+    /// may already be answered (see `complete_and_settle`).
+    #[must_use]
+    pub fn unapplied_overlaps(&self, volume_index: u8, offset: u64, length: u32) -> bool {
+        let range = ApplyOp { lsn: 0, write_id: 0, volume_index, offset, length, kind: ApplyKind::Trim, depends_on: 0 };
+        self.apply_queue.iter().chain(&self.apply_inflight).any(|a| a.overlaps(&range))
+    }
+
     /// Every record up to this LSN is applied to the volumes.
     #[must_use]
     pub fn applied_prefix_lsn(&self) -> u64 {
@@ -740,11 +768,18 @@ impl GroupCore {
             return;
         }
         let limit_lsn = self.completion_limit_lsn();
+        // A durable write is answered before its volume write while those in
+        // the queue are few: the volume write is not on the write's latency
+        // path (in a partnership it starts only after the log write). Reads
+        // of an unapplied range wait for it, so every answered write is seen.
+        // A large backlog answers writes only as they reach the volumes, so
+        // memory held by payloads stays bounded.
+        let answer_before_apply = self.unapplied_write_bytes <= MAX_ANSWERED_UNAPPLIED_BYTES;
         for record in self.placed.iter_mut() {
             if record.lsn > limit_lsn {
                 break;
             }
-            if record.applied && !record.completed {
+            if (record.applied || answer_before_apply) && !record.completed {
                 record.completed = true;
                 self.max_completed_lsn = self.max_completed_lsn.max(record.lsn);
                 self.writes_completed += 1;

@@ -1,7 +1,7 @@
 //! What the write path does once an IO error has failed the group: every
 //! write is answered with the error, none is acknowledged as durable.
 
-use super::{Action, GroupCore, WriteError};
+use super::{Action, ApplyOp, GroupCore, WriteError};
 
 impl GroupCore {
     pub(super) fn fail(&mut self, reason: String) {
@@ -22,7 +22,11 @@ impl GroupCore {
     /// those still in flight are answered when their IO reports back.
     pub(super) fn fail_placed(&mut self) {
         let reason = self.failed.clone().expect("only called when failed");
-        let apply_waiting: Vec<u64> = self.apply_queue.drain(..).map(|a| a.lsn).collect();
+        let apply_waiting: Vec<ApplyOp> = self.apply_queue.drain(..).collect();
+        for apply in &apply_waiting {
+            self.forget_unapplied(apply);
+        }
+        let apply_waiting: Vec<u64> = apply_waiting.iter().map(|a| a.lsn).collect();
         for record in self.placed.iter_mut() {
             if apply_waiting.contains(&record.lsn) {
                 record.applied = true;

@@ -39,19 +39,43 @@ fn completed(actions: &[Action]) -> Vec<WriteId> {
 }
 
 #[test]
-fn write_completes_only_when_durable_and_applied() {
+fn write_completes_when_durable_and_its_range_reads_as_unapplied_until_applied() {
     let mut core = core_with(64, GroupConfig::default());
-    core.handle(write(1, 0, 4096));
+    core.handle(write(1, 8192, 4096));
     let actions = core.take_actions();
     let batch = appends(&actions)[0].clone();
     assert_eq!(batch.segments.len(), 1);
     assert_eq!(batch.segments[0].records[0].header.lsn, 1);
     assert_eq!(applies(&actions).len(), 1);
-    core.handle(Event::ApplyDone { lsn: 1, result: Ok(()) });
-    assert!(completed(&core.take_actions()).is_empty(), "applied but not durable");
+    assert!(core.unapplied_overlaps(0, 0, 8193), "the last byte overlaps");
+    assert!(!core.unapplied_overlaps(0, 0, 8192), "the range before it does not");
+    assert!(!core.unapplied_overlaps(1, 8192, 4096), "another volume does not");
     core.handle(Event::AppendDone { batch_id: batch.batch_id, result: Ok(()) });
-    assert_eq!(completed(&core.take_actions()), vec![1]);
+    assert_eq!(completed(&core.take_actions()), vec![1], "durable: answered before its volume write");
     assert_eq!(core.snapshot().durable_lsn, 1);
+    assert!(core.unapplied_overlaps(0, 8192, 4096), "a read of the range must still wait");
+    core.handle(Event::ApplyDone { lsn: 1, result: Ok(()) });
+    assert!(completed(&core.take_actions()).is_empty(), "answered once");
+    assert!(!core.unapplied_overlaps(0, 8192, 4096));
+}
+
+#[test]
+fn a_large_volume_write_backlog_answers_writes_only_once_applied() {
+    let mut core = core_with(32 * 1024, GroupConfig { max_batch_bytes: 1 << 30, ..GroupConfig::default() });
+    let count = (MAX_ANSWERED_UNAPPLIED_BYTES >> 20) + 2;
+    for id in 1..=count {
+        core.handle(write(id, id << 20, 1 << 20));
+    }
+    let actions = core.take_actions();
+    assert_eq!(applies(&actions).len() as u64, count);
+    for batch in appends(&actions) {
+        core.handle(Event::AppendDone { batch_id: batch.batch_id, result: Ok(()) });
+    }
+    assert!(completed(&core.take_actions()).is_empty(), "{count} MiB of volume writes to do: writes wait for them");
+    core.handle(Event::ApplyDone { lsn: 1, result: Ok(()) });
+    core.handle(Event::ApplyDone { lsn: 2, result: Ok(()) });
+    let answered = completed(&core.take_actions());
+    assert_eq!(answered.len() as u64, count, "the backlog is back at the limit: every durable write is answered");
 }
 
 #[test]
@@ -200,6 +224,7 @@ fn idle_interval_triggers_a_checkpoint() {
 struct Harness {
     outstanding: Vec<Event>,
     lsn_of_write: std::collections::HashMap<WriteId, u64>,
+    range_of_write: std::collections::HashMap<WriteId, (u8, u64, u32)>,
     applied_lsns: std::collections::HashSet<u64>,
     completed: std::collections::HashSet<WriteId>,
 }
@@ -208,9 +233,16 @@ impl Harness {
     fn run(&mut self, core: &mut GroupCore, seed: u64) {
         for action in core.take_actions() {
             match action {
-                Action::Append(b) => self.outstanding.push(Event::AppendDone { batch_id: b.batch_id, result: Ok(()) }),
+                Action::Append(b) => {
+                    for record in b.segments.iter().flat_map(|s| &s.records) {
+                        let (Some(id), header) = (record.write_id, &record.header) else { continue };
+                        let range = (header.volume_index, header.offset, header.length);
+                        self.lsn_of_write.insert(id, header.lsn);
+                        self.range_of_write.insert(id, range);
+                    }
+                    self.outstanding.push(Event::AppendDone { batch_id: b.batch_id, result: Ok(()) });
+                }
                 Action::Apply(op) => {
-                    self.lsn_of_write.insert(op.write_id, op.lsn);
                     self.outstanding.push(Event::ApplyDone { lsn: op.lsn, result: Ok(()) });
                 }
                 Action::Checkpoint { lsn, tail_position, .. } => {
@@ -223,9 +255,10 @@ impl Harness {
                         core.snapshot().durable_lsn >= lsn,
                         "seed {seed}: write {id} completed before LSN {lsn} was durable"
                     );
+                    let (volume_index, offset, length) = self.range_of_write[&id];
                     assert!(
-                        self.applied_lsns.contains(&lsn),
-                        "seed {seed}: write {id} completed before it was applied"
+                        self.applied_lsns.contains(&lsn) || core.unapplied_overlaps(volume_index, offset, length),
+                        "seed {seed}: write {id} completed before it was applied, and reads of its range do not wait"
                     );
                     assert!(self.completed.insert(id), "seed {seed}: write {id} completed twice");
                 }

@@ -70,6 +70,9 @@ pub struct Conn {
     pub inflight: usize,
     pending_bytes: usize,
     pub closing: bool,
+    /// Reads (cookie, offset, length) waiting for an answered write of their
+    /// range to reach the volume (counted in `inflight`).
+    deferred_reads: VecDeque<(u64, u64, u32)>,
 }
 
 impl Conn {
@@ -102,6 +105,7 @@ impl Conn {
             inflight: 0,
             pending_bytes: 0,
             closing: false,
+            deferred_reads: VecDeque::new(),
         }
     }
 
@@ -160,6 +164,7 @@ impl Conn {
     /// a client that pipelined past the limits may be waiting for replies only,
     /// so no new receive would ever wake the connection.
     pub fn resume(&mut self, group: &mut GroupRt, io: &mut Io, key: usize) {
+        self.start_deferred_reads(group, io, key);
         if !self.closing && self.rend > self.rstart && self.has_capacity() {
             self.drive(group, io, key);
         }
@@ -257,7 +262,15 @@ impl Conn {
 
     fn dispatch(&mut self, request: BlockRequest, group: &mut GroupRt, io: &mut Io, key: usize) {
         match request {
-            BlockRequest::Read { cookie, offset, length } => self.start_read(group, io, key, cookie, offset, length),
+            BlockRequest::Read { cookie, offset, length } => {
+                if group.core.unapplied_overlaps(self.volume_index, offset, length) {
+                    self.assert_in_range(offset, length);
+                    self.inflight += 1;
+                    self.deferred_reads.push_back((cookie, offset, length));
+                } else {
+                    self.start_read(group, io, key, cookie, offset, length);
+                }
+            }
             BlockRequest::Write { cookie, offset, length } => {
                 self.assert_in_range(offset, length);
                 let sector = group.sector_bytes();
@@ -320,6 +333,21 @@ impl Conn {
 }
 
 impl Conn {
+    /// Starts the deferred reads whose range is now in the volume.
+    fn start_deferred_reads(&mut self, group: &GroupRt, io: &mut Io, key: usize) {
+        let mut index = 0;
+        while index < self.deferred_reads.len() {
+            let (cookie, offset, length) = self.deferred_reads[index];
+            if group.core.unapplied_overlaps(self.volume_index, offset, length) {
+                index += 1;
+                continue;
+            }
+            self.deferred_reads.remove(index);
+            self.inflight -= 1;
+            self.start_read(group, io, key, cookie, offset, length);
+        }
+    }
+
     fn start_read(&mut self, group: &GroupRt, io: &mut Io, key: usize, cookie: u64, offset: u64, length: u32) {
         self.assert_in_range(offset, length);
         let header_bytes = self.session.read_reply_header_bytes();

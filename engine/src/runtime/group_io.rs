@@ -33,6 +33,41 @@ pub struct PendingWrite {
     pub started: Instant,
 }
 
+/// Where the volume change of a taken write stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VolumeWrite {
+    NotIssued,
+    InFlight,
+    Done,
+}
+
+/// A write the core has taken. Its entry (and buffer) lives until it is both
+/// answered and in its volume: a durable write may be answered first, and
+/// its volume write reads the buffer until it completes.
+#[derive(Debug)]
+pub struct TakenWrite {
+    pub pending: PendingWrite,
+    answered: bool,
+    volume_write: VolumeWrite,
+}
+
+impl TakenWrite {
+    fn new(pending: PendingWrite) -> Self {
+        Self { pending, answered: false, volume_write: VolumeWrite::NotIssued }
+    }
+
+    /// Nothing will read the buffer any more once answered: the volume
+    /// write is done, or it never starts (a failed group issues none).
+    fn finished(&self, failed: bool) -> bool {
+        self.answered
+            && match self.volume_write {
+                VolumeWrite::Done => true,
+                VolumeWrite::NotIssued => failed,
+                VolumeWrite::InFlight => false,
+            }
+    }
+}
+
 /// A finished write to be answered on its connection.
 #[derive(Debug)]
 pub struct Completion {
@@ -88,7 +123,7 @@ pub struct GroupRt {
     pub detaching: bool,
     sector_bytes: usize,
     next_write_id: WriteId,
-    pub(super) writes: HashMap<WriteId, PendingWrite>,
+    pub(super) writes: HashMap<WriteId, TakenWrite>,
     /// The source side of a partnership.
     pub source: Option<super::replica_source::SourceLink>,
     /// The destination side of a partnership.
@@ -174,7 +209,7 @@ impl GroupRt {
     ) {
         let id = self.next_write_id;
         self.next_write_id += 1;
-        self.writes.insert(id, pending);
+        self.writes.insert(id, TakenWrite::new(pending));
         let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
         self.core.handle(Event::Submit(request));
     }
@@ -190,7 +225,7 @@ impl GroupRt {
     ) {
         let id = self.next_write_id;
         self.next_write_id += 1;
-        self.writes.insert(id, pending);
+        self.writes.insert(id, TakenWrite::new(pending));
         let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
         self.core.handle(Event::SubmitReplicated { request, lsn, depends_on });
     }
@@ -213,7 +248,12 @@ impl GroupRt {
         for action in actions {
             match action {
                 Action::Append(batch) => self.append(io, group, batch),
-                Action::Apply(op) => self.apply(io, group, op, 0),
+                Action::Apply(op) => {
+                    if let Some(write) = self.writes.get_mut(&op.write_id) {
+                        write.volume_write = VolumeWrite::InFlight;
+                    }
+                    self.apply(io, group, op, 0);
+                }
                 Action::Complete { id, result } => {
                     if let Some(completion) = self.complete(id, result) {
                         completions.push(completion);
@@ -276,8 +316,17 @@ impl GroupRt {
     }
 
     fn complete(&mut self, id: WriteId, result: Result<(), WriteError>) -> Option<Completion> {
-        let write = self.writes.remove(&id).expect("completed write is pending");
-        if write.conn == super::replica_dest::REPLICATED_WRITE_CONN {
+        let failed = result.is_err();
+        let taken = self.writes.get_mut(&id).expect("completed write is pending");
+        assert!(!taken.answered, "write {id} answered twice");
+        taken.answered = true;
+        let write = &taken.pending;
+        let (conn, conn_id, cookie, payload_bytes, started) =
+            (write.conn, write.conn_id, write.cookie, write.payload_bytes, write.started);
+        if taken.finished(failed) {
+            self.writes.remove(&id);
+        }
+        if conn == super::replica_dest::REPLICATED_WRITE_CONN {
             if let Err(error) = result {
                 tracing::error!(group = %self.name, ?error, "replicated write failed");
                 self.close_peer = true;
@@ -285,17 +334,11 @@ impl GroupRt {
             return None;
         }
         if result.is_ok() {
-            let _ = self.write_latency_us.record(write.started.elapsed().as_micros().max(1) as u64);
+            let _ = self.write_latency_us.record(started.elapsed().as_micros().max(1) as u64);
         } else {
             tracing::error!(group = %self.name, ?result, "write failed");
         }
-        Some(Completion {
-            conn: write.conn,
-            conn_id: write.conn_id,
-            cookie: write.cookie,
-            payload_bytes: write.payload_bytes,
-            result: result.map_err(|_| BlockError::Io),
-        })
+        Some(Completion { conn, conn_id, cookie, payload_bytes, result: result.map_err(|_| BlockError::Io) })
     }
 
     fn append(&mut self, io: &mut Io, group: usize, batch: AppendBatch) {
@@ -310,7 +353,7 @@ impl GroupRt {
                 let write_buf = record
                     .write_id
                     .and_then(|id| self.writes.get_mut(&id))
-                    .and_then(|w| w.buf.as_mut())
+                    .and_then(|w| w.pending.buf.as_mut())
                     .map(|buf| Rc::get_mut(buf).expect("a record buffer is not shared before its append"));
                 let (base, len) = match (record.header.record_kind(), write_buf) {
                     (RecordKind::Write, Some(buf)) => {
@@ -373,7 +416,7 @@ impl GroupRt {
         let op = Op::Apply { group, apply, done };
         let entry = match apply.kind {
             ApplyKind::Write => {
-                let buf = self.writes[&apply.write_id].buf.as_ref().expect("write has a buffer");
+                let buf = self.writes[&apply.write_id].pending.buf.as_ref().expect("write has a buffer");
                 let start = self.sector_bytes + done as usize;
                 // SAFETY: start + remaining stays within the record buffer.
                 let ptr = unsafe { buf.as_ptr().add(start) };
@@ -404,6 +447,12 @@ impl GroupRt {
             if done < apply.length {
                 self.apply(io, group, apply, done);
                 return;
+            }
+        }
+        if let Some(write) = self.writes.get_mut(&apply.write_id) {
+            write.volume_write = VolumeWrite::Done;
+            if write.finished(false) {
+                self.writes.remove(&apply.write_id);
             }
         }
         let stalled = apply.kind == ApplyKind::Write && result == 0;

@@ -203,9 +203,9 @@ impl GroupRt {
         }
         match link.unshipped.remove(&lsn) {
             Some(Unshipped::Header(header)) => link.push(OutFrame::new(header.as_bytes(), None)),
-            Some(Unshipped::Write(id, header)) if self.writes.get(&id).is_some_and(|w| w.buf.is_some()) => {
+            Some(Unshipped::Write(id, header)) if self.writes.get(&id).is_some_and(|w| w.pending.buf.is_some()) => {
                 assert_eq!(header.lsn, lsn, "a remembered record ships under its own LSN");
-                let buf = Rc::clone(self.writes[&id].buf.as_ref().expect("checked"));
+                let buf = Rc::clone(self.writes[&id].pending.buf.as_ref().expect("checked"));
                 let payload = SharedBytes { buf, start: sector, len: header.payload_bytes() as usize };
                 link.push(OutFrame::new(header.as_bytes(), Some(payload)));
             }
