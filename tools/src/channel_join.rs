@@ -40,7 +40,9 @@ impl JoiningSessions {
             streams: (0..channels).map(|_| None).collect(),
             opened: Instant::now(),
         };
-        self.lock().insert(group.to_owned(), joining);
+        let mut by_group = self.lock();
+        self.drop_expired(&mut by_group);
+        by_group.insert(group.to_owned(), joining);
         token
     }
 
@@ -81,6 +83,11 @@ impl JoiningSessions {
         }
         let joining = by_group.remove(group).expect("present");
         Ok(Some(joining.streams.into_iter().map(|s| s.expect("complete")).collect()))
+    }
+
+    /// Sessions whose channels never all came close their connections.
+    fn drop_expired(&self, by_group: &mut HashMap<String, Joining>) {
+        by_group.retain(|_, joining| joining.opened.elapsed() <= self.timeout);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Joining>> {
@@ -140,5 +147,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let expired = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
         assert!(expired.contains("waited more than 0 s"), "{expired}");
+        // Opening another group's session drops expired ones of every group.
+        let _ = sessions.open("rg03", "cd", 2);
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = sessions.open("rg04", "ef", 2);
+        assert_eq!(sessions.lock().len(), 1, "only the newest session is left");
     }
 }
