@@ -3,6 +3,7 @@
 //! executes the returned actions.
 
 pub mod bitmap;
+pub mod compare;
 pub mod group;
 pub mod receiver;
 pub mod recovery;
