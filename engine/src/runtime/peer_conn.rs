@@ -279,6 +279,33 @@ impl PeerConn {
         }
     }
 
+    /// Test only: the bytes of every queued frame, as a send would put them
+    /// on the wire.
+    #[cfg(test)]
+    pub fn drain_bytes_for_test(&mut self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for frame in self.queue.drain(..) {
+            let mut iovecs = Vec::new();
+            frame.push_iovecs(&mut iovecs);
+            for iovec in iovecs {
+                // SAFETY: the iovecs point into the frame, alive in this loop.
+                bytes.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len)
+                });
+            }
+        }
+        self.queued_bytes = 0;
+        bytes
+    }
+
+    /// Test only: `bytes` arrive as if received from the socket.
+    #[cfg(test)]
+    pub fn receive_for_test(&mut self, bytes: &[u8]) {
+        self.rbuf[self.rend..self.rend + bytes.len()].copy_from_slice(bytes);
+        self.recv_inflight = true;
+        self.recv_done(bytes.len() as i32);
+    }
+
     fn parse(&mut self) -> Result<(), String> {
         loop {
             if self.gather.is_some() {

@@ -219,6 +219,71 @@ mod tests {
         assert_eq!(taken, vec![1, 2, 100, 200, 3, 4, 5, 6, 7]);
     }
 
+    /// Random frames (records with payloads, copy data, barriers, and
+    /// heartbeats between them) go through a sending session; the bytes of
+    /// each channel arrive in random pieces, the channels in random order,
+    /// into a receiving session that parses them: the ordered frames come out
+    /// in sending order.
+    #[test]
+    fn random_frames_over_random_arrivals_come_out_in_order() {
+        use rand::{Rng, SeedableRng};
+        use tandem_proto::{RecordHeader, RecordStamp};
+        for seed in 0..50u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let channels = rng.random_range(1..=4);
+            let mut sender = PeerSession::new(1, (0..channels).map(|_| loopback_pair()).collect(), 0, 512);
+            let mut sent = Vec::new();
+            let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+            for lsn in 1..=rng.random_range(1..200u64) {
+                if rng.random_bool(0.2) {
+                    sender
+                        .send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
+                }
+                let frame = match rng.random_range(0..3) {
+                    0 => {
+                        let payload = vec![lsn as u8; rng.random_range(1..3000)];
+                        let header = RecordHeader::write(stamp, lsn, 0, 0, &payload);
+                        outframe_with(header.as_bytes(), &payload)
+                    }
+                    1 => {
+                        let payload = vec![!(lsn as u8); 512 * rng.random_range(1..5)];
+                        outframe_with(FrameHeader::copy_data(0, lsn, 0, &payload).as_bytes(), &payload)
+                    }
+                    _ => OutFrame::new(FrameHeader::new(FrameKind::Barrier, 0, 0, lsn, 0, 0).as_bytes(), None),
+                };
+                sent.push(lsn);
+                sender.send(frame);
+            }
+            // The bytes each channel would put on the wire.
+            let mut wires: Vec<Vec<u8>> = sender.channels.iter_mut().map(PeerConn::drain_bytes_for_test).collect();
+            let mut receiver = PeerSession::new(2, (0..channels).map(|_| loopback_pair()).collect(), 0, 512);
+            let mut received = Vec::new();
+            while wires.iter().any(|w| !w.is_empty()) {
+                let channel = rng.random_range(0..channels);
+                if wires[channel].is_empty() {
+                    continue;
+                }
+                let take = rng.random_range(1..=wires[channel].len().min(5000));
+                let piece: Vec<u8> = wires[channel].drain(..take).collect();
+                receiver.channels[channel].receive_for_test(&piece);
+                while let Some(frame) = receiver.take_received() {
+                    if frame_is_ordered(&frame) {
+                        received.push(lsn_of(&frame));
+                    }
+                }
+            }
+            assert!(!receiver.closing(), "seed {seed}: {}", receiver.close_reason());
+            assert_eq!(received, sent, "seed {seed}: {channels} channels");
+        }
+    }
+
+    fn outframe_with(header: &[u8], payload: &[u8]) -> OutFrame {
+        let mut buf = crate::runtime::buf::AlignedBuf::zeroed(payload.len());
+        buf.copy_from_slice(payload);
+        let shared = super::super::peer_conn::SharedBytes { buf: std::rc::Rc::new(buf), start: 0, len: payload.len() };
+        OutFrame::new(header, Some(shared))
+    }
+
     /// The sender's rotation puts ordered frames on every channel in turn and
     /// keeps heartbeats and acknowledgements out of it.
     #[test]
