@@ -315,6 +315,15 @@ impl GroupRt {
         entry
     }
 
+    /// Forgets a finished write; a source keeps its buffer if the record
+    /// still waits to be shipped.
+    fn release_write(&mut self, id: WriteId) {
+        let write = self.writes.remove(&id).expect("released write is pending");
+        if let (Some(link), Some(buf)) = (self.source.as_mut(), write.pending.buf.as_ref()) {
+            link.release(id, buf);
+        }
+    }
+
     fn complete(&mut self, id: WriteId, result: Result<(), WriteError>) -> Option<Completion> {
         let failed = result.is_err();
         let taken = self.writes.get_mut(&id).expect("completed write is pending");
@@ -324,7 +333,7 @@ impl GroupRt {
         let (conn, conn_id, cookie, payload_bytes, started) =
             (write.conn, write.conn_id, write.cookie, write.payload_bytes, write.started);
         if taken.finished(failed) {
-            self.writes.remove(&id);
+            self.release_write(id);
         }
         if conn == super::replica_dest::REPLICATED_WRITE_CONN {
             if let Err(error) = result {
@@ -452,7 +461,7 @@ impl GroupRt {
         if let Some(write) = self.writes.get_mut(&apply.write_id) {
             write.volume_write = VolumeWrite::Done;
             if write.finished(false) {
-                self.writes.remove(&apply.write_id);
+                self.release_write(apply.write_id);
             }
         }
         let stalled = apply.kind == ApplyKind::Write && result == 0;

@@ -201,6 +201,7 @@ impl GroupRt {
             status.bitmap_spills = self.core.bitmap_spills();
             status.last_error.clone_from(&link.last_error);
             status.ack_round_trip_us_avg = link.ack_round_trip_us_avg;
+            status.records_read_back = link.records_read_back;
             status.last_in_sync_unix_ms = link.last_in_sync_unix_ms;
             status.last_out_of_sync_unix_ms = link.last_out_of_sync_unix_ms;
         } else if let Some(link) = self.destination.as_ref() {

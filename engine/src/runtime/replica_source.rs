@@ -24,11 +24,18 @@ const MAX_DURABLE_TIMES: usize = 65_536;
 /// read back from the log.
 const MAX_UNSHIPPED_IN_MEMORY: usize = 65_536;
 
+/// Payload bytes of answered writes kept in memory for shipping: a
+/// destination that falls behind by less than this is fed from memory, not
+/// by reading the log back.
+const MAX_HELD_PAYLOAD_BYTES: usize = 64 << 20;
+
 /// Where a record waiting to be shipped can be found without reading the log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Unshipped {
     /// A write whose payload is in its record buffer (while the write is pending).
     Write(WriteId, RecordHeader),
+    /// A write already answered and applied whose record buffer is kept here.
+    Held(Rc<AlignedBuf>, RecordHeader),
     Header(RecordHeader),
 }
 
@@ -44,6 +51,13 @@ pub struct SourceLink {
     /// The connection to the destination (reactor key and id), when connected.
     pub conn: Option<(usize, u64)>,
     unshipped: BTreeMap<u64, Unshipped>,
+    /// The LSN of each write remembered as `Unshipped::Write`.
+    lsn_of_write: std::collections::HashMap<WriteId, u64>,
+    /// Payload bytes of `Unshipped::Held` buffers.
+    held_payload_bytes: usize,
+    /// Records shipped by reading them back from the log (the destination
+    /// fell behind what memory holds, or came back after a disconnection).
+    pub records_read_back: u64,
     outbox: VecDeque<Slot>,
     next_slot_id: u64,
     /// (durable LSN, when it became durable): the age of the oldest record the
@@ -78,10 +92,51 @@ impl SourceLink {
                 continue;
             }
             let entry = match record.write_id {
-                Some(id) if record.header.record_kind() == RecordKind::Write => Unshipped::Write(id, record.header),
+                Some(id) if record.header.record_kind() == RecordKind::Write => {
+                    self.lsn_of_write.insert(id, record.header.lsn);
+                    Unshipped::Write(id, record.header)
+                }
                 _ => Unshipped::Header(record.header),
             };
             self.unshipped.insert(record.header.lsn, entry);
+        }
+    }
+
+    /// A write's record buffer is about to be freed: keep it for shipping if
+    /// the record still waits and memory allows.
+    pub fn release(&mut self, id: WriteId, buf: &Rc<AlignedBuf>) {
+        let Some(lsn) = self.lsn_of_write.remove(&id) else { return };
+        let Some(entry) = self.unshipped.get_mut(&lsn) else { return };
+        let Unshipped::Write(entry_id, header) = *entry else { return };
+        assert_eq!(entry_id, id, "LSN {lsn} belongs to write {entry_id}");
+        let bytes = header.payload_bytes() as usize;
+        if self.held_payload_bytes + bytes <= MAX_HELD_PAYLOAD_BYTES {
+            self.held_payload_bytes += bytes;
+            *entry = Unshipped::Held(Rc::clone(buf), header);
+        }
+    }
+
+    /// Takes the remembered form of record `lsn`, if any.
+    fn take_unshipped(&mut self, lsn: u64) -> Option<Unshipped> {
+        let entry = self.unshipped.remove(&lsn)?;
+        match &entry {
+            Unshipped::Write(id, _) => {
+                self.lsn_of_write.remove(id);
+            }
+            Unshipped::Held(_, header) => self.held_payload_bytes -= header.payload_bytes() as usize,
+            Unshipped::Header(_) => {}
+        }
+        Some(entry)
+    }
+
+    /// Forgets remembered records the destination already holds (shipped
+    /// before a disconnection, or folded into the bitmap).
+    fn forget_unshipped_through(&mut self, lsn: u64) {
+        while let Some((&first, _)) = self.unshipped.first_key_value() {
+            if first > lsn {
+                break;
+            }
+            self.take_unshipped(first);
         }
     }
 
@@ -167,6 +222,7 @@ impl SourceLink {
         if self.durable_times.front().is_some_and(|(lsn, _)| *lsn <= peer_durable_lsn) {
             self.durable_times.pop_front();
         }
+        self.forget_unshipped_through(peer_durable_lsn);
     }
 
     /// Current RPO: age of the oldest durable record the destination lacks.
@@ -201,8 +257,13 @@ impl GroupRt {
             let header = FrameHeader::new(FrameKind::Barrier, 0, 0, depends_on, 0, 0);
             link.push(OutFrame::new(header.as_bytes(), None));
         }
-        match link.unshipped.remove(&lsn) {
+        match link.take_unshipped(lsn) {
             Some(Unshipped::Header(header)) => link.push(OutFrame::new(header.as_bytes(), None)),
+            Some(Unshipped::Held(buf, header)) => {
+                assert_eq!(header.lsn, lsn, "a held record ships under its own LSN");
+                let payload = SharedBytes { buf, start: sector, len: header.payload_bytes() as usize };
+                link.push(OutFrame::new(header.as_bytes(), Some(payload)));
+            }
             Some(Unshipped::Write(id, header)) if self.writes.get(&id).is_some_and(|w| w.pending.buf.is_some()) => {
                 assert_eq!(header.lsn, lsn, "a remembered record ships under its own LSN");
                 let buf = Rc::clone(self.writes[&id].pending.buf.as_ref().expect("checked"));
@@ -210,6 +271,7 @@ impl GroupRt {
                 link.push(OutFrame::new(header.as_bytes(), Some(payload)));
             }
             _ => {
+                link.records_read_back += 1;
                 let slot = link.reserve();
                 let len = (end_position - position) as usize;
                 let buf = AlignedBuf::zeroed(len);
@@ -363,4 +425,38 @@ pub struct ChunkRequest {
     pub offset: u64,
     pub length: u32,
     pub after_lsn: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_proto::RecordStamp;
+
+    use super::*;
+
+    fn record(lsn: u64, id: WriteId, bytes: usize) -> LogRecord {
+        let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+        LogRecord { header: RecordHeader::write(stamp, lsn, 0, 0, &vec![lsn as u8; bytes]), write_id: Some(id) }
+    }
+
+    /// Answered writes whose records still wait keep their buffers up to the
+    /// memory bound; shipping or the destination's acknowledgement frees them.
+    #[test]
+    fn released_buffers_are_held_within_the_bound_and_freed() {
+        let mut link = SourceLink::default();
+        let big = MAX_HELD_PAYLOAD_BYTES / 2;
+        link.appended(&[record(1, 10, big), record(2, 11, big), record(3, 12, 4096)]);
+        let buf = Rc::new(AlignedBuf::zeroed(4096));
+        link.release(10, &buf);
+        link.release(11, &buf);
+        assert_eq!(link.held_payload_bytes, MAX_HELD_PAYLOAD_BYTES, "two halves fill the bound");
+        link.release(12, &buf);
+        assert!(matches!(link.unshipped[&3], Unshipped::Write(12, _)), "beyond the bound: read back from the log");
+        assert!(link.lsn_of_write.is_empty());
+        assert!(matches!(link.take_unshipped(1), Some(Unshipped::Held(..))));
+        assert_eq!(link.held_payload_bytes, big, "shipping frees its bytes");
+        link.durable_advanced(3, 3, Instant::now());
+        assert!(link.unshipped.is_empty(), "the destination holds them all");
+        assert_eq!(link.held_payload_bytes, 0);
+        assert_eq!(Rc::strong_count(&buf), 1, "no buffer is kept");
+    }
 }

@@ -77,6 +77,9 @@ pub struct PartnershipStatus {
     /// Initial copy bytes read and sent, and bytes skipped as holes (source).
     pub copy_bytes_sent: u64,
     pub copy_bytes_skipped: u64,
+    /// Source: records shipped by reading them back from the log because
+    /// memory no longer held them (the destination lagged or was away).
+    pub records_read_back: u64,
     /// Destination: the initial copy is complete and durable.
     pub copy_complete: bool,
     /// Source: bytes of the volumes the dirty-region bitmap marks (copied by

@@ -414,6 +414,9 @@ fn print_partnership(g: &GroupStatus) {
         );
     }
     println!("  traffic       {} sent, {} received", format_size(p.bytes_sent), format_size(p.bytes_received));
+    if g.role == "source" {
+        println!("  read back     {} record(s) shipped from the log (not from memory)", p.records_read_back);
+    }
     if let Some(error) = &p.last_error {
         println!("  last error    {error}");
     }
