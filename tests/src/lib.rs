@@ -78,6 +78,18 @@ impl Node {
     /// Like `start_named`, inside network namespace `netns = (namespace, address)`.
     #[must_use]
     pub fn start_in(name: &str, engine_toml: &str, replication_toml: &str, netns: Option<(&str, &str)>) -> Self {
+        Self::start_with(name, "", engine_toml, replication_toml, netns)
+    }
+
+    /// Like `start_in`, with extra `[node]` lines `node_toml`.
+    #[must_use]
+    pub fn start_with(
+        name: &str,
+        node_toml: &str,
+        engine_toml: &str,
+        replication_toml: &str,
+        netns: Option<(&str, &str)>,
+    ) -> Self {
         let host = netns.map_or("127.0.0.1", |(_, address)| address).to_owned();
         let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temporary directory");
         let api = dir.path().join("api.sock");
@@ -87,7 +99,7 @@ impl Node {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let cores: Vec<String> = (0..cpus.min(2)).map(|c| c.to_string()).collect();
         let text = format!(
-            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"{host}:{nbd_port}\"\nreplication_listen = \"{host}:{replication_port}\"\nlog_level = \"info\"\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
+            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"{host}:{nbd_port}\"\nreplication_listen = \"{host}:{replication_port}\"\nlog_level = \"info\"\n{node_toml}\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
             cores.join(", "),
             dir.path().join("state").display(),
             api.display(),

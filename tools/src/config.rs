@@ -69,6 +69,9 @@ pub struct NodeConfig {
     pub replication_listen: SocketAddr,
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Where Prometheus scrapes `/metrics` (off when absent).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[engine]`: write-path tunables (defaults suit most disks).
@@ -187,6 +190,7 @@ mod tests {
             nbd_listen = "0.0.0.0:10809"
             replication_listen = "0.0.0.0:5445"
             log_level = "info"
+            metrics_listen = "127.0.0.1:9445"
             "#,
         )
         .unwrap();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod events;
+pub mod metrics;
 pub mod nbd_load;
 pub mod registry;
 pub mod replication;

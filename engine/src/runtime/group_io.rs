@@ -68,6 +68,11 @@ impl TakenWrite {
     }
 }
 
+/// Upper bounds of the write latency histogram buckets reported in status
+/// (and exposed to Prometheus), in microseconds; a last bucket holds all.
+pub const LATENCY_BUCKET_BOUNDS_US: [u64; 14] =
+    [25, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000, 1_000_000];
+
 /// A finished write to be answered on its connection.
 #[derive(Debug)]
 pub struct Completion {
@@ -600,6 +605,11 @@ impl GroupRt {
             bytes_read: self.bytes_read,
             write_latency_us_avg: if has_samples { latency.mean() } else { 0.0 },
             write_latency_us_p99: if has_samples { latency.value_at_quantile(0.99) } else { 0 },
+            write_latency_us_buckets: LATENCY_BUCKET_BOUNDS_US
+                .iter()
+                .map(|&bound| (bound, latency.count_between(0, bound)))
+                .chain(std::iter::once((u64::MAX, latency.len())))
+                .collect(),
             checkpoints: snapshot.checkpoints,
             connections: self.connections,
             epoch: self.superblock.epoch,

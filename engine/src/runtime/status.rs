@@ -35,6 +35,9 @@ pub struct GroupStatus {
     pub bytes_read: u64,
     pub write_latency_us_avg: f64,
     pub write_latency_us_p99: u64,
+    /// Cumulative write latency counts: (upper bound in us, writes at or
+    /// below it), for histogram exposition; the count of all is `writes_completed`.
+    pub write_latency_us_buckets: Vec<(u64, u64)>,
     pub checkpoints: u64,
     pub connections: usize,
     pub epoch: u32,

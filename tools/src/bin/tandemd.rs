@@ -43,6 +43,12 @@ fn run(args: &Args) -> Result<(), String> {
             config.node.replication_listen
         )
     })?;
+    let metrics = match config.node.metrics_listen {
+        Some(address) => Some(TcpListener::bind(address).map_err(|e| {
+            format!("cannot listen for metrics on {address}: {e} (change or remove node.metrics_listen)")
+        })?),
+        None => None,
+    };
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let api_path = config.node.api_socket.clone();
@@ -70,6 +76,13 @@ fn run(args: &Args) -> Result<(), String> {
         .name("tandem-repl-accept".into())
         .spawn(move || tandem_tools::replication::serve(replication_daemon, replication))
         .map_err(|e| e.to_string())?;
+    if let Some(listener) = metrics {
+        let metrics_daemon = Arc::clone(&daemon);
+        std::thread::Builder::new()
+            .name("tandem-metrics".into())
+            .spawn(move || tandem_tools::metrics::serve(metrics_daemon, listener))
+            .map_err(|e| e.to_string())?;
+    }
     let connector_daemon = Arc::clone(&daemon);
     std::thread::Builder::new()
         .name("tandem-repl-connect".into())

@@ -1,0 +1,81 @@
+//! Prometheus exposition of a running daemon: scraped over HTTP while a
+//! partnership replicates real writes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use tandem_tests::{free_port, require_tool, run_ok, Node};
+
+fn scrape(port: u16, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics_listen");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: tandem\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_owned(), body.to_owned())
+}
+
+fn value(body: &str, series: &str) -> f64 {
+    let line = body.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    line.rsplit_once(' ').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn metrics_show_groups_latency_buckets_and_partnerships() {
+    require_tool("qemu-io", "qemu-utils");
+    let port = free_port();
+    let source = Node::start_with("node-a", &format!("metrics_listen = \"127.0.0.1:{port}\""), "", "", None);
+    let destination = Node::start_named("node-b", "", "");
+    source.replicate_to(&destination, "128MiB", &[("data", 16 << 20)], "sync");
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 7 0 1M", "-c", "write -P 8 4M 64k"])
+            .arg(source.nbd_uri("rg01", "data")),
+    );
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let (head, body) = scrape(port, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(value(&body, "tandem_group_writes_total{group=\"rg01\"}") >= 2.0);
+    assert!(value(&body, "tandem_group_write_bytes_total{group=\"rg01\"}") >= f64::from(1u32 << 20) + 65536.0);
+    let count = value(&body, "tandem_group_write_latency_seconds_count{group=\"rg01\"}");
+    let infinite = value(&body, "tandem_group_write_latency_seconds_bucket{group=\"rg01\",le=\"+Inf\"}");
+    assert!(count >= 2.0 && (count - infinite).abs() < f64::EPSILON, "{body}");
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("tandem_group_write_latency_seconds_bucket{group=\"rg01\""))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "cumulative buckets never decrease: {buckets:?}");
+    assert_eq!(
+        value(&body, "tandem_partnership_state{group=\"rg01\",role=\"source\",state=\"ContinuouslyReplicating\"}"),
+        1.0
+    );
+    assert_eq!(value(&body, "tandem_partnership_channels_connected{group=\"rg01\",role=\"source\"}"), 2.0);
+    assert!(value(&body, "tandem_partnership_sent_bytes_total{group=\"rg01\",role=\"source\"}") > 1e6);
+    let (head, _) = scrape(port, "/other");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+#[test]
+fn a_metrics_address_in_use_is_refused_at_start_with_the_fix() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    let text = format!(
+        "[node]\nname = \"m\"\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n",
+        dir.path().display(),
+        free_port(),
+        free_port()
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(tandem_tests::bin("tandemd")).arg("--config").arg(&config).output().expect("tandemd");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&format!("cannot listen for metrics on 127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("change or remove node.metrics_listen"), "{stderr}");
+}
