@@ -23,6 +23,38 @@ fn value(body: &str, series: &str) -> f64 {
     line.rsplit_once(' ').unwrap().1.parse().unwrap()
 }
 
+/// The exposition goes through prometheus_client's text parser (Debian's
+/// python3-prometheus-client, installed by scripts/install-deps), which must
+/// find every family with its type.
+fn parses_with_prometheus_client(body: &str) {
+    let script = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+families = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}
+assert families["tandem_group_write_latency_seconds"].type == "histogram", families.keys()
+assert families["tandem_group_writes"].type == "counter"
+assert families["tandem_partnership_state"].type == "gauge"
+print(len(families), sum(len(f.samples) for f in families.values()))
+"#;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (scripts/install-deps installs it with python3-prometheus-client)");
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "prometheus_client refused the exposition: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let families: usize = stdout.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(families >= 23, "every family parses: {stdout}");
+}
+
 #[test]
 fn metrics_show_groups_latency_buckets_and_partnerships() {
     require_tool("qemu-io", "qemu-utils");
@@ -56,6 +88,7 @@ fn metrics_show_groups_latency_buckets_and_partnerships() {
     );
     assert_eq!(value(&body, "tandem_partnership_channels_connected{group=\"rg01\",role=\"source\"}"), 2.0);
     assert!(value(&body, "tandem_partnership_sent_bytes_total{group=\"rg01\",role=\"source\"}") > 1e6);
+    parses_with_prometheus_client(&body);
     let (head, _) = scrape(port, "/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
