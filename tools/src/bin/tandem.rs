@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tandem_engine::runtime::log_store::DEFAULT_LOG_SIZE_BYTES;
 use tandem_engine::runtime::status::GroupStatus;
 use tandem_tools::api::{call, CallError, Request, ResponseBody, VolumeArg};
@@ -11,7 +11,7 @@ use tandem_tools::size::{format_size, parse_size};
 
 /// Manage Tandem replication groups on this node.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "tandem", version)]
 struct Cli {
     /// Management socket of tandemd.
     #[arg(long, global = true, default_value = DEFAULT_API_SOCKET)]
@@ -49,6 +49,17 @@ enum Command {
         /// Keep the temporary directory (volumes, logs, daemon logs).
         #[arg(long)]
         keep: bool,
+    },
+    /// Print shell completions for tandem: `tandem completions bash > /etc/bash_completion.d/tandem`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages of tandem (one per subcommand) and tandemd under a man directory.
+    Man {
+        /// Man directory (man1/ and man8/ are created in it), e.g. /usr/local/share/man.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Numbered events (docs/events.md): partnerships, initial copy, peer lost and regained, RPO, recovery.
     Events {
@@ -154,6 +165,15 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "tandem", &mut std::io::stdout());
+        }
+        Command::Man { out } => {
+            let tandemd = tandem_tools::daemon_args::DaemonArgs::command();
+            let written =
+                tandem_tools::manpages::write_all(&Cli::command(), &tandemd, out).map_err(CallError::Refused)?;
+            println!("{} man pages written to {}", written.len(), out.display());
+        }
         Command::Demo { mode, size, seconds, queue_depth, block_size, keep } => {
             let block_bytes = u32::try_from(*block_size)
                 .ok()

@@ -1,34 +1,24 @@
 //! `tandemd`: the Tandem daemon.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tandem_tools::config::Config;
 use tandem_tools::daemon::Daemon;
+use tandem_tools::daemon_args::DaemonArgs;
 use tandem_tools::serve;
 
-/// The Tandem daemon: serves replication groups' volumes over NBD, every write
-/// durable in the group's write-ahead log before it is acknowledged.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// Configuration file.
-    #[arg(long, default_value = "/etc/tandem/tandem.toml")]
-    config: PathBuf,
-}
-
 fn main() {
-    let args = Args::parse();
+    let args = DaemonArgs::parse();
     if let Err(message) = run(&args) {
         eprintln!("tandemd: {message}");
         std::process::exit(1);
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+fn run(args: &DaemonArgs) -> Result<(), String> {
     let config = Config::load(&args.config)?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.node.log_level.clone());
     // Colours only on a terminal: logs in files and journald stay plain text.
@@ -88,7 +78,14 @@ fn run(args: &Args) -> Result<(), String> {
         .name("tandem-repl-connect".into())
         .spawn(move || tandem_tools::replication::run_connector(connector_daemon))
         .map_err(|e| e.to_string())?;
+    // Under systemd (Type=notify) the unit is started once every listener is
+    // up and every group is open; elsewhere NOTIFY_SOCKET is unset and this
+    // does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that tandemd is ready");
+    }
     let signal = signals.forever().next();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!(?signal, "stopping: draining groups and checkpointing volumes");
     let _ = std::fs::remove_file(&api_path);
     daemon.shutdown();
