@@ -94,3 +94,112 @@ fn tandemd_notifies_systemd_when_ready() {
     assert!(api_up, "the management socket is up before READY=1");
     assert!(stopping.is_ok_and(|m| m.contains("STOPPING=1")), "SIGTERM is announced");
 }
+
+/// Under systemd (`JOURNAL_STREAM` set) logs and numbered events go to
+/// journald's native socket with their fields. No journald runs here, so the
+/// test listens on its socket path itself (skipped where one exists).
+#[test]
+fn under_systemd_logs_and_events_go_to_journald_with_fields() {
+    let journal_dir = std::path::Path::new("/run/systemd/journal");
+    let journal_socket = journal_dir.join("socket");
+    if journal_socket.exists() {
+        eprintln!("a journald runs here; its socket is not taken over");
+        return;
+    }
+    if std::fs::create_dir_all(journal_dir).is_err() {
+        eprintln!("cannot create {}; skipped", journal_dir.display());
+        return;
+    }
+    let socket = UnixDatagram::bind(&journal_socket).expect("bind the journal socket");
+    // The socket path goes away with the test, even when an assertion fails.
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = RemoveOnDrop(journal_socket.clone());
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"j\"\ncores = [0]\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\n",
+            dir.path().display(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("tandemd"))
+        .arg("--config")
+        .arg(&config)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !entries.iter().any(|e: &Vec<(String, String)>| e.iter().any(|(k, v)| k == "MESSAGE" && v == "tandemd ready"))
+    {
+        let Ok(n) = socket.recv(&mut buf) else { break };
+        entries.push(journal_fields(&buf[..n]));
+    }
+    // A numbered event (group created) travels with its id and group.
+    let volume = dir.path().join("v.img");
+    std::fs::File::create(&volume).unwrap().set_len(1 << 20).unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("g.log");
+    run_ok(
+        Command::new(bin("tandem"))
+            .arg("--api")
+            .arg(&api)
+            .args(["group", "create", "--name", "g1", "--log-size", "128MiB", "--log"])
+            .arg(&log)
+            .arg("--volume")
+            .arg(&volume),
+    );
+    let mut event = None;
+    while event.is_none() {
+        let Ok(n) = socket.recv(&mut buf) else { break };
+        let fields = journal_fields(&buf[..n]);
+        if fields.iter().any(|(k, v)| k == "F_GROUP" && v == "g1") && fields.iter().any(|(k, _)| k == "F_ID") {
+            event = Some(fields);
+        }
+    }
+    // SAFETY: SIGTERM to the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().unwrap();
+    let event = event.expect("the group-created event reached the journal");
+    assert!(event.iter().any(|(k, v)| k == "F_ID" && v == "1001"), "group created is event 1001: {event:?}");
+    let ready = entries.last().expect("journal entries arrived");
+    let field = |key: &str| ready.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    assert_eq!(field("MESSAGE"), Some("tandemd ready"), "{entries:?}");
+    assert_eq!(field("SYSLOG_IDENTIFIER"), Some("tandemd"), "{ready:?}");
+    assert_eq!(field("F_NODE"), Some("j"), "structured fields travel as fields: {ready:?}");
+    assert!(field("PRIORITY").is_some(), "{ready:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("tandemd ready"), "nothing duplicated on stderr: {stderr}");
+}
+
+/// The fields of one entry of journald's native protocol: `KEY=value` lines,
+/// or `KEY`, a newline, a 64-bit little-endian length and the value.
+fn journal_fields(mut bytes: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'=') {
+        let key = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        if bytes[end] == b'=' {
+            let rest = &bytes[end + 1..];
+            let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            fields.push((key, String::from_utf8_lossy(&rest[..line_end]).into_owned()));
+            bytes = &rest[(line_end + 1).min(rest.len())..];
+        } else {
+            let rest = &bytes[end + 1..];
+            let length = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            fields.push((key, String::from_utf8_lossy(&rest[8..8 + length]).into_owned()));
+            bytes = &rest[(8 + length + 1).min(rest.len())..];
+        }
+    }
+    fields
+}

@@ -20,10 +20,7 @@ fn main() {
 
 fn run(args: &DaemonArgs) -> Result<(), String> {
     let config = Config::load(&args.config)?;
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.node.log_level.clone());
-    // Colours only on a terminal: logs in files and journald stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    init_logging(&config.node.log_level);
     let api = serve::bind_api(&config.node.api_socket)?;
     let nbd = TcpListener::bind(config.node.nbd_listen)
         .map_err(|e| format!("cannot listen for NBD on {}: {e}", config.node.nbd_listen))?;
@@ -91,4 +88,29 @@ fn run(args: &DaemonArgs) -> Result<(), String> {
     daemon.shutdown();
     tracing::info!("tandemd stopped");
     Ok(())
+}
+
+/// Logs (and the numbered events, with their `ID` and `GROUP` fields) go to
+/// journald when systemd connected the output to the journal
+/// (`JOURNAL_STREAM`), else to stderr as text.
+fn init_logging(log_level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| log_level.to_owned());
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    let journald = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        tracing_journald::layer()
+            .map(|layer| layer.with_syslog_identifier("tandemd".to_owned()))
+            .map_err(|e| {
+                eprintln!("tandemd: journald is not reachable ({e}); logging to stderr");
+            })
+            .ok()
+    } else {
+        None
+    };
+    // Colours only on a terminal: logs in files stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text =
+        journald.is_none().then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
+    tracing_subscriber::registry().with(filter).with(journald).with(text).init();
 }
