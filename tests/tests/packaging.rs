@@ -132,7 +132,7 @@ fn under_systemd_logs_and_events_go_to_journald_with_fields() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(bin("tandemd"))
+    let child = Command::new(bin("tandemd"))
         .arg("--config")
         .arg(&config)
         .env("JOURNAL_STREAM", "8:12345")
