@@ -203,3 +203,39 @@ fn journal_fields(mut bytes: &[u8]) -> Vec<(String, String)> {
     }
     fields
 }
+
+/// `scripts/package-deb` (cargo-deb) makes a .deb that unpacks (`dpkg -x`)
+/// into binaries, the unit, the default configuration as a conffile, man
+/// pages and completions.
+#[test]
+fn the_deb_unpacks_into_the_expected_files() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(root.join("scripts/package-deb")).arg("dev").current_dir(&root).output().unwrap();
+    assert!(output.status.success(), "package-deb: {}", String::from_utf8_lossy(&output.stderr));
+    let deb = root.join("target/debian/tandem_0.1.0-1_amd64.deb");
+    let scratch = tempfile::tempdir().unwrap();
+    run_ok(Command::new("dpkg").arg("-x").arg(&deb).arg(scratch.path()));
+    for file in [
+        "usr/bin/tandemd",
+        "usr/bin/tandem",
+        "lib/systemd/system/tandemd.service",
+        "etc/tandem/tandem.toml",
+        "usr/share/man/man1/tandem-partnership-create.1.gz",
+        "usr/share/man/man8/tandemd.8.gz",
+        "usr/share/bash-completion/completions/tandem",
+        "usr/share/doc/tandem/tandem-dashboard.json",
+    ] {
+        assert!(scratch.path().join(file).is_file(), "{file} is in the package");
+    }
+    let control = run_ok(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Package"));
+    assert_eq!(control.trim(), "tandem");
+    let listed = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "dpkg-deb -e {} {}/ctrl && cat {}/ctrl/conffiles",
+        deb.display(),
+        scratch.path().display(),
+        scratch.path().display()
+    )));
+    assert_eq!(listed.trim(), "/etc/tandem/tandem.toml", "the configuration survives upgrades");
+    let version = run_ok(Command::new(scratch.path().join("usr/bin/tandem")).arg("--version"));
+    assert!(version.starts_with("tandem "), "{version}");
+}

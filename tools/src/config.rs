@@ -178,6 +178,33 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The packaged default configuration parses, and every commented
+    /// setting in it shows the real default: uncommenting them all changes nothing.
+    #[test]
+    fn the_packaged_config_documents_the_real_defaults() {
+        let text = include_str!("../../contrib/tandem.toml");
+        let commented: Config = toml::from_str(text).expect("contrib/tandem.toml parses");
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(uncommented.matches(" = ").count() >= 15, "the settings are all there");
+        let explicit: Config = toml::from_str(&uncommented).expect("the uncommented settings parse");
+        let explicit_text =
+            format!("{explicit:?}").replace("metrics_listen: Some(127.0.0.1:9445)", "metrics_listen: None");
+        assert_eq!(format!("{commented:?}"), explicit_text);
+    }
+
     #[test]
     fn example_from_the_docs_parses_with_defaults() {
         let config: Config = toml::from_str(
