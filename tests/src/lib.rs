@@ -40,6 +40,22 @@ pub fn require_tool(tool: &str, package: &str) {
     assert!(found, "{tool} is not installed: `apt-get install {package}` (scripts/test installs it)");
 }
 
+/// Writes a configuration for a daemon started by hand (not through `Node`):
+/// node `name` on one core, state and sockets under `dir`, free loopback
+/// ports, and `node_toml` added to `[node]`; returns its path.
+#[must_use]
+pub fn minimal_config(dir: &Path, name: &str, node_toml: &str) -> PathBuf {
+    let config = dir.join("tandem.toml");
+    let text = format!(
+        "[node]\nname = \"{name}\"\ncores = [0]\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\n{node_toml}\n",
+        dir.display(),
+        free_port(),
+        free_port()
+    );
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
 /// A free TCP port on loopback (bound and released; the daemon binds it next).
 #[must_use]
 pub fn free_port() -> u16 {

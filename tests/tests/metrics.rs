@@ -98,14 +98,7 @@ fn a_metrics_address_in_use_is_refused_at_start_with_the_fix() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tandem.toml");
-    let text = format!(
-        "[node]\nname = \"m\"\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n",
-        dir.path().display(),
-        free_port(),
-        free_port()
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = tandem_tests::minimal_config(dir.path(), "m", &format!("metrics_listen = \"127.0.0.1:{port}\""));
     let output = Command::new(tandem_tests::bin("tandemd")).arg("--config").arg(&config).output().expect("tandemd");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use tandem_tests::{bin, free_port, run_ok};
+use tandem_tests::{bin, run_ok};
 
 #[test]
 fn completions_are_valid_shell_and_know_the_subcommands() {
@@ -64,17 +64,7 @@ fn tandemd_notifies_systemd_when_ready() {
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let config = dir.path().join("tandem.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nname = \"n\"\ncores = [0]\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\n",
-            dir.path().display(),
-            free_port(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = tandem_tests::minimal_config(dir.path(), "n", "");
     let mut child = Command::new(bin("tandemd"))
         .arg("--config")
         .arg(&config)
@@ -121,17 +111,7 @@ fn under_systemd_logs_and_events_go_to_journald_with_fields() {
     let _remove = RemoveOnDrop(journal_socket.clone());
     socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tandem.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nname = \"j\"\ncores = [0]\nstate_dir = \"{0}/state\"\napi_socket = \"{0}/api.sock\"\nnbd_listen = \"127.0.0.1:{1}\"\nreplication_listen = \"127.0.0.1:{2}\"\n",
-            dir.path().display(),
-            free_port(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = tandem_tests::minimal_config(dir.path(), "j", "");
     let child = Command::new(bin("tandemd"))
         .arg("--config")
         .arg(&config)
