@@ -107,5 +107,18 @@ fn chunk_hashing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, checksums, headers, state_machine, nbd_parse, chunk_hashing);
+/// The performance counters' cost per client write (a volume tally and a
+/// latency histogram record), next to the state machine's cost per write.
+fn counters(c: &mut Criterion) {
+    let mut counters = tandem_engine::runtime::counters::GroupCounters::new(4);
+    let mut latency = 0u64;
+    c.bench_function("counters_write_answered", |b| {
+        b.iter(|| {
+            latency = (latency + 37) % 5000;
+            counters.write_answered(black_box(2), 65536, black_box(latency));
+        })
+    });
+}
+
+criterion_group!(benches, checksums, headers, state_machine, nbd_parse, chunk_hashing, counters);
 criterion_main!(benches);

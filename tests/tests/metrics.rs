@@ -105,3 +105,51 @@ fn a_metrics_address_in_use_is_refused_at_start_with_the_fix() {
     assert!(stderr.contains(&format!("cannot listen for metrics on 127.0.0.1:{port}")), "{stderr}");
     assert!(stderr.contains("change or remove node.metrics_listen"), "{stderr}");
 }
+
+fn counters(node: &Node) -> serde_json::Value {
+    serde_json::from_str(&node.cli_ok(&["counters", "--json"])).expect("counters JSON")
+}
+
+/// A known workload moves the counters exactly: N writes and M reads
+/// through NBD are N application write requests of N x 4 KiB and M read
+/// requests, and a sync source sends at least those bytes in at least N
+/// messages.
+#[test]
+fn counters_move_exactly_under_a_known_workload() {
+    require_tool("qemu-io", "qemu-utils");
+    let source = Node::start_named("node-a", "", "");
+    let destination = Node::start_named("node-b", "", "");
+    source.replicate_to(&destination, "128MiB", &[("data", 16 << 20), ("logs", 8 << 20)], "sync");
+    let before = counters(&source);
+    let (writes, reads) = (50u64, 10u64);
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..writes {
+        args.extend(["-c".into(), format!("write -P {} {} 4k", i + 1, i * 8192)]);
+    }
+    for i in 0..reads {
+        args.extend(["-c".into(), format!("read -P {} {} 4k", i + 1, i * 8192)]);
+    }
+    run_ok(Command::new("qemu-io").args(&args).arg(source.nbd_uri("rg01", "logs")));
+    let after = counters(&source);
+    let volume = |v: &serde_json::Value, name: &str| v[0]["volumes"][1][name].as_u64().unwrap();
+    assert_eq!(after[0]["volumes"][1]["volume"], "logs");
+    assert_eq!(volume(&after, "application_write_requests") - volume(&before, "application_write_requests"), writes);
+    assert_eq!(volume(&after, "application_write_bytes") - volume(&before, "application_write_bytes"), writes * 4096);
+    assert_eq!(volume(&after, "application_read_requests") - volume(&before, "application_read_requests"), reads);
+    assert_eq!(volume(&after, "application_read_bytes") - volume(&before, "application_read_bytes"), reads * 4096);
+    assert_eq!(
+        after[0]["volumes"][0]["application_write_requests"], before[0]["volumes"][0]["application_write_requests"],
+        "the other volume did not move"
+    );
+    let sent = after[0]["partnership"]["bytes_sent"].as_u64().unwrap()
+        - before[0]["partnership"]["bytes_sent"].as_u64().unwrap();
+    assert!(sent >= writes * 4096, "a sync source sent every write: {sent} bytes");
+    let messages = after[0]["partnership"]["messages_sent"].as_u64().unwrap()
+        - before[0]["partnership"]["messages_sent"].as_u64().unwrap();
+    assert!(messages >= writes, "{messages} messages for {writes} writes");
+    assert!(after[0]["log"]["log_writes"].as_u64().unwrap() >= writes, "one log write at least per QD1 write");
+    assert!(after[0]["volumes"][1]["application_write_latency"]["p99_us"].as_u64().unwrap() > 0);
+    assert!(after[0]["partnership"]["avg_message_round_trip_us"].as_f64().unwrap() > 0.0);
+    let text = source.cli_ok(&["counters"]);
+    assert!(text.contains("application write requests") && text.contains("times flush paused"), "{text}");
+}

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod channel_join;
 pub mod config;
+pub mod counters_view;
 pub mod daemon;
 pub mod daemon_args;
 pub mod demo;

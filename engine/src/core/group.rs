@@ -244,6 +244,8 @@ pub struct GroupSnapshot {
     pub log_free_bytes: u64,
     pub writes_completed: u64,
     pub writes_waiting_for_space: u64,
+    /// Times writes began to wait for log space (the log was full).
+    pub log_full_stalls: u64,
     pub checkpoints: u64,
 }
 
@@ -295,6 +297,7 @@ pub struct GroupCore {
     last_checkpoint_ms: u64,
     now_ms: u64,
     waiting_for_space: bool,
+    log_full_stalls: u64,
     failed: Option<String>,
     writes_completed: u64,
     checkpoints: u64,
@@ -364,6 +367,7 @@ impl GroupCore {
             last_checkpoint_ms: 0,
             now_ms: 0,
             waiting_for_space: false,
+            log_full_stalls: 0,
             failed: None,
             writes_completed: 0,
             checkpoints: 0,
@@ -497,6 +501,7 @@ impl GroupCore {
             writes_completed: self.writes_completed,
             writes_waiting_for_space: if self.waiting_for_space { self.pending.len() as u64 } else { 0 },
             checkpoints: self.checkpoints,
+            log_full_stalls: self.log_full_stalls,
         }
     }
 
@@ -516,6 +521,7 @@ impl GroupCore {
     }
 
     fn form_batches(&mut self) {
+        let was_waiting = self.waiting_for_space;
         self.waiting_for_space = false;
         while self.failed.is_none() && !self.pending.is_empty() && self.batches.len() < self.config.max_inflight_appends
         {
@@ -523,6 +529,9 @@ impl GroupCore {
                 Some(batch) => self.actions.push(Action::Append(batch)),
                 None => {
                     self.waiting_for_space = true;
+                    if !was_waiting {
+                        self.log_full_stalls += 1;
+                    }
                     break;
                 }
             }

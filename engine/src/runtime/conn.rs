@@ -15,7 +15,7 @@ use io_uring::{opcode, types};
 
 use super::buf::AlignedBuf;
 use super::group_io::{GroupRt, PendingWrite};
-use super::io::{msghdr_for, Io, Op};
+use super::io::{msghdr_for, Io, Op, VolumeRead};
 use super::session::{BlockError, BlockRequest, BlockSession, Parsed};
 use crate::core::group::errno_text;
 use crate::core::WriteOp;
@@ -253,6 +253,7 @@ impl Conn {
             buf: Some(Rc::new(buf)),
             payload_bytes: length,
             started,
+            volume_index: self.volume_index,
         };
         let length = u32::try_from(length).expect("bounded by the front end");
         group.account_write(length);
@@ -303,8 +304,15 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     fn submit_range(&mut self, group: &mut GroupRt, key: usize, cookie: u64, offset: u64, length: u32, op: WriteOp) {
         self.assert_in_range(offset, length);
-        let pending =
-            PendingWrite { conn: key, conn_id: self.id, cookie, buf: None, payload_bytes: 0, started: Instant::now() };
+        let pending = PendingWrite {
+            conn: key,
+            conn_id: self.id,
+            cookie,
+            buf: None,
+            payload_bytes: 0,
+            started: Instant::now(),
+            volume_index: self.volume_index,
+        };
         group.submit(pending, offset, length, self.volume_index, op);
         self.inflight += 1;
     }
@@ -356,32 +364,22 @@ impl Conn {
         // Counted until the reply has been sent (see `send_done`).
         self.pending_bytes += buf.len();
         let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
-        let op = Op::VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0 };
+        let read = VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0, started: Instant::now() };
+        let op = Op::VolumeRead(read);
         submit_volume_read(io, fd, op);
     }
 
     /// Completion of a volume read: resubmits the rest of a short read, or
     /// queues the reply.
-    #[allow(clippy::too_many_arguments)]
-    pub fn read_done(
-        &mut self,
-        group: &mut GroupRt,
-        io: &mut Io,
-        key: usize,
-        cookie: u64,
-        mut buf: Vec<u8>,
-        header_bytes: usize,
-        offset: u64,
-        done: usize,
-        result: i32,
-    ) {
-        let length = buf.len() - header_bytes;
-        let done = done + result.max(0) as usize;
-        if result > 0 && done < length {
+    pub fn read_done(&mut self, group: &mut GroupRt, io: &mut Io, mut read: VolumeRead, result: i32) {
+        let length = read.buf.len() - read.header_bytes;
+        read.done += result.max(0) as usize;
+        if result > 0 && read.done < length {
             let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
-            submit_volume_read(io, fd, Op::VolumeRead { conn: key, cookie, buf, header_bytes, offset, done });
+            submit_volume_read(io, fd, Op::VolumeRead(read));
             return;
         }
+        let VolumeRead { cookie, mut buf, header_bytes, offset, started, .. } = read;
         self.inflight -= 1;
         if result <= 0 {
             self.pending_bytes -= buf.len();
@@ -390,7 +388,7 @@ impl Conn {
             self.reply(cookie, Err(BlockError::Io));
             return;
         }
-        group.read_done(length);
+        group.read_done(self.volume_index, length, started);
         self.session.encode_read_reply_header(cookie, &mut buf[..header_bytes]);
         self.send_queue.push_back(buf);
     }
@@ -484,7 +482,7 @@ impl Conn {
 
 fn submit_volume_read(io: &mut Io, fd: types::Fd, op: Op) {
     io.submit(op, |op| {
-        let Op::VolumeRead { buf, header_bytes, offset, done, .. } = op else { unreachable!() };
+        let Op::VolumeRead(VolumeRead { buf, header_bytes, offset, done, .. }) = op else { unreachable!() };
         let start = *header_bytes + *done;
         let remaining = (buf.len() - start) as u32;
         // SAFETY: start < buf.len() because done < length.

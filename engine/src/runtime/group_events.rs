@@ -58,6 +58,7 @@ impl GroupRt {
         let in_sync = state == Some(ReplicationState::ContinuouslyReplicating) && status.bytes_behind == 0;
         if let Some(link) = self.source.as_mut() {
             link.observe_sync(in_sync);
+            link.observe_queue(status.log_queue_length);
         }
         let previous = std::mem::replace(&mut self.observer.last_state, state);
         let now = Instant::now();
@@ -125,9 +126,13 @@ impl GroupRt {
         }
         if let (Some((started, from_lsn)), Some(ContinuouslyReplicating)) = (self.observer.catch_up_started, state) {
             self.observer.catch_up_started = None;
+            let elapsed_ms = now.duration_since(started).as_millis() as u64;
+            if let Some(link) = self.source.as_mut() {
+                link.last_recovery_elapsed_ms = elapsed_ms;
+            }
             events.push(EventKind::CatchUpCompleted {
                 records: status.destination_durable_lsn.saturating_sub(from_lsn),
-                elapsed_ms: now.duration_since(started).as_millis() as u64,
+                elapsed_ms,
             });
         }
     }

@@ -6,7 +6,6 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-use hdrhistogram::Histogram;
 use io_uring::{opcode, types};
 use tandem_proto::{RecordKind, Superblock, FLAG_NO_HOLE, RING_OFFSET_BYTES};
 
@@ -31,6 +30,8 @@ pub struct PendingWrite {
     /// Payload bytes the connection counted for this write.
     pub payload_bytes: usize,
     pub started: Instant,
+    /// The volume written (for its counters).
+    pub volume_index: u8,
 }
 
 /// Where the volume change of a taken write stands.
@@ -96,10 +97,13 @@ fn direct_fd_for(volume: &Device, ptr: *const u8, offset: u64, length: u32) -> O
     volume.direct_file.as_ref().filter(|_| aligned).map(|file| types::Fd(file.as_raw_fd()))
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct BatchIo {
     segments_left: usize,
     failure: Option<i32>,
+    /// Records of writes in the batch (pads excluded), and when it was issued.
+    records: u64,
+    started: Instant,
 }
 
 #[derive(Debug)]
@@ -145,10 +149,8 @@ pub struct GroupRt {
     persist_waiters: Vec<(u64, crossbeam_channel::Sender<Result<(), String>>)>,
     batches: HashMap<u64, BatchIo>,
     checkpoint: Option<CheckpointIo>,
-    write_latency_us: Histogram<u64>,
-    reads_completed: u64,
+    pub counters: super::counters::GroupCounters,
     bytes_written: u64,
-    bytes_read: u64,
 }
 
 impl GroupRt {
@@ -188,10 +190,8 @@ impl GroupRt {
             persist_waiters: Vec::new(),
             batches: HashMap::new(),
             checkpoint: None,
-            write_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-            reads_completed: 0,
+            counters: super::counters::GroupCounters::new(sb.volumes().len()),
             bytes_written: 0,
-            bytes_read: 0,
         };
         rt.restore_partnership(peer_defaults);
         rt
@@ -335,8 +335,8 @@ impl GroupRt {
         assert!(!taken.answered, "write {id} answered twice");
         taken.answered = true;
         let write = &taken.pending;
-        let (conn, conn_id, cookie, payload_bytes, started) =
-            (write.conn, write.conn_id, write.cookie, write.payload_bytes, write.started);
+        let (conn, conn_id, cookie, payload_bytes, started, volume_index) =
+            (write.conn, write.conn_id, write.cookie, write.payload_bytes, write.started, write.volume_index);
         if taken.finished(failed) {
             self.release_write(id);
         }
@@ -348,7 +348,8 @@ impl GroupRt {
             return None;
         }
         if result.is_ok() {
-            let _ = self.write_latency_us.record(started.elapsed().as_micros().max(1) as u64);
+            let latency_us = started.elapsed().as_micros() as u64;
+            self.counters.write_answered(volume_index, payload_bytes as u64, latency_us);
         } else {
             tracing::error!(group = %self.name, ?result, "write failed");
         }
@@ -356,7 +357,10 @@ impl GroupRt {
     }
 
     fn append(&mut self, io: &mut Io, group: usize, batch: AppendBatch) {
-        self.batches.insert(batch.batch_id, BatchIo { segments_left: batch.segments.len(), failure: None });
+        let records = batch.segments.iter().flat_map(|s| &s.records).filter(|r| r.write_id.is_some()).count() as u64;
+        let started = Instant::now();
+        let batch_io = BatchIo { segments_left: batch.segments.len(), failure: None, records, started };
+        self.batches.insert(batch.batch_id, batch_io);
         for segment in batch.segments {
             if let Some(link) = self.source.as_mut() {
                 link.appended(&segment.records);
@@ -418,6 +422,7 @@ impl GroupRt {
         batch.segments_left -= 1;
         if batch.segments_left == 0 {
             let batch = self.batches.remove(&batch_id).expect("present");
+            self.counters.log_written(batch.records, batch.started.elapsed().as_micros() as u64);
             let result = batch.failure.map_or(Ok(()), |errno| Err(IoFailure { errno }));
             self.core.handle(Event::AppendDone { batch_id, result });
         }
@@ -556,9 +561,9 @@ impl GroupRt {
     }
 
     /// Accounts a completed client read.
-    pub fn read_done(&mut self, bytes: usize) {
-        self.reads_completed += 1;
-        self.bytes_read += bytes as u64;
+    pub fn read_done(&mut self, volume_index: u8, bytes: usize, started: Instant) {
+        let latency_us = started.elapsed().as_micros() as u64;
+        self.counters.read_answered(volume_index, bytes as u64, latency_us);
     }
 
     /// Accounts written payload bytes at submission.
@@ -570,7 +575,8 @@ impl GroupRt {
     #[must_use]
     pub fn status(&self) -> GroupStatus {
         let snapshot = self.core.snapshot();
-        let latency = &self.write_latency_us;
+        let latency = &self.counters.write_latency_us();
+        let (reads_completed, bytes_read) = self.counters.reads();
         let has_samples = !latency.is_empty();
         GroupStatus {
             name: self.name.clone(),
@@ -600,9 +606,9 @@ impl GroupRt {
                 .collect(),
             writes_completed: snapshot.writes_completed,
             writes_waiting_for_log_space: snapshot.writes_waiting_for_space,
-            reads_completed: self.reads_completed,
+            reads_completed,
             bytes_written: self.bytes_written,
-            bytes_read: self.bytes_read,
+            bytes_read,
             write_latency_us_avg: if has_samples { latency.mean() } else { 0.0 },
             write_latency_us_p99: if has_samples { latency.value_at_quantile(0.99) } else { 0 },
             write_latency_us_buckets: LATENCY_BUCKET_BOUNDS_US
@@ -621,6 +627,23 @@ impl GroupRt {
             }
             .to_owned(),
             partnership: self.partnership_status(),
+            counters: self.counters_report(&snapshot),
         }
+    }
+
+    fn counters_report(&self, snapshot: &crate::core::GroupSnapshot) -> super::counters::GroupCountersReport {
+        let names: Vec<String> = self
+            .superblock
+            .volumes()
+            .iter()
+            .map(|v| tandem_proto::read_fixed_str(&v.name).unwrap_or_default().to_owned())
+            .collect();
+        let log_now = super::counters::LogCounters {
+            flush_queue_length: (snapshot.current_lsn - snapshot.durable_lsn) + snapshot.writes_waiting_for_space,
+            pending_flush_io: self.batches.len() as u64,
+            times_flush_paused: snapshot.log_full_stalls,
+            ..super::counters::LogCounters::default()
+        };
+        self.counters.report(&names, log_now)
     }
 }

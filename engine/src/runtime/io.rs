@@ -10,6 +10,19 @@ use slab::Slab;
 
 use super::buf::AlignedBuf;
 
+/// A volume read for a client: `buf` is the reply (header then data), `done`
+/// bytes are read, `started` is when the request arrived.
+#[derive(Debug)]
+pub struct VolumeRead {
+    pub conn: usize,
+    pub cookie: u64,
+    pub buf: Vec<u8>,
+    pub header_bytes: usize,
+    pub offset: u64,
+    pub done: usize,
+    pub started: std::time::Instant,
+}
+
 /// An operation in flight, keyed by its `user_data`.
 #[derive(Debug)]
 pub enum Op {
@@ -35,7 +48,7 @@ pub enum Op {
     /// The superblock write that completes a checkpoint.
     SuperblockWrite { group: usize, buf: AlignedBuf },
     /// A volume read for a client; `buf` is the reply (header then data).
-    VolumeRead { conn: usize, cookie: u64, buf: Vec<u8>, header_bytes: usize, offset: u64, done: usize },
+    VolumeRead(VolumeRead),
     /// Receive on a replication connection into its own buffer.
     PeerRecv { peer: usize, channel: usize },
     /// Send of replication frames, owned here until the completion.

@@ -3,6 +3,7 @@
 
 pub mod buf;
 mod conn;
+pub mod counters;
 pub mod device;
 pub mod events;
 mod group_events;

@@ -202,6 +202,11 @@ impl GroupRt {
             status.last_error.clone_from(&link.last_error);
             status.ack_round_trip_us_avg = link.ack_round_trip_us_avg;
             status.records_read_back = link.records_read_back;
+            status.log_queue_length = snapshot.current_lsn.saturating_sub(peer_durable);
+            status.log_queue_length_avg = link.log_queue_length_avg;
+            status.recovery_records_shipped = link.recovery_records_shipped;
+            status.replication_records_shipped = link.replication_records_shipped;
+            status.last_recovery_elapsed_ms = link.last_recovery_elapsed_ms;
             status.last_in_sync_unix_ms = link.last_in_sync_unix_ms;
             status.last_out_of_sync_unix_ms = link.last_out_of_sync_unix_ms;
         } else if let Some(link) = self.destination.as_ref() {

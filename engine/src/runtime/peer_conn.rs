@@ -114,6 +114,12 @@ pub struct PeerConn {
     last_send: Instant,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// When the send in flight was posted, and the average time from
+    /// posting a send to its completion (the kernel took the bytes), in us.
+    send_posted: Option<Instant>,
+    pub send_latency_us_avg: f64,
 }
 
 impl PeerConn {
@@ -142,6 +148,10 @@ impl PeerConn {
             last_send: now,
             bytes_sent: 0,
             bytes_received: 0,
+            frames_sent: 0,
+            frames_received: 0,
+            send_posted: None,
+            send_latency_us_avg: 0.0,
         }
     }
 
@@ -220,6 +230,7 @@ impl PeerConn {
         let iovecs = iovecs.into_boxed_slice();
         let msghdr = msghdr_for(&iovecs);
         self.send_inflight = true;
+        self.send_posted = Some(Instant::now());
         let fd = types::Fd(self.stream.as_raw_fd());
         io.submit(Op::PeerSend { peer: key, channel, frames, iovecs, msghdr }, |op| {
             let Op::PeerSend { msghdr, .. } = op else { unreachable!() };
@@ -237,6 +248,11 @@ impl PeerConn {
         }
         let mut sent = result as usize;
         self.bytes_sent += sent as u64;
+        if let Some(posted) = self.send_posted.take() {
+            let us = posted.elapsed().as_micros() as f64;
+            self.send_latency_us_avg =
+                if self.send_latency_us_avg == 0.0 { us } else { 0.9 * self.send_latency_us_avg + 0.1 * us };
+        }
         self.queued_bytes -= sent;
         self.last_send = Instant::now();
         let mut rest = Vec::new();
@@ -244,6 +260,7 @@ impl PeerConn {
             let left = frame.len() - frame.sent;
             if sent >= left {
                 sent -= left;
+                self.frames_sent += 1;
                 continue;
             }
             frame.sent += sent;
@@ -382,6 +399,7 @@ impl PeerConn {
     }
 
     fn deliver(&mut self, frame: InFrame) {
+        self.frames_received += 1;
         self.received_bytes_pending += frame.payload_bytes();
         self.received.push_back(frame);
     }

@@ -156,6 +156,16 @@ impl PeerSession {
     pub fn bytes_received(&self) -> u64 {
         self.channels.iter().map(|c| c.bytes_received).sum()
     }
+
+    /// Frames sent and received, and the average send latency of the
+    /// channels, in microseconds.
+    #[must_use]
+    pub fn frame_counts(&self) -> (u64, u64, f64) {
+        let sent = self.channels.iter().map(|c| c.frames_sent).sum();
+        let received = self.channels.iter().map(|c| c.frames_received).sum();
+        let latency = self.channels.iter().map(|c| c.send_latency_us_avg).sum::<f64>() / self.channels.len() as f64;
+        (sent, received, latency)
+    }
 }
 
 fn frame_is_ordered(frame: &InFrame) -> bool {

@@ -231,10 +231,10 @@ impl Reactor {
                 rt.fsync_done(&mut self.io, group, result);
             }
             Op::SuperblockWrite { group, .. } => self.group(group).finish_checkpoint(result),
-            Op::VolumeRead { conn, cookie, buf, header_bytes, offset, done } => {
-                let connection = &mut self.conns[conn];
+            Op::VolumeRead(read) => {
+                let connection = &mut self.conns[read.conn];
                 let rt = self.groups[connection.group].as_mut().expect("group of a connection");
-                connection.read_done(rt, &mut self.io, conn, cookie, buf, header_bytes, offset, done, result);
+                connection.read_done(rt, &mut self.io, read, result);
             }
             Op::Recv { conn } => {
                 let connection = &mut self.conns[conn];
@@ -340,6 +340,13 @@ impl Reactor {
                     partnership.bytes_sent += peer.bytes_sent();
                     partnership.bytes_received += peer.bytes_received();
                     partnership.channels_connected = peer.channel_count() as u32;
+                    let (sent, received, send_latency_us_avg) = peer.frame_counts();
+                    partnership.messages_sent += sent;
+                    partnership.messages_received += received;
+                    partnership.send_latency_us_avg = send_latency_us_avg;
+                }
+                if status.role == "source" {
+                    partnership.target_rpo_seconds = self.target_rpo_ms / 1000;
                 }
             }
             all.push(status);

@@ -153,6 +153,7 @@ impl GroupRt {
                         buf: buf.map(Rc::new),
                         payload_bytes,
                         started: Instant::now(),
+                        volume_index,
                     };
                     self.account_write(payload_bytes as u32);
                     self.submit_replicated(pending, lsn, (volume_index, offset, length), op, depends_on);

@@ -58,6 +58,13 @@ pub struct SourceLink {
     /// Records shipped by reading them back from the log (the destination
     /// fell behind what memory holds, or came back after a disconnection).
     pub records_read_back: u64,
+    /// Records shipped while catching up, and while replicating continuously.
+    pub recovery_records_shipped: u64,
+    pub replication_records_shipped: u64,
+    /// How long the last catch-up took.
+    pub last_recovery_elapsed_ms: u64,
+    /// Records the destination lacks, averaged over about a minute.
+    pub log_queue_length_avg: f64,
     outbox: VecDeque<Slot>,
     next_slot_id: u64,
     /// (durable LSN, when it became durable): the age of the oldest record the
@@ -161,6 +168,12 @@ impl SourceLink {
         }
     }
 
+    /// Samples the records the destination lacks (every 100 ms tick): an
+    /// exponential average with a time constant of 600 ticks, one minute.
+    pub fn observe_queue(&mut self, records: u64) {
+        self.log_queue_length_avg += (records as f64 - self.log_queue_length_avg) / 600.0;
+    }
+
     /// Notes whether the destination is in sync now.
     pub fn observe_sync(&mut self, in_sync: bool) {
         let now = unix_ms_now();
@@ -247,7 +260,16 @@ impl GroupRt {
         end_position: u64,
     ) {
         let sector = self.sector_bytes();
+        let catching_up = matches!(
+            self.core.replication_state(),
+            Some(crate::core::ReplicationState::Recovering | crate::core::ReplicationState::BitmapCatchUp)
+        );
         let link = self.source.as_mut().expect("shipping needs a source link");
+        if catching_up {
+            link.recovery_records_shipped += 1;
+        } else {
+            link.replication_records_shipped += 1;
+        }
         // One sample in flight at a time is enough for an average.
         if link.shipped_at.is_empty() {
             link.shipped_at.push_back((lsn, Instant::now()));

@@ -45,6 +45,8 @@ pub struct GroupStatus {
     /// `standalone`, `source` or `destination`.
     pub role: String,
     pub partnership: Option<PartnershipStatus>,
+    /// Performance counters (`tandem counters`).
+    pub counters: super::counters::GroupCountersReport,
 }
 
 /// A group's partnership, as `tandem partnership show` reports it.
@@ -102,4 +104,21 @@ pub struct PartnershipStatus {
     pub source_durable_lsn: u64,
     /// Why the connection last ended or was refused.
     pub last_error: Option<String>,
+    /// Frames sent to and received from the peer.
+    pub messages_sent: u64,
+    pub messages_received: u64,
+    /// Average time from queueing frames to the kernel taking them, in us.
+    pub send_latency_us_avg: f64,
+    /// Source: records the destination lacks now, and their average over
+    /// the last minute (sampled every 100 ms).
+    pub log_queue_length: u64,
+    pub log_queue_length_avg: f64,
+    /// Source: records shipped while catching up (after a disconnection or
+    /// restart) and while continuously replicating.
+    pub recovery_records_shipped: u64,
+    pub replication_records_shipped: u64,
+    /// Source: how long the last catch-up took, in milliseconds.
+    pub last_recovery_elapsed_ms: u64,
+    /// The RPO above which an async source raises event 5001, in seconds.
+    pub target_rpo_seconds: u64,
 }

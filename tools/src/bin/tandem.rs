@@ -70,6 +70,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Performance counters of every volume, log and partnership (Storage Replica's names).
+    Counters {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Print again every this many seconds until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+    },
     /// Status of every group: LSNs, log use, volumes, write counts and latency.
     Status {
         /// Print JSON instead of text.
@@ -196,6 +205,21 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             println!("{summary}");
         }
         Command::Status { json } => print_groups(&call(&cli.api, &Request::Status)?, *json, true),
+        Command::Counters { json, watch } => loop {
+            let ResponseBody::Groups(groups) = call(&cli.api, &Request::Status)? else {
+                return Err(CallError::Refused("tandemd answered without groups".to_owned()));
+            };
+            let counters = tandem_tools::counters_view::collect(&groups);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&counters).expect("counters serialize"));
+            } else {
+                print!("{}", tandem_tools::counters_view::render(&counters));
+            }
+            match watch {
+                Some(seconds) => std::thread::sleep(std::time::Duration::from_secs((*seconds).max(1))),
+                None => break,
+            }
+        },
         Command::Events { follow, json } => {
             let mut since = 0;
             loop {
