@@ -167,6 +167,12 @@ impl Node {
         panic!("tandemd did not answer within 30 s:\n{}", self.log());
     }
 
+    /// The daemon's configuration file.
+    #[must_use]
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// The daemon's process id while it runs.
     #[must_use]
     pub fn pid(&self) -> Option<i32> {

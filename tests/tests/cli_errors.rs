@@ -197,3 +197,40 @@ fn a_reader_that_goes_away_ends_the_cli_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(output.status.success() || output.status.signal() == Some(libc::SIGPIPE), "{:?}: {stderr}", output.status);
 }
+
+/// SIGHUP reloads the configuration: the log level changes at once, every
+/// other changed setting is named as needing a restart, and a broken file
+/// changes nothing.
+#[test]
+fn sighup_changes_the_log_level_and_names_what_needs_a_restart() {
+    let node = Node::start("");
+    let pid = node.pid().expect("running");
+    let original = std::fs::read_to_string(node.config_path()).unwrap();
+    let changed = original
+        .replace("log_level = \"info\"", "log_level = \"warn\"")
+        .replace(&format!(":{}\"", node.nbd_port), &format!(":{}\"", tandem_tests::free_port()));
+    assert_ne!(changed, original);
+    std::fs::write(node.config_path(), &changed).unwrap();
+    // SAFETY: a signal to the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !node.log().contains("node.nbd_listen changed") {
+        assert!(std::time::Instant::now() < deadline, "no reload seen:\n{}", node.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = node.log();
+    assert!(log.contains("restart tandemd to apply it"), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+    let mark = node.log().len();
+    node.create_group("rg01", "128MiB", &[("data", 8 << 20)]);
+    let after = node.log()[mark..].to_owned();
+    assert!(!after.contains("group online"), "info lines stop at log_level warn: {after}");
+    std::fs::write(node.config_path(), "[node\nbroken").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    while !node.log().contains("configuration not reloaded") {
+        assert!(std::time::Instant::now() < deadline, "the broken file was not reported:\n{}", node.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(node.cli(&["status"]).status.success(), "tandemd goes on");
+}

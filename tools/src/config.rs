@@ -20,6 +20,28 @@ pub struct Config {
     pub replication: ReplicationConfig,
 }
 
+impl Config {
+    /// The settings that differ between `self` (running) and `new` (the
+    /// file now) and take effect only at a restart: everything but
+    /// `node.log_level`, which a reload (SIGHUP) applies at once.
+    #[must_use]
+    pub fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
+        let (a, b) = (&self.node, &new.node);
+        let fields = [
+            ("node.name", format!("{:?}", a.name), format!("{:?}", b.name)),
+            ("node.cores", format!("{:?}", a.cores), format!("{:?}", b.cores)),
+            ("node.state_dir", format!("{:?}", a.state_dir), format!("{:?}", b.state_dir)),
+            ("node.api_socket", format!("{:?}", a.api_socket), format!("{:?}", b.api_socket)),
+            ("node.nbd_listen", format!("{:?}", a.nbd_listen), format!("{:?}", b.nbd_listen)),
+            ("node.replication_listen", format!("{:?}", a.replication_listen), format!("{:?}", b.replication_listen)),
+            ("node.metrics_listen", format!("{:?}", a.metrics_listen), format!("{:?}", b.metrics_listen)),
+            ("[engine]", format!("{:?}", self.engine), format!("{:?}", new.engine)),
+            ("[replication]", format!("{:?}", self.replication), format!("{:?}", new.replication)),
+        ];
+        fields.into_iter().filter(|(_, old, new)| old != new).map(|(name, _, _)| name.to_owned()).collect()
+    }
+}
+
 /// `[replication]`: how sources behave.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
