@@ -3,6 +3,7 @@
 //! in `tandem-engine`; this crate only wires it to the outside world.
 
 pub mod api;
+pub mod bench;
 pub mod channel_join;
 pub mod config;
 pub mod counters_view;

@@ -16,6 +16,7 @@ const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const REPLY_MAGIC: u32 = 0x6744_6698;
+const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 
@@ -65,7 +66,24 @@ impl NbdConnection {
         Ok(Self { stream, size_bytes })
     }
 
-    fn send_write(&mut self, cookie: u64, offset: u64, payload: &[u8]) -> io::Result<()> {
+    /// Sends a read request (the reply carries `length` bytes of data).
+    pub(crate) fn send_read(&mut self, cookie: u64, offset: u64, length: u32) -> io::Result<()> {
+        let mut request = Vec::with_capacity(28);
+        request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        request.extend_from_slice(&0u16.to_be_bytes());
+        request.extend_from_slice(&CMD_READ.to_be_bytes());
+        request.extend_from_slice(&cookie.to_be_bytes());
+        request.extend_from_slice(&offset.to_be_bytes());
+        request.extend_from_slice(&length.to_be_bytes());
+        self.stream.write_all(&request)
+    }
+
+    /// Reads the data of a successful read's reply into `buf`.
+    pub(crate) fn read_data(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.stream.read_exact(buf)
+    }
+
+    pub(crate) fn send_write(&mut self, cookie: u64, offset: u64, payload: &[u8]) -> io::Result<()> {
         let mut request = Vec::with_capacity(28 + payload.len());
         request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         request.extend_from_slice(&0u16.to_be_bytes());
@@ -77,7 +95,7 @@ impl NbdConnection {
         self.stream.write_all(&request)
     }
 
-    fn reply(&mut self) -> io::Result<(u32, u64)> {
+    pub(crate) fn reply(&mut self) -> io::Result<(u32, u64)> {
         let mut reply = [0u8; 16];
         self.stream.read_exact(&mut reply)?;
         let magic = u32::from_be_bytes(reply[..4].try_into().expect("4 bytes"));
@@ -88,7 +106,7 @@ impl NbdConnection {
         Ok((error, u64::from_be_bytes(reply[8..16].try_into().expect("8 bytes"))))
     }
 
-    fn disconnect(mut self) {
+    pub(crate) fn disconnect(mut self) {
         let mut request = Vec::with_capacity(28);
         request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         request.extend_from_slice(&0u16.to_be_bytes());

@@ -70,6 +70,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark an NBD export (Tandem's or any server's): IOPS, MiB/s, latency percentiles, CPU per I/O.
+    Bench {
+        /// The target, nbd://HOST[:PORT]/EXPORT (no daemon needed).
+        #[arg(long)]
+        nbd: String,
+        /// A second NBD target run alternately with the first; prints the ratios.
+        #[arg(long, value_name = "NBD_URI")]
+        compare: Option<String>,
+        /// Bytes per request.
+        #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+        block_size: u64,
+        /// Share of reads in percent (the rest are writes).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        read_percent: u8,
+        /// Sequential offsets instead of random ones.
+        #[arg(long)]
+        sequential: bool,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        queue_depth: u16,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seconds run first and not measured.
+        #[arg(long, default_value_t = 2)]
+        warmup_seconds: u64,
+        /// At most this many requests per second.
+        #[arg(long)]
+        rate_iops: Option<u64>,
+        /// With --compare: alternating rounds of each target.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Print JSON instead of text (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
     /// Performance counters of every volume, log and partnership (Storage Replica's names).
     Counters {
         /// Print JSON instead of text.
@@ -174,6 +210,34 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
+        Command::Bench {
+            nbd,
+            compare,
+            block_size,
+            read_percent,
+            sequential,
+            queue_depth,
+            seconds,
+            warmup_seconds,
+            rate_iops,
+            rounds,
+            json,
+        } => {
+            let block_bytes = u32::try_from(*block_size)
+                .ok()
+                .filter(|b| (512..=(32 << 20)).contains(b))
+                .ok_or_else(|| CallError::Refused("--block-size must be from 512B to 32MiB".to_owned()))?;
+            let options = tandem_tools::bench::BenchOptions {
+                block_bytes,
+                read_percent: *read_percent,
+                sequential: *sequential,
+                queue_depth: usize::from(*queue_depth),
+                duration: std::time::Duration::from_secs((*seconds).max(1)),
+                warmup: std::time::Duration::from_secs(*warmup_seconds),
+                rate_iops: *rate_iops,
+            };
+            run_bench(nbd, compare.as_deref(), &options, (*rounds).max(1), *json).map_err(CallError::Refused)?;
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "tandem", &mut std::io::stdout());
         }
@@ -473,4 +537,48 @@ fn ago(unix_ms: u64) -> String {
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     format!("{} s ago", now.saturating_sub(unix_ms) / 1000)
+}
+
+/// Runs `tandem bench`: one target, or two alternately with their ratios.
+fn run_bench(
+    target: &str,
+    compare: Option<&str>,
+    options: &tandem_tools::bench::BenchOptions,
+    rounds: u32,
+    json: bool,
+) -> Result<(), String> {
+    let targets: Vec<&str> = std::iter::once(target).chain(compare).collect();
+    let rounds = if compare.is_some() { rounds } else { 1 };
+    let mut results: Vec<Vec<tandem_tools::bench::BenchResult>> = vec![Vec::new(); targets.len()];
+    for _ in 0..rounds {
+        for (index, target) in targets.iter().enumerate() {
+            let bar = if json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(options.duration.as_secs())
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} s {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix((*target).to_owned());
+            let result = tandem_tools::bench::run(target, options, |elapsed_s, iops| {
+                bar.set_position(elapsed_s);
+                bar.set_message(format!("{iops:.0} IOPS"));
+            })?;
+            bar.finish_and_clear();
+            if !json {
+                println!("{}", tandem_tools::bench::render(&result));
+            }
+            results[index].push(result);
+        }
+    }
+    if json {
+        let all: Vec<&tandem_tools::bench::BenchResult> = results.iter().flatten().collect();
+        println!("{}", serde_json::to_string_pretty(&all).expect("results serialize"));
+    } else if results.len() == 2 {
+        println!("{}", tandem_tools::bench::render_comparison(&results[0], &results[1]));
+    }
+    Ok(())
 }
