@@ -38,6 +38,20 @@ pub struct Latency {
     pub max_us: u64,
 }
 
+/// One second of a run, as it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Interval {
+    /// Measured seconds so far.
+    pub elapsed_s: u64,
+    pub iops: f64,
+    pub latency_avg_us: f64,
+    pub latency_p99_us: u64,
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
 /// What one run measured (after its warm-up).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
@@ -145,9 +159,8 @@ impl Run<'_> {
     }
 }
 
-/// Runs `options` against `uri`; `on_second` hears the elapsed measured
-/// seconds and the IOPS of the last second.
-pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(u64, f64)) -> Result<BenchResult, String> {
+/// Runs `options` against `uri`; `on_second` hears every measured second.
+pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(&Interval)) -> Result<BenchResult, String> {
     let (address, export) = parse_nbd_uri(uri)?;
     let connection = NbdConnection::connect(&address, &export).map_err(|e| format!("{uri}: {e}"))?;
     if connection.size_bytes < u64::from(options.block_bytes) {
@@ -167,11 +180,11 @@ pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(u64, f64
         scratch: vec![0; block],
     };
     let mut rng = rand::rng();
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let (mut latency_us, mut second_latency_us) = (latency_histogram(), latency_histogram());
     let (mut reads, mut writes) = (0u64, 0u64);
     let started = Instant::now();
     let mut measuring_since: Option<(Instant, (u64, u64))> = None;
-    let (mut second_mark, mut second_ios) = (started, 0u64);
+    let mut second_mark = started;
     let mut submitted = 0u64;
     loop {
         let now = Instant::now();
@@ -200,15 +213,21 @@ pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(u64, f64
         let (read, latency) = run.complete()?;
         if let Some((since, _)) = measuring_since {
             let _ = latency_us.record(latency);
+            let _ = second_latency_us.record(latency);
             if read {
                 reads += 1;
             } else {
                 writes += 1;
             }
-            second_ios += 1;
             if second_mark.elapsed() >= Duration::from_secs(1) {
-                on_second(since.elapsed().as_secs(), second_ios as f64 / second_mark.elapsed().as_secs_f64());
-                (second_mark, second_ios) = (Instant::now(), 0);
+                on_second(&Interval {
+                    elapsed_s: since.elapsed().as_secs(),
+                    iops: second_latency_us.len() as f64 / second_mark.elapsed().as_secs_f64(),
+                    latency_avg_us: second_latency_us.mean(),
+                    latency_p99_us: second_latency_us.value_at_quantile(0.99),
+                });
+                second_mark = Instant::now();
+                second_latency_us.reset();
             }
         }
     }

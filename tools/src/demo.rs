@@ -13,7 +13,6 @@ use rand::Rng;
 use tandem_engine::runtime::status::{GroupStatus, PartnershipStatus};
 
 use crate::api::{call, Request, ResponseBody};
-use crate::nbd_load::{run_random_writes, NbdConnection, Workload};
 use crate::size::format_size;
 
 /// What the demo does.
@@ -231,10 +230,10 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
     let summary = format!(
         "summary: {} writes ({:.0} IOPS), write latency avg {:.0} us, p99 {} us, p99.9 {} us; {} mode; {} sent to node-b; last LSN {} on both nodes; volumes identical ({})",
         report.writes,
-        report.iops(),
-        report.latency_us.mean(),
-        report.latency_us.value_at_quantile(0.99),
-        report.latency_us.value_at_quantile(0.999),
+        report.iops,
+        report.latency.avg_us,
+        report.latency.p99_us,
+        report.latency.p999_us,
         options.mode,
         format_size(last.bytes_sent),
         last.destination_durable_lsn,
@@ -271,18 +270,22 @@ fn show_initial_copy(a: &DemoNode, total_bytes: u64) -> Result<u128, String> {
     }
 }
 
-fn run_workload(a: &DemoNode, options: &DemoOptions) -> Result<crate::nbd_load::LoadReport, String> {
-    let connection =
-        NbdConnection::connect(&format!("127.0.0.1:{}", a.nbd_port), "rg01/data").map_err(|e| e.to_string())?;
-    let workload = Workload {
+/// Random writes through NBD on node-a, with a line of numbers every second.
+fn run_workload(a: &DemoNode, options: &DemoOptions) -> Result<crate::bench::BenchResult, String> {
+    let uri = format!("nbd://127.0.0.1:{}/rg01/data", a.nbd_port);
+    let workload = crate::bench::BenchOptions {
         block_bytes: options.block_bytes,
+        read_percent: 0,
+        sequential: false,
         queue_depth: options.queue_depth,
         duration: Duration::from_secs(options.seconds),
+        warmup: Duration::ZERO,
+        rate_iops: None,
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let load = std::thread::spawn(move || {
-        run_random_writes(connection, &workload, |interval| {
-            let _ = tx.send((interval.iops(), interval.latency_us.mean(), interval.latency_us.value_at_quantile(0.99)));
+        crate::bench::run(&uri, &workload, |second| {
+            let _ = tx.send((second.iops, second.latency_avg_us, second.latency_p99_us));
         })
     });
     let started = Instant::now();

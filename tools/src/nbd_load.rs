@@ -1,14 +1,9 @@
-//! A small NBD client that drives a workload against an export: fixed
-//! newstyle handshake with NBD_OPT_GO, then random writes of one size with a
-//! queue depth, latency recorded per request. Used by `tandem demo`.
+//! A small NBD client for workloads (`tandem bench`, `tandem demo`): fixed
+//! newstyle handshake with NBD_OPT_GO, then pipelined reads and writes with
+//! simple replies.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
-
-use hdrhistogram::Histogram;
-use rand::Rng;
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const OPT_GO: u32 = 7;
@@ -114,83 +109,4 @@ impl NbdConnection {
         request.extend_from_slice(&[0u8; 20]);
         let _ = self.stream.write_all(&request);
     }
-}
-
-/// A random-write workload.
-#[derive(Debug, Clone)]
-pub struct Workload {
-    pub block_bytes: u32,
-    pub queue_depth: usize,
-    pub duration: Duration,
-}
-
-/// What one interval (or the whole run) measured.
-#[derive(Debug, Clone)]
-pub struct LoadReport {
-    pub writes: u64,
-    pub elapsed: Duration,
-    pub latency_us: Histogram<u64>,
-}
-
-impl LoadReport {
-    fn new() -> Self {
-        Self {
-            writes: 0,
-            elapsed: Duration::ZERO,
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-        }
-    }
-
-    #[must_use]
-    pub fn iops(&self) -> f64 {
-        self.writes as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-}
-
-/// Runs `workload` on `connection`; `on_interval` hears every second's numbers.
-pub fn run_random_writes(
-    mut connection: NbdConnection,
-    workload: &Workload,
-    mut on_interval: impl FnMut(&LoadReport),
-) -> io::Result<LoadReport> {
-    let mut rng = rand::rng();
-    let blocks = connection.size_bytes / u64::from(workload.block_bytes);
-    let mut payload = vec![0u8; workload.block_bytes as usize];
-    let (mut total, mut interval) = (LoadReport::new(), LoadReport::new());
-    let started = Instant::now();
-    let mut interval_started = started;
-    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
-    let mut cookie = 0u64;
-    loop {
-        let running = started.elapsed() < workload.duration;
-        while running && in_flight.len() < workload.queue_depth {
-            cookie += 1;
-            rng.fill(&mut payload[..]);
-            let offset = rng.random_range(0..blocks) * u64::from(workload.block_bytes);
-            connection.send_write(cookie, offset, &payload)?;
-            in_flight.insert(cookie, Instant::now());
-        }
-        if in_flight.is_empty() {
-            break;
-        }
-        let (error, done) = connection.reply()?;
-        if error != 0 {
-            return Err(io::Error::other(format!("write failed with NBD error {error}")));
-        }
-        let sent = in_flight.remove(&done).ok_or_else(|| io::Error::other("reply for an unknown request"))?;
-        let latency_us = sent.elapsed().as_micros().max(1) as u64;
-        for report in [&mut total, &mut interval] {
-            report.writes += 1;
-            let _ = report.latency_us.record(latency_us);
-        }
-        if interval_started.elapsed() >= Duration::from_secs(1) {
-            interval.elapsed = interval_started.elapsed();
-            on_interval(&interval);
-            interval = LoadReport::new();
-            interval_started = Instant::now();
-        }
-    }
-    total.elapsed = started.elapsed();
-    connection.disconnect();
-    Ok(total)
 }

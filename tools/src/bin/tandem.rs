@@ -563,9 +563,9 @@ fn run_bench(
                     .progress_chars("=> "),
             );
             bar.set_prefix((*target).to_owned());
-            let result = tandem_tools::bench::run(target, options, |elapsed_s, iops| {
-                bar.set_position(elapsed_s);
-                bar.set_message(format!("{iops:.0} IOPS"));
+            let result = tandem_tools::bench::run(target, options, |second| {
+                bar.set_position(second.elapsed_s);
+                bar.set_message(format!("{:.0} IOPS", second.iops));
             })?;
             bar.finish_and_clear();
             if !json {
