@@ -275,11 +275,16 @@ fn join_channels(first: TcpStream, address: &str, hello: &Hello, session: u64) -
         exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
         streams.push(stream);
     }
-    for stream in &streams {
+    end_handshake(&streams);
+    Ok(streams)
+}
+
+/// The handshake's timeouts end where the core's heartbeats take over.
+fn end_handshake(streams: &[TcpStream]) {
+    for stream in streams {
         let _ = stream.set_read_timeout(None);
         let _ = stream.set_write_timeout(None);
     }
-    Ok(streams)
 }
 
 /// Keeps every source group connected: tries again with a growing backoff.
@@ -420,10 +425,7 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hell
 /// Hands a session to the group's core once all its channels joined.
 fn attach_joined(daemon: &Daemon, group: &str, joined: Option<Vec<TcpStream>>) -> Result<(), String> {
     let Some(streams) = joined else { return Ok(()) };
-    for stream in &streams {
-        let _ = stream.set_read_timeout(None);
-        let _ = stream.set_write_timeout(None);
-    }
+    end_handshake(&streams);
     daemon.attach_peer(group, streams, None)
 }
 

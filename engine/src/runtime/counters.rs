@@ -5,6 +5,17 @@
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+/// An exponentially weighted average (weight 0.1 per sample) that starts at
+/// its first sample.
+#[must_use]
+pub fn moving_average(average: f64, sample: f64) -> f64 {
+    if average == 0.0 {
+        sample
+    } else {
+        0.9 * average + 0.1 * sample
+    }
+}
+
 /// Latency percentiles of one histogram, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {

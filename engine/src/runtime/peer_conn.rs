@@ -250,8 +250,7 @@ impl PeerConn {
         self.bytes_sent += sent as u64;
         if let Some(posted) = self.send_posted.take() {
             let us = posted.elapsed().as_micros() as f64;
-            self.send_latency_us_avg =
-                if self.send_latency_us_avg == 0.0 { us } else { 0.9 * self.send_latency_us_avg + 0.1 * us };
+            self.send_latency_us_avg = super::counters::moving_average(self.send_latency_us_avg, us);
         }
         self.queued_bytes -= sent;
         self.last_send = Instant::now();

@@ -10,7 +10,7 @@ use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE}
 use super::Reactor;
 use crate::core::CopyPosition;
 use crate::runtime::peer_conn::InFrame;
-use crate::runtime::peer_session::{PeerSession, MAX_CHANNELS};
+use crate::runtime::peer_session::PeerSession;
 
 /// A group waiting to be idle before it becomes a destination.
 pub(super) struct PendingDestination {
@@ -111,9 +111,6 @@ impl Reactor {
         let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
         if self.peers.iter().any(|(_, p)| p.group == index && !p.closing()) {
             return Err(format!("group {group} already has a replication connection"));
-        }
-        if !(1..=MAX_CHANNELS).contains(&streams.len()) {
-            return Err(format!("a partnership has 1 to {MAX_CHANNELS} channels, not {}", streams.len()));
         }
         let rt = self.groups[index].as_mut().expect("found");
         let expected = rt.superblock.partnership.channels as usize;

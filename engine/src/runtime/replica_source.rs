@@ -163,8 +163,7 @@ impl SourceLink {
             sample = self.shipped_at.pop_front().map(|(_, at)| now.duration_since(at).as_micros() as f64);
         }
         if let Some(us) = sample {
-            self.ack_round_trip_us_avg =
-                if self.ack_round_trip_us_avg == 0.0 { us } else { 0.9 * self.ack_round_trip_us_avg + 0.1 * us };
+            self.ack_round_trip_us_avg = super::counters::moving_average(self.ack_round_trip_us_avg, us);
         }
     }
 
