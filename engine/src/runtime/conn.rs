@@ -70,9 +70,9 @@ pub struct Conn {
     pub inflight: usize,
     pending_bytes: usize,
     pub closing: bool,
-    /// Reads (cookie, offset, length) waiting for an answered write of their
-    /// range to reach the volume (counted in `inflight`).
-    deferred_reads: VecDeque<(u64, u64, u32)>,
+    /// Reads (cookie, offset, length, arrival) waiting for an answered write
+    /// of their range to reach the volume (counted in `inflight`).
+    deferred_reads: VecDeque<(u64, u64, u32, Instant)>,
 }
 
 impl Conn {
@@ -264,12 +264,13 @@ impl Conn {
     fn dispatch(&mut self, request: BlockRequest, group: &mut GroupRt, io: &mut Io, key: usize) {
         match request {
             BlockRequest::Read { cookie, offset, length } => {
+                let arrived = Instant::now();
                 if group.core.unapplied_overlaps(self.volume_index, offset, length) {
                     self.assert_in_range(offset, length);
                     self.inflight += 1;
-                    self.deferred_reads.push_back((cookie, offset, length));
+                    self.deferred_reads.push_back((cookie, offset, length, arrived));
                 } else {
-                    self.start_read(group, io, key, cookie, offset, length);
+                    self.start_read(group, io, key, (cookie, offset, length), arrived);
                 }
             }
             BlockRequest::Write { cookie, offset, length } => {
@@ -345,18 +346,20 @@ impl Conn {
     fn start_deferred_reads(&mut self, group: &GroupRt, io: &mut Io, key: usize) {
         let mut index = 0;
         while index < self.deferred_reads.len() {
-            let (cookie, offset, length) = self.deferred_reads[index];
+            let (cookie, offset, length, arrived) = self.deferred_reads[index];
             if group.core.unapplied_overlaps(self.volume_index, offset, length) {
                 index += 1;
                 continue;
             }
             self.deferred_reads.remove(index);
             self.inflight -= 1;
-            self.start_read(group, io, key, cookie, offset, length);
+            self.start_read(group, io, key, (cookie, offset, length), arrived);
         }
     }
 
-    fn start_read(&mut self, group: &GroupRt, io: &mut Io, key: usize, cookie: u64, offset: u64, length: u32) {
+    /// Reads `(cookie, offset, length)`; its latency counts from `arrived`.
+    fn start_read(&mut self, group: &GroupRt, io: &mut Io, key: usize, request: (u64, u64, u32), arrived: Instant) {
+        let (cookie, offset, length) = request;
         self.assert_in_range(offset, length);
         let header_bytes = self.session.read_reply_header_bytes();
         let buf = vec![0u8; header_bytes + length as usize];
@@ -364,7 +367,7 @@ impl Conn {
         // Counted until the reply has been sent (see `send_done`).
         self.pending_bytes += buf.len();
         let fd = types::Fd(group.volumes[usize::from(self.volume_index)].file.as_raw_fd());
-        let read = VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0, started: Instant::now() };
+        let read = VolumeRead { conn: key, cookie, buf, header_bytes, offset, done: 0, started: arrived };
         let op = Op::VolumeRead(read);
         submit_volume_read(io, fd, op);
     }
