@@ -220,13 +220,18 @@ impl Node {
 
     /// Creates sparse volume files and a group over them.
     pub fn create_group(&self, name: &str, log_size: &str, volumes: &[(&str, u64)]) {
+        self.create_group_with_log(name, &self.path(&format!("{name}.log")), log_size, volumes);
+    }
+
+    /// Like `create_group`, with the log at `log` (e.g. on another device).
+    pub fn create_group_with_log(&self, name: &str, log: &Path, log_size: &str, volumes: &[(&str, u64)]) {
         let mut args: Vec<String> = vec![
             "group".into(),
             "create".into(),
             "--name".into(),
             name.into(),
             "--log".into(),
-            self.path(&format!("{name}.log")).display().to_string(),
+            log.display().to_string(),
             "--log-size".into(),
             log_size.into(),
         ];

@@ -93,3 +93,87 @@ fn bench_compares_two_targets_and_refuses_bad_ones() {
         assert!(stderr.contains(&expected), "{target}: {stderr}");
     }
 }
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = run_ok(Command::new(bin("tandem")).arg("bench").args(args).args(["--warmup-seconds", "0", "--json"]));
+    let results: serde_json::Value = serde_json::from_str(&out).expect("bench JSON");
+    results[0].clone()
+}
+
+fn bench_error(args: &[&str]) -> String {
+    let output = Command::new(bin("tandem")).arg("bench").args(args).args(["--seconds", "1"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{args:?} must fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A local file through io_uring with O_DIRECT: several jobs share it, the
+/// writes land in it, reads leave it alone; a block device (a loop device
+/// here) is written only with --destroy-data.
+#[test]
+fn bench_drives_files_and_block_devices_with_direct_io() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("target.img");
+    std::fs::File::create(&path).unwrap().set_len(64 << 20).unwrap();
+    let file = path.to_str().unwrap();
+    let written = bench_json(&["--file", file, "--seconds", "1", "--queue-depth", "8", "--jobs", "2"]);
+    let writes = written["writes"].as_u64().unwrap();
+    assert!(writes > 0 && written["reads"] == 0 && written["jobs"] == 2, "{written:#}");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    assert!(allocated >= 4096 * writes.min(1000), "the writes reached the sparse file: {allocated} bytes allocated");
+    let read = bench_json(&["--file", file, "--seconds", "1", "--read-percent", "100", "--block-size", "64KiB"]);
+    assert!(read["reads"].as_u64().unwrap() > 0 && read["writes"] == 0, "{read:#}");
+    assert!(bench_error(&["--file", file, "--block-size", "1000"]).contains("not a multiple of"));
+    assert!(bench_error(&["--file", "/var/tmp/no-such-bench-target"]).contains("cannot access"));
+
+    tandem_tests::require_tool("losetup", "mount");
+    let attached = run_ok(Command::new("losetup").args(["--find", "--show", file]));
+    let device = attached.trim().to_owned();
+    let _detach = Detach(device.clone());
+    let refused = bench_error(&["--file", &device]);
+    assert!(refused.contains("destroys the data") && refused.contains("--destroy-data"), "{refused}");
+    let read = bench_json(&["--file", &device, "--seconds", "1", "--read-percent", "100"]);
+    assert!(read["reads"].as_u64().unwrap() > 0, "{read:#}");
+    let written = bench_json(&["--file", &device, "--seconds", "1", "--destroy-data"]);
+    assert!(written["writes"].as_u64().unwrap() > 0, "{written:#}");
+}
+
+struct Detach(String);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["--detach", &self.0]).status();
+    }
+}
+
+/// The transport to a daemon: ping-pong round trips and a multi-channel
+/// stream through probe frames on its replication listener.
+#[test]
+fn bench_measures_the_transport_to_a_daemon() {
+    let node = Node::start("");
+    let address = node.replication_address();
+    let ping = bench_json(&["--transport", &address, "--seconds", "1"]);
+    let round_trips = ping["writes"].as_u64().unwrap();
+    assert!(round_trips > 100, "{ping:#}");
+    assert!(ping["latency"]["p50_us"].as_u64().unwrap() > 0, "{ping:#}");
+    let stream = bench_json(&[
+        "--transport",
+        &address,
+        "--pattern",
+        "stream",
+        "--block-size",
+        "1MiB",
+        "--queue-depth",
+        "4",
+        "--jobs",
+        "2",
+        "--socket-buffer",
+        "1MiB",
+        "--seconds",
+        "1",
+    ]);
+    assert!(stream["mib_per_s"].as_f64().unwrap() > 10.0, "{stream:#}");
+    assert_eq!(stream["bytes"].as_u64().unwrap(), stream["writes"].as_u64().unwrap() << 20);
+    let error = bench_error(&["--transport", &format!("127.0.0.1:{}", tandem_tests::free_port())]);
+    assert!(error.contains("cannot connect"), "{error}");
+    assert!(node.log().lines().all(|l| !l.contains("panicked")), "the daemon served the probes cleanly");
+}

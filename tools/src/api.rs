@@ -39,13 +39,23 @@ pub enum Request {
         destination: String,
         destination_group: String,
         mode: String,
-        channels: u32,
+        /// None: the daemon's `replication.channels`.
+        #[serde(default)]
+        channels: Option<u32>,
     },
     PartnershipShow {
         group: Option<String>,
     },
     PartnershipRemove {
         group: String,
+    },
+    /// This node's name and listening addresses.
+    Node,
+    /// Change a group's group-commit limits while it runs (`tandem tune`).
+    EngineSet {
+        group: String,
+        max_batch_records: usize,
+        max_inflight_appends: usize,
     },
     /// Events after `since`, waiting up to `wait_ms` for one.
     Events {
@@ -72,6 +82,15 @@ pub enum ResponseBody {
     Groups(Vec<GroupStatus>),
     Events(Vec<crate::events::Event>),
     Message(String),
+    Node(NodeInfo),
+}
+
+/// What `Request::Node` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub replication_listen: String,
+    pub nbd_listen: String,
 }
 
 impl Response {

@@ -1,6 +1,7 @@
 //! `tandem bench`: a workload against an NBD export (Tandem's or any
-//! server's): block size, read/write mix, random or sequential offsets, queue
-//! depth, duration after a warm-up, an optional rate limit; IOPS, MiB/s,
+//! server's), a local file or device, or a transport (bench_target.rs):
+//! block size, read/write mix, random or sequential offsets, queue depth,
+//! jobs, duration after a warm-up, an optional rate limit; IOPS, MiB/s,
 //! latency percentiles (hdrhistogram) and CPU per I/O. `--compare` runs two
 //! targets alternately in one invocation and prints their ratios.
 
@@ -11,7 +12,7 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::nbd_load::NbdConnection;
+use crate::bench_target::{Pattern, Prepared, Target, TargetSpec};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -23,8 +24,43 @@ pub struct BenchOptions {
     pub queue_depth: usize,
     pub duration: Duration,
     pub warmup: Duration,
-    /// At most this many requests per second (none: as fast as answered).
+    /// At most this many requests per second over all jobs (none: as fast
+    /// as answered).
     pub rate_iops: Option<u64>,
+    /// Parallel connections (or rings), each with `queue_depth` in flight.
+    pub jobs: usize,
+    /// How a transport target is exercised.
+    pub pattern: Pattern,
+    /// Allows writes to a block device.
+    pub destroy_data: bool,
+    /// Transport targets: socket buffer of both ends (0: the kernel's default).
+    pub socket_buffer_bytes: u32,
+}
+
+impl BenchOptions {
+    /// 4 KiB random writes, QD1, one job, 10 s after 2 s of warm-up.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            block_bytes: 4096,
+            read_percent: 0,
+            sequential: false,
+            queue_depth: 1,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            rate_iops: None,
+            jobs: 1,
+            pattern: Pattern::PingPong,
+            destroy_data: false,
+            socket_buffer_bytes: 0,
+        }
+    }
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -38,11 +74,12 @@ pub struct Latency {
     pub max_us: u64,
 }
 
-/// One second of a run, as it goes.
+/// One second of a run, as it goes (all jobs together).
 #[derive(Debug, Clone, Copy)]
 pub struct Interval {
     /// Measured seconds so far.
     pub elapsed_s: u64,
+    /// Requests finished in that second.
     pub iops: f64,
     pub latency_avg_us: f64,
     pub latency_p99_us: u64,
@@ -56,6 +93,7 @@ fn latency_histogram() -> Histogram<u64> {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub target: String,
+    pub jobs: usize,
     pub reads: u64,
     pub writes: u64,
     pub bytes: u64,
@@ -109,136 +147,81 @@ fn cpu_times_us() -> (u64, u64) {
     (process, busy_ticks * 1_000_000 / ticks_per_s)
 }
 
-struct Run<'a> {
-    connection: NbdConnection,
-    options: &'a BenchOptions,
-    next_offset: u64,
-    cookie: u64,
-    in_flight: HashMap<u64, (Instant, bool)>,
-    payload: Vec<u8>,
-    scratch: Vec<u8>,
+/// What one job sends the collector.
+enum JobReport {
+    /// Job 0's warm-up ended: the CPU times then.
+    MeasureStart((u64, u64)),
+    /// One measured second of one job.
+    Second(u64, Histogram<u64>),
 }
 
-impl Run<'_> {
-    fn submit(&mut self, rng: &mut impl Rng) -> Result<(), String> {
-        let block = u64::from(self.options.block_bytes);
-        let blocks = (self.connection.size_bytes / block).max(1);
-        let offset = if self.options.sequential {
-            let offset = self.next_offset;
-            self.next_offset = (self.next_offset + block) % (blocks * block);
-            offset
-        } else {
-            rng.random_range(0..blocks) * block
-        };
-        self.cookie += 1;
-        let read = rng.random_range(0..100) < self.options.read_percent;
-        let sent = if read {
-            self.connection.send_read(self.cookie, offset, self.options.block_bytes)
-        } else {
-            let stamp = 64.min(self.payload.len());
-            rng.fill(&mut self.payload[..stamp]);
-            self.connection.send_write(self.cookie, offset, &self.payload)
-        };
-        sent.map_err(|e| format!("sending a request failed: {e}"))?;
-        self.in_flight.insert(self.cookie, (Instant::now(), read));
-        Ok(())
-    }
-
-    /// Waits for one reply: (is a read, latency in us).
-    fn complete(&mut self) -> Result<(bool, u64), String> {
-        let (error, cookie) = self.connection.reply().map_err(|e| format!("reading a reply failed: {e}"))?;
-        let (sent, read) =
-            self.in_flight.remove(&cookie).ok_or_else(|| format!("the server answered unknown request {cookie}"))?;
-        if error != 0 {
-            return Err(format!("the server failed a {} with NBD error {error}", if read { "read" } else { "write" }));
-        }
-        if read {
-            self.connection.read_data(&mut self.scratch).map_err(|e| format!("reading data failed: {e}"))?;
-        }
-        Ok((read, sent.elapsed().as_micros().max(1) as u64))
-    }
+/// What one job measured.
+struct JobTotals {
+    reads: u64,
+    writes: u64,
+    latency_us: Histogram<u64>,
+    elapsed_s: f64,
 }
 
-/// Runs `options` against `uri`; `on_second` hears every measured second.
-pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(&Interval)) -> Result<BenchResult, String> {
-    let (address, export) = parse_nbd_uri(uri)?;
-    let connection = NbdConnection::connect(&address, &export).map_err(|e| format!("{uri}: {e}"))?;
-    if connection.size_bytes < u64::from(options.block_bytes) {
-        return Err(format!(
-            "{uri} is {} bytes, smaller than one {}-byte block",
-            connection.size_bytes, options.block_bytes
-        ));
-    }
-    let block = options.block_bytes as usize;
-    let mut run = Run {
-        connection,
-        options,
-        next_offset: 0,
-        cookie: 0,
-        in_flight: HashMap::new(),
-        payload: vec![0xa5; block],
-        scratch: vec![0; block],
-    };
-    let mut rng = rand::rng();
-    let (mut latency_us, mut second_latency_us) = (latency_histogram(), latency_histogram());
-    let (mut reads, mut writes) = (0u64, 0u64);
-    let started = Instant::now();
-    let mut measuring_since: Option<(Instant, (u64, u64))> = None;
-    let mut second_mark = started;
-    let mut submitted = 0u64;
-    loop {
-        let now = Instant::now();
-        if measuring_since.is_none() && now.duration_since(started) >= options.warmup {
-            measuring_since = Some((now, cpu_times_us()));
-            second_mark = now;
-        }
-        let running = measuring_since.is_none_or(|(since, _)| now.duration_since(since) < options.duration);
-        while running && run.in_flight.len() < options.queue_depth {
-            if let Some(rate) = options.rate_iops {
-                let due = started + Duration::from_secs_f64(submitted as f64 / rate.max(1) as f64);
-                if Instant::now() < due {
-                    if run.in_flight.is_empty() {
-                        std::thread::sleep(due - Instant::now());
-                    } else {
-                        break;
+/// Runs `options` against `target` (see `TargetSpec::parse`) with
+/// `options.jobs` jobs; `on_second` hears every measured second, merged
+/// over the jobs.
+pub fn run(target: &str, options: &BenchOptions, mut on_second: impl FnMut(&Interval)) -> Result<BenchResult, String> {
+    let prepared = Prepared::new(TargetSpec::parse(target)?, options)?;
+    let targets: Vec<Box<dyn Target>> =
+        (0..options.jobs.max(1)).map(|_| prepared.open_job()).collect::<Result<_, _>>()?;
+    let jobs = targets.len();
+    let (reports, collected) = crossbeam_channel::unbounded();
+    let (totals, cpu_before, cpu_after) = std::thread::scope(|scope| {
+        let handles: Vec<_> = targets
+            .into_iter()
+            .enumerate()
+            .map(|(index, target)| {
+                let reports = reports.clone();
+                scope.spawn(move || run_job(target, options, index == 0, &reports))
+            })
+            .collect();
+        drop(reports);
+        let mut cpu_before = None;
+        let mut seconds: std::collections::BTreeMap<u64, (usize, Histogram<u64>)> = std::collections::BTreeMap::new();
+        for report in collected {
+            match report {
+                JobReport::MeasureStart(cpu) => cpu_before = Some(cpu),
+                JobReport::Second(index, histogram) => {
+                    let entry = seconds.entry(index).or_insert_with(|| (0, latency_histogram()));
+                    entry.0 += 1;
+                    let _ = entry.1.add(&histogram);
+                    if entry.0 == jobs {
+                        let (_, merged) = seconds.remove(&index).expect("present");
+                        on_second(&Interval {
+                            elapsed_s: index + 1,
+                            iops: merged.len() as f64,
+                            latency_avg_us: merged.mean(),
+                            latency_p99_us: merged.value_at_quantile(0.99),
+                        });
                     }
                 }
             }
-            run.submit(&mut rng)?;
-            submitted += 1;
         }
-        if run.in_flight.is_empty() {
-            break;
-        }
-        let (read, latency) = run.complete()?;
-        if let Some((since, _)) = measuring_since {
-            let _ = latency_us.record(latency);
-            let _ = second_latency_us.record(latency);
-            if read {
-                reads += 1;
-            } else {
-                writes += 1;
-            }
-            if second_mark.elapsed() >= Duration::from_secs(1) {
-                on_second(&Interval {
-                    elapsed_s: since.elapsed().as_secs(),
-                    iops: second_latency_us.len() as f64 / second_mark.elapsed().as_secs_f64(),
-                    latency_avg_us: second_latency_us.mean(),
-                    latency_p99_us: second_latency_us.value_at_quantile(0.99),
-                });
-                second_mark = Instant::now();
-                second_latency_us.reset();
-            }
-        }
+        let totals: Result<Vec<JobTotals>, String> =
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a bench job panicked".to_owned()))).collect();
+        (totals, cpu_before, cpu_times_us())
+    });
+    let totals = totals?;
+    let (process_before, machine_before) = cpu_before.expect("job 0 reports its warm-up end");
+    let (process_after, machine_after) = cpu_after;
+    let mut latency_us = latency_histogram();
+    for job in &totals {
+        let _ = latency_us.add(&job.latency_us);
     }
-    let (since, (process_before, machine_before)) = measuring_since.expect("the warm-up ended");
-    let elapsed_s = since.elapsed().as_secs_f64();
-    let (process_after, machine_after) = cpu_times_us();
-    run.connection.disconnect();
+    let reads: u64 = totals.iter().map(|t| t.reads).sum();
+    let writes: u64 = totals.iter().map(|t| t.writes).sum();
+    let elapsed_s = totals.iter().map(|t| t.elapsed_s).fold(0.0, f64::max);
     let ios = (reads + writes).max(1);
     let bytes = (reads + writes) * u64::from(options.block_bytes);
     Ok(BenchResult {
-        target: uri.to_owned(),
+        target: target.to_owned(),
+        jobs,
         reads,
         writes,
         bytes,
@@ -256,6 +239,104 @@ pub fn run(uri: &str, options: &BenchOptions, mut on_second: impl FnMut(&Interva
         client_cpu_us_per_io: (process_after - process_before) as f64 / ios as f64,
         machine_cpu_us_per_io: machine_after.saturating_sub(machine_before) as f64 / ios as f64,
     })
+}
+
+/// Offsets of one job: sequential (each job from its own start) or random,
+/// aligned to the block size.
+struct Offsets {
+    block: u64,
+    blocks: u64,
+    next: u64,
+    sequential: bool,
+}
+
+impl Offsets {
+    fn next(&mut self, rng: &mut impl Rng) -> u64 {
+        if self.sequential {
+            let offset = self.next;
+            self.next = (self.next + 1) % self.blocks;
+            offset * self.block
+        } else {
+            rng.random_range(0..self.blocks) * self.block
+        }
+    }
+}
+
+fn run_job(
+    mut target: Box<dyn Target>,
+    options: &BenchOptions,
+    reports_start: bool,
+    reports: &crossbeam_channel::Sender<JobReport>,
+) -> Result<JobTotals, String> {
+    let block = u64::from(options.block_bytes);
+    let mut offsets =
+        Offsets { block, blocks: (target.size_bytes() / block).max(1), next: 0, sequential: options.sequential };
+    let mut rng = rand::rng();
+    let rate_per_job = options.rate_iops.map(|rate| (rate as f64 / options.jobs.max(1) as f64).max(1.0));
+    let mut in_flight: HashMap<u64, (Instant, bool)> = HashMap::new();
+    let (mut latency_us, mut second_latency_us) = (latency_histogram(), latency_histogram());
+    let (mut reads, mut writes, mut submitted, mut next_id) = (0u64, 0u64, 0u64, 0u64);
+    let started = Instant::now();
+    let mut measuring_since: Option<Instant> = None;
+    let mut second_index = 0u64;
+    loop {
+        let now = Instant::now();
+        if measuring_since.is_none() && now.duration_since(started) >= options.warmup {
+            measuring_since = Some(now);
+            if reports_start {
+                let _ = reports.send(JobReport::MeasureStart(cpu_times_us()));
+            }
+        }
+        let running = measuring_since.is_none_or(|since| now.duration_since(since) < options.duration);
+        while running && in_flight.len() < options.queue_depth {
+            if let Some(rate) = rate_per_job {
+                let due = started + Duration::from_secs_f64(submitted as f64 / rate);
+                if Instant::now() < due {
+                    if in_flight.is_empty() {
+                        std::thread::sleep(due - Instant::now());
+                    } else {
+                        break;
+                    }
+                }
+            }
+            next_id += 1;
+            let read = rng.random_range(0..100) < options.read_percent;
+            target.submit(next_id, read, offsets.next(&mut rng), &mut rng)?;
+            in_flight.insert(next_id, (Instant::now(), read));
+            submitted += 1;
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let id = target.complete()?;
+        let (sent, read) = in_flight.remove(&id).ok_or_else(|| format!("the target answered unknown request {id}"))?;
+        let Some(since) = measuring_since else { continue };
+        let latency = sent.elapsed().as_micros().max(1) as u64;
+        let _ = latency_us.record(latency);
+        if read {
+            reads += 1;
+        } else {
+            writes += 1;
+        }
+        // A request finishing after the measured time belongs to no second.
+        let second = since.elapsed().as_secs();
+        if second >= options.duration.as_secs() {
+            continue;
+        }
+        if second > second_index {
+            let _ = reports.send(JobReport::Second(second_index, second_latency_us.clone()));
+            second_latency_us.reset();
+            second_index = second;
+        }
+        let _ = second_latency_us.record(latency);
+    }
+    let since = measuring_since.expect("the warm-up ended");
+    if second_index < options.duration.as_secs() {
+        let _ = reports.send(JobReport::Second(second_index, second_latency_us));
+    }
+    let elapsed_s = since.elapsed().as_secs_f64();
+    target.finish();
+    Ok(JobTotals { reads, writes, latency_us, elapsed_s })
 }
 
 /// One result as text.

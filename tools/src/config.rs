@@ -54,11 +54,22 @@ pub struct ReplicationConfig {
     pub copy_chunk_bytes: u32,
     /// An async partnership whose RPO exceeds this raises event 5001 (0: never).
     pub target_rpo_seconds: u64,
+    /// Data channels of a new partnership when `--channels` is not given.
+    pub channels: u32,
+    /// Send and receive buffer of every replication socket (the kernel caps
+    /// it at net.core.wmem_max and rmem_max).
+    pub socket_buffer_bytes: u32,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self { on_peer_loss: "continue".to_owned(), copy_chunk_bytes: 1 << 20, target_rpo_seconds: 30 }
+        Self {
+            on_peer_loss: "continue".to_owned(),
+            copy_chunk_bytes: 1 << 20,
+            target_rpo_seconds: 30,
+            channels: 2,
+            socket_buffer_bytes: tandem_engine::runtime::net::DEFAULT_SOCKET_BUFFER_BYTES,
+        }
     }
 }
 
@@ -68,6 +79,7 @@ impl ReplicationConfig {
         tandem_engine::runtime::PeerDefaults {
             hold_writes_when_lost: self.on_peer_loss == "block",
             copy_chunk_bytes: self.copy_chunk_bytes,
+            socket_buffer_bytes: self.socket_buffer_bytes,
         }
     }
 }
@@ -156,8 +168,13 @@ impl Config {
     /// Reads and validates the file; errors say which key is wrong and why.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
-        config.validate().map_err(|e| format!("config {}: {e}", path.display()))?;
+        Self::parse_text(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// Parses and validates a configuration's text.
+    pub fn parse_text(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -189,6 +206,19 @@ impl Config {
         let chunk = replication.copy_chunk_bytes;
         if !(64 * 1024..=4 << 20).contains(&chunk) || !chunk.is_power_of_two() {
             return Err(format!("replication.copy_chunk_bytes = {chunk}: use a power of two from 65536 to 4194304"));
+        }
+        if !(1..=tandem_engine::runtime::peer_session::MAX_CHANNELS as u32).contains(&replication.channels) {
+            return Err(format!(
+                "replication.channels = {}: a partnership has 1 to {} data channels",
+                replication.channels,
+                tandem_engine::runtime::peer_session::MAX_CHANNELS
+            ));
+        }
+        if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {
+            return Err(format!(
+                "replication.socket_buffer_bytes = {}: use 65536 (64 KiB) to 268435456 (256 MiB)",
+                replication.socket_buffer_bytes
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.node.log_level)
             .map_err(|e| format!("node.log_level {:?} is not a log filter: {e}", self.node.log_level))?;

@@ -138,6 +138,14 @@ impl Daemon {
                 Ok(ResponseBody::Events(self.events.since(since, wait)))
             }
             Request::GroupList | Request::Status => Ok(ResponseBody::Groups(self.status())),
+            Request::Node => Ok(ResponseBody::Node(crate::api::NodeInfo {
+                name: self.config.node.name.clone(),
+                replication_listen: self.config.node.replication_listen.to_string(),
+                nbd_listen: self.config.node.nbd_listen.to_string(),
+            })),
+            Request::EngineSet { group, max_batch_records, max_inflight_appends } => {
+                self.set_batching(&group, max_batch_records, max_inflight_appends).map(ResponseBody::Message)
+            }
             Request::GroupShow { name } => {
                 let found: Vec<GroupStatus> = self.status().into_iter().filter(|g| g.name == name).collect();
                 if found.is_empty() {
@@ -146,6 +154,7 @@ impl Daemon {
                 Ok(ResponseBody::Groups(found))
             }
             Request::PartnershipCreate { source_group, destination, destination_group, mode, channels } => {
+                let channels = channels.unwrap_or(self.config.replication.channels);
                 let request =
                     crate::replication::CreateRequest { source_group, destination, destination_group, mode, channels };
                 let _guard = self.mark_changing(&request.source_group)?;
@@ -470,6 +479,31 @@ impl Daemon {
     /// One group's status.
     pub fn group_status(&self, name: &str) -> Result<GroupStatus, String> {
         self.status().into_iter().find(|g| g.name == name).ok_or_else(|| unknown_group(name))
+    }
+
+    /// Changes `group`'s group-commit limits while it runs (not written to
+    /// the config file: `tandem tune --apply` does that).
+    pub fn set_batching(
+        &self,
+        group: &str,
+        max_batch_records: usize,
+        max_inflight_appends: usize,
+    ) -> Result<String, String> {
+        if !(2..=1024).contains(&max_batch_records) || max_inflight_appends == 0 || max_inflight_appends > 64 {
+            return Err(format!(
+                "max_batch_records {max_batch_records} and max_inflight_appends {max_inflight_appends}: use 2 to 1024 records and 1 to 64 appends"
+            ));
+        }
+        let name = group.to_owned();
+        let (records, appends) = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::SetBatching {
+            group: name,
+            max_batch_records,
+            max_inflight_appends,
+            reply,
+        })??;
+        Ok(format!(
+            "{group}: max_batch_records {records} -> {max_batch_records}, max_inflight_appends {appends} -> {max_inflight_appends} (until tandemd restarts)"
+        ))
     }
 
     /// Makes `group` a source; returns the LSN after which records are shipped.

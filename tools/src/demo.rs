@@ -91,7 +91,7 @@ impl DemoNode {
                 .find_map(|g: GroupStatus| g.partnership)
                 .ok_or_else(|| format!("{group} has no partnership")),
             ResponseBody::Message(m) => Err(m),
-            ResponseBody::Events(_) => Err("tandemd answered with events".to_owned()),
+            ResponseBody::Events(_) | ResponseBody::Node(_) => Err("tandemd answered without groups".to_owned()),
         }
     }
 
@@ -194,7 +194,7 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         destination: format!("127.0.0.1:{}", b.replication_port),
         destination_group: "rg02".to_owned(),
         mode: options.mode.clone(),
-        channels: 2,
+        channels: None,
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");
@@ -280,7 +280,7 @@ fn run_workload(a: &DemoNode, options: &DemoOptions) -> Result<crate::bench::Ben
         queue_depth: options.queue_depth,
         duration: Duration::from_secs(options.seconds),
         warmup: Duration::ZERO,
-        rate_iops: None,
+        ..crate::bench::BenchOptions::new()
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let load = std::thread::spawn(move || {

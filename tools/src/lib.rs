@@ -4,17 +4,25 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_cli;
+pub mod bench_target;
 pub mod channel_join;
 pub mod config;
 pub mod counters_view;
 pub mod daemon;
 pub mod daemon_args;
 pub mod demo;
+pub mod device_facts;
 pub mod events;
 pub mod manpages;
 pub mod metrics;
 pub mod nbd_load;
+pub mod probe;
 pub mod registry;
 pub mod replication;
 pub mod serve;
 pub mod size;
+pub mod topology;
+pub mod topology_html;
+pub mod topology_requirements;
+pub mod tune;

@@ -40,6 +40,8 @@ pub enum HelloAction {
     Remove,
     /// Add data channel `channel` to the session a Create or Resume opened.
     Join,
+    /// Measure the path and ask about `destination_group` (see probe.rs).
+    Probe,
 }
 
 /// The source's handshake line.
@@ -62,6 +64,36 @@ pub struct Hello {
     pub session: u64,
     #[serde(default)]
     pub channel: u32,
+    /// Probe: measure the group's devices too (about a second).
+    #[serde(default)]
+    pub measure_devices: bool,
+    /// Probe: the socket buffer size the daemon sets on its end (0: default).
+    #[serde(default)]
+    pub socket_buffer_bytes: u32,
+}
+
+impl Hello {
+    /// A probe's handshake, asking about `group` when one is named.
+    #[must_use]
+    pub fn probe(group: Option<&str>, measure_devices: bool, socket_buffer_bytes: u32) -> Self {
+        Self {
+            wire_version: WIRE_VERSION,
+            action: HelloAction::Probe,
+            partnership_id: String::new(),
+            source_node: String::new(),
+            source_group: String::new(),
+            destination_group: group.unwrap_or_default().to_owned(),
+            mode: String::new(),
+            channels: 0,
+            volume_sizes_bytes: Vec::new(),
+            log_sector_bytes: 0,
+            baseline_lsn: 0,
+            session: 0,
+            channel: 0,
+            measure_devices,
+            socket_buffer_bytes,
+        }
+    }
 }
 
 /// The destination's answer.
@@ -79,9 +111,12 @@ pub struct Answer {
     /// channels join.
     #[serde(default)]
     pub session: u64,
+    /// Probe: what the daemon says about the group the probe named.
+    #[serde(default)]
+    pub probe: Option<crate::probe::ProbeFacts>,
 }
 
-fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> Result<(), String> {
+pub(crate) fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> Result<(), String> {
     let mut text = serde_json::to_string(value).expect("handshake serializes");
     text.push('\n');
     stream.write_all(text.as_bytes()).map_err(|e| format!("sending the handshake failed: {e}"))
@@ -136,6 +171,17 @@ fn resolve(destination: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("destination {destination} resolves to no address"))
 }
 
+/// Connects to a daemon's replication listener at `address` (`HOST[:PORT]`),
+/// with the handshake's timeouts.
+pub fn connect_replication(address: &str) -> Result<TcpStream, String> {
+    connect(address)
+}
+
+/// Sends a handshake line and reads the answer; a refusal is an error.
+pub fn exchange_with(stream: &mut TcpStream, hello: &Hello) -> Result<Answer, String> {
+    exchange(stream, hello)
+}
+
 fn connect(address: &str) -> Result<TcpStream, String> {
     let addr = resolve(address)?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
@@ -161,6 +207,8 @@ fn hello_for(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest, act
         baseline_lsn: 0,
         session: 0,
         channel: 0,
+        measure_devices: false,
+        socket_buffer_bytes: 0,
     }
 }
 
@@ -374,6 +422,9 @@ fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) ->
         if matches!(hello.action, HelloAction::Join) {
             return join(daemon, sessions, stream, &hello);
         }
+        if matches!(hello.action, HelloAction::Probe) {
+            return crate::probe::answer(daemon, stream, &hello);
+        }
         let result = destination_step(daemon, &hello);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
@@ -400,7 +451,7 @@ fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) ->
                 let joined = sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream)?;
                 return attach_joined(daemon, &hello.destination_group, joined);
             }
-            (HelloAction::Join, None) => unreachable!("joins are answered by join()"),
+            (HelloAction::Join | HelloAction::Probe, None) => unreachable!("answered by join() and probe::answer()"),
         }
     }
 }
@@ -472,6 +523,7 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
         }
         HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
+        HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
         HelloAction::Resume | HelloAction::Remove => {
             let state = daemon.destination_state(name)?.ok_or_else(|| {
                 format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)

@@ -19,6 +19,22 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} does not fit in 64 bits"))
 }
 
+/// Parses a duration as operators write it: `90` or `90s`, `30m`, `2h`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 =
+        digits.parse().map_err(|_| format!("{text:?} is not a duration; write it like 90s, 30m or 2h"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        other => return Err(format!("unknown duration unit {other:?} in {text:?}; use s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(number * seconds))
+}
+
 /// Formats bytes with the largest binary unit that keeps one decimal.
 #[must_use]
 pub fn format_size(bytes: u64) -> String {
@@ -38,6 +54,15 @@ pub fn format_size(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_parse_with_units_and_refuse_others() {
+        assert_eq!(super::parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(super::parse_duration("30m").unwrap().as_secs(), 1800);
+        assert_eq!(super::parse_duration("2h").unwrap().as_secs(), 7200);
+        assert!(super::parse_duration("3d").unwrap_err().contains("use s, m or h"));
+        assert!(super::parse_duration("soon").unwrap_err().contains("90s, 30m or 2h"));
+    }
+
     use super::*;
 
     #[test]

@@ -321,6 +321,21 @@ pub struct GroupCore {
 }
 
 impl GroupCore {
+    /// The write-path tunables in force.
+    #[must_use]
+    pub fn config(&self) -> GroupConfig {
+        self.config
+    }
+
+    /// Changes the group-commit limits while running (`tandem tune`): the
+    /// next batch formed uses them; batches in flight are not touched.
+    pub fn set_batching(&mut self, max_batch_records: usize, max_inflight_appends: usize) {
+        assert!((2..=1024).contains(&max_batch_records), "a batch holds 2 to 1024 records (IOV_MAX)");
+        assert!(max_inflight_appends >= 1, "at least one append is in flight");
+        self.config.max_batch_records = max_batch_records;
+        self.config.max_inflight_appends = max_inflight_appends;
+    }
+
     /// A group whose log is empty after `checkpoint_lsn`, with its next record at
     /// `tail_position` (the state right after recovery and its checkpoint).
     #[must_use]

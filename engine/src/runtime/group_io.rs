@@ -594,6 +594,8 @@ impl GroupRt {
             log_free_bytes: snapshot.log_free_bytes,
             log_sector_bytes: self.superblock.sector_size,
             log_direct_io: self.log.direct_io,
+            max_batch_records: self.core.config().max_batch_records,
+            max_inflight_appends: self.core.config().max_inflight_appends,
             volumes: self
                 .superblock
                 .volumes()

@@ -10,6 +10,7 @@ mod group_events;
 mod group_io;
 mod io;
 pub mod log_store;
+pub mod net;
 mod partner;
 mod peer_conn;
 pub mod peer_session;

@@ -16,11 +16,17 @@ pub struct PeerDefaults {
     /// `on_peer_loss = "block"`: sync writes wait for the destination.
     pub hold_writes_when_lost: bool,
     pub copy_chunk_bytes: u32,
+    /// Send and receive buffer of every replication socket.
+    pub socket_buffer_bytes: u32,
 }
 
 impl Default for PeerDefaults {
     fn default() -> Self {
-        Self { hold_writes_when_lost: false, copy_chunk_bytes: 1 << 20 }
+        Self {
+            hold_writes_when_lost: false,
+            copy_chunk_bytes: 1 << 20,
+            socket_buffer_bytes: super::net::DEFAULT_SOCKET_BUFFER_BYTES,
+        }
     }
 }
 

@@ -54,6 +54,14 @@ pub enum CoreMsg {
     AttachConnection { group: String, volume_index: u8, stream: TcpStream, session: Box<dyn BlockSession> },
     /// Report every group's status.
     Status { reply: Sender<Vec<GroupStatus>> },
+    /// Change a group's group-commit limits (records per log write, log
+    /// writes in flight) while it runs; answers with the previous values.
+    SetBatching {
+        group: String,
+        max_batch_records: usize,
+        max_inflight_appends: usize,
+        reply: Sender<Result<(usize, usize), String>>,
+    },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
     /// Detach every group and stop the thread.
@@ -303,6 +311,17 @@ impl Reactor {
                 CoreMsg::LeavePartnership { group, reply } => self.leave_partnership(&group, reply),
                 CoreMsg::Status { reply } => {
                     let _ = reply.send(self.status());
+                }
+                CoreMsg::SetBatching { group, max_batch_records, max_inflight_appends, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => {
+                            let before = rt.core.config();
+                            rt.core.set_batching(max_batch_records, max_inflight_appends);
+                            Ok((before.max_batch_records, before.max_inflight_appends))
+                        }
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
                 }
                 CoreMsg::DetachGroup { group, reply } => match self.find_group(&group) {
                     Some(index) => self.start_detach(index, Some(reply)),

@@ -123,7 +123,7 @@ impl Reactor {
         let sector = rt.sector_bytes();
         for stream in &streams {
             let _ = stream.set_nodelay(true);
-            set_socket_buffers(stream);
+            crate::runtime::net::set_socket_buffers(stream, self.peer_defaults.socket_buffer_bytes);
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
@@ -262,24 +262,6 @@ impl Reactor {
             if peer.group == index {
                 peer.close(reason);
             }
-        }
-    }
-}
-
-/// Large socket buffers keep a long-distance link full.
-fn set_socket_buffers(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let bytes: libc::c_int = 4 << 20;
-    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt with a valid int on a socket we own.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                std::ptr::from_ref(&bytes).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
         }
     }
 }

@@ -27,6 +27,11 @@ pub struct GroupStatus {
     pub log_free_bytes: u64,
     pub log_sector_bytes: u32,
     pub log_direct_io: bool,
+    /// Group commit in force: most records per log write, log writes in flight.
+    #[serde(default)]
+    pub max_batch_records: usize,
+    #[serde(default)]
+    pub max_inflight_appends: usize,
     pub volumes: Vec<VolumeStatus>,
     pub writes_completed: u64,
     pub writes_waiting_for_log_space: u64,

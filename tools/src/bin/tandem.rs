@@ -70,42 +70,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmark an NBD export (Tandem's or any server's): IOPS, MiB/s, latency percentiles, CPU per I/O.
-    Bench {
-        /// The target, nbd://HOST[:PORT]/EXPORT (no daemon needed).
-        #[arg(long)]
-        nbd: String,
-        /// A second NBD target run alternately with the first; prints the ratios.
-        #[arg(long, value_name = "NBD_URI")]
-        compare: Option<String>,
-        /// Bytes per request.
-        #[arg(long, default_value = "4KiB", value_parser = parse_size)]
-        block_size: u64,
-        /// Share of reads in percent (the rest are writes).
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
-        read_percent: u8,
-        /// Sequential offsets instead of random ones.
-        #[arg(long)]
-        sequential: bool,
-        /// Requests in flight.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-        queue_depth: u16,
-        /// Seconds measured.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Seconds run first and not measured.
-        #[arg(long, default_value_t = 2)]
-        warmup_seconds: u64,
-        /// At most this many requests per second.
-        #[arg(long)]
-        rate_iops: Option<u64>,
-        /// With --compare: alternating rounds of each target.
-        #[arg(long, default_value_t = 2)]
-        rounds: u32,
-        /// Print JSON instead of text (no progress bar).
-        #[arg(long)]
-        json: bool,
-    },
+    /// Benchmark an NBD export, a local file or block device, or the transport to a daemon: IOPS, MiB/s, latency percentiles, CPU per I/O.
+    Bench(tandem_tools::bench_cli::BenchArgs),
+    /// Check a planned partnership's requirements and measure its workload (Test-SRTopology).
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Sweep a group's group-commit limits or a transport's channels and socket buffers; recommend (and --apply) the best.
+    Tune(tandem_tools::tune::TuneArgs),
     /// Performance counters of every volume, log and partnership (Storage Replica's names).
     Counters {
         /// Print JSON instead of text.
@@ -121,6 +92,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Requirements (each with its measured value, limit and fix), then the workload and the path for --duration; writes an HTML report.
+    Test(tandem_tools::topology::TopologyTestArgs),
 }
 
 #[derive(Subcommand)]
@@ -171,9 +148,10 @@ enum PartnershipCommand {
         /// sync: a write is acknowledged once both logs hold it; async: once this log holds it.
         #[arg(long, default_value = "sync")]
         mode: String,
-        /// Data channels (TCP connections) the replication stream is striped over, 1 to 16.
-        #[arg(long, default_value_t = 2)]
-        channels: u32,
+        /// Data channels (TCP connections) the replication stream is striped over, 1 to 16
+        /// [default: replication.channels of the daemon's config, 2 unless set].
+        #[arg(long)]
+        channels: Option<u32>,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -210,34 +188,9 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
-        Command::Bench {
-            nbd,
-            compare,
-            block_size,
-            read_percent,
-            sequential,
-            queue_depth,
-            seconds,
-            warmup_seconds,
-            rate_iops,
-            rounds,
-            json,
-        } => {
-            let block_bytes = u32::try_from(*block_size)
-                .ok()
-                .filter(|b| (512..=(32 << 20)).contains(b))
-                .ok_or_else(|| CallError::Refused("--block-size must be from 512B to 32MiB".to_owned()))?;
-            let options = tandem_tools::bench::BenchOptions {
-                block_bytes,
-                read_percent: *read_percent,
-                sequential: *sequential,
-                queue_depth: usize::from(*queue_depth),
-                duration: std::time::Duration::from_secs((*seconds).max(1)),
-                warmup: std::time::Duration::from_secs(*warmup_seconds),
-                rate_iops: *rate_iops,
-            };
-            run_bench(nbd, compare.as_deref(), &options, (*rounds).max(1), *json).map_err(CallError::Refused)?;
-        }
+        Command::Bench(args) => args.run().map_err(CallError::Refused)?,
+        Command::Tune(args) => args.run(&cli.api).map_err(CallError::Refused)?,
+        Command::Topology(TopologyCommand::Test(args)) => args.run(&cli.api).map_err(CallError::Refused)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "tandem", &mut std::io::stdout());
         }
@@ -537,48 +490,4 @@ fn ago(unix_ms: u64) -> String {
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     format!("{} s ago", now.saturating_sub(unix_ms) / 1000)
-}
-
-/// Runs `tandem bench`: one target, or two alternately with their ratios.
-fn run_bench(
-    target: &str,
-    compare: Option<&str>,
-    options: &tandem_tools::bench::BenchOptions,
-    rounds: u32,
-    json: bool,
-) -> Result<(), String> {
-    let targets: Vec<&str> = std::iter::once(target).chain(compare).collect();
-    let rounds = if compare.is_some() { rounds } else { 1 };
-    let mut results: Vec<Vec<tandem_tools::bench::BenchResult>> = vec![Vec::new(); targets.len()];
-    for _ in 0..rounds {
-        for (index, target) in targets.iter().enumerate() {
-            let bar = if json {
-                indicatif::ProgressBar::hidden()
-            } else {
-                indicatif::ProgressBar::new(options.duration.as_secs())
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} s {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            bar.set_prefix((*target).to_owned());
-            let result = tandem_tools::bench::run(target, options, |second| {
-                bar.set_position(second.elapsed_s);
-                bar.set_message(format!("{:.0} IOPS", second.iops));
-            })?;
-            bar.finish_and_clear();
-            if !json {
-                println!("{}", tandem_tools::bench::render(&result));
-            }
-            results[index].push(result);
-        }
-    }
-    if json {
-        let all: Vec<&tandem_tools::bench::BenchResult> = results.iter().flatten().collect();
-        println!("{}", serde_json::to_string_pretty(&all).expect("results serialize"));
-    } else if results.len() == 2 {
-        println!("{}", tandem_tools::bench::render_comparison(&results[0], &results[1]));
-    }
-    Ok(())
 }
