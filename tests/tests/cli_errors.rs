@@ -138,6 +138,37 @@ fn groups_survive_restarts_and_delete_keeps_the_data() {
     assert_eq!(node.group_status("rg01")["state"], "Online");
 }
 
+/// A group moves to another core thread with its data and its history; the
+/// move survives a restart; a core that does not exist is refused with the
+/// range.
+#[test]
+fn a_group_moves_between_cores_and_stays_there() {
+    let mut node = Node::start("");
+    node.create_group("rg01", "128MiB", &[("a", 8 << 20)]);
+    let mut client = NbdClient::connect(node.nbd_port, "rg01/a").unwrap();
+    assert_eq!(client.write(0, &block_content(1, 1)).unwrap(), 0);
+    drop(client);
+    let cores = node.group_status("rg01")["core"].as_u64().unwrap();
+    assert_eq!(cores, 0);
+    let two_cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) >= 2;
+    let target = usize::from(two_cores);
+    let moved = node.cli_ok(&["group", "move", "rg01", "--core", &target.to_string()]);
+    assert!(moved.contains(&format!("core {target}")), "{moved}");
+    let status = node.group_status("rg01");
+    assert_eq!(status["core"].as_u64().unwrap() as usize, target, "{status}");
+    assert_eq!(status["current_lsn"], 1, "the history came along: {status}");
+    let mut client = NbdClient::connect(node.nbd_port, "rg01/a").unwrap();
+    assert_eq!(client.read(0, 4096).unwrap(), Ok(block_content(1, 1)), "the data came along");
+    assert_eq!(client.write(4096, &block_content(2, 1)).unwrap(), 0, "and the group takes writes there");
+    drop(client);
+    node.stop();
+    node.spawn();
+    assert_eq!(node.group_status("rg01")["core"].as_u64().unwrap() as usize, target, "the registry kept the move");
+    let refused = node.cli(&["group", "move", "rg01", "--core", "7"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("core 7 does not exist: this node runs cores 0 to"), "{stderr}");
+}
+
 /// A group whose volume disappeared while the daemon was down does not stop the
 /// daemon or the other groups: it is reported unavailable with the reason and
 /// can be deleted.

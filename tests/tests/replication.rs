@@ -263,3 +263,33 @@ fn tandem_demo_replicates_a_workload_and_finds_the_volumes_equal() {
         assert!(stdout.contains("initial block copy done"), "{stdout}");
     }
 }
+
+/// Moving either side's group to another core thread (as `tandem tune
+/// --cores` does) ends the session; the partnership resumes by itself and
+/// the volumes still converge.
+#[test]
+fn a_partnership_resumes_after_either_group_moves_core() {
+    require_tool("qemu-io", "qemu-utils");
+    let pair = start_pair("");
+    pair.source.replicate_to(&pair.destination, "256MiB", &[("data", 16 << 20)], "sync");
+    let two_cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) >= 2;
+    let core = if two_cores { "1" } else { "0" };
+    let write = |pattern: u32| {
+        run_ok(
+            pair.source
+                .client_command("qemu-io")
+                .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
+                .arg(pair.source.nbd_uri("rg01", "data")),
+        );
+    };
+    write(1);
+    let _ = pair.source.cli_ok(&["group", "move", "rg01", "--core", core]);
+    write(2);
+    pair.source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    let _ = pair.destination.cli_ok(&["group", "move", "rg02", "--core", core]);
+    write(3);
+    pair.source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    let source = md5(&pair.source.path("rg01-data.img"));
+    assert_eq!(source, md5(&pair.destination.path("rg02-data.img")), "the volumes converged after both moves");
+    assert_eq!(pair.destination.group_status("rg02")["core"].as_u64().unwrap().to_string(), core);
+}

@@ -34,14 +34,24 @@ fn tune_sweeps_a_group_live_and_recommends_its_best_point() {
     let original = batching(&node);
     assert_eq!(original, (256, 4), "the defaults");
 
-    let sweep = ["--group", "rg01", "--destroy-data", "--batch-records", "8,128", "--inflight-appends", "1,4"];
-    let outcome = tune_json(&node, &sweep);
+    // Two cores when the machine has them: the group moves between points.
+    let two_cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) >= 2;
+    let mut first = vec!["--group", "rg01", "--destroy-data", "--batch-records", "8,128", "--inflight-appends", "1"];
+    if two_cores {
+        first.extend_from_slice(&["--cores", "1,0"]);
+    }
+    let outcome = tune_json(&node, &first);
     let points = outcome["points"].as_array().unwrap();
-    assert_eq!(points.len(), 4, "{outcome:#}");
+    assert_eq!(points.len(), if two_cores { 4 } else { 2 }, "{outcome:#}");
     assert!(points.iter().all(|p| p["iops"].as_f64().unwrap() > 0.0), "{outcome:#}");
+    if two_cores {
+        assert_eq!(points[0]["knobs"][0], serde_json::json!(["core", 1]), "{outcome:#}");
+    }
     assert_eq!(outcome["best"].as_u64().unwrap() as usize, fastest(&outcome), "{outcome:#}");
     assert_eq!(batching(&node), original, "without --apply the limits come back");
+    assert_eq!(node.group_status("rg01")["core"], 0, "and the group is back on its core");
 
+    let sweep = ["--group", "rg01", "--destroy-data", "--batch-records", "8,128", "--inflight-appends", "1,4"];
     let mut applied = sweep.to_vec();
     let config = node.config_path().to_str().unwrap().to_owned();
     applied.extend_from_slice(&["--apply", "--config", &config]);

@@ -33,6 +33,11 @@ pub enum Request {
     GroupDelete {
         name: String,
     },
+    /// Serve a group from another core (index into `node.cores`).
+    GroupMove {
+        name: String,
+        core: usize,
+    },
     Status,
     PartnershipCreate {
         source_group: String,

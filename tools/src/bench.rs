@@ -343,14 +343,19 @@ fn run_job(
 #[must_use]
 pub fn render(result: &BenchResult) -> String {
     let l = &result.latency;
+    // A transport target's requests are messages (ping-pong or stream), not reads or writes.
+    let requests = if result.target.starts_with("tandem://") {
+        format!("{} messages", result.writes)
+    } else {
+        format!("{} reads, {} writes", result.reads, result.writes)
+    };
     format!(
-        "{}: {:.0} IOPS, {:.1} MiB/s ({} reads, {} writes in {:.1} s)\n  latency us: avg {:.0}, p50 {}, p90 {}, p99 {}, p99.9 {}, max {}\n  CPU per I/O: {:.1} us in tandem bench, {:.1} us on the whole machine",
+        "{}: {:.0} IOPS, {:.1} MiB/s ({requests} in {:.1} s, {} job(s))\n  latency us: avg {:.0}, p50 {}, p90 {}, p99 {}, p99.9 {}, max {}\n  CPU per I/O: {:.1} us in tandem bench, {:.1} us on the whole machine",
         result.target,
         result.iops,
         result.mib_per_s,
-        result.reads,
-        result.writes,
         result.elapsed_s,
+        result.jobs,
         l.avg_us,
         l.p50_us,
         l.p90_us,

@@ -3,9 +3,10 @@
 //!
 //! Two kinds of target:
 //! - a group of this node: its group-commit limits (records per log write,
-//!   log writes in flight) are changed live through the management API while
-//!   `tandem bench` drives its NBD export; the original limits come back
-//!   afterwards unless `--apply` keeps the best;
+//!   log writes in flight) are changed live through the management API, and
+//!   with `--cores` it moves between core threads, while `tandem bench`
+//!   drives its NBD export; the original core and limits come back afterwards
+//!   unless `--apply` keeps the best;
 //! - the transport to a daemon: data channels (parallel connections) and
 //!   socket buffer sizes, streamed through the probe.
 //!
@@ -44,6 +45,9 @@ pub struct TuneArgs {
     /// Group sweep: log writes in flight (engine.max_inflight_appends).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub inflight_appends: Vec<usize>,
+    /// Group sweep: the core threads serving the group, as indexes into node.cores (moves it between points).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
     /// Transport sweep: data channels (replication.channels).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub channels: Vec<u32>,
@@ -182,50 +186,76 @@ impl TuneArgs {
     }
 
     fn tune_group(&self, api: &Path, group: &str) -> Result<TuneOutcome, String> {
-        if !self.destroy_data {
-            return Err(format!(
-                "the sweep writes random data to a volume of {group}; add --destroy-data to confirm (tune a scratch group, not one holding data)"
-            ));
-        }
-        for &records in &self.batch_records {
-            if !(2..=1024).contains(&records) {
-                return Err(format!("--batch-records {records}: use 2 to 1024"));
-            }
-        }
-        if let Some(bad) = self.inflight_appends.iter().find(|&&n| n == 0 || n > 64) {
-            return Err(format!("--inflight-appends {bad}: use 1 to 64"));
-        }
+        self.check_group_sweep(group)?;
         let (uri, original) = group_target(api, group, self.volume.as_deref())?;
         let options = self.workload(4096)?;
-        let mut restore = Restore { api, group, values: Some(original) };
+        let mut restore = Restore { api, group, original: Some(original) };
+        // Without --cores the group stays where it is and the core is no knob.
+        let cores: Vec<Option<usize>> =
+            if self.cores.is_empty() { vec![None] } else { self.cores.iter().copied().map(Some).collect() };
         let mut points = Vec::new();
-        for &records in &self.batch_records {
-            for &appends in &self.inflight_appends {
-                set_batching(api, group, records, appends)?;
-                let result = crate::bench_cli::run_with_progress(&uri, &options, self.json)?;
-                let knobs = vec![
-                    ("max_batch_records".to_owned(), records as u64),
-                    ("max_inflight_appends".to_owned(), appends as u64),
-                ];
-                points.push(Point::from_result(knobs, &result, self.max_p99));
+        for &core in &cores {
+            if let Some(core) = core {
+                move_group(api, group, core)?;
+            }
+            for &records in &self.batch_records {
+                for &appends in &self.inflight_appends {
+                    set_batching(api, group, records, appends)?;
+                    let result = crate::bench_cli::run_with_progress(&uri, &options, self.json)?;
+                    let mut knobs = vec![
+                        ("max_batch_records".to_owned(), records as u64),
+                        ("max_inflight_appends".to_owned(), appends as u64),
+                    ];
+                    if let Some(core) = core {
+                        knobs.insert(0, ("core".to_owned(), core as u64));
+                    }
+                    points.push(Point::from_result(knobs, &result, self.max_p99));
+                }
             }
         }
         let best = best_point(&points, self.max_p99)?;
-        let (records, appends) = (points[best].knobs[0].1, points[best].knobs[1].1);
-        let snippet = format!("[engine]\nmax_batch_records = {records}\nmax_inflight_appends = {appends}\n");
+        let (records, appends) =
+            (knob(&points[best], "max_batch_records"), knob(&points[best], "max_inflight_appends"));
+        let best_core = points[best].knobs.iter().any(|(name, _)| name == "core").then(|| knob(&points[best], "core"));
+        let mut snippet = format!("[engine]\nmax_batch_records = {records}\nmax_inflight_appends = {appends}\n");
+        if let Some(core) = best_core {
+            snippet.push_str(&format!("# and: tandem group move {group} --core {core}\n"));
+        }
         let applied = if self.apply {
+            restore.original = None;
+            if let Some(core) = best_core {
+                move_group(api, group, core as usize)?;
+            }
             set_batching(api, group, records as usize, appends as usize)?;
-            restore.values = None;
             write_settings(
                 &self.config,
                 "engine",
                 &[("max_batch_records", records), ("max_inflight_appends", appends)],
             )?;
-            Some(format!("applied to {group} now and written to {} for the next start", self.config.display()))
+            Some(format!(
+                "applied to {group} now{} and written to {} for the next start",
+                best_core.map_or_else(String::new, |core| format!(" (served by core {core})")),
+                self.config.display()
+            ))
         } else {
             None
         };
         Ok(TuneOutcome { target: uri, points, best, snippet, applied })
+    }
+
+    fn check_group_sweep(&self, group: &str) -> Result<(), String> {
+        if !self.destroy_data {
+            return Err(format!(
+                "the sweep writes random data to a volume of {group}; add --destroy-data to confirm (tune a scratch group, not one holding data)"
+            ));
+        }
+        if let Some(bad) = self.batch_records.iter().find(|&&n| !(2..=1024).contains(&n)) {
+            return Err(format!("--batch-records {bad}: use 2 to 1024"));
+        }
+        if let Some(bad) = self.inflight_appends.iter().find(|&&n| n == 0 || n > 64) {
+            return Err(format!("--inflight-appends {bad}: use 1 to 64"));
+        }
+        Ok(())
     }
 
     fn tune_transport(&self, address: &str) -> Result<TuneOutcome, String> {
@@ -266,7 +296,7 @@ impl TuneArgs {
 }
 
 /// The group's NBD export and its current group-commit limits.
-fn group_target(api: &Path, group: &str, volume: Option<&str>) -> Result<(String, (usize, usize)), String> {
+fn group_target(api: &Path, group: &str, volume: Option<&str>) -> Result<(String, (usize, usize, usize)), String> {
     let ResponseBody::Node(node) = call(api, &Request::Node).map_err(|e| e.to_string())? else {
         return Err("tandemd answered without its node information".to_owned());
     };
@@ -288,8 +318,16 @@ fn group_target(api: &Path, group: &str, volume: Option<&str>) -> Result<(String
     let listen: std::net::SocketAddr =
         node.nbd_listen.parse().map_err(|e| format!("tandemd's nbd_listen {}: {e}", node.nbd_listen))?;
     let host = if listen.ip().is_unspecified() { "127.0.0.1".to_owned() } else { listen.ip().to_string() };
-    let original = (status.max_batch_records, status.max_inflight_appends);
+    let original = (status.core, status.max_batch_records, status.max_inflight_appends);
     Ok((format!("nbd://{host}:{}/{group}/{}", listen.port(), volume.name), original))
+}
+
+fn knob(point: &Point, name: &str) -> u64 {
+    point.knobs.iter().find(|(knob, _)| knob == name).map(|(_, value)| *value).expect("every point has its knobs")
+}
+
+fn move_group(api: &Path, group: &str, core: usize) -> Result<(), String> {
+    call(api, &Request::GroupMove { name: group.to_owned(), core }).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn set_batching(api: &Path, group: &str, max_batch_records: usize, max_inflight_appends: usize) -> Result<(), String> {
@@ -303,18 +341,21 @@ fn set_batching(api: &Path, group: &str, max_batch_records: usize, max_inflight_
 struct Restore<'a> {
     api: &'a Path,
     group: &'a str,
-    values: Option<(usize, usize)>,
+    /// (core, records per log write, log writes in flight) before the sweep.
+    original: Option<(usize, usize, usize)>,
 }
 
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
-        if let Some((records, appends)) = self.values {
-            if let Err(reason) = set_batching(self.api, self.group, records, appends) {
-                eprintln!(
-                    "tandem: could not restore {}'s group-commit limits ({reason}); restart tandemd to reset them",
-                    self.group
-                );
-            }
+        let Some((core, records, appends)) = self.original else { return };
+        // A move re-opens the group with the configured limits: move first.
+        let restored =
+            move_group(self.api, self.group, core).and_then(|()| set_batching(self.api, self.group, records, appends));
+        if let Err(reason) = restored {
+            eprintln!(
+                "tandem: could not restore {} to core {core} with its group-commit limits ({reason}); check `tandem group show {}`",
+                self.group, self.group
+            );
         }
     }
 }

@@ -620,6 +620,7 @@ impl GroupRt {
                 .collect(),
             checkpoints: snapshot.checkpoints,
             connections: self.connections,
+            core: 0,
             epoch: self.superblock.epoch,
             last_recovery: self.recovery.clone(),
             role: match self.superblock.role {

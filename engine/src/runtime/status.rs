@@ -45,6 +45,10 @@ pub struct GroupStatus {
     pub write_latency_us_buckets: Vec<(u64, u64)>,
     pub checkpoints: u64,
     pub connections: usize,
+    /// Index (into `node.cores`) of the core thread serving the group; the
+    /// control plane fills it in.
+    #[serde(default)]
+    pub core: usize,
     pub epoch: u32,
     pub last_recovery: RecoveryReport,
     /// `standalone`, `source` or `destination`.

@@ -130,6 +130,13 @@ enum GroupCommand {
     },
     /// Drain a group, checkpoint its volumes and release its log.
     Delete { name: String },
+    /// Serve a group from another core thread: its clients reconnect, a partnership resumes.
+    Move {
+        name: String,
+        /// Index into the daemon's node.cores (0 is the first CPU listed).
+        #[arg(long)]
+        core: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,6 +299,9 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         Command::Group(GroupCommand::Delete { name }) => {
             print_message(&call(&cli.api, &Request::GroupDelete { name: name.clone() })?)
         }
+        Command::Group(GroupCommand::Move { name, core }) => {
+            print_message(&call(&cli.api, &Request::GroupMove { name: name.clone(), core: *core })?)
+        }
         Command::Group(GroupCommand::Create { name, log, log_size, volumes }) => {
             let volumes =
                 volumes.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>, _>>().map_err(CallError::Refused)?;
@@ -384,6 +394,10 @@ fn print_detailed(g: &GroupStatus) {
     for v in &g.volumes {
         println!("  volume        {}/{} {} ({})", g.name, v.name, v.path, format_size(v.size_bytes));
     }
+    println!(
+        "  engine        core {}; group commit up to {} records per log write, {} log writes in flight",
+        g.core, g.max_batch_records, g.max_inflight_appends
+    );
     println!(
         "  writes        {} completed, {} waiting for log space, {} written; latency avg {:.0} us, p99 {} us",
         g.writes_completed,
