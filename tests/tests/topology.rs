@@ -24,6 +24,7 @@ fn pair(shm: &Path) -> (Node, Node) {
     (a, b)
 }
 
+/// `tandem topology test` (with --requirements-only unless `extra` says more).
 fn topology(a: &Node, source: &str, destination: &str, extra: &[&str]) -> (Output, String) {
     let mut args = vec!["topology", "test", "--source", source, "--destination", destination];
     if extra.is_empty() {
@@ -148,5 +149,57 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Before Tandem is in the path: the planned volume is a block device the
+/// application writes directly (a loop device here), measured through its
+/// block statistics; a planned log file that does not exist yet is judged
+/// by its directory's device.
+#[test]
+fn a_planned_group_is_measured_through_its_block_devices() {
+    require_tool("losetup", "mount");
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (a, b) = pair(shm.path());
+    let backing = a.path("planned.img");
+    std::fs::File::create(&backing).unwrap().set_len(VOLUME_BYTES).unwrap();
+    let attached = tandem_tests::run_ok(Command::new("losetup").args(["--find", "--show"]).arg(&backing));
+    let device = Detach(attached.trim().to_owned());
+    let writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while true; do dd if=/dev/zero of={} bs=64k count=16 oflag=direct conv=notrunc status=none; sleep 0.2; done",
+            device.0
+        ))
+        .spawn()
+        .unwrap();
+    let _writer = Guard(writer);
+    let planned_log = shm.path().join("planned.log");
+    let destination = format!("{}/rg02", b.replication_address());
+    let planned = ["--source-volume", &device.0, "--source-log", planned_log.to_str().unwrap()];
+    let (output, text) = topology(&a, "topo-a/rg09", &destination, &[&planned[..], &["--requirements-only"]].concat());
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "PASS source volumes: 1 planned volume(s), workload from block device statistics (/sys/dev/block/7:"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("PASS volume sizes equal"), "{text}");
+    assert!(text.contains("PASS source log on its own device: log on tmpfs on /dev/shm"), "{text}");
+    let wrote = text.lines().find(|l| l.starts_with("PASS bandwidth")).expect(&text);
+    assert!(!wrote.contains("the source wrote 0 B/s"), "the direct writes to the device were seen: {wrote}");
+    assert!(!planned_log.exists(), "the test creates nothing where the log will go");
+
+    let (output, text) = topology(&a, "topo-a/rg01", &destination, &[&planned[..], &["--requirements-only"]].concat());
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL source volumes: group rg01 already exists on topo-a"), "{text}");
+}
+
+struct Detach(String);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["--detach", &self.0]).status();
     }
 }

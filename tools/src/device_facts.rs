@@ -58,8 +58,10 @@ impl GroupDevices {
 }
 
 /// Facts about `log` and `volumes`; with `measure`, their latency too (a
-/// second or so). Durable writes go to a scratch file beside each path when
-/// all are files; a block device is only read, never written.
+/// second or so). When every path is a file (or a file not created yet),
+/// durable writes go to a scratch file beside each; when any is a block
+/// device, which is never written, all are compared by O_DIRECT reads (of
+/// the device, or of a scratch file beside a file).
 #[must_use]
 pub fn group_devices(log: &Path, volumes: &[PathBuf], measure: bool) -> GroupDevices {
     let mut devices = GroupDevices { log: identify(log), volumes: volumes.iter().map(|path| identify(path)).collect() };
@@ -74,14 +76,20 @@ pub fn group_devices(log: &Path, volumes: &[PathBuf], measure: bool) -> GroupDev
 
 fn identify(path: &Path) -> DeviceFacts {
     let mut facts = DeviceFacts { path: path.display().to_string(), ..DeviceFacts::default() };
-    let Ok(metadata) = std::fs::metadata(path) else {
+    // A file not created yet (a planned log) lives where its directory does.
+    let metadata = std::fs::metadata(path).or_else(|_| std::fs::metadata(scratch_directory(path)));
+    let Ok(metadata) = metadata else {
         facts.device = "missing".to_owned();
         return facts;
     };
     facts.is_block = metadata.file_type().is_block_device();
     let dev = if facts.is_block { metadata.rdev() } else { metadata.dev() };
     let (major, minor) = (libc::major(dev), libc::minor(dev));
-    facts.allocated_bytes = if facts.is_block { block_size_bytes(path) } else { metadata.blocks() * 512 };
+    facts.allocated_bytes = match (facts.is_block, metadata.is_file()) {
+        (true, _) => block_size_bytes(path),
+        (false, true) => metadata.blocks() * 512,
+        (false, false) => 0,
+    };
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     match std::fs::canonicalize(&sys) {
         Ok(node) => {
@@ -138,7 +146,8 @@ fn mount_of(major: u32, minor: u32) -> Option<String> {
     })
 }
 
-fn block_size_bytes(path: &Path) -> u64 {
+/// Bytes of a block device (or file), by seeking to its end.
+pub(crate) fn block_size_bytes(path: &Path) -> u64 {
     std::fs::File::open(path)
         .and_then(|mut file| std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)))
         .unwrap_or(0)
@@ -146,7 +155,11 @@ fn block_size_bytes(path: &Path) -> u64 {
 
 fn measure_latency(facts: &mut DeviceFacts, write_scratch: bool) {
     let path = PathBuf::from(&facts.path);
-    let measured = if write_scratch { scratch_write_latency(&path) } else { direct_read_latency(&path) };
+    let measured = match (write_scratch, facts.is_block) {
+        (true, _) => scratch_latency(&path, ScratchIo::DurableWrites),
+        (false, true) => direct_read_latency(&path),
+        (false, false) => scratch_latency(&path, ScratchIo::DirectReads),
+    };
     match measured {
         Ok((histogram, method)) => {
             facts.latency_us_avg = Some(histogram.mean());
@@ -157,14 +170,26 @@ fn measure_latency(facts: &mut DeviceFacts, write_scratch: bool) {
     }
 }
 
+fn scratch_directory(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Durable 4 KiB writes (O_DIRECT when allowed, O_DSYNC) to a preallocated
-/// scratch file in the same directory, removed afterwards.
-fn scratch_write_latency(path: &Path) -> Result<(Histogram<u64>, String), String> {
-    let directory = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+/// What is timed on a scratch file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScratchIo {
+    DurableWrites,
+    DirectReads,
+}
+
+/// 4 KiB I/O on a preallocated scratch file in the same directory as
+/// `path` (O_DIRECT when the filesystem allows it; O_DSYNC for writes),
+/// removed afterwards.
+fn scratch_latency(path: &Path, io: ScratchIo) -> Result<(Histogram<u64>, String), String> {
+    let directory = scratch_directory(path);
     let scratch = directory.join(format!(".tandem-latency-probe-{}", std::process::id()));
     let open = |flags| OpenOptions::new().read(true).write(true).create(true).custom_flags(flags).open(&scratch);
     let (file, direct) = match open(libc::O_DSYNC | libc::O_DIRECT) {
@@ -176,18 +201,27 @@ fn scratch_write_latency(path: &Path) -> Result<(Histogram<u64>, String), String
         file.set_len(SCRATCH_FILE_BYTES).map_err(|e| e.to_string())?;
         let mut buf = AlignedBuf::zeroed(PROBE_IO_BYTES);
         rand::rng().fill(&mut buf[..]);
-        // One pass first allocates every block, so the timed writes overwrite.
+        // One pass first allocates every block, so the timed I/O never meets a hole.
         for offset in (0..SCRATCH_FILE_BYTES).step_by(PROBE_IO_BYTES) {
             std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset).map_err(|e| e.to_string())?;
         }
         timed(|rng| {
             let offset = rng.random_range(0..SCRATCH_FILE_BYTES / PROBE_IO_BYTES as u64) * PROBE_IO_BYTES as u64;
-            std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset).map_err(|e| e.to_string())
+            match io {
+                ScratchIo::DurableWrites => std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset),
+                ScratchIo::DirectReads => std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset),
+            }
+            .map_err(|e| e.to_string())
         })
     })();
     let _ = std::fs::remove_file(&scratch);
-    let method = if direct { "durable 4 KiB writes (O_DIRECT, O_DSYNC)" } else { "durable 4 KiB writes (O_DSYNC)" };
-    result.map(|h| (h, format!("{method} to a scratch file in {}", directory.display())))
+    let what = match (io, direct) {
+        (ScratchIo::DurableWrites, true) => "durable 4 KiB writes (O_DIRECT, O_DSYNC)",
+        (ScratchIo::DurableWrites, false) => "durable 4 KiB writes (O_DSYNC)",
+        (ScratchIo::DirectReads, true) => "4 KiB O_DIRECT reads",
+        (ScratchIo::DirectReads, false) => "4 KiB reads (the filesystem refuses O_DIRECT)",
+    };
+    result.map(|h| (h, format!("{what} on a scratch file in {}", directory.display())))
 }
 
 /// 4 KiB O_DIRECT reads at random offsets (the device is in use: not written).

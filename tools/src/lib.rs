@@ -25,4 +25,5 @@ pub mod size;
 pub mod topology;
 pub mod topology_html;
 pub mod topology_requirements;
+pub mod topology_source;
 pub mod tune;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tandem_engine::runtime::status::GroupStatus;
 
 use crate::api::{call, Request, ResponseBody};
 use crate::device_facts::{group_devices, GroupDevices};
@@ -26,6 +25,7 @@ use crate::topology_requirements::{
     volume_size_requirement,
 };
 pub use crate::topology_requirements::{render_requirement, Requirement};
+use crate::topology_source::{group_status, SourceSide};
 
 /// Round trip a synchronous partnership tolerates (Storage Replica's limit).
 pub const MAX_SYNC_ROUND_TRIP_MS: f64 = 5.0;
@@ -58,6 +58,13 @@ pub struct TopologyTestArgs {
     /// Longest destination outage the log must absorb without a bitmap resync.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     pub tolerated_outage: Duration,
+    /// Before GROUP exists: a volume planned for it (repeat for more), measured
+    /// through its block device's statistics while the application writes to it.
+    #[arg(long = "source-volume", requires = "source_log")]
+    pub source_volumes: Vec<PathBuf>,
+    /// Before GROUP exists: the log planned for it (file or block device).
+    #[arg(long, requires = "source_volumes")]
+    pub source_log: Option<PathBuf>,
 }
 
 /// One measured second.
@@ -78,6 +85,8 @@ pub struct TopologyReport {
     pub mode: String,
     pub started_unix_s: u64,
     pub requirements: Vec<Requirement>,
+    /// Where the source's workload came from.
+    pub workload_method: String,
     pub source_devices: Option<GroupDevices>,
     pub destination_devices: Option<GroupDevices>,
     pub samples: Vec<Sample>,
@@ -98,8 +107,7 @@ pub struct TopologyReport {
 
 /// What the test learned before measuring.
 struct Facts {
-    source_status: Option<GroupStatus>,
-    source_devices: Option<GroupDevices>,
+    source: Option<SourceSide>,
     destination: Option<(ProbeClient, GroupFacts)>,
 }
 
@@ -108,16 +116,6 @@ fn split_target(text: &str, what: &str) -> Result<(String, String), String> {
         .filter(|(node, group)| !node.is_empty() && !group.is_empty())
         .map(|(node, group)| (node.to_owned(), group.to_owned()))
         .ok_or_else(|| format!("--{what} {text}: write it as NODE/GROUP"))
-}
-
-fn source_write_bytes(status: &GroupStatus) -> u64 {
-    status.counters.volumes.iter().map(|v| v.application_write_bytes).sum()
-}
-
-/// (sum of latencies in us, count) of the log's writes so far.
-fn log_latency_totals(status: &GroupStatus) -> (f64, u64) {
-    let latency = &status.counters.log.log_write_latency;
-    (latency.avg_us * latency.count as f64, latency.count)
 }
 
 fn round_trip_histogram() -> Histogram<u64> {
@@ -134,15 +132,16 @@ impl TopologyTestArgs {
         let mut facts =
             self.gather(api, &source_node, &source_group, &destination_address, &destination_group, &mut requirements);
         let mut round_trips_us = round_trip_histogram();
-        let first_bytes = facts.source_status.as_ref().map(source_write_bytes);
+        let first_reading = facts.source.as_ref().and_then(|source| source.read().ok());
         let mut bandwidth = None;
         if let Some((client, _)) = facts.destination.as_mut() {
             let pings = client.ping(200, PING_PAYLOAD_BYTES);
             let rate = client.stream_rate(STREAM_FRAME_BYTES, 8, Duration::from_secs(2));
             requirements.push(self.round_trip_requirement(&pings, &mut round_trips_us));
             bandwidth = rate.as_ref().ok().copied();
-            let check_rate = first_bytes.zip(self.source_status(api, &source_group)).map(|(before, status)| {
-                (source_write_bytes(&status) - before) as f64 / started.elapsed().as_secs_f64()
+            let now = facts.source.as_ref().and_then(|source| source.read().ok());
+            let check_rate = first_reading.zip(now).map(|(before, now)| {
+                now.write_bytes.saturating_sub(before.write_bytes) as f64 / started.elapsed().as_secs_f64()
             });
             requirements.push(bandwidth_requirement(&rate, check_rate.unwrap_or(0.0), "during the requirement checks"));
         }
@@ -154,7 +153,7 @@ impl TopologyTestArgs {
             return summary(failed, requirements.len());
         }
         let result_path = self.result_path.clone().expect("clap requires --result-path without --requirements-only");
-        let report = self.measure(api, &source_group, facts, requirements, round_trips_us, bandwidth, started)?;
+        let report = self.measure(facts, requirements, round_trips_us, bandwidth, started)?;
         std::fs::create_dir_all(&result_path)
             .map_err(|e| format!("cannot create --result-path {}: {e}", result_path.display()))?;
         let html = result_path.join("topology-report.html");
@@ -173,13 +172,6 @@ impl TopologyTestArgs {
         summary(failed, report.requirements.len())
     }
 
-    fn source_status(&self, api: &Path, group: &str) -> Option<GroupStatus> {
-        match call(api, &Request::GroupShow { name: group.to_owned() }) {
-            Ok(ResponseBody::Groups(mut groups)) if !groups.is_empty() => Some(groups.remove(0)),
-            _ => None,
-        }
-    }
-
     /// The requirements that need no measurement of the path, and the
     /// source's and destination's facts.
     fn gather(
@@ -191,7 +183,7 @@ impl TopologyTestArgs {
         destination_group: &str,
         requirements: &mut Vec<Requirement>,
     ) -> Facts {
-        let mut facts = Facts { source_status: None, source_devices: None, destination: None };
+        let mut facts = Facts { source: None, destination: None };
         let node = match call(api, &Request::Node) {
             Ok(ResponseBody::Node(node)) => Some(node),
             Ok(_) => None,
@@ -207,30 +199,17 @@ impl TopologyTestArgs {
             }
         };
         if let Some(node) = node {
-            let same = node.name == source_node;
             requirements.push(requirement(
                 "source daemon reachable",
-                same,
+                node.name == source_node,
                 format!("tandemd of node {} answers on this machine", node.name),
                 &format!("the daemon of {source_node}"),
                 format!("run the topology test on {source_node} (this machine is {})", node.name),
             ));
-            facts.source_status = self.source_status(api, source_group);
-            requirements.push(requirement(
-                "source group exists",
-                facts.source_status.is_some(),
-                facts.source_status.as_ref().map_or_else(
-                    || format!("no group {source_group} on {}", node.name),
-                    |s| format!("{} ({}, {} volume(s))", s.name, s.state, s.volumes.len()),
-                ),
-                "the group exists and is online",
-                format!("create it first: tandem group create --name {source_group} --log LOG --volume PATH"),
-            ));
+            let (source, verdict) = self.source_side(api, &node.name, source_group);
+            requirements.push(verdict);
+            facts.source = source;
         }
-        facts.source_devices = facts.source_status.as_ref().map(|status| {
-            let volumes: Vec<PathBuf> = status.volumes.iter().map(|v| PathBuf::from(&v.path)).collect();
-            group_devices(Path::new(&status.log_path), &volumes, true)
-        });
         match ProbeClient::connect(destination_address, Some(destination_group), true, 0) {
             Ok((client, answer)) => {
                 let probe = answer.probe.unwrap_or_default();
@@ -263,12 +242,12 @@ impl TopologyTestArgs {
                 format!("start tandemd on the destination, check replication_listen and any firewall on the path to {destination_address}"),
             )),
         }
-        if let (Some(status), Some((_, destination))) = (&facts.source_status, &facts.destination) {
-            requirements.push(volume_size_requirement(status, destination));
-            requirements.push(sector_requirement(status, destination));
+        if let (Some(source), Some((_, destination))) = (&facts.source, &facts.destination) {
+            requirements.push(volume_size_requirement(source, destination));
+            requirements.push(sector_requirement(source, destination));
         }
         for (side, devices) in [
-            ("source", facts.source_devices.as_ref()),
+            ("source", facts.source.as_ref().map(|s| &s.devices)),
             ("destination", facts.destination.as_ref().map(|(_, g)| &g.devices)),
         ] {
             if let Some(devices) = devices {
@@ -277,6 +256,51 @@ impl TopologyTestArgs {
             }
         }
         facts
+    }
+
+    /// The source group, or the volumes and log planned for it.
+    fn source_side(&self, api: &Path, node: &str, group: &str) -> (Option<SourceSide>, Requirement) {
+        let status = group_status(api, group);
+        if self.source_volumes.is_empty() {
+            let verdict = requirement(
+                "source group exists",
+                status.is_some(),
+                status.as_ref().map_or_else(
+                    || format!("no group {group} on {node}"),
+                    |s| format!("{} ({}, {} volume(s))", s.name, s.state, s.volumes.len()),
+                ),
+                "the group exists and is online",
+                format!("create it first (tandem group create --name {group} --log LOG --volume PATH), or name the planned volumes and log with --source-volume and --source-log"),
+            );
+            return (status.map(|s| SourceSide::of_group(api, &s)), verdict);
+        }
+        let name = "source volumes";
+        let limit = "the planned volumes and log exist, and no group has them yet";
+        if status.is_some() {
+            let measured = format!("group {group} already exists on {node}");
+            return (
+                None,
+                requirement(
+                    name,
+                    false,
+                    measured,
+                    limit,
+                    "drop --source-volume and --source-log: the group's own counters measure it".to_owned(),
+                ),
+            );
+        }
+        let log = self.source_log.as_deref().expect("clap requires --source-log with --source-volume");
+        match SourceSide::planned(group, &self.source_volumes, log) {
+            Ok(side) => {
+                let measured =
+                    format!("{} planned volume(s), workload from {}", side.volume_sizes_bytes.len(), side.method);
+                (Some(side), requirement(name, true, measured, limit, String::new()))
+            }
+            Err(reason) => (
+                None,
+                requirement(name, false, reason, limit, "name the volumes the application writes today".to_owned()),
+            ),
+        }
     }
 
     fn round_trip_requirement(&self, pings: &Result<Vec<u64>, String>, histogram: &mut Histogram<u64>) -> Requirement {
@@ -312,11 +336,8 @@ impl TopologyTestArgs {
 
     /// The measurement run: one sample a second for `duration`, then the
     /// bandwidth again, then the report.
-    #[allow(clippy::too_many_arguments)]
     fn measure(
         &self,
-        api: &Path,
-        source_group: &str,
         mut facts: Facts,
         mut requirements: Vec<Requirement>,
         mut round_trips_us: Histogram<u64>,
@@ -324,7 +345,8 @@ impl TopologyTestArgs {
         started: Instant,
     ) -> Result<TopologyReport, String> {
         let mut samples = Vec::new();
-        if let (Some(mut previous), Some((client, _))) = (facts.source_status.clone(), facts.destination.as_mut()) {
+        if let (Some(source), Some((client, _))) = (facts.source.as_ref(), facts.destination.as_mut()) {
+            let mut previous = source.read()?;
             let bar = indicatif::ProgressBar::new(self.duration.as_secs());
             bar.set_style(
                 indicatif::ProgressStyle::with_template("measuring [{bar:30}] {pos}/{len} s {msg}")
@@ -337,22 +359,18 @@ impl TopologyTestArgs {
                 let pings = client.ping(10, PING_PAYLOAD_BYTES)?;
                 let next_second = run_started + Duration::from_secs(second + 1);
                 std::thread::sleep(next_second.saturating_duration_since(Instant::now()));
-                let status = self
-                    .source_status(api, source_group)
-                    .ok_or_else(|| format!("group {source_group} disappeared during the test"))?;
+                let reading = source.read()?;
                 let elapsed_s = previous_at.elapsed().as_secs_f64();
                 previous_at = Instant::now();
-                let (sum_now, count_now) = log_latency_totals(&status);
-                let (sum_before, count_before) = log_latency_totals(&previous);
+                let log_writes = reading.log_writes.saturating_sub(previous.log_writes);
                 for &us in &pings {
                     let _ = round_trips_us.record(us);
                 }
                 let sample = Sample {
                     second: second + 1,
-                    write_bytes_per_s: source_write_bytes(&status).saturating_sub(source_write_bytes(&previous)) as f64
-                        / elapsed_s,
-                    log_write_latency_us: (count_now > count_before)
-                        .then(|| (sum_now - sum_before) / (count_now - count_before) as f64),
+                    write_bytes_per_s: reading.write_bytes.saturating_sub(previous.write_bytes) as f64 / elapsed_s,
+                    log_write_latency_us: (log_writes > 0)
+                        .then(|| (reading.log_latency_sum_us - previous.log_latency_sum_us) / log_writes as f64),
                     round_trip_us_avg: pings.iter().sum::<u64>() as f64 / pings.len().max(1) as f64,
                 };
                 bar.set_position(second + 1);
@@ -362,7 +380,7 @@ impl TopologyTestArgs {
                     sample.round_trip_us_avg
                 ));
                 samples.push(sample);
-                previous = status;
+                previous = reading;
             }
             bar.finish_and_clear();
         }
@@ -383,9 +401,10 @@ impl TopologyTestArgs {
         }
         let (recommended_log_bytes, log_size_reasoning) = recommend_log_size(&samples, self.tolerated_outage);
         // Thin volumes grow during the run: count what they hold at its end.
-        let initial_sync_bytes = facts.source_status.as_ref().map_or(0, |status| {
-            let volumes: Vec<PathBuf> = status.volumes.iter().map(|v| PathBuf::from(&v.path)).collect();
-            group_devices(Path::new(&status.log_path), &volumes, false).volumes.iter().map(|v| v.allocated_bytes).sum()
+        let initial_sync_bytes = facts.source.as_ref().map_or(0, |source| {
+            let volumes: Vec<PathBuf> = source.devices.volumes.iter().map(|v| PathBuf::from(&v.path)).collect();
+            let log = Path::new(&source.devices.log.path);
+            group_devices(log, &volumes, false).volumes.iter().map(|v| v.allocated_bytes).sum()
         });
         Ok(TopologyReport {
             source: self.source.clone(),
@@ -396,7 +415,8 @@ impl TopologyTestArgs {
                 .map_or(0, |d| d.as_secs())
                 .saturating_sub(started.elapsed().as_secs()),
             requirements,
-            source_devices: facts.source_devices.take(),
+            workload_method: facts.source.as_ref().map_or_else(String::new, |s| s.method.clone()),
+            source_devices: facts.source.as_ref().map(|s| s.devices.clone()),
             destination_devices: facts.destination.as_ref().map(|(_, g)| g.devices.clone()),
             round_trip_us_buckets: round_trip_buckets(&round_trips_us),
             round_trip_us_p50: round_trips_us.value_at_quantile(0.5),
@@ -407,7 +427,7 @@ impl TopologyTestArgs {
             tolerated_outage_s: self.tolerated_outage.as_secs(),
             recommended_log_bytes,
             log_size_reasoning,
-            current_log_bytes: facts.source_status.as_ref().map_or(0, |s| s.log_size_bytes),
+            current_log_bytes: facts.source.as_ref().map_or(0, |s| s.log_size_bytes),
             initial_sync_bytes,
             initial_sync_estimate_s: bandwidth.filter(|b| *b > 0.0).map(|b| initial_sync_bytes as f64 / b),
             elapsed_s: started.elapsed().as_secs_f64(),

@@ -37,6 +37,7 @@ pub fn render(report: &TopologyReport) -> String {
     requirements_table(&mut html, report);
     recommendations(&mut html, report);
     html.push_str("<h2>Source write rate</h2>\n");
+    let _ = writeln!(html, "<p>Measured from {}.</p>", escape(&report.workload_method));
     let rates: Vec<(f64, f64)> =
         report.samples.iter().map(|s| (s.second as f64, s.write_bytes_per_s / f64::from(1 << 20))).collect();
     html.push_str(&line_chart("write-rate", &rates, "s", "MiB/s"));

@@ -2,11 +2,11 @@
 //! the limit and the fix, so one failure never hides behind another.
 
 use serde::Serialize;
-use tandem_engine::runtime::status::GroupStatus;
 
 use crate::device_facts::GroupDevices;
 use crate::probe::GroupFacts;
 use crate::size::format_size;
+use crate::topology_source::SourceSide;
 
 /// One requirement's verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -39,17 +39,17 @@ pub fn render_requirement(r: &Requirement) -> String {
     }
 }
 
-pub(crate) fn volume_size_requirement(source: &GroupStatus, destination: &GroupFacts) -> Requirement {
-    let sizes: Vec<u64> = source.volumes.iter().map(|v| v.size_bytes).collect();
+pub(crate) fn volume_size_requirement(source: &SourceSide, destination: &GroupFacts) -> Requirement {
+    let sizes = &source.volume_sizes_bytes;
     let show = |sizes: &[u64]| sizes.iter().map(|s| format!("{s} bytes")).collect::<Vec<_>>().join(", ");
-    let passed = sizes == destination.volume_sizes_bytes;
+    let passed = *sizes == destination.volume_sizes_bytes;
     requirement(
         "volume sizes equal",
         passed,
         format!(
             "source {}: {}; destination {}: {}",
             source.name,
-            show(&sizes),
+            show(sizes),
             destination.name,
             show(&destination.volume_sizes_bytes)
         ),
@@ -59,7 +59,7 @@ pub(crate) fn volume_size_requirement(source: &GroupStatus, destination: &GroupF
     )
 }
 
-pub(crate) fn sector_requirement(source: &GroupStatus, destination: &GroupFacts) -> Requirement {
+pub(crate) fn sector_requirement(source: &SourceSide, destination: &GroupFacts) -> Requirement {
     requirement(
         "log sector sizes equal",
         source.log_sector_bytes == destination.log_sector_bytes,
