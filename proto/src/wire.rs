@@ -12,9 +12,12 @@ use crate::checksum::{xxh3_128_bytes, xxh3_128_low64, Checksum128};
 /// "TNDF" as a little-endian u32.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TNDF");
 /// Version of the replication protocol (frames and the JSON handshake).
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Largest payload of a copy frame.
 pub const MAX_COPY_PAYLOAD_BYTES: u32 = 4 << 20;
+/// Largest payload of a BlockHashes frame: the hashes of a largest copy
+/// chunk (4 MiB) in 512-byte blocks.
+pub const MAX_BLOCK_HASHES_PAYLOAD_BYTES: u64 = (MAX_COPY_PAYLOAD_BYTES as u64 / 512) * 16;
 /// Ack flag: the destination's initial copy is complete and durable.
 pub const ACK_FLAG_COPY_DONE: u8 = 0x01;
 
@@ -50,16 +53,35 @@ pub enum FrameKind {
     /// once every record up to `lsn` is (their writes were issued after those
     /// completed); keeps write order on the destination at every instant.
     Barrier = 7,
+    /// Source to destination, before the first chunk of a compared copy:
+    /// hash the volumes from (`volume_index`, `offset`) on in chunks of
+    /// `length` bytes and blocks of `aux` bytes, and stream their digests.
+    CompareStart = 8,
+    /// Destination to source: the digest of the chunk (`volume_index`,
+    /// `offset`, `length`) is `payload_checksum` (no payload).
+    Digest = 9,
+    /// Source to destination: send the block hashes of that chunk (its
+    /// digest differs).
+    RequestBlocks = 10,
+    /// Destination to source: the block hashes of that chunk, 16 bytes each,
+    /// in an `aux`-byte payload.
+    BlockHashes = 11,
+    /// Source to destination: the chunk (`volume_index`, `offset`, `length`)
+    /// now equals the source's after LSN `lsn` (its differences, if any,
+    /// came just before); the copy has reached its end.
+    CopyVerified = 12,
 }
 
 impl FrameKind {
     /// Whether the frame belongs to the session's ordered stream. Heartbeats
     /// and acknowledgements do not: they keep one channel alive or carry
     /// values that only grow, so they go on any channel and are used on
-    /// arrival; every other frame is delivered in the order it was sent.
+    /// arrival; nor do the comparison's questions and answers (digests, block
+    /// hash requests and block hashes), which name their chunk and change no
+    /// volume. Every other frame is delivered in the order it was sent.
     #[must_use]
     pub fn is_ordered(self) -> bool {
-        !matches!(self, Self::Heartbeat | Self::Ack)
+        !matches!(self, Self::Heartbeat | Self::Ack | Self::Digest | Self::RequestBlocks | Self::BlockHashes)
     }
 
     #[must_use]
@@ -72,6 +94,11 @@ impl FrameKind {
             5 => Some(Self::CopyDone),
             6 => Some(Self::Rebase),
             7 => Some(Self::Barrier),
+            8 => Some(Self::CompareStart),
+            9 => Some(Self::Digest),
+            10 => Some(Self::RequestBlocks),
+            11 => Some(Self::BlockHashes),
+            12 => Some(Self::CopyVerified),
             _ => None,
         }
     }
@@ -87,13 +114,15 @@ pub struct FrameHeader {
     pub flags: u8,
     pub volume_index: u8,
     /// Ack: the destination's applied LSN (every record up to it is in its
-    /// volumes); zero in other frames.
+    /// volumes); CompareStart: the block size; BlockHashes: the payload's
+    /// bytes; zero in other frames.
     pub aux: u64,
     pub lsn: u64,
     pub offset: u64,
     pub length: u32,
     pub reserved2: u32,
-    /// xxh3-128 of the payload (CopyData), else zero.
+    /// xxh3-128 of the payload (CopyData, BlockHashes); Digest: the chunk's
+    /// digest; else zero.
     pub payload_checksum: Checksum128,
     /// xxh3-128 of the preceding 56 bytes folded to 64 bits.
     pub header_checksum: u64,
@@ -141,6 +170,23 @@ impl FrameHeader {
         header
     }
 
+    /// A sealed BlockHashes header carrying `hashes` for a chunk.
+    #[must_use]
+    pub fn block_hashes(volume_index: u8, offset: u64, length: u32, hashes: &[u8]) -> Self {
+        let mut header = Self::new(FrameKind::BlockHashes, 0, volume_index, 0, offset, length);
+        header.aux = hashes.len() as u64;
+        header.payload_checksum = xxh3_128_bytes(hashes);
+        header.resealed()
+    }
+
+    /// A sealed Digest header for a chunk.
+    #[must_use]
+    pub fn digest(volume_index: u8, offset: u64, length: u32, digest: Checksum128) -> Self {
+        let mut header = Self::new(FrameKind::Digest, 0, volume_index, 0, offset, length);
+        header.payload_checksum = digest;
+        header.resealed()
+    }
+
     /// A sealed CopyData header for `payload`.
     #[must_use]
     pub fn copy_data(volume_index: u8, lsn: u64, offset: u64, payload: &[u8]) -> Self {
@@ -178,6 +224,8 @@ impl FrameHeader {
     pub fn payload_bytes(&self) -> u32 {
         if self.kind == FrameKind::CopyData as u8 {
             self.length
+        } else if self.kind == FrameKind::BlockHashes as u8 {
+            u32::try_from(self.aux).expect("decoded BlockHashes payloads are bounded")
         } else {
             0
         }
@@ -199,7 +247,16 @@ impl FrameHeader {
         let kind = FrameKind::from_u8(header.kind).ok_or(FrameDecodeError::UnknownKind(header.kind))?;
         let length_ok = match kind {
             FrameKind::CopyData => header.length > 0 && header.length <= MAX_COPY_PAYLOAD_BYTES,
-            FrameKind::CopyZero => header.length > 0,
+            FrameKind::CopyZero | FrameKind::Digest | FrameKind::RequestBlocks | FrameKind::CopyVerified => {
+                header.length > 0
+            }
+            FrameKind::CompareStart => header.length > 0 && header.aux > 0 && header.aux <= u64::from(header.length),
+            FrameKind::BlockHashes => {
+                header.length > 0
+                    && header.aux > 0
+                    && header.aux <= MAX_BLOCK_HASHES_PAYLOAD_BYTES
+                    && header.aux.is_multiple_of(16)
+            }
             FrameKind::Heartbeat | FrameKind::Ack | FrameKind::CopyDone | FrameKind::Rebase | FrameKind::Barrier => {
                 header.length == 0
             }
@@ -210,7 +267,7 @@ impl FrameHeader {
         Ok(header)
     }
 
-    /// Checks a CopyData payload against the header.
+    /// Checks a CopyData or BlockHashes payload against the header.
     pub fn verify_payload(&self, payload: &[u8]) -> Result<(), FrameDecodeError> {
         if payload.len() == self.payload_bytes() as usize && xxh3_128_bytes(payload) == self.payload_checksum {
             Ok(())
@@ -245,11 +302,44 @@ mod tests {
     }
 
     #[test]
-    fn only_heartbeats_and_acks_leave_the_ordered_stream() {
-        for kind in 1..=7u8 {
+    fn comparison_frames_carry_digests_and_bounded_hashes() {
+        let digest = FrameHeader::digest(1, 4096, 1 << 20, [9; 16]);
+        let decoded = FrameHeader::decode(digest.as_bytes()).unwrap();
+        assert_eq!(
+            (decoded.frame_kind(), decoded.payload_checksum, decoded.payload_bytes()),
+            (FrameKind::Digest, [9; 16], 0)
+        );
+        let hashes = vec![3u8; 256 * 16];
+        let header = FrameHeader::block_hashes(0, 0, 1 << 20, &hashes);
+        let decoded = FrameHeader::decode(header.as_bytes()).unwrap();
+        assert_eq!(decoded.payload_bytes(), 4096);
+        decoded.verify_payload(&hashes).unwrap();
+        let mut odd = header;
+        odd.aux = 17;
+        assert!(FrameHeader::decode(odd.resealed().as_bytes()).is_err(), "hashes come in 16-byte units");
+        let mut huge = header;
+        huge.aux = MAX_BLOCK_HASHES_PAYLOAD_BYTES + 16;
+        assert!(FrameHeader::decode(huge.resealed().as_bytes()).is_err(), "the payload is bounded");
+        let mut start = FrameHeader::new(FrameKind::CompareStart, 0, 0, 0, 0, 1 << 20);
+        start.aux = 4096;
+        assert!(FrameHeader::decode(start.resealed().as_bytes()).is_ok());
+        start.aux = 0;
+        assert!(FrameHeader::decode(start.resealed().as_bytes()).is_err(), "a block size is required");
+    }
+
+    #[test]
+    fn only_heartbeats_acks_and_comparison_questions_leave_the_ordered_stream() {
+        for kind in 1..=12u8 {
             let kind = FrameKind::from_u8(kind).unwrap();
             let header = FrameHeader::new(kind, 0, 0, 1, 0, 0);
-            let expected = !matches!(kind, FrameKind::Heartbeat | FrameKind::Ack);
+            let expected = !matches!(
+                kind,
+                FrameKind::Heartbeat
+                    | FrameKind::Ack
+                    | FrameKind::Digest
+                    | FrameKind::RequestBlocks
+                    | FrameKind::BlockHashes
+            );
             assert_eq!(header_is_ordered(header.as_bytes()), expected, "{kind:?}");
         }
         let mut record = [0u8; 64];

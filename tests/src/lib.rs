@@ -223,6 +223,18 @@ impl Node {
         self.create_group_with_log(name, &self.path(&format!("{name}.log")), log_size, volumes);
     }
 
+    /// Creates a group over volume files that already exist (their data is kept).
+    pub fn create_group_on(&self, name: &str, log_size: &str, volumes: &[(&str, &Path)]) {
+        let log = self.path(&format!("{name}.log")).display().to_string();
+        let mut args = vec!["group".to_owned(), "create".into(), "--name".into(), name.into(), "--log".into(), log];
+        args.extend(["--log-size".to_owned(), log_size.to_owned()]);
+        for (volume, path) in volumes {
+            args.extend(["--volume".to_owned(), format!("{volume}={}", path.display())]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _ = self.cli_ok(&args);
+    }
+
     /// Like `create_group`, with the log at `log` (e.g. on another device).
     pub fn create_group_with_log(&self, name: &str, log: &Path, log_size: &str, volumes: &[(&str, u64)]) {
         let mut args: Vec<String> = vec![

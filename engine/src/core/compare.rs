@@ -9,13 +9,10 @@
 //! reading it, and a hole on the source where the destination holds data
 //! becomes a zero range (a hole punched there), not zeros on the wire.
 //!
-//! [`SourceComparer`] is the source's sans-IO side: it walks the chunks with a
-//! bounded window, asks for local hashing, matches the destination's digests,
-//! asks for the destination's block hashes of a chunk that differs, and says
-//! which ranges to send. Chunks finish in any order; the resume point is the
-//! end of the longest finished prefix.
-
-use std::collections::VecDeque;
+//! The runtime drives it: the destination streams digests ahead
+//! (runtime/compare_dest.rs); the source hashes each chunk under its copy
+//! fence, and for a chunk whose digest differs asks for the destination's
+//! block hashes and sends the [`differences`] (runtime/compare_source.rs).
 
 use tandem_proto::{xxh3_128_bytes, Checksum128};
 
@@ -137,32 +134,7 @@ pub fn differences(
     found
 }
 
-/// Windows of destination digests that may wait for their chunks.
-pub const EARLY_DIGESTS_PER_WINDOW: usize = 4;
-
-/// What the source's comparer asks of its runtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CompareAction {
-    /// Hash this chunk of the local volume (without reading its holes) and
-    /// report it with [`SourceComparer::local_hashed`].
-    HashLocal(Chunk),
-    /// Ask the destination for the block hashes of this chunk (its digest
-    /// differs); the answer goes to [`SourceComparer::destination_blocks`].
-    RequestBlocks(Chunk),
-    /// Send these ranges of the chunk (data, or zeros as holes).
-    Send(Chunk, Vec<Difference>),
-}
-
-#[derive(Debug)]
-struct InFlight {
-    chunk: Chunk,
-    local: Option<ChunkHashes>,
-    destination_digest: Option<Checksum128>,
-    blocks_requested: bool,
-    done: bool,
-}
-
-/// Progress of a comparison, for status and the resume point.
+/// Progress of a comparison, for status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompareProgress {
     pub bytes_compared: u64,
@@ -170,186 +142,6 @@ pub struct CompareProgress {
     /// Bytes of differing ranges sent as data, and as holes.
     pub bytes_sent: u64,
     pub bytes_zeroed: u64,
-}
-
-/// The source's side of a comparison (see the module documentation).
-#[derive(Debug)]
-pub struct SourceComparer {
-    cursor: std::iter::Peekable<ChunkCursor>,
-    block_bytes: u32,
-    window: usize,
-    in_flight: VecDeque<InFlight>,
-    /// Digests of chunks not yet in the window (the destination runs ahead).
-    early_digests: std::collections::HashMap<Chunk, Checksum128>,
-    actions: Vec<CompareAction>,
-    progress: CompareProgress,
-    /// Where the first unfinished chunk starts (the resume point).
-    resume_at: Option<(u8, u64)>,
-}
-
-impl SourceComparer {
-    /// Compares from `cursor`'s position with up to `window` chunks in flight.
-    #[must_use]
-    pub fn new(cursor: ChunkCursor, block_bytes: u32, window: usize) -> Self {
-        assert!(window > 0 && block_bytes > 0, "a window and blocks");
-        let mut cursor = cursor.peekable();
-        let resume_at = cursor.peek().map(|c| (c.volume_index, c.offset));
-        let mut comparer = Self {
-            cursor,
-            block_bytes,
-            window,
-            in_flight: VecDeque::new(),
-            early_digests: std::collections::HashMap::new(),
-            actions: Vec::new(),
-            progress: CompareProgress::default(),
-            resume_at,
-        };
-        comparer.fill_window();
-        comparer
-    }
-
-    /// The actions to carry out now.
-    pub fn take_actions(&mut self) -> Vec<CompareAction> {
-        std::mem::take(&mut self.actions)
-    }
-
-    /// The local hashes of a chunk asked for with `HashLocal`.
-    pub fn local_hashed(&mut self, chunk: Chunk, hashes: ChunkHashes) {
-        let entry = self.entry(chunk);
-        assert!(entry.local.is_none(), "chunk {chunk:?} hashed twice");
-        entry.local = Some(hashes);
-        self.decide(chunk);
-    }
-
-    /// The destination's digest of a chunk. The destination hashes ahead of
-    /// the source: up to [`EARLY_DIGESTS_PER_WINDOW`] windows of digests wait
-    /// for their chunks; more is a protocol error (it ignored flow control).
-    pub fn destination_digest(&mut self, chunk: Chunk, digest: Checksum128) -> Result<(), String> {
-        if self.find(chunk).is_none() {
-            if self.resume_at.is_none_or(|at| (chunk.volume_index, chunk.offset) < at) {
-                return Err(format!("a digest for chunk {chunk:?}, which is already compared"));
-            }
-            if self.early_digests.len() >= EARLY_DIGESTS_PER_WINDOW * self.window {
-                return Err(format!(
-                    "the destination sent digests {} chunks ahead; at most {} may wait",
-                    self.early_digests.len() + 1,
-                    EARLY_DIGESTS_PER_WINDOW * self.window
-                ));
-            }
-            if self.early_digests.insert(chunk, digest).is_some() {
-                return Err(format!("a second digest for chunk {chunk:?}"));
-            }
-            return Ok(());
-        }
-        let entry = self.find(chunk).expect("checked");
-        if entry.destination_digest.replace(digest).is_some() {
-            return Err(format!("a second digest for chunk {chunk:?}"));
-        }
-        self.decide(chunk);
-        Ok(())
-    }
-
-    /// The destination's block hashes of a chunk asked for with `RequestBlocks`.
-    pub fn destination_blocks(&mut self, chunk: Chunk, blocks: &[Checksum128]) -> Result<(), String> {
-        let block_bytes = self.block_bytes;
-        let entry =
-            self.find(chunk).ok_or_else(|| format!("block hashes for chunk {chunk:?}, which is not in flight"))?;
-        if !entry.blocks_requested || entry.done {
-            return Err(format!("block hashes for chunk {chunk:?}, which were not asked for"));
-        }
-        let local = entry.local.as_ref().expect("blocks are requested only after local hashing");
-        if blocks.len() != local.blocks.len() {
-            return Err(format!("{} block hashes for chunk {chunk:?}, which has {}", blocks.len(), local.blocks.len()));
-        }
-        let found = differences(chunk, block_bytes, local, blocks);
-        entry.done = true;
-        entry.local = None;
-        let differing: u64 = found.iter().map(|d| u64::from(d.length)).sum();
-        for difference in &found {
-            if difference.zeros {
-                self.progress.bytes_zeroed += u64::from(difference.length);
-            } else {
-                self.progress.bytes_sent += u64::from(difference.length);
-            }
-        }
-        self.progress.bytes_compared += u64::from(chunk.length);
-        self.progress.bytes_equal += u64::from(chunk.length) - differing;
-        if !found.is_empty() {
-            self.actions.push(CompareAction::Send(chunk, found));
-        }
-        self.retire();
-        Ok(())
-    }
-
-    #[must_use]
-    pub fn progress(&self) -> CompareProgress {
-        self.progress
-    }
-
-    /// Where a restarted comparison continues (`None`: everything compared),
-    /// provided the actions taken so far were carried out: a runtime persists
-    /// the position the destination acknowledged, not this one.
-    #[must_use]
-    pub fn resume_at(&self) -> Option<(u8, u64)> {
-        self.resume_at
-    }
-
-    #[must_use]
-    pub fn is_done(&self) -> bool {
-        self.in_flight.is_empty() && self.resume_at.is_none()
-    }
-
-    fn find(&mut self, chunk: Chunk) -> Option<&mut InFlight> {
-        self.in_flight.iter_mut().find(|f| f.chunk == chunk)
-    }
-
-    fn entry(&mut self, chunk: Chunk) -> &mut InFlight {
-        self.find(chunk).unwrap_or_else(|| panic!("chunk {chunk:?} is not in flight"))
-    }
-
-    fn decide(&mut self, chunk: Chunk) {
-        let entry = self.entry(chunk);
-        let (Some(local), Some(digest)) = (&entry.local, entry.destination_digest) else { return };
-        if local.digest == digest {
-            entry.done = true;
-            entry.local = None;
-            self.progress.bytes_compared += u64::from(chunk.length);
-            self.progress.bytes_equal += u64::from(chunk.length);
-            self.retire();
-        } else if !entry.blocks_requested {
-            entry.blocks_requested = true;
-            self.actions.push(CompareAction::RequestBlocks(chunk));
-        }
-    }
-
-    /// Drops the finished prefix, moves the resume point, refills the window.
-    fn retire(&mut self) {
-        while self.in_flight.front().is_some_and(|f| f.done) {
-            self.in_flight.pop_front();
-        }
-        self.resume_at = match self.in_flight.front() {
-            Some(first) => Some((first.chunk.volume_index, first.chunk.offset)),
-            None => self.cursor.peek().map(|c| (c.volume_index, c.offset)),
-        };
-        self.fill_window();
-    }
-
-    fn fill_window(&mut self) {
-        while self.in_flight.len() < self.window {
-            let Some(chunk) = self.cursor.next() else { return };
-            self.in_flight.push_back(InFlight {
-                chunk,
-                local: None,
-                destination_digest: None,
-                blocks_requested: false,
-                done: false,
-            });
-            self.actions.push(CompareAction::HashLocal(chunk));
-            if let Some(digest) = self.early_digests.remove(&chunk) {
-                self.in_flight.back_mut().expect("just pushed").destination_digest = Some(digest);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -348,6 +348,8 @@ impl GroupCore {
             Some((volume_index, offset, _)) => CopyPosition::At { volume_index, offset },
             None => CopyPosition::Done,
         };
+        // The next chunk may start now, without waiting for another event.
+        self.ship();
     }
 
     /// The destination's volumes hold every record up to `lsn`.
@@ -379,6 +381,19 @@ impl GroupCore {
         } else {
             ReplicationState::ContinuouslyReplicating
         })
+    }
+
+    /// Where a full copy continues, with its chunk size, when this connection
+    /// copies every region (not a bitmap pass): a compared copy starts there.
+    #[must_use]
+    pub fn full_copy_start(&self) -> Option<((u8, u64), u32)> {
+        let shipper = self.shipper.as_ref()?;
+        match (shipper.pass(), shipper.copy) {
+            (CopyPass::Full, CopyPosition::At { volume_index, offset }) if shipper.connected => {
+                Some(((volume_index, offset), shipper.config.copy_chunk_bytes))
+            }
+            _ => None,
+        }
     }
 
     /// True once the destination acknowledged the whole initial copy as durable.
@@ -477,6 +492,8 @@ impl GroupCore {
                         let after_lsn = next_lsn - 1;
                         shipper.fence =
                             Some(Fence { chunk_id, volume_index, offset, length, after_lsn, read_issued: false });
+                        // Issue its read at once when nothing holds it back.
+                        self.advance_copy();
                     }
                     None if !shipper.copy_done_sent && shipper.next_ship_lsn > self.durable_lsn => {
                         shipper.copy_done_sent = true;

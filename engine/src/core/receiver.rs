@@ -30,6 +30,13 @@ pub enum Incoming {
         length: u32,
         payload_id: Option<u64>,
     },
+    /// A compared chunk now equals the source's: the copy reached its end
+    /// without writing (its differing ranges, if any, came before it).
+    CopyVerified {
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+    },
     CopyDone,
     /// Continue after `lsn` and start the copy over (bitmap catch-up).
     Rebase {
@@ -153,6 +160,18 @@ impl Receiver {
                 Incoming::Copy { volume_index, offset, length, payload_id } => {
                     self.copy(volume_index, offset, length, payload_id)
                 }
+                // Like a copy write, it describes the range after the records
+                // before it: it counts once they are applied.
+                Incoming::CopyVerified { .. } if unapplied => break,
+                Incoming::CopyVerified { volume_index, offset, length } => {
+                    match self.verified(volume_index, offset, length) {
+                        Ok(()) => {
+                            self.queue.pop_front();
+                            continue;
+                        }
+                        Err(reason) => ReceiverAction::Refuse(reason),
+                    }
+                }
                 Incoming::CopyDone => {
                     self.copy_done_received = true;
                     ReceiverAction::Persist
@@ -228,6 +247,15 @@ impl Receiver {
         self.copy_write_in_flight = true;
         let end = CopyPosition::At { volume_index, offset: offset + u64::from(length) };
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
+    }
+
+    fn verified(&mut self, volume_index: u8, offset: u64, length: u32) -> Result<(), String> {
+        if self.copy_done_received {
+            return Err("a verified chunk arrived after the copy was complete".to_owned());
+        }
+        self.check_range(volume_index, offset, length).map_err(|reason| format!("verified chunk: {reason}"))?;
+        self.copy_written = CopyPosition::At { volume_index, offset: offset + u64::from(length) };
+        Ok(())
     }
 
     /// The group's log now continues after the rebase LSN: the copy is
@@ -323,6 +351,26 @@ mod tests {
         assert!(matches!(receiver.drive(true)[..], [ReceiverAction::Submit { lsn: 6, .. }]));
         assert_eq!(receiver.ack(6, 5), Some((6, 5, CopyPosition::At { volume_index: 0, offset: 4096 })));
         assert_eq!(receiver.ack(6, 5), None, "nothing moved");
+    }
+
+    /// A verified chunk moves the copy without a write, once the records
+    /// before it are applied; outside the volumes or after the copy's end it
+    /// is refused.
+    #[test]
+    fn verified_chunks_move_the_copy_after_earlier_records() {
+        let mut receiver = Receiver::new(vec![1 << 20], CopyPosition::At { volume_index: 0, offset: 0 });
+        receiver.connected(5);
+        receiver.push(record(5, 0));
+        receiver.push(Incoming::CopyVerified { volume_index: 0, offset: 0, length: 65536 });
+        receiver.push(record(6, 0));
+        let actions = receiver.drive(false);
+        assert!(matches!(actions[..], [ReceiverAction::Submit { lsn: 5, .. }]), "{actions:?}");
+        assert_eq!(receiver.copy_position(), CopyPosition::At { volume_index: 0, offset: 0 }, "LSN 5 is not applied");
+        let actions = receiver.drive(false);
+        assert!(matches!(actions[..], [ReceiverAction::Submit { lsn: 6, .. }]), "no write for the chunk: {actions:?}");
+        assert_eq!(receiver.copy_position(), CopyPosition::At { volume_index: 0, offset: 65536 });
+        receiver.push(Incoming::CopyVerified { volume_index: 0, offset: 1 << 20, length: 4096 });
+        assert!(matches!(receiver.drive(false)[..], [ReceiverAction::Refuse(_)]), "beyond the volume");
     }
 
     #[test]

@@ -19,6 +19,9 @@ use crate::core::{
     Action, AppendBatch, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, IoFailure, WriteError, WriteId,
 };
 
+/// Rounds of actions one pump carries out before the loop serves others.
+const MAX_PUMP_ROUNDS: usize = 16;
+
 /// A write waiting for completion: who to answer and the buffer holding the
 /// record (header sector, then payload) for writes with data.
 #[derive(Debug)]
@@ -143,6 +146,8 @@ pub struct GroupRt {
     pub copy_bytes_skipped: u64,
     /// When this process read the first chunk of the initial copy.
     pub copy_started_at: Option<Instant>,
+    /// Progress of compared copies (source).
+    pub compare_progress: crate::core::compare::CompareProgress,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -185,6 +190,7 @@ impl GroupRt {
             copy_bytes_read: 0,
             copy_bytes_skipped: 0,
             copy_started_at: None,
+            compare_progress: crate::core::compare::CompareProgress::default(),
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
@@ -239,7 +245,22 @@ impl GroupRt {
     /// Ship actions run first: a record shipped from memory takes its buffer
     /// before the completion of its write (in the same batch) releases it.
     pub fn pump(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) {
+        // Carrying out actions can give the core more to do at once (a copy
+        // chunk that needs no IO lets the next one start): a few rounds here
+        // instead of waiting for the next completion or tick.
+        for _ in 0..MAX_PUMP_ROUNDS {
+            if !self.pump_once(io, group, completions) {
+                break;
+            }
+        }
+    }
+
+    /// One round of actions; false when there were none.
+    fn pump_once(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) -> bool {
         let actions = self.core.take_actions();
+        if actions.is_empty() {
+            return false;
+        }
         // The stream's order: a rebase comes before the records after it.
         for action in &actions {
             match *action {
@@ -281,6 +302,7 @@ impl GroupRt {
             let peer_durable_lsn = self.core.peer_durable_lsn().unwrap_or(0);
             link.durable_advanced(self.core.snapshot().durable_lsn, peer_durable_lsn, Instant::now());
         }
+        true
     }
 
     /// Makes the superblock's role and partnership durable at the next

@@ -63,7 +63,10 @@ pub enum Op {
     /// A record read back from the log for shipping into outbox slot `slot`.
     LogRead { group: usize, slot: u64, lsn: u64, buf: AlignedBuf },
     /// A chunk of a volume read for the initial copy.
-    ChunkRead { group: usize, slot: u64, chunk: super::replica_source::ChunkRequest, buf: AlignedBuf },
+    /// Its bytes go to outbox slot `slot`, or (`None`) to the comparison.
+    ChunkRead { group: usize, slot: Option<u64>, chunk: super::replica_source::ChunkRequest, buf: AlignedBuf },
+    /// A destination's volume read to hash a chunk for a compared copy.
+    CompareRead { group: usize, read: super::compare_dest::CompareRead, buf: AlignedBuf },
     /// A source's bitmap written to its area in the log device.
     BitmapWrite { group: usize, buf: AlignedBuf, spilled_up_to_lsn: Option<u64> },
     /// A destination's copy write (`buf`) or hole punch (`None`) ending at `end`.

@@ -2,6 +2,8 @@
 //! actions of the sans-IO core against real files and sockets.
 
 pub mod buf;
+mod compare_dest;
+mod compare_source;
 mod conn;
 pub mod counters;
 pub mod device;

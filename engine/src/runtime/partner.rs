@@ -203,6 +203,7 @@ impl GroupRt {
             status.copy_remaining_bytes = self.core.copy_remaining_bytes();
             status.copy_bytes_sent = self.copy_bytes_read;
             status.copy_bytes_skipped = self.copy_bytes_skipped;
+            status.sync = self.sync_progress(status.copy_remaining_bytes);
             status.bitmap_dirty_bytes = self.core.bitmap_dirty_bytes();
             status.bitmap_spills = self.core.bitmap_spills();
             status.last_error.clone_from(&link.last_error);
@@ -222,6 +223,7 @@ impl GroupRt {
             status.destination_applied_lsn = self.core.applied_prefix_lsn();
             status.source_durable_lsn = link.source_durable_lsn;
             status.copy_complete = link.receiver.copy_complete();
+            status.compare_bytes_read = link.compare_bytes_read;
         } else {
             return None;
         }

@@ -254,6 +254,13 @@ impl Reactor {
             Op::PeerSend { peer, channel, frames, .. } => self.peers[peer].send_done(channel, frames, result),
             Op::LogRead { group, slot, lsn, buf } => self.group(group).log_read_done(slot, lsn, buf, result),
             Op::ChunkRead { group, slot, chunk, buf } => self.group(group).chunk_read_done(slot, chunk, buf, result),
+            Op::CompareRead { group, read, buf } => {
+                let rt = self.group(group);
+                if let Err(reason) = rt.compare_read_done(&read, &buf, result) {
+                    tracing::error!(group = %rt.name, %reason, "comparison read failed");
+                    rt.close_peer = true;
+                }
+            }
             Op::BitmapWrite { group, buf, spilled_up_to_lsn } => {
                 self.group(group).bitmap_write_done(spilled_up_to_lsn, buf.len(), result);
             }

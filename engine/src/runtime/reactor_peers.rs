@@ -138,6 +138,7 @@ impl Reactor {
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
                 link.last_error = None;
+                rt.start_compare();
             }
             (None, None, Some(_)) => {
                 let key = self.peers.insert(PeerSession::new(id, streams, index, sector));
@@ -173,10 +174,11 @@ impl Reactor {
                 continue;
             }
             while let Some(frame) = peer.take_received() {
-                let InFrame::Control { header, .. } = frame else {
+                let InFrame::Control { header, .. } = &frame else {
                     peer.close("the destination sent a log record, which only a source sends");
                     break;
                 };
+                let header = *header;
                 match header.frame_kind() {
                     FrameKind::Heartbeat => {}
                     FrameKind::Ack => {
@@ -197,6 +199,22 @@ impl Reactor {
                         rt.core.peer_applied(header.aux.min(header.lsn));
                         if let Some(link) = rt.source.as_mut() {
                             link.acknowledged(header.lsn, Instant::now());
+                        }
+                    }
+                    FrameKind::Digest => {
+                        if let Err(reason) = rt.compare_digest(&header) {
+                            peer.close(&reason);
+                            break;
+                        }
+                    }
+                    FrameKind::BlockHashes => {
+                        let InFrame::Control { payload: Some(payload), .. } = &frame else {
+                            peer.close("block hashes without their payload");
+                            break;
+                        };
+                        if let Err(reason) = rt.compare_blocks(&header, payload) {
+                            peer.close(&reason);
+                            break;
                         }
                     }
                     other => {
@@ -225,6 +243,12 @@ impl Reactor {
                 }
                 if let Some(frame) = rt.ack_frame() {
                     peer.send(frame);
+                }
+                if rt.destination.as_ref().is_some_and(|l| l.conn.map(|c| c.0) == Some(key)) {
+                    rt.progress_compare(&mut self.io, peer.group);
+                    for frame in rt.destination.as_mut().expect("checked").outbox.drain(..) {
+                        peer.send(frame);
+                    }
                 }
             }
             if peer.can_drop() {

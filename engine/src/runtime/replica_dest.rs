@@ -12,11 +12,13 @@ use io_uring::{opcode, types};
 use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE};
 
 use super::buf::AlignedBuf;
+use super::compare_dest::DigestStream;
 use super::group_io::{GroupRt, PendingWrite};
 use super::io::{Io, Op};
 use super::log_store::fallocate_mode;
 use super::peer_conn::{InFrame, OutFrame};
 use super::peer_session::PeerSession;
+use crate::core::compare::Chunk;
 use crate::core::{CopyPosition, Event, Incoming, Receiver, ReceiverAction};
 
 /// Marks a write that came from the source: it has no client to answer.
@@ -39,6 +41,12 @@ pub struct DestinationLink {
     /// Payloads of frames queued in the receiver, by id.
     payloads: HashMap<u64, AlignedBuf>,
     next_payload_id: u64,
+    /// The digest stream of a compared copy on this connection.
+    pub compare: Option<DigestStream>,
+    /// Comparison answers (digests, block hashes) to send to the source.
+    pub outbox: Vec<OutFrame>,
+    /// Bytes read from the volumes to compare them (holes are not read).
+    pub compare_bytes_read: u64,
 }
 
 impl DestinationLink {
@@ -52,6 +60,9 @@ impl DestinationLink {
             rebase_persisting: None,
             payloads: HashMap::new(),
             next_payload_id: 1,
+            compare: None,
+            outbox: Vec::new(),
+            compare_bytes_read: 0,
         }
     }
 
@@ -60,6 +71,8 @@ impl DestinationLink {
     pub fn disconnected(&mut self) {
         self.conn = None;
         self.pending_rebase = None;
+        self.compare = None;
+        self.outbox.clear();
         // A rebase already performed stays performed; the next connection's
         // stream does not wait for its persistence (see `Receiver::connected`).
         self.rebase_persisting = None;
@@ -82,6 +95,8 @@ impl GroupRt {
         let link = self.destination.as_mut().expect("destination link");
         link.conn = Some((key, id));
         link.payloads.clear();
+        link.compare = None;
+        link.outbox.clear();
         link.receiver.connected(next_lsn);
     }
 
@@ -117,12 +132,54 @@ impl GroupRt {
                     Incoming::Record { header, payload_id: link.keep(buf) }
                 }
                 InFrame::Control { header, payload } => match header.frame_kind() {
-                    FrameKind::CopyData | FrameKind::CopyZero => Incoming::Copy {
-                        volume_index: header.volume_index,
-                        offset: header.offset,
-                        length: header.length,
-                        payload_id: link.keep(payload),
-                    },
+                    FrameKind::CopyData | FrameKind::CopyZero => {
+                        if let Some(stream) = link.compare.as_mut() {
+                            stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
+                        }
+                        Incoming::Copy {
+                            volume_index: header.volume_index,
+                            offset: header.offset,
+                            length: header.length,
+                            payload_id: link.keep(payload),
+                        }
+                    }
+                    FrameKind::CopyVerified => {
+                        if let Some(stream) = link.compare.as_mut() {
+                            stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
+                        }
+                        Incoming::CopyVerified {
+                            volume_index: header.volume_index,
+                            offset: header.offset,
+                            length: header.length,
+                        }
+                    }
+                    FrameKind::CompareStart => {
+                        let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
+                        let Ok(block_bytes) = u32::try_from(header.aux) else {
+                            conn.close("a comparison block size beyond 4 GiB");
+                            return;
+                        };
+                        let session = link.conn.map_or(0, |c| c.1);
+                        let start = (header.volume_index, header.offset);
+                        link.compare = Some(DigestStream::new(session, sizes, start, header.length, block_bytes));
+                        continue;
+                    }
+                    FrameKind::RequestBlocks => {
+                        let chunk =
+                            Chunk { volume_index: header.volume_index, offset: header.offset, length: header.length };
+                        match link.compare.as_mut() {
+                            Some(stream) => stream.blocks_requested(chunk),
+                            None => {
+                                conn.close("the source asked for block hashes without starting a comparison");
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    FrameKind::Digest | FrameKind::BlockHashes => {
+                        conn.close("the source sent comparison answers, which only a destination sends");
+                        return;
+                    }
                     FrameKind::CopyDone => Incoming::CopyDone,
                     FrameKind::Rebase => Incoming::Rebase { lsn: header.lsn },
                     FrameKind::Barrier => Incoming::Barrier { lsn: header.lsn },

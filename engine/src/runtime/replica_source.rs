@@ -50,6 +50,8 @@ struct Slot {
 pub struct SourceLink {
     /// The connection to the destination (reactor key and id), when connected.
     pub conn: Option<(usize, u64)>,
+    /// The comparison of a compared copy on this connection.
+    pub compare: Option<super::compare_source::SourceCompare>,
     unshipped: BTreeMap<u64, Unshipped>,
     /// The LSN of each write remembered as `Unshipped::Write`.
     lsn_of_write: std::collections::HashMap<WriteId, u64>,
@@ -151,6 +153,7 @@ impl SourceLink {
     /// reconnection, from the destination's durable LSN.
     pub fn disconnected(&mut self) {
         self.conn = None;
+        self.compare = None;
         self.outbox.clear();
         self.barrier_lsn = 0;
         self.shipped_at.clear();
@@ -201,7 +204,7 @@ impl SourceLink {
         id
     }
 
-    fn push(&mut self, frame: OutFrame) {
+    pub(super) fn push(&mut self, frame: OutFrame) {
         let id = self.reserve();
         self.fill(id, frame);
     }
@@ -343,6 +346,15 @@ impl GroupRt {
         self.copy_started_at.get_or_insert_with(Instant::now);
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let end = chunk.offset + u64::from(chunk.length);
+        if self.comparing() {
+            if super::device::has_data(&volume.file, chunk.offset, end) {
+                self.compare_read_for(&chunk);
+                self.submit_chunk_read(io, group, None, chunk);
+            } else {
+                self.compare_hole(chunk);
+            }
+            return;
+        }
         let link = self.source.as_mut().expect("copying needs a source link");
         if !super::device::has_data(&volume.file, chunk.offset, end) {
             let header = FrameHeader::new(
@@ -359,6 +371,13 @@ impl GroupRt {
             return;
         }
         let slot = link.reserve();
+        self.submit_chunk_read(io, group, Some(slot), chunk);
+    }
+
+    /// Reads a chunk; its bytes go to outbox slot `slot`, or (`None`) to
+    /// the comparison.
+    fn submit_chunk_read(&mut self, io: &mut Io, group: usize, slot: Option<u64>, chunk: ChunkRequest) {
+        let volume = &self.volumes[usize::from(chunk.volume_index)];
         let buf = AlignedBuf::zeroed(chunk.length as usize);
         let direct = volume.direct_file.as_ref().filter(|_| {
             let sector = u64::from(volume.sector_bytes);
@@ -373,7 +392,7 @@ impl GroupRt {
     }
 
     /// Completion of a chunk read.
-    pub(super) fn chunk_read_done(&mut self, slot: u64, chunk: ChunkRequest, buf: AlignedBuf, result: i32) {
+    pub(super) fn chunk_read_done(&mut self, slot: Option<u64>, chunk: ChunkRequest, buf: AlignedBuf, result: i32) {
         if result < 0 || result as usize != buf.len() {
             tracing::error!(group = %self.name, result, "initial copy read failed");
             if let Some(link) = self.source.as_mut() {
@@ -387,6 +406,10 @@ impl GroupRt {
             self.close_peer = true;
             return;
         }
+        let Some(slot) = slot else {
+            self.compare_chunk_read(chunk, buf);
+            return;
+        };
         let header = FrameHeader::copy_data(chunk.volume_index, chunk.after_lsn, chunk.offset, &buf);
         let len = buf.len();
         if let Some(link) = self.source.as_mut() {

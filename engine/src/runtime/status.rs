@@ -130,4 +130,27 @@ pub struct PartnershipStatus {
     pub last_recovery_elapsed_ms: u64,
     /// The RPO above which an async source raises event 5001, in seconds.
     pub target_rpo_seconds: u64,
+    /// Source: the compared initial copy (checksum aggregation).
+    #[serde(default)]
+    pub sync: SyncProgress,
+    /// Destination: bytes read from its volumes to hash them for the source
+    /// (holes are not read).
+    #[serde(default)]
+    pub compare_bytes_read: u64,
+}
+
+/// Progress of a compared initial copy, as Storage Replica's initial sync
+/// reports it: compared, found equal, sent (and punched as holes), how fast
+/// and how long until the end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    pub bytes_compared: u64,
+    pub bytes_equal: u64,
+    /// Differing bytes sent as data.
+    pub bytes_sent: u64,
+    /// Differing bytes that are zeros here, sent as holes to punch.
+    pub bytes_zeroed: u64,
+    pub rate_bytes_per_s: f64,
+    /// Seconds until the copy is done at that rate (none before a rate is known).
+    pub eta_s: Option<f64>,
 }

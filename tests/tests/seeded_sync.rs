@@ -1,0 +1,188 @@
+//! The initial copy compares before it sends (checksum aggregation): a
+//! destination that already holds an older copy receives only the blocks
+//! that differ, holes are neither read nor sent, and the volumes end equal.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tandem_tests::Node;
+
+const VOLUME_BYTES: u64 = 64 << 20;
+const BLOCK: u64 = 4096;
+const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn random_file(path: &Path, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; VOLUME_BYTES as usize];
+    rng.fill(&mut data[..]);
+    std::fs::write(path, data).unwrap();
+}
+
+/// Overwrites `count` random distinct 4 KiB blocks of `path`; returns them.
+fn change_blocks(path: &Path, count: usize, seed: u64) -> usize {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut chosen = std::collections::BTreeSet::new();
+    while chosen.len() < count {
+        chosen.insert(rng.random_range(0..VOLUME_BYTES / BLOCK));
+    }
+    let mut block = vec![0u8; BLOCK as usize];
+    for index in &chosen {
+        rng.fill(&mut block[..]);
+        file.seek(SeekFrom::Start(index * BLOCK)).unwrap();
+        file.write_all(&block).unwrap();
+    }
+    chosen.len()
+}
+
+fn md5(path: &Path) -> String {
+    tandem_tests::run_ok(std::process::Command::new("md5sum").arg(path)).split_whitespace().next().unwrap().to_owned()
+}
+
+struct Outcome {
+    source: Node,
+    _destination: Node,
+    source_volume: PathBuf,
+    destination_volume: PathBuf,
+}
+
+/// Prepares both volume files with `prepare`, partners them and waits until
+/// the destination is in sync.
+fn sync(prepare: impl FnOnce(&Path, &Path)) -> Outcome {
+    let source = Node::start_named("seed-a", "", "");
+    let destination = Node::start_named("seed-b", "", "");
+    let (source_volume, destination_volume) = (source.path("data.img"), destination.path("data.img"));
+    prepare(&source_volume, &destination_volume);
+    source.create_group_on("rg01", "128MiB", &[("data", &source_volume)]);
+    destination.create_group_on("rg02", "128MiB", &[("data", &destination_volume)]);
+    let _ = source.partner_ok("rg01", &destination, "rg02", Some("sync"));
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    Outcome { source, _destination: destination, source_volume, destination_volume }
+}
+
+fn check(outcome: &Outcome, differing_blocks: usize, what: &str) -> serde_json::Value {
+    assert_eq!(md5(&outcome.source_volume), md5(&outcome.destination_volume), "{what}: the volumes are equal");
+    let p = outcome.source.partnership("rg01");
+    let sync = &p["sync"];
+    assert_eq!(sync["bytes_compared"].as_u64().unwrap(), VOLUME_BYTES, "{what}: {p:#}");
+    let differing = differing_blocks as u64 * BLOCK;
+    let sent = sync["bytes_sent"].as_u64().unwrap() + sync["bytes_zeroed"].as_u64().unwrap();
+    assert_eq!(sent, differing, "{what}: exactly the differing blocks were sent: {p:#}");
+    assert_eq!(sync["bytes_equal"].as_u64().unwrap(), VOLUME_BYTES - differing, "{what}: {p:#}");
+    // Within 10 % of the differing bytes and the hashes (a digest per chunk,
+    // and at most every chunk's block hashes, 16 bytes a block), plus 64 KiB
+    // for the handshake, heartbeats and acknowledgements of an idle link.
+    let chunks = VOLUME_BYTES >> 20;
+    let hashes = chunks * 16 + if differing > 0 { chunks * 256 * 16 } else { 0 };
+    let wire = p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap();
+    let budget = (differing + hashes) * 11 / 10 + 64 * 1024;
+    assert!(wire <= budget, "{what}: {wire} bytes on the wire for {differing} differing bytes (budget {budget})");
+    p
+}
+
+#[test]
+fn seeded_destinations_receive_only_the_differing_blocks() {
+    for (percent, differing) in [(0, 0usize), (1, 164), (10, 1638), (100, 16384)] {
+        let mut changed = 0;
+        let outcome = sync(|source, destination| {
+            random_file(source, 7);
+            std::fs::copy(source, destination).unwrap();
+            changed = if percent == 100 {
+                random_file(destination, 8);
+                16384
+            } else {
+                change_blocks(destination, differing, percent)
+            };
+        });
+        let p = check(&outcome, changed, &format!("{percent} % differing"));
+        if percent == 0 {
+            let wire = p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap();
+            assert!(wire < VOLUME_BYTES / 500, "identical volumes cost under 0.2 % on the wire: {wire}");
+        }
+    }
+}
+
+#[test]
+fn a_sparse_source_punches_holes_into_old_destination_data() {
+    let outcome = sync(|source, destination| {
+        random_file(destination, 3);
+        let file = std::fs::File::create(source).unwrap();
+        file.set_len(VOLUME_BYTES).unwrap();
+        // 4 MiB of data in the middle of an otherwise empty source.
+        let mut data = vec![0u8; 4 << 20];
+        let mut old = std::fs::File::open(destination).unwrap();
+        old.seek(SeekFrom::Start(32 << 20)).unwrap();
+        old.read_exact(&mut data).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &data, 32 << 20).unwrap();
+    });
+    assert_eq!(md5(&outcome.source_volume), md5(&outcome.destination_volume));
+    let p = outcome.source.partnership("rg01");
+    let sync = &p["sync"];
+    assert_eq!(sync["bytes_sent"].as_u64().unwrap(), 0, "no data crossed the wire: {p:#}");
+    assert_eq!(sync["bytes_zeroed"].as_u64().unwrap(), VOLUME_BYTES - (4 << 20), "{p:#}");
+    assert!(p["bytes_sent"].as_u64().unwrap() < 1 << 20, "holes cost headers only: {p:#}");
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&outcome.destination_volume).unwrap()) * 512;
+    assert!(allocated <= 5 << 20, "the destination's old data became holes: {allocated} bytes allocated");
+}
+
+/// The data segments of a sparse file (SEEK_DATA / SEEK_HOLE).
+fn data_segments(file: &std::fs::File) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let size = file.metadata().unwrap().len() as i64;
+    let (mut segments, mut at) = (Vec::new(), 0i64);
+    while at < size {
+        // SAFETY: lseek on an open descriptor.
+        let start = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
+        segments.push((start as u64, end as u64));
+        at = end;
+    }
+    segments
+}
+
+#[test]
+fn a_thin_volume_is_compared_without_reading_its_holes() {
+    const THIN_BYTES: u64 = 4 << 30;
+    let source = Node::start_named("thin-a", "", "");
+    let destination = Node::start_named("thin-b", "", "");
+    let (source_volume, destination_volume) = (source.path("thin.img"), destination.path("thin.img"));
+    for path in [&source_volume, &destination_volume] {
+        std::fs::File::create(path).unwrap().set_len(THIN_BYTES).unwrap();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut data = vec![0u8; 1 << 20];
+    let file = std::fs::OpenOptions::new().write(true).open(&source_volume).unwrap();
+    for index in 0..64u64 {
+        rng.fill(&mut data[..]);
+        std::os::unix::fs::FileExt::write_all_at(&file, &data, index * (THIN_BYTES / 64)).unwrap();
+    }
+    source.create_group_on("rg01", "128MiB", &[("data", &source_volume)]);
+    destination.create_group_on("rg02", "128MiB", &[("data", &destination_volume)]);
+    let _ = source.partner_ok("rg01", &destination, "rg02", Some("sync"));
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    // Equal without reading 4 GiB of holes twice: the 64 data regions match,
+    // and the destination allocated nothing else (the rest reads as zeros).
+    let (a, b) = (std::fs::File::open(&source_volume).unwrap(), std::fs::File::open(&destination_volume).unwrap());
+    let (mut here, mut there) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for index in 0..64u64 {
+        std::os::unix::fs::FileExt::read_exact_at(&a, &mut here, index * (THIN_BYTES / 64)).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&b, &mut there, index * (THIN_BYTES / 64)).unwrap();
+        assert!(here == there, "data region {index} differs");
+    }
+    for (start, end) in data_segments(&b) {
+        let region = start / (THIN_BYTES / 64) * (THIN_BYTES / 64);
+        assert!(end <= region + (1 << 20), "the destination holds data at {start}..{end}, outside the data regions");
+    }
+    let p = source.partnership("rg01");
+    assert_eq!(p["copy_bytes_sent"].as_u64().unwrap(), 64 << 20, "the source read its 64 MiB of data only: {p:#}");
+    assert_eq!(p["sync"]["bytes_sent"].as_u64().unwrap(), 64 << 20, "{p:#}");
+    let read = destination.partnership("rg02")["compare_bytes_read"].as_u64().unwrap();
+    assert_eq!(read, 0, "the destination, all holes, read nothing");
+}
