@@ -47,6 +47,9 @@ pub enum Request {
         /// None: the daemon's `replication.channels`.
         #[serde(default)]
         channels: Option<u32>,
+        /// The destination already holds an older copy.
+        #[serde(default)]
+        seeded: bool,
     },
     PartnershipShow {
         group: Option<String>,

@@ -158,10 +158,16 @@ impl Daemon {
                 }
                 Ok(ResponseBody::Groups(found))
             }
-            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels } => {
+            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels, seeded } => {
                 let channels = channels.unwrap_or(self.config.replication.channels);
-                let request =
-                    crate::replication::CreateRequest { source_group, destination, destination_group, mode, channels };
+                let request = crate::replication::CreateRequest {
+                    source_group,
+                    destination,
+                    destination_group,
+                    mode,
+                    channels,
+                    seeded,
+                };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
             }

@@ -195,6 +195,7 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         destination_group: "rg02".to_owned(),
         mode: options.mode.clone(),
         channels: None,
+        seeded: false,
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");

@@ -67,6 +67,10 @@ pub struct Hello {
     /// Probe: measure the group's devices too (about a second).
     #[serde(default)]
     pub measure_devices: bool,
+    /// Check and Create: the destination already holds an older copy of the
+    /// source (its volumes must hold data).
+    #[serde(default)]
+    pub seeded: bool,
     /// Probe: the socket buffer size the daemon sets on its end (0: default).
     #[serde(default)]
     pub socket_buffer_bytes: u32,
@@ -92,6 +96,7 @@ impl Hello {
             channel: 0,
             measure_devices,
             socket_buffer_bytes,
+            seeded: false,
         }
     }
 }
@@ -155,6 +160,8 @@ pub struct CreateRequest {
     pub destination_group: String,
     pub mode: String,
     pub channels: u32,
+    /// The destination already holds an older copy (see `Hello::seeded`).
+    pub seeded: bool,
 }
 
 /// Resolves `HOST[:PORT]` with the default replication port.
@@ -209,6 +216,7 @@ fn hello_for(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest, act
         channel: 0,
         measure_devices: false,
         socket_buffer_bytes: 0,
+        seeded: request.seeded,
     }
 }
 
@@ -273,14 +281,19 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
-        "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial block copy started",
+        "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial sync started: {}",
         &id_hex[..8],
         daemon.config.node.name,
         request.source_group,
         checked.destination_node,
         request.destination_group,
         request.mode,
-        request.channels
+        request.channels,
+        if request.seeded {
+            "the seeded destination is compared block by block and only differences are sent"
+        } else {
+            "the destination is compared block by block (what it already holds is not sent again)"
+        }
     ))
 }
 
@@ -293,6 +306,7 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         destination_group: partnership.peer_group.clone(),
         mode: partnership.mode.clone(),
         channels: partnership.channels,
+        seeded: false,
     };
     let mut stream = connect(&request.destination)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
@@ -379,6 +393,7 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
             destination_group: partnership.peer_group.clone(),
             mode: partnership.mode.clone(),
             channels: partnership.channels,
+            seeded: false,
         };
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
         remote = match connect(&request.destination).and_then(|mut s| exchange(&mut s, &hello)) {
@@ -592,6 +607,24 @@ fn check_new_destination(daemon: &Daemon, status: &GroupStatus, hello: &Hello) -
             "the volumes of {name} on {node} are in use by {} client connection(s); disconnect them first",
             status.connections
         ));
+    }
+    if hello.seeded {
+        check_seeded(status, node)?;
+    }
+    Ok(())
+}
+
+/// A seeded destination holds data: a volume that is all holes cannot hold
+/// an older copy (block devices are taken at their word).
+fn check_seeded(status: &GroupStatus, node: &str) -> Result<(), String> {
+    for (index, volume) in status.volumes.iter().enumerate() {
+        let Ok(metadata) = std::fs::metadata(&volume.path) else { continue };
+        if metadata.is_file() && std::os::unix::fs::MetadataExt::blocks(&metadata) == 0 {
+            return Err(format!(
+                "--seeded, but volume {index} of {} on {node} ({}) holds no data (all holes); restore the older copy there first, or drop --seeded to copy everything",
+                status.name, volume.path
+            ));
+        }
     }
     Ok(())
 }

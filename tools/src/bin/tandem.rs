@@ -159,6 +159,11 @@ enum PartnershipCommand {
         /// [default: replication.channels of the daemon's config, 2 unless set].
         #[arg(long)]
         channels: Option<u32>,
+        /// The destination already holds an older copy (restored from a backup, a shipped
+        /// disk): refused if its volumes hold no data. Either way the initial sync compares
+        /// block checksums and sends only the differing blocks.
+        #[arg(long)]
+        seeded: bool,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -166,6 +171,9 @@ enum PartnershipCommand {
         group: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Follow the initial sync with a progress bar, refreshed every this many seconds, until it is done.
+        #[arg(long, value_name = "SECONDS", conflicts_with = "json")]
+        watch: Option<u64>,
     },
     /// End a group's partnership (on the source, the destination is told too).
     Remove {
@@ -273,6 +281,7 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             destination_group,
             mode,
             channels,
+            seeded,
         }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
@@ -280,13 +289,17 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 destination_group: destination_group.clone(),
                 mode: mode.clone(),
                 channels: *channels,
+                seeded: *seeded,
             };
             print_message(&call(&cli.api, &request)?);
         }
-        Command::Partnership(PartnershipCommand::Show { group, json }) => {
-            let body = call(&cli.api, &Request::PartnershipShow { group: group.clone() })?;
-            print_partnerships(&body, *json);
-        }
+        Command::Partnership(PartnershipCommand::Show { group, json, watch }) => match watch {
+            Some(seconds) => tandem_tools::partnership_view::watch(&cli.api, group.as_deref(), *seconds)?,
+            None => {
+                let body = call(&cli.api, &Request::PartnershipShow { group: group.clone() })?;
+                tandem_tools::partnership_view::print_partnerships(&body, *json);
+            }
+        },
         Command::Partnership(PartnershipCommand::Remove { group }) => {
             print_message(&call(&cli.api, &Request::PartnershipRemove { group: group.clone() })?);
         }
@@ -409,7 +422,7 @@ fn print_detailed(g: &GroupStatus) {
     println!("  reads         {} completed, {} read", g.reads_completed, format_size(g.bytes_read));
     println!("  checkpoints   {}   connections {}   epoch {}", g.checkpoints, g.connections, g.epoch);
     if g.partnership.is_some() {
-        print_partnership(g);
+        tandem_tools::partnership_view::print_partnership(g);
     }
     let r = &g.last_recovery;
     println!(
@@ -421,87 +434,4 @@ fn print_detailed(g: &GroupStatus) {
         r.elapsed_ms,
         r.stopped
     );
-}
-
-fn print_partnerships(body: &ResponseBody, json: bool) {
-    let ResponseBody::Groups(groups) = body else { return };
-    if json {
-        let partnerships: Vec<serde_json::Value> = groups
-            .iter()
-            .filter_map(|g| {
-                let mut value = serde_json::to_value(g.partnership.as_ref()?).ok()?;
-                value["group"] = serde_json::Value::String(g.name.clone());
-                value["role"] = serde_json::Value::String(g.role.clone());
-                Some(value)
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&partnerships).expect("status serializes"));
-        return;
-    }
-    if groups.is_empty() {
-        println!("no partnerships; create one with `tandem partnership create --source-group G --destination HOST --destination-group G2`");
-        return;
-    }
-    for g in groups {
-        print_partnership(g);
-    }
-}
-
-fn print_partnership(g: &GroupStatus) {
-    let Some(p) = &g.partnership else { return };
-    let arrow = if g.role == "source" { "->" } else { "<-" };
-    println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
-    println!("  channels      {} of {} connected", p.channels_connected, p.channels);
-    if g.role == "source" {
-        println!(
-            "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",
-            p.current_lsn,
-            p.destination_durable_lsn,
-            format_size(p.bytes_behind),
-            p.rpo_ms
-        );
-        println!(
-            "  initial copy  {} remaining, {} sent, {} skipped as holes",
-            format_size(p.copy_remaining_bytes),
-            format_size(p.copy_bytes_sent),
-            format_size(p.copy_bytes_skipped)
-        );
-        println!(
-            "  sync          last in sync {}, last out of sync {}; ship-to-durable-ack round trip avg {:.0} us",
-            ago(p.last_in_sync_unix_ms),
-            ago(p.last_out_of_sync_unix_ms),
-            p.ack_round_trip_us_avg
-        );
-        if p.bitmap_dirty_bytes > 0 || p.bitmap_spills > 0 {
-            println!(
-                "  bitmap        {} marked for catch-up ({} spill(s) of a full log since start)",
-                format_size(p.bitmap_dirty_bytes),
-                p.bitmap_spills
-            );
-        }
-    } else {
-        println!(
-            "  LSN           durable {}  applied {}  source's last known {}  initial copy {}",
-            p.destination_durable_lsn,
-            p.destination_applied_lsn,
-            p.source_durable_lsn,
-            if p.copy_complete { "complete" } else { "in progress" }
-        );
-    }
-    println!("  traffic       {} sent, {} received", format_size(p.bytes_sent), format_size(p.bytes_received));
-    if g.role == "source" {
-        println!("  read back     {} record(s) shipped from the log (not from memory)", p.records_read_back);
-    }
-    if let Some(error) = &p.last_error {
-        println!("  last error    {error}");
-    }
-}
-
-/// "12 s ago" for a Unix time in milliseconds ("never" for 0).
-fn ago(unix_ms: u64) -> String {
-    if unix_ms == 0 {
-        return "never".to_owned();
-    }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    format!("{} s ago", now.saturating_sub(unix_ms) / 1000)
 }

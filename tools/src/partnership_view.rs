@@ -1,0 +1,160 @@
+//! `tandem partnership show`: text, JSON, and `--watch` with a progress bar
+//! for the initial sync (bytes compared of the volumes' total).
+
+use std::path::Path;
+use std::time::Duration;
+
+use tandem_engine::runtime::status::GroupStatus;
+
+use crate::api::{call, CallError, Request, ResponseBody};
+use crate::size::format_size;
+
+pub fn print_partnerships(body: &ResponseBody, json: bool) {
+    let ResponseBody::Groups(groups) = body else { return };
+    if json {
+        let partnerships: Vec<serde_json::Value> = groups
+            .iter()
+            .filter_map(|g| {
+                let mut value = serde_json::to_value(g.partnership.as_ref()?).ok()?;
+                value["group"] = serde_json::Value::String(g.name.clone());
+                value["role"] = serde_json::Value::String(g.role.clone());
+                Some(value)
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&partnerships).expect("status serializes"));
+        return;
+    }
+    if groups.is_empty() {
+        println!("no partnerships; create one with `tandem partnership create --source-group G --destination HOST --destination-group G2`");
+        return;
+    }
+    for g in groups {
+        print_partnership(g);
+    }
+}
+
+pub fn print_partnership(g: &GroupStatus) {
+    let Some(p) = &g.partnership else { return };
+    let arrow = if g.role == "source" { "->" } else { "<-" };
+    println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
+    println!("  channels      {} of {} connected", p.channels_connected, p.channels);
+    if g.role == "source" {
+        println!(
+            "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",
+            p.current_lsn,
+            p.destination_durable_lsn,
+            format_size(p.bytes_behind),
+            p.rpo_ms
+        );
+        let s = &p.sync;
+        println!(
+            "  initial sync  {} compared: {} equal, {} sent, {} punched as holes; {} remaining{}",
+            format_size(s.bytes_compared),
+            format_size(s.bytes_equal),
+            format_size(s.bytes_sent),
+            format_size(s.bytes_zeroed),
+            format_size(p.copy_remaining_bytes),
+            match (p.copy_remaining_bytes, s.eta_s) {
+                (0, _) => String::new(),
+                (_, Some(eta)) => format!(" at {}/s, about {eta:.0} s left", format_size(s.rate_bytes_per_s as u64)),
+                (_, None) => String::new(),
+            }
+        );
+        println!(
+            "  volume reads  {} read, {} skipped as holes",
+            format_size(p.copy_bytes_sent),
+            format_size(p.copy_bytes_skipped)
+        );
+        println!(
+            "  sync          last in sync {}, last out of sync {}; ship-to-durable-ack round trip avg {:.0} us",
+            ago(p.last_in_sync_unix_ms),
+            ago(p.last_out_of_sync_unix_ms),
+            p.ack_round_trip_us_avg
+        );
+        if p.bitmap_dirty_bytes > 0 || p.bitmap_spills > 0 {
+            println!(
+                "  bitmap        {} marked for catch-up ({} spill(s) of a full log since start)",
+                format_size(p.bitmap_dirty_bytes),
+                p.bitmap_spills
+            );
+        }
+    } else {
+        println!(
+            "  LSN           durable {}  applied {}  source's last known {}  initial copy {}",
+            p.destination_durable_lsn,
+            p.destination_applied_lsn,
+            p.source_durable_lsn,
+            if p.copy_complete { "complete" } else { "in progress" }
+        );
+    }
+    println!("  traffic       {} sent, {} received", format_size(p.bytes_sent), format_size(p.bytes_received));
+    if g.role == "source" {
+        println!("  read back     {} record(s) shipped from the log (not from memory)", p.records_read_back);
+    }
+    if let Some(error) = &p.last_error {
+        println!("  last error    {error}");
+    }
+}
+
+/// "12 s ago" for a Unix time in milliseconds ("never" for 0).
+fn ago(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "never".to_owned();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    format!("{} s ago", now.saturating_sub(unix_ms) / 1000)
+}
+
+/// Redraws a progress bar per source partnership every `seconds` until
+/// every initial sync is done, then prints the partnerships.
+pub fn watch(api: &Path, group: Option<&str>, seconds: u64) -> Result<(), CallError> {
+    let bars = indicatif::MultiProgress::new();
+    let mut shown: Vec<(String, indicatif::ProgressBar)> = Vec::new();
+    loop {
+        let body = call(api, &Request::PartnershipShow { group: group.map(str::to_owned) })?;
+        let ResponseBody::Groups(groups) = &body else {
+            return Err(CallError::Refused("tandemd answered without groups".to_owned()));
+        };
+        let mut syncing = false;
+        for g in groups.iter().filter(|g| g.role == "source") {
+            let Some(p) = &g.partnership else { continue };
+            let total = p.sync.bytes_compared + p.copy_remaining_bytes;
+            let bar = match shown.iter().find(|(name, _)| name == &g.name) {
+                Some((_, bar)) => bar.clone(),
+                None => {
+                    let bar = bars.add(indicatif::ProgressBar::new(total.max(1)));
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{prefix} [{bar:30}] {bytes}/{total_bytes} compared, {msg}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_prefix(format!("{} -> {}/{}", g.name, p.peer_node, p.peer_group));
+                    shown.push((g.name.clone(), bar.clone()));
+                    bar
+                }
+            };
+            bar.set_length(total.max(1));
+            bar.set_position(p.sync.bytes_compared);
+            bar.set_message(format!(
+                "{} equal, {} sent, {}",
+                format_size(p.sync.bytes_equal),
+                format_size(p.sync.bytes_sent),
+                p.sync
+                    .eta_s
+                    .filter(|_| p.copy_remaining_bytes > 0)
+                    .map_or_else(|| p.state.clone(), |eta| format!("ETA {eta:.0} s"))
+            ));
+            syncing |= p.copy_remaining_bytes > 0;
+        }
+        if !syncing {
+            for (_, bar) in &shown {
+                bar.finish();
+            }
+            print_partnerships(&body, false);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(seconds.max(1)));
+    }
+}
