@@ -25,8 +25,8 @@ pub use superblock::{
     ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
 };
 pub use wire::{
-    header_is_ordered, FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, FRAME_MAGIC,
-    MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
+    header_is_ordered, FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST,
+    FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
 };
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

@@ -18,6 +18,9 @@ pub const MAX_COPY_PAYLOAD_BYTES: u32 = 4 << 20;
 /// Largest payload of a BlockHashes frame: the hashes of a largest copy
 /// chunk (4 MiB) in 512-byte blocks.
 pub const MAX_BLOCK_HASHES_PAYLOAD_BYTES: u64 = (MAX_COPY_PAYLOAD_BYTES as u64 / 512) * 16;
+/// CompareStart flag: stream no digests, answer block-hash requests only
+/// (a bitmap catch-up, whose chunks only the source knows).
+pub const COMPARE_FLAG_ON_REQUEST: u8 = 0x01;
 /// Ack flag: the destination's initial copy is complete and durable.
 pub const ACK_FLAG_COPY_DONE: u8 = 0x01;
 

@@ -295,8 +295,13 @@ fn a_log_that_fills_during_a_cut_spills_into_the_bitmap_and_catches_up() {
     );
     let p = source.partnership("rg01");
     assert!(p["bitmap_spills"].as_u64().unwrap() > 0 && p["bitmap_dirty_bytes"].as_u64().unwrap() > 0, "{p:#}");
+    let (dirty, compared_before) =
+        (p["bitmap_dirty_bytes"].as_u64().unwrap(), p["sync"]["bytes_compared"].as_u64().unwrap());
     net.set_link(true);
     source.wait_in_sync("rg01", Duration::from_secs(120));
+    let p = source.partnership("rg01");
+    let compared = p["sync"]["bytes_compared"].as_u64().unwrap() - compared_before;
+    assert!(compared >= dirty, "the catch-up compared the dirty regions ({compared} of {dirty} bytes): {p:#}");
     source.wait_for_events(&[4004, 4005], Duration::from_secs(5));
     destination.stop();
     let here = std::fs::read(source.path("rg01-data.img")).expect("source volume");

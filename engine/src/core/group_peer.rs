@@ -49,6 +49,15 @@ pub struct PeerConfig {
     pub copy_complete: bool,
 }
 
+/// A copy about to start on a connection (see `GroupCore::copy_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStart {
+    pub position: (u8, u64),
+    pub chunk_bytes: u32,
+    /// Every region (the initial sync), or the bitmap's (a catch-up).
+    pub full: bool,
+}
+
 /// How far the destination's initial copy has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyPosition {
@@ -383,15 +392,18 @@ impl GroupCore {
         })
     }
 
-    /// Where a full copy continues, with its chunk size, when this connection
-    /// copies every region (not a bitmap pass): a compared copy starts there.
+    /// Where this connection's copy starts, its chunk size, and whether it
+    /// covers every region (a full copy) or only the bitmap's (a catch-up);
+    /// `None` when no copy is under way.
     #[must_use]
-    pub fn full_copy_start(&self) -> Option<((u8, u64), u32)> {
+    pub fn copy_start(&self) -> Option<CopyStart> {
         let shipper = self.shipper.as_ref()?;
-        match (shipper.pass(), shipper.copy) {
-            (CopyPass::Full, CopyPosition::At { volume_index, offset }) if shipper.connected => {
-                Some(((volume_index, offset), shipper.config.copy_chunk_bytes))
-            }
+        match shipper.copy {
+            CopyPosition::At { volume_index, offset } if shipper.connected => Some(CopyStart {
+                position: (volume_index, offset),
+                chunk_bytes: shipper.config.copy_chunk_bytes,
+                full: shipper.pass() == CopyPass::Full,
+            }),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ pub mod retention;
 pub mod ring;
 
 pub use bitmap::DirtyBitmap;
-pub use group::peer::{CopyPosition, PeerConfig, ReplicationMode, ReplicationState};
+pub use group::peer::{CopyPosition, CopyStart, PeerConfig, ReplicationMode, ReplicationState};
 pub use group::{
     Action, AppendBatch, AppendSegment, ApplyKind, ApplyOp, Event, GroupConfig, GroupCore, GroupSnapshot, IoFailure,
     LogRecord, WriteError, WriteId, WriteOp, WriteRequest,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
 
-use tandem_proto::{Checksum128, FrameHeader, FrameKind};
+use tandem_proto::{Checksum128, FrameHeader, FrameKind, COMPARE_FLAG_ON_REQUEST};
 
 use super::buf::AlignedBuf;
 use super::group_io::GroupRt;
@@ -49,6 +49,9 @@ struct Pending {
 /// The comparison of one connection.
 #[derive(Debug, Default)]
 pub struct SourceCompare {
+    /// The destination streams digests (a full copy); otherwise every chunk
+    /// asks for its block hashes (a bitmap catch-up).
+    streamed: bool,
     /// Destination digests by chunk start: (length, digest).
     digests: HashMap<(u8, u64), (u32, Checksum128)>,
     /// The chunk whose read is in flight.
@@ -64,12 +67,16 @@ impl GroupRt {
     /// A connection that copies every region compares it: the destination is
     /// told where to start hashing.
     pub(super) fn start_compare(&mut self) {
-        let Some(((volume_index, offset), chunk_bytes)) = self.core.full_copy_start() else { return };
+        let Some(start) = self.core.copy_start() else { return };
         let Some(link) = self.source.as_mut() else { return };
-        let mut header = FrameHeader::new(FrameKind::CompareStart, 0, volume_index, 0, offset, chunk_bytes);
+        // A full copy streams digests from its start; a bitmap catch-up asks
+        // for the block hashes of each dirty chunk (only the source knows them).
+        let flags = if start.full { 0 } else { COMPARE_FLAG_ON_REQUEST };
+        let (volume_index, offset) = start.position;
+        let mut header = FrameHeader::new(FrameKind::CompareStart, flags, volume_index, 0, offset, start.chunk_bytes);
         header.aux = u64::from(COMPARE_BLOCK_BYTES);
         link.push(OutFrame::new(header.resealed().as_bytes(), None));
-        link.compare = Some(SourceCompare::default());
+        link.compare = Some(SourceCompare { streamed: start.full, ..SourceCompare::default() });
         self.copy_started_at.get_or_insert_with(Instant::now);
     }
 
@@ -106,11 +113,35 @@ impl GroupRt {
         self.compare_hashed(Pending { chunk, data: Some(Rc::new(buf)), local, stage: Stage::WaitDigest });
     }
 
-    fn compare_hashed(&mut self, pending: Pending) {
-        let Some(compare) = self.source.as_mut().and_then(|l| l.compare.as_mut()) else { return };
+    fn compare_hashed(&mut self, mut pending: Pending) {
+        let Some(link) = self.source.as_mut() else { return };
+        let Some(compare) = link.compare.as_mut() else { return };
         assert!(compare.pending.is_none(), "one chunk is compared at a time (one fence)");
+        if compare.streamed {
+            compare.pending = Some(pending);
+            self.compare_decide();
+            return;
+        }
+        let chunk = pending.chunk;
+        if pending.data.is_none() {
+            // A dirty region that is a hole here now: punch it there.
+            let header = FrameHeader::new(
+                FrameKind::CopyZero,
+                0,
+                chunk.volume_index,
+                chunk.after_lsn,
+                chunk.offset,
+                chunk.length,
+            );
+            link.push(OutFrame::new(header.as_bytes(), None));
+            self.compare_progress.bytes_zeroed += u64::from(chunk.length);
+            self.compare_finish(chunk);
+            return;
+        }
+        pending.stage = Stage::WaitBlocks;
         compare.pending = Some(pending);
-        self.compare_decide();
+        let header = FrameHeader::new(FrameKind::RequestBlocks, 0, chunk.volume_index, 0, chunk.offset, chunk.length);
+        link.push(OutFrame::new(header.as_bytes(), None));
     }
 
     /// The destination's digest of a chunk arrived.

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
-use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE};
+use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST};
 
 use super::buf::AlignedBuf;
 use super::compare_dest::DigestStream;
@@ -160,7 +160,12 @@ impl GroupRt {
                             return;
                         };
                         let session = link.conn.map_or(0, |c| c.1);
-                        let start = (header.volume_index, header.offset);
+                        // On request only: a cursor past the last volume streams nothing.
+                        let start = if header.flags & COMPARE_FLAG_ON_REQUEST != 0 {
+                            (u8::try_from(self.volumes.len()).unwrap_or(u8::MAX), 0)
+                        } else {
+                            (header.volume_index, header.offset)
+                        };
                         link.compare = Some(DigestStream::new(session, sizes, start, header.length, block_bytes));
                         continue;
                     }
