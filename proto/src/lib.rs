@@ -26,7 +26,7 @@ pub use superblock::{
 };
 pub use wire::{
     header_is_ordered, FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST,
-    FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
+    COPY_FLAG_REPAIR, FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
 };
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

@@ -21,6 +21,9 @@ pub const MAX_BLOCK_HASHES_PAYLOAD_BYTES: u64 = (MAX_COPY_PAYLOAD_BYTES as u64 /
 /// CompareStart flag: stream no digests, answer block-hash requests only
 /// (a bitmap catch-up, whose chunks only the source knows).
 pub const COMPARE_FLAG_ON_REQUEST: u8 = 0x01;
+/// CopyData / CopyZero flag: a repair found by online verify, written after
+/// the copy is complete without moving its position.
+pub const COPY_FLAG_REPAIR: u8 = 0x02;
 /// Ack flag: the destination's initial copy is complete and durable.
 pub const ACK_FLAG_COPY_DONE: u8 = 0x01;
 
@@ -73,6 +76,13 @@ pub enum FrameKind {
     /// now equals the source's after LSN `lsn` (its differences, if any,
     /// came just before); the copy has reached its end.
     CopyVerified = 12,
+    /// Source to destination, online verify: hash the chunk (`volume_index`,
+    /// `offset`, `length`) as it stands once every record up to `lsn` is
+    /// applied, before any later one, and answer with a VerifyDigest.
+    VerifyChunk = 13,
+    /// Destination to source: the digest of a chunk a VerifyChunk named, in
+    /// `payload_checksum`.
+    VerifyDigest = 14,
 }
 
 impl FrameKind {
@@ -84,7 +94,10 @@ impl FrameKind {
     /// volume. Every other frame is delivered in the order it was sent.
     #[must_use]
     pub fn is_ordered(self) -> bool {
-        !matches!(self, Self::Heartbeat | Self::Ack | Self::Digest | Self::RequestBlocks | Self::BlockHashes)
+        !matches!(
+            self,
+            Self::Heartbeat | Self::Ack | Self::Digest | Self::RequestBlocks | Self::BlockHashes | Self::VerifyDigest
+        )
     }
 
     #[must_use]
@@ -102,6 +115,8 @@ impl FrameKind {
             10 => Some(Self::RequestBlocks),
             11 => Some(Self::BlockHashes),
             12 => Some(Self::CopyVerified),
+            13 => Some(Self::VerifyChunk),
+            14 => Some(Self::VerifyDigest),
             _ => None,
         }
     }
@@ -182,6 +197,14 @@ impl FrameHeader {
         header.resealed()
     }
 
+    /// A sealed Digest (or VerifyDigest, `kind`) header for a chunk.
+    #[must_use]
+    pub fn digest_of(kind: FrameKind, volume_index: u8, offset: u64, length: u32, digest: Checksum128) -> Self {
+        let mut header = Self::new(kind, 0, volume_index, 0, offset, length);
+        header.payload_checksum = digest;
+        header.resealed()
+    }
+
     /// A sealed Digest header for a chunk.
     #[must_use]
     pub fn digest(volume_index: u8, offset: u64, length: u32, digest: Checksum128) -> Self {
@@ -250,9 +273,12 @@ impl FrameHeader {
         let kind = FrameKind::from_u8(header.kind).ok_or(FrameDecodeError::UnknownKind(header.kind))?;
         let length_ok = match kind {
             FrameKind::CopyData => header.length > 0 && header.length <= MAX_COPY_PAYLOAD_BYTES,
-            FrameKind::CopyZero | FrameKind::Digest | FrameKind::RequestBlocks | FrameKind::CopyVerified => {
-                header.length > 0
-            }
+            FrameKind::CopyZero
+            | FrameKind::Digest
+            | FrameKind::RequestBlocks
+            | FrameKind::CopyVerified
+            | FrameKind::VerifyChunk
+            | FrameKind::VerifyDigest => header.length > 0,
             FrameKind::CompareStart => header.length > 0 && header.aux > 0 && header.aux <= u64::from(header.length),
             FrameKind::BlockHashes => {
                 header.length > 0

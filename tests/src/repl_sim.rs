@@ -374,6 +374,9 @@ impl World {
                     self.destination.write_copy(volume_index, offset, bytes, end);
                 }
                 ReceiverAction::Rebase { lsn } => self.pending_rebase = Some(lsn),
+                ReceiverAction::Verify { .. } => {
+                    panic!("the simulated source starts no verify pass, so no verify frame reaches the destination")
+                }
                 ReceiverAction::Persist => {
                     self.destination.core.handle(Event::VolumesChangedOutsideLog);
                     self.destination.core.handle(Event::CheckpointRequested);

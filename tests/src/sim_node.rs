@@ -225,7 +225,13 @@ impl SimNode {
                 Action::Ship { lsn, position, end_position, depends_on } => {
                     self.outputs.push(NodeOutput::Ship { lsn, position, end_position, depends_on });
                 }
-                Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
+                Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn, purpose } => {
+                    // The simulated world copies; it starts no verify pass.
+                    assert_eq!(
+                        purpose,
+                        tandem_engine::core::group::peer::FencePurpose::Copy,
+                        "only copies are simulated"
+                    );
                     self.outputs.push(NodeOutput::ReadChunk { chunk_id, volume_index, offset, length, after_lsn });
                 }
                 Action::SendCopyDone { .. } => self.outputs.push(NodeOutput::SendCopyDone),

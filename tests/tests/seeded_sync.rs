@@ -259,3 +259,77 @@ fn seeded_is_refused_for_an_empty_destination() {
     assert_eq!(source.group_status("rg01")["role"], "standalone", "nothing changed on the source");
     assert_eq!(destination.group_status("rg02")["role"], "standalone", "nor on the destination");
 }
+
+/// Online verify while replication runs: a block changed behind the
+/// destination daemon's back (directly in its volume file) is found and
+/// named, `--repair` sends it again, and a second pass finds nothing.
+#[test]
+fn online_verify_finds_a_block_changed_behind_the_destination_and_repairs_it() {
+    let source = Node::start_named("verify-a", "", "");
+    let destination = Node::start_named("verify-b", "", "");
+    source.replicate_to(&destination, "128MiB", &[("data", 16 << 20)], "sync");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut data = vec![0u8; 8 << 20];
+    rng.fill(&mut data[..]);
+    let image = source.path("image.img");
+    std::fs::write(&image, &data).unwrap();
+    tandem_tests::run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&image)
+            .arg(source.nbd_uri("rg01", "data")),
+    );
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    let clean = source.cli(&["partnership", "verify", "--group", "rg01"]);
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+    assert!(String::from_utf8_lossy(&clean.stdout).contains("verified 16.0 MiB: 0 range(s) out of sync"), "{clean:?}");
+
+    // Flip one byte of the destination's volume at 5 MiB + 4 KiB.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(destination.path("rg02-data.img")).unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, (5 << 20) + 4096).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0xff], (5 << 20) + 4096).unwrap();
+    file.sync_all().unwrap();
+
+    let found = source.cli(&["partnership", "verify", "--group", "rg01", "--rate", "64MiB"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&found.stdout), String::from_utf8_lossy(&found.stderr));
+    assert_eq!(found.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("out of sync: volume 0 (data) 5242880..6291456 (1.0 MiB)"), "{stdout}");
+    assert!(stderr.contains("1 range(s) out of sync") && stderr.contains("--repair"), "{stderr}");
+    let p = source.partnership("rg01");
+    assert_eq!(p["verify"]["out_of_sync_ranges"], 1, "{p:#}");
+    let events = source.cli_ok(&["events", "--json"]);
+    assert!(
+        events.contains("\"id\":6002") && events.contains("differs from the destination at 5242880..6291456"),
+        "{events}"
+    );
+
+    let repaired = source.cli(&["partnership", "verify", "--group", "rg01", "--repair"]);
+    assert!(repaired.status.success(), "{}", String::from_utf8_lossy(&repaired.stderr));
+    assert!(String::from_utf8_lossy(&repaired.stdout).contains("1.0 MiB repaired"), "{repaired:?}");
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    let again = source.cli(&["partnership", "verify", "--group", "rg01"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 range(s) out of sync"), "{again:?}");
+    let mut source_bytes = vec![0u8; 16 << 20];
+    let mut destination_bytes = vec![0u8; 16 << 20];
+    std::fs::File::open(source.path("rg01-data.img")).unwrap().read_exact(&mut source_bytes).unwrap();
+    std::fs::File::open(destination.path("rg02-data.img")).unwrap().read_exact(&mut destination_bytes).unwrap();
+    assert!(source_bytes == destination_bytes, "the repair made the volumes equal");
+}
+
+/// The background mode (`verify_interval_seconds`) finds the same change
+/// without being asked, and reports it as an event.
+#[test]
+fn background_verify_reports_divergence_by_itself() {
+    let replication = "verify_interval_seconds = 1\nverify_rate_bytes_per_s = 67108864";
+    let source = Node::start_named("bg-a", "", replication);
+    let destination = Node::start_named("bg-b", "", "");
+    source.replicate_to(&destination, "128MiB", &[("data", 8 << 20)], "async");
+    let file = std::fs::OpenOptions::new().write(true).open(destination.path("rg02-data.img")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"silent corruption", 3 << 20).unwrap();
+    file.sync_all().unwrap();
+    source.wait_for_events(&[6001, 6002, 6003], Duration::from_secs(30));
+    let events = source.cli_ok(&["events", "--json"]);
+    assert!(events.contains("differs from the destination at 3145728..4194304"), "{events}");
+}

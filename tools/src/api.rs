@@ -57,6 +57,15 @@ pub enum Request {
     PartnershipRemove {
         group: String,
     },
+    /// Start an online verify pass of a source group.
+    PartnershipVerify {
+        group: String,
+        /// None: the daemon's `replication.verify_rate_bytes_per_s`.
+        #[serde(default)]
+        rate_bytes_per_s: Option<u64>,
+        #[serde(default)]
+        repair: bool,
+    },
     /// This node's name and listening addresses.
     Node,
     /// Change a group's group-commit limits while it runs (`tandem tune`).

@@ -59,6 +59,11 @@ pub struct ReplicationConfig {
     /// Send and receive buffer of every replication socket (the kernel caps
     /// it at net.core.wmem_max and rmem_max).
     pub socket_buffer_bytes: u32,
+    /// A source verifies its destination in the background every this many
+    /// seconds (0: only on request with `tandem partnership verify`).
+    pub verify_interval_seconds: u64,
+    /// Rate of a verify pass (background and on request without --rate).
+    pub verify_rate_bytes_per_s: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -69,6 +74,8 @@ impl Default for ReplicationConfig {
             target_rpo_seconds: 30,
             channels: 2,
             socket_buffer_bytes: tandem_engine::runtime::net::DEFAULT_SOCKET_BUFFER_BYTES,
+            verify_interval_seconds: 0,
+            verify_rate_bytes_per_s: tandem_engine::runtime::DEFAULT_VERIFY_RATE_BYTES_PER_S,
         }
     }
 }
@@ -80,6 +87,8 @@ impl ReplicationConfig {
             hold_writes_when_lost: self.on_peer_loss == "block",
             copy_chunk_bytes: self.copy_chunk_bytes,
             socket_buffer_bytes: self.socket_buffer_bytes,
+            verify_interval_seconds: self.verify_interval_seconds,
+            verify_rate_bytes_per_s: self.verify_rate_bytes_per_s,
         }
     }
 }
@@ -212,6 +221,12 @@ impl Config {
                 "replication.channels = {}: a partnership has 1 to {} data channels",
                 replication.channels,
                 tandem_engine::runtime::peer_session::MAX_CHANNELS
+            ));
+        }
+        if replication.verify_rate_bytes_per_s < 1 << 20 {
+            return Err(format!(
+                "replication.verify_rate_bytes_per_s = {}: use at least 1048576 (1 MiB/s)",
+                replication.verify_rate_bytes_per_s
             ));
         }
         if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {

@@ -183,6 +183,10 @@ impl Daemon {
                 }
                 Ok(ResponseBody::Groups(found))
             }
+            Request::PartnershipVerify { group, rate_bytes_per_s, repair } => {
+                let rate = rate_bytes_per_s.unwrap_or(self.config.replication.verify_rate_bytes_per_s);
+                self.start_verify(&group, rate, repair).map(ResponseBody::Message)
+            }
             Request::PartnershipRemove { group } => {
                 let _guard = self.mark_changing(&group)?;
                 crate::replication::remove(self, &group).map(ResponseBody::Message)
@@ -404,6 +408,32 @@ impl Daemon {
         })??;
         Ok(format!(
             "{group}: max_batch_records {records} -> {max_batch_records}, max_inflight_appends {appends} -> {max_inflight_appends} (until tandemd restarts)"
+        ))
+    }
+
+    /// Starts an online verify pass of the source group `group`.
+    pub fn start_verify(&self, group: &str, rate_bytes_per_s: u64, repair: bool) -> Result<String, String> {
+        if rate_bytes_per_s == 0 {
+            return Err("--rate must be above 0; e.g. --rate 200MiB".to_owned());
+        }
+        let status = self.group_status(group)?;
+        if status.role != "source" {
+            return Err(format!(
+                "group {group} is {}: verify runs on the source of a partnership",
+                if status.role == "destination" { "a replication destination" } else { "not in a partnership" }
+            ));
+        }
+        let name = group.to_owned();
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::StartVerify {
+            group: name,
+            rate_bytes_per_s,
+            repair,
+            reply,
+        })??;
+        Ok(format!(
+            "verify of {group} started at {}/s{}",
+            crate::size::format_size(rate_bytes_per_s),
+            if repair { ", repairing what differs" } else { "" }
         ))
     }
 

@@ -158,3 +158,62 @@ pub fn watch(api: &Path, group: Option<&str>, seconds: u64) -> Result<(), CallEr
         std::thread::sleep(Duration::from_secs(seconds.max(1)));
     }
 }
+
+/// Follows the verify pass of `group` with a progress bar, then lists what it
+/// found; an error (exit 1) when ranges differ and were not repaired.
+pub fn wait_for_verify(api: &Path, group: &str) -> Result<(), CallError> {
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("verify [{bar:30}] {bytes}/{total_bytes} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let (status, volumes) = loop {
+        let body = call(api, &Request::PartnershipShow { group: Some(group.to_owned()) })?;
+        let ResponseBody::Groups(groups) = body else {
+            return Err(CallError::Refused("tandemd answered without groups".to_owned()));
+        };
+        let g = groups.into_iter().next().ok_or_else(|| CallError::Refused(format!("group {group} is gone")))?;
+        let Some(p) = g.partnership else { return Err(CallError::Refused(format!("{group} left its partnership"))) };
+        let v = p.verify;
+        bar.set_length(v.total_bytes.max(1));
+        bar.set_position(v.bytes_verified);
+        bar.set_message(format!("{} range(s) out of sync", v.out_of_sync_ranges));
+        if !v.running {
+            break (v, g.volumes);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bar.finish_and_clear();
+    for range in &status.ranges {
+        let name = volumes.get(usize::from(range.volume_index)).map_or("?", |v| v.name.as_str());
+        println!(
+            "out of sync: volume {} ({name}) {}..{} ({})",
+            range.volume_index,
+            range.offset,
+            range.offset + u64::from(range.length),
+            format_size(u64::from(range.length))
+        );
+    }
+    if let Some(reason) = &status.stopped {
+        return Err(CallError::Refused(format!(
+            "verify stopped after {} of {}: {reason}; run it again",
+            format_size(status.bytes_verified),
+            format_size(status.total_bytes)
+        )));
+    }
+    let summary = format!(
+        "verified {}: {} range(s) out of sync ({}), {} repaired",
+        format_size(status.bytes_verified),
+        status.out_of_sync_ranges,
+        format_size(status.out_of_sync_bytes),
+        format_size(status.repaired_bytes)
+    );
+    if status.out_of_sync_ranges > 0 && status.repaired_bytes < status.out_of_sync_bytes {
+        return Err(CallError::Refused(format!(
+            "{summary}; run `tandem partnership verify --group {group} --repair` to fix them"
+        )));
+    }
+    println!("{summary}");
+    Ok(())
+}

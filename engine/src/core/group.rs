@@ -183,6 +183,8 @@ pub enum Action {
         offset: u64,
         length: u32,
         after_lsn: u64,
+        /// Copy it, hash it for verify, or send it again as a repair.
+        purpose: peer::FencePurpose,
     },
     /// Tell the destination (first on this connection) to continue after
     /// `lsn`: the records before it left the log for the bitmap.
@@ -842,6 +844,8 @@ mod checkpoint;
 mod failure;
 #[path = "group_peer.rs"]
 pub mod peer;
+#[path = "group_verify.rs"]
+pub mod verify;
 
 #[cfg(test)]
 #[path = "group_tests.rs"]

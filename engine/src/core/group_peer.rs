@@ -113,6 +113,18 @@ pub(super) struct Fence {
     /// The chunk shows the state after this LSN.
     pub after_lsn: u64,
     pub read_issued: bool,
+    pub purpose: FencePurpose,
+}
+
+/// Why a chunk is read under a fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencePurpose {
+    /// The initial copy or a bitmap catch-up.
+    Copy,
+    /// Online verify: hash it for comparison with the destination's.
+    Verify,
+    /// Send it again whole: verify found it different.
+    Repair,
 }
 
 impl Fence {
@@ -159,6 +171,11 @@ pub(super) struct Shipper {
     pub copy_in_flight: std::collections::VecDeque<(u64, u64)>,
     /// The destination's applied LSN (its volumes hold every record up to it).
     pub applied_lsn: u64,
+    /// The verify pass in progress, whether its mismatches are repaired, and
+    /// the chunks waiting to be sent again.
+    pub verify: Option<super::verify::VerifyPass>,
+    pub verify_repair: bool,
+    pub repairs: super::verify::RepairQueue,
 }
 
 /// Which regions a copy covers.
@@ -239,6 +256,9 @@ impl GroupCore {
             awaiting_rebase: None,
             copy_in_flight: std::collections::VecDeque::new(),
             applied_lsn: 0,
+            verify: None,
+            verify_repair: false,
+            repairs: std::collections::VecDeque::new(),
         });
         baseline_lsn
     }
@@ -321,6 +341,7 @@ impl GroupCore {
             shipper.connected = false;
             shipper.fence = None;
         }
+        self.verify_peer_lost();
     }
 
     /// The destination acknowledged its durable LSN and copy progress.
@@ -348,6 +369,10 @@ impl GroupCore {
     pub fn chunk_shipped(&mut self, chunk_id: u64) {
         let Some(shipper) = self.shipper.as_mut() else { return };
         let Some(fence) = shipper.fence.filter(|f| f.chunk_id == chunk_id) else { return };
+        if fence.purpose != FencePurpose::Copy {
+            self.verify_chunk_shipped();
+            return;
+        }
         shipper.fence = None;
         let next =
             CopyPosition::At { volume_index: fence.volume_index, offset: fence.offset + u64::from(fence.length) };
@@ -484,7 +509,7 @@ impl GroupCore {
         self.advance_copy();
     }
 
-    fn advance_copy(&mut self) {
+    pub(super) fn advance_copy(&mut self) {
         let next_lsn = self.next_lsn;
         let shipper = self.shipper.as_mut().expect("checked by ship");
         match shipper.fence {
@@ -502,8 +527,15 @@ impl GroupCore {
                         let chunk_id = shipper.next_chunk_id;
                         shipper.next_chunk_id += 1;
                         let after_lsn = next_lsn - 1;
-                        shipper.fence =
-                            Some(Fence { chunk_id, volume_index, offset, length, after_lsn, read_issued: false });
+                        shipper.fence = Some(Fence {
+                            chunk_id,
+                            volume_index,
+                            offset,
+                            length,
+                            after_lsn,
+                            read_issued: false,
+                            purpose: FencePurpose::Copy,
+                        });
                         // Issue its read at once when nothing holds it back.
                         self.advance_copy();
                     }
@@ -512,6 +544,7 @@ impl GroupCore {
                         shipper.copy = CopyPosition::Done;
                         self.actions.push(Action::SendCopyDone { after_lsn: shipper.next_ship_lsn - 1 });
                     }
+                    None if shipper.copy_acked == CopyPosition::Done => self.advance_verify(),
                     None => {}
                 }
             }
@@ -524,13 +557,7 @@ impl GroupCore {
                     .any(|a| a.lsn <= fence.after_lsn && fence.overlaps(a));
                 if shipped && applied {
                     shipper.fence = Some(Fence { read_issued: true, ..fence });
-                    self.actions.push(Action::ReadChunk {
-                        chunk_id: fence.chunk_id,
-                        volume_index: fence.volume_index,
-                        offset: fence.offset,
-                        length: fence.length,
-                        after_lsn: fence.after_lsn,
-                    });
+                    self.actions.push(super::verify::read_action(&fence));
                 }
             }
             Some(_) => {}

@@ -38,6 +38,21 @@ pub enum Incoming {
         length: u32,
     },
     CopyDone,
+    /// Online verify: hash this range once the records before it are
+    /// applied, before any later one.
+    Verify {
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+    },
+    /// A range verify found different, sent again (after the copy is
+    /// complete; the copy's position does not move).
+    Repair {
+        volume_index: u8,
+        offset: u64,
+        length: u32,
+        payload_id: Option<u64>,
+    },
     /// Continue after `lsn` and start the copy over (bitmap catch-up).
     Rebase {
         lsn: u64,
@@ -66,6 +81,9 @@ pub enum ReceiverAction {
     WriteCopy { volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>, end: CopyPosition },
     /// Persist the copy state soon (the copy is complete).
     Persist,
+    /// Hash the range and answer the source; report `verified` (nothing
+    /// later is taken until then).
+    Verify { volume_index: u8, offset: u64, length: u32 },
     /// Once the group is idle and its log empty, continue its log after `lsn`
     /// (a new epoch), persist that with the copy restarted, and report
     /// `rebased`. Nothing after it is taken until then.
@@ -84,6 +102,9 @@ pub struct Receiver {
     copy_done_received: bool,
     copy_persisted: CopyPosition,
     copy_write_in_flight: bool,
+    /// The write in flight is a repair: it moves no copy position.
+    write_is_repair: bool,
+    verify_in_flight: bool,
     rebase_in_flight: bool,
     acked: Option<(u64, u64, CopyPosition)>,
     /// The last barrier of the stream.
@@ -102,6 +123,8 @@ impl Receiver {
             copy_done_received: copy_persisted == CopyPosition::Done,
             copy_persisted,
             copy_write_in_flight: false,
+            write_is_repair: false,
+            verify_in_flight: false,
             rebase_in_flight: false,
             acked: None,
             barrier_lsn: 0,
@@ -116,6 +139,7 @@ impl Receiver {
         self.acked = None;
         // A rebase belongs to its connection; the next one asks again if needed.
         self.rebase_in_flight = false;
+        self.verify_in_flight = false;
         self.barrier_lsn = 0;
     }
 
@@ -147,7 +171,7 @@ impl Receiver {
         let mut actions = Vec::new();
         let mut unapplied = core_has_unapplied;
         while let Some(frame) = self.queue.front() {
-            if self.copy_write_in_flight || self.rebase_in_flight {
+            if self.copy_write_in_flight || self.rebase_in_flight || self.verify_in_flight {
                 break;
             }
             let frame = frame.clone();
@@ -162,6 +186,19 @@ impl Receiver {
                 }
                 // Like a copy write, it describes the range after the records
                 // before it: it counts once they are applied.
+                Incoming::Verify { .. } | Incoming::Repair { .. } if unapplied => break,
+                Incoming::Verify { volume_index, offset, length } => {
+                    match self.check_range(volume_index, offset, length) {
+                        Ok(()) => {
+                            self.verify_in_flight = true;
+                            ReceiverAction::Verify { volume_index, offset, length }
+                        }
+                        Err(reason) => ReceiverAction::Refuse(format!("verify frame: {reason}")),
+                    }
+                }
+                Incoming::Repair { volume_index, offset, length, payload_id } => {
+                    self.repair(volume_index, offset, length, payload_id)
+                }
                 Incoming::CopyVerified { .. } if unapplied => break,
                 Incoming::CopyVerified { volume_index, offset, length } => {
                     match self.verified(volume_index, offset, length) {
@@ -249,6 +286,23 @@ impl Receiver {
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
     }
 
+    fn repair(&mut self, volume_index: u8, offset: u64, length: u32, payload_id: Option<u64>) -> ReceiverAction {
+        if !self.copy_done_received {
+            return ReceiverAction::Refuse("a repair arrived before the copy was complete".to_owned());
+        }
+        if let Err(reason) = self.check_range(volume_index, offset, length) {
+            return ReceiverAction::Refuse(format!("repair frame: {reason}"));
+        }
+        self.copy_write_in_flight = true;
+        self.write_is_repair = true;
+        ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end: self.copy_written }
+    }
+
+    /// The hash of a verify range was sent: later frames may be taken.
+    pub fn verified_range(&mut self) {
+        self.verify_in_flight = false;
+    }
+
     fn verified(&mut self, volume_index: u8, offset: u64, length: u32) -> Result<(), String> {
         if self.copy_done_received {
             return Err("a verified chunk arrived after the copy was complete".to_owned());
@@ -274,18 +328,21 @@ impl Receiver {
     pub fn copy_written(&mut self, end: CopyPosition) {
         assert!(self.copy_write_in_flight, "one copy write at a time");
         self.copy_write_in_flight = false;
-        self.copy_written = end;
+        if !std::mem::take(&mut self.write_is_repair) {
+            self.copy_written = end;
+        }
     }
 
     /// A copy write failed: the range is written again after reconnection.
     pub fn copy_failed(&mut self) {
         self.copy_write_in_flight = false;
+        self.write_is_repair = false;
     }
 
     /// What a checkpoint starting now may persist: the copy written before it.
     #[must_use]
     pub fn copy_to_persist(&self) -> CopyPosition {
-        if self.copy_done_received && !self.copy_write_in_flight {
+        if self.copy_done_received && (!self.copy_write_in_flight || self.write_is_repair) {
             CopyPosition::Done
         } else {
             self.copy_written

@@ -12,7 +12,7 @@
 use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, types};
-use tandem_proto::FrameHeader;
+use tandem_proto::{FrameHeader, FrameKind};
 
 use super::buf::AlignedBuf;
 use super::group_io::GroupRt;
@@ -32,6 +32,8 @@ pub enum ComparePurpose {
     Digest,
     /// Its block hashes, which the source asked for.
     Blocks,
+    /// Its digest for online verify, at the stream point the source named.
+    Verify,
 }
 
 /// A chunk read for the comparison; `session` names the connection it
@@ -58,6 +60,9 @@ pub struct DigestStream {
     /// Block-hash requests not yet read.
     requested: std::collections::VecDeque<Chunk>,
     reads_in_flight: usize,
+    /// Block hashes of the chunks last digested: a request for one of them
+    /// is answered without reading the chunk again.
+    recent: std::collections::VecDeque<(Chunk, Vec<tandem_proto::Checksum128>)>,
 }
 
 impl DigestStream {
@@ -82,7 +87,23 @@ impl DigestStream {
             source_reached: position,
             requested: std::collections::VecDeque::new(),
             reads_in_flight: 0,
+            recent: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Keeps the block hashes of a digested chunk for a while.
+    fn remember(&mut self, chunk: Chunk, blocks: &[tandem_proto::Checksum128]) {
+        if self.recent.len() >= 2 * DIGEST_WINDOW_CHUNKS as usize {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((chunk, blocks.to_vec()));
+    }
+
+    /// The remembered block hashes of `chunk`.
+    fn remembered(&mut self, chunk: Chunk) -> Option<ChunkHashes> {
+        let index = self.recent.iter().position(|(c, _)| *c == chunk)?;
+        let (_, blocks) = self.recent.remove(index)?;
+        Some(ChunkHashes::from_blocks(blocks))
     }
 
     /// The source's copy reached `end` of `volume_index` (a copy frame arrived).
@@ -122,8 +143,9 @@ fn linear(volume_sizes_bytes: &[u64], volume_index: u8, offset: u64) -> u64 {
 /// The frame answering `purpose` for `chunk` with its hashes.
 fn answer(chunk: Chunk, purpose: ComparePurpose, hashes: &ChunkHashes) -> OutFrame {
     match purpose {
-        ComparePurpose::Digest => {
-            let header = FrameHeader::digest(chunk.volume_index, chunk.offset, chunk.length, hashes.digest);
+        ComparePurpose::Digest | ComparePurpose::Verify => {
+            let kind = if purpose == ComparePurpose::Digest { FrameKind::Digest } else { FrameKind::VerifyDigest };
+            let header = FrameHeader::digest_of(kind, chunk.volume_index, chunk.offset, chunk.length, hashes.digest);
             OutFrame::new(header.as_bytes(), None)
         }
         ComparePurpose::Blocks => {
@@ -145,30 +167,64 @@ impl GroupRt {
             let Some(link) = self.destination.as_mut() else { return };
             let Some(stream) = link.compare.as_mut() else { return };
             let Some((chunk, purpose)) = stream.next() else { return };
-            let (session, block_bytes) = (stream.session, stream.block_bytes);
-            let volume = &self.volumes[usize::from(chunk.volume_index)];
-            let end = chunk.offset + u64::from(chunk.length);
-            if !super::device::has_data(&volume.file, chunk.offset, end) {
-                let frame = answer(chunk, purpose, &ChunkHashes::of_zeros(chunk.length, block_bytes));
-                link.outbox.push(frame);
-                continue;
+            let session = stream.session;
+            if purpose == ComparePurpose::Blocks {
+                if let Some(hashes) = stream.remembered(chunk) {
+                    link.outbox.push(answer(chunk, purpose, &hashes));
+                    continue;
+                }
             }
-            stream.reads_in_flight += 1;
-            let buf = AlignedBuf::zeroed(chunk.length as usize);
-            let direct = volume.direct_file.as_ref().filter(|_| {
-                let sector = u64::from(volume.sector_bytes);
-                chunk.offset.is_multiple_of(sector) && u64::from(chunk.length).is_multiple_of(sector)
-            });
-            let fd = types::Fd(direct.unwrap_or(&volume.file).as_raw_fd());
-            let read = CompareRead { session, chunk, purpose };
-            io.submit(Op::CompareRead { group, read, buf }, |op| {
-                let Op::CompareRead { buf, .. } = op else { unreachable!() };
-                opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(chunk.offset).build()
-            });
+            if self.hash_now(chunk, purpose, stream_block_bytes(self)).is_none() {
+                if let Some(stream) = self.destination.as_mut().and_then(|l| l.compare.as_mut()) {
+                    stream.reads_in_flight += 1;
+                }
+                self.submit_compare_read(io, group, CompareRead { session, chunk, purpose });
+            }
         }
     }
 
-    /// Completion of a comparison read: hash it and answer.
+    /// Online verify: hashes `chunk` (the receiver takes nothing later
+    /// until the answer is queued).
+    pub(super) fn hash_for_verify(&mut self, io: &mut Io, group: usize, chunk: Chunk) {
+        let Some(session) = self.destination.as_ref().and_then(|l| l.conn).map(|c| c.1) else { return };
+        if self.hash_now(chunk, ComparePurpose::Verify, VERIFY_BLOCK_BYTES).is_some() {
+            if let Some(link) = self.destination.as_mut() {
+                link.receiver.verified_range();
+            }
+            return;
+        }
+        self.submit_compare_read(io, group, CompareRead { session, chunk, purpose: ComparePurpose::Verify });
+    }
+
+    /// Answers a chunk without data (a hole) at once; `None` when it must be read.
+    fn hash_now(&mut self, chunk: Chunk, purpose: ComparePurpose, block_bytes: u32) -> Option<()> {
+        let volume = &self.volumes[usize::from(chunk.volume_index)];
+        let end = chunk.offset + u64::from(chunk.length);
+        if super::device::has_data(&volume.file, chunk.offset, end) {
+            return None;
+        }
+        let frame = answer(chunk, purpose, &ChunkHashes::of_zeros(chunk.length, block_bytes));
+        self.destination.as_mut()?.outbox.push(frame);
+        Some(())
+    }
+
+    fn submit_compare_read(&mut self, io: &mut Io, group: usize, read: CompareRead) {
+        let chunk = read.chunk;
+        let volume = &self.volumes[usize::from(chunk.volume_index)];
+        let buf = AlignedBuf::zeroed(chunk.length as usize);
+        let direct = volume.direct_file.as_ref().filter(|_| {
+            let sector = u64::from(volume.sector_bytes);
+            chunk.offset.is_multiple_of(sector) && u64::from(chunk.length).is_multiple_of(sector)
+        });
+        let fd = types::Fd(direct.unwrap_or(&volume.file).as_raw_fd());
+        io.submit(Op::CompareRead { group, read, buf }, |op| {
+            let Op::CompareRead { buf, .. } = op else { unreachable!() };
+            opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(chunk.offset).build()
+        });
+    }
+
+    /// Completion of a comparison or verify read: hash it and answer (a
+    /// read of an earlier connection is dropped).
     pub(super) fn compare_read_done(
         &mut self,
         read: &CompareRead,
@@ -176,8 +232,20 @@ impl GroupRt {
         result: i32,
     ) -> Result<(), String> {
         let Some(link) = self.destination.as_mut() else { return Ok(()) };
-        let Some(stream) = link.compare.as_mut().filter(|s| s.session == read.session) else { return Ok(()) };
-        stream.reads_in_flight -= 1;
+        if link.conn.map(|c| c.1) != Some(read.session) {
+            return Ok(());
+        }
+        let block_bytes = match read.purpose {
+            ComparePurpose::Verify => {
+                link.receiver.verified_range();
+                VERIFY_BLOCK_BYTES
+            }
+            ComparePurpose::Digest | ComparePurpose::Blocks => {
+                let Some(stream) = link.compare.as_mut().filter(|s| s.session == read.session) else { return Ok(()) };
+                stream.reads_in_flight -= 1;
+                stream.block_bytes
+            }
+        };
         if result < 0 || result as usize != buf.len() {
             link.compare = None;
             return Err(format!(
@@ -185,11 +253,23 @@ impl GroupRt {
                 read.chunk.volume_index, read.chunk.offset
             ));
         }
-        let hashes = ChunkHashes::of_data(buf, stream.block_bytes);
+        let hashes = ChunkHashes::of_data(buf, block_bytes);
         link.compare_bytes_read += buf.len() as u64;
         link.outbox.push(answer(read.chunk, read.purpose, &hashes));
+        if read.purpose == ComparePurpose::Digest {
+            if let Some(stream) = link.compare.as_mut() {
+                stream.remember(read.chunk, &hashes.blocks);
+            }
+        }
         Ok(())
     }
+}
+
+/// Verify digests hash blocks as the source's comparison does.
+const VERIFY_BLOCK_BYTES: u32 = super::compare_source::COMPARE_BLOCK_BYTES;
+
+fn stream_block_bytes(rt: &GroupRt) -> u32 {
+    rt.destination.as_ref().and_then(|l| l.compare.as_ref()).map_or(VERIFY_BLOCK_BYTES, |s| s.block_bytes)
 }
 
 #[cfg(test)]

@@ -8,23 +8,89 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
-    RecoveryReplayed { records: u64, bytes: u64, first_lsn: u64, last_lsn: u64, elapsed_ms: u64 },
-    InitialCopyStarted { total_bytes: u64 },
-    InitialCopyCompleted { bytes_sent: u64, bytes_skipped: u64, elapsed_ms: u64 },
-    PeerLost { reason: String },
-    PeerConnected { peer_durable_lsn: u64, current_lsn: u64 },
-    CatchUpCompleted { records: u64, elapsed_ms: u64 },
-    BitmapSpill { dirty_bytes: u64 },
-    BitmapCatchUpCompleted { elapsed_ms: u64 },
-    RpoExceeded { rpo_ms: u64, target_rpo_ms: u64, bytes_behind: u64 },
-    RpoWithinTarget { rpo_ms: u64, target_rpo_ms: u64 },
-    GroupFailed { reason: String },
-    GroupCreated { volumes: usize },
+    RecoveryReplayed {
+        records: u64,
+        bytes: u64,
+        first_lsn: u64,
+        last_lsn: u64,
+        elapsed_ms: u64,
+    },
+    InitialCopyStarted {
+        total_bytes: u64,
+    },
+    InitialCopyCompleted {
+        bytes_sent: u64,
+        bytes_skipped: u64,
+        elapsed_ms: u64,
+    },
+    PeerLost {
+        reason: String,
+    },
+    PeerConnected {
+        peer_durable_lsn: u64,
+        current_lsn: u64,
+    },
+    CatchUpCompleted {
+        records: u64,
+        elapsed_ms: u64,
+    },
+    BitmapSpill {
+        dirty_bytes: u64,
+    },
+    BitmapCatchUpCompleted {
+        elapsed_ms: u64,
+    },
+    RpoExceeded {
+        rpo_ms: u64,
+        target_rpo_ms: u64,
+        bytes_behind: u64,
+    },
+    RpoWithinTarget {
+        rpo_ms: u64,
+        target_rpo_ms: u64,
+    },
+    GroupFailed {
+        reason: String,
+    },
+    GroupCreated {
+        volumes: usize,
+    },
     GroupDeleted,
-    PartnershipCreated { peer: String, mode: String },
-    PartnershipRemoved { peer: String },
-    PartnershipRefused { reason: String },
-    DestinationAttached { source: String },
+    PartnershipCreated {
+        peer: String,
+        mode: String,
+    },
+    PartnershipRemoved {
+        peer: String,
+    },
+    PartnershipRefused {
+        reason: String,
+    },
+    DestinationAttached {
+        source: String,
+    },
+    VerifyStarted {
+        total_bytes: u64,
+        repair: bool,
+    },
+    OutOfSync {
+        volume_index: u8,
+        volume: String,
+        offset: u64,
+        length: u32,
+        repair: bool,
+    },
+    VerifyCompleted {
+        bytes_verified: u64,
+        out_of_sync_ranges: u64,
+        out_of_sync_bytes: u64,
+        repaired_bytes: u64,
+        elapsed_ms: u64,
+    },
+    VerifyStopped {
+        reason: String,
+        bytes_verified: u64,
+    },
 }
 
 impl EventKind {
@@ -49,6 +115,10 @@ impl EventKind {
             Self::BitmapCatchUpCompleted { .. } => 4005,
             Self::RpoExceeded { .. } => 5001,
             Self::RpoWithinTarget { .. } => 5002,
+            Self::VerifyStarted { .. } => 6001,
+            Self::OutOfSync { .. } => 6002,
+            Self::VerifyCompleted { .. } => 6003,
+            Self::VerifyStopped { .. } => 6004,
         }
     }
 
@@ -60,7 +130,14 @@ impl EventKind {
             Self::PeerLost { .. }
             | Self::RpoExceeded { .. }
             | Self::PartnershipRefused { .. }
-            | Self::BitmapSpill { .. } => "warning",
+            | Self::BitmapSpill { .. }
+            | Self::OutOfSync { .. }
+            | Self::VerifyStopped { .. } => "warning",
+            Self::VerifyCompleted { out_of_sync_ranges, repaired_bytes, out_of_sync_bytes, .. }
+                if *out_of_sync_ranges > 0 && repaired_bytes < out_of_sync_bytes =>
+            {
+                "warning"
+            }
             _ => "info",
         }
     }
@@ -102,6 +179,23 @@ impl EventKind {
             Self::PartnershipRemoved { peer } => format!("partnership with {peer} removed"),
             Self::PartnershipRefused { reason } => format!("partnership refused: {reason}"),
             Self::DestinationAttached { source } => format!("became the replication destination of {source}"),
+            Self::VerifyStarted { total_bytes, repair } => format!(
+                "online verify started over {total_bytes} bytes{}",
+                if *repair { ", repairing what differs" } else { "" }
+            ),
+            Self::OutOfSync { volume_index, volume, offset, length, repair } => format!(
+                "volume {volume_index} ({volume}) differs from the destination at {offset}..{} ({length} bytes){}",
+                offset + u64::from(*length),
+                if *repair { "; sending it again" } else { "; run `tandem partnership verify --repair` to fix it" }
+            ),
+            Self::VerifyCompleted { bytes_verified, out_of_sync_ranges, out_of_sync_bytes, repaired_bytes, elapsed_ms } => {
+                format!(
+                    "online verify completed in {elapsed_ms} ms: {bytes_verified} bytes compared, {out_of_sync_ranges} range(s) out of sync ({out_of_sync_bytes} bytes), {repaired_bytes} bytes repaired"
+                )
+            }
+            Self::VerifyStopped { reason, bytes_verified } => {
+                format!("online verify stopped after {bytes_verified} bytes: {reason}")
+            }
         }
     }
 }

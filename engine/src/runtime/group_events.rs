@@ -25,7 +25,10 @@ pub struct Observer {
 impl GroupRt {
     /// Events since the last observation. `target_rpo_ms` = 0 disables the RPO check.
     pub fn observe(&mut self, target_rpo_ms: u64) -> Vec<EventKind> {
-        let mut events = Vec::new();
+        if self.source.is_some() {
+            self.observe_verify();
+        }
+        let mut events = std::mem::take(&mut self.pending_events);
         if let (Some(reason), false) = (self.core.failure(), self.observer.failure_reported) {
             self.observer.failure_reported = true;
             events.push(EventKind::GroupFailed { reason: reason.to_owned() });

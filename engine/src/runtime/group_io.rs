@@ -148,6 +148,10 @@ pub struct GroupRt {
     pub copy_started_at: Option<Instant>,
     /// Progress of compared copies (source).
     pub compare_progress: crate::core::compare::CompareProgress,
+    /// Online verify (source).
+    pub verify: super::verify_source::VerifyState,
+    /// Events raised by the runtime, reported at the next observation.
+    pub pending_events: Vec<super::events::EventKind>,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -191,6 +195,11 @@ impl GroupRt {
             copy_bytes_skipped: 0,
             copy_started_at: None,
             compare_progress: crate::core::compare::CompareProgress::default(),
+            verify: super::verify_source::VerifyState::new(
+                (peer_defaults.verify_interval_seconds > 0).then_some(peer_defaults.verify_interval_seconds * 1000),
+                peer_defaults.verify_rate_bytes_per_s,
+            ),
+            pending_events: Vec::new(),
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
@@ -289,9 +298,15 @@ impl GroupRt {
                     self.start_checkpoint(io, group, lsn, (tail_position, tail_lsn));
                 }
                 Action::Ship { .. } | Action::SendRebase { .. } => {}
-                Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn } => {
-                    let chunk =
-                        super::replica_source::ChunkRequest { chunk_id, volume_index, offset, length, after_lsn };
+                Action::ReadChunk { chunk_id, volume_index, offset, length, after_lsn, purpose } => {
+                    let chunk = super::replica_source::ChunkRequest {
+                        chunk_id,
+                        volume_index,
+                        offset,
+                        length,
+                        after_lsn,
+                        purpose,
+                    };
                     self.read_chunk(io, group, chunk);
                 }
                 Action::SendCopyDone { after_lsn } => self.send_copy_done(after_lsn),

@@ -3,7 +3,7 @@
 
 pub mod buf;
 mod compare_dest;
-mod compare_source;
+pub mod compare_source;
 mod conn;
 pub mod counters;
 pub mod device;
@@ -21,6 +21,7 @@ mod replica_dest;
 mod replica_source;
 pub mod session;
 pub mod status;
+pub mod verify_source;
 
-pub use partner::{DestinationState, PeerDefaults};
+pub use partner::{DestinationState, PeerDefaults, DEFAULT_VERIFY_RATE_BYTES_PER_S};
 pub use reactor::{CoreHandle, CoreMsg};

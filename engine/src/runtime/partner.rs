@@ -18,7 +18,15 @@ pub struct PeerDefaults {
     pub copy_chunk_bytes: u32,
     /// Send and receive buffer of every replication socket.
     pub socket_buffer_bytes: u32,
+    /// Background verify of a source: every this many seconds (0: off), at
+    /// this rate (also the default rate of `tandem partnership verify`).
+    pub verify_interval_seconds: u64,
+    pub verify_rate_bytes_per_s: u64,
 }
+
+/// Rate of a verify pass unless told otherwise: well below a disk's, so
+/// foreground IO keeps most of it.
+pub const DEFAULT_VERIFY_RATE_BYTES_PER_S: u64 = 100 << 20;
 
 impl Default for PeerDefaults {
     fn default() -> Self {
@@ -26,6 +34,8 @@ impl Default for PeerDefaults {
             hold_writes_when_lost: false,
             copy_chunk_bytes: 1 << 20,
             socket_buffer_bytes: super::net::DEFAULT_SOCKET_BUFFER_BYTES,
+            verify_interval_seconds: 0,
+            verify_rate_bytes_per_s: DEFAULT_VERIFY_RATE_BYTES_PER_S,
         }
     }
 }
@@ -204,6 +214,7 @@ impl GroupRt {
             status.copy_bytes_sent = self.copy_bytes_read;
             status.copy_bytes_skipped = self.copy_bytes_skipped;
             status.sync = self.sync_progress(status.copy_remaining_bytes);
+            status.verify = self.verify.status.clone();
             status.bitmap_dirty_bytes = self.core.bitmap_dirty_bytes();
             status.bitmap_spills = self.core.bitmap_spills();
             status.last_error.clone_from(&link.last_error);

@@ -62,6 +62,8 @@ pub enum CoreMsg {
         max_inflight_appends: usize,
         reply: Sender<Result<(usize, usize), String>>,
     },
+    /// Start an online verify pass of a source group (rate in bytes per second).
+    StartVerify { group: String, rate_bytes_per_s: u64, repair: bool, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
     /// Detach every group and stop the thread.
@@ -326,6 +328,13 @@ impl Reactor {
                             rt.core.set_batching(max_batch_records, max_inflight_appends);
                             Ok((before.max_batch_records, before.max_inflight_appends))
                         }
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::StartVerify { group, rate_bytes_per_s, repair, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.start_verify(rate_bytes_per_s, repair),
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);

@@ -207,6 +207,12 @@ impl Reactor {
                             break;
                         }
                     }
+                    FrameKind::VerifyDigest => {
+                        if let Err(reason) = rt.verify_digest(&header) {
+                            peer.close(&reason);
+                            break;
+                        }
+                    }
                     FrameKind::BlockHashes => {
                         let InFrame::Control { payload: Some(payload), .. } = &frame else {
                             peer.close("block hashes without their payload");
@@ -265,6 +271,7 @@ impl Reactor {
                 link.disconnected();
                 link.last_error = Some(reason.clone());
                 rt.core.peer_lost();
+                rt.verify_disconnected();
             }
             if let Some(link) = rt.destination.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
                 link.disconnected();

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
-use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST};
+use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST, COPY_FLAG_REPAIR};
 
 use super::buf::AlignedBuf;
 use super::compare_dest::DigestStream;
@@ -132,6 +132,19 @@ impl GroupRt {
                     Incoming::Record { header, payload_id: link.keep(buf) }
                 }
                 InFrame::Control { header, payload } => match header.frame_kind() {
+                    FrameKind::CopyData | FrameKind::CopyZero if header.flags & COPY_FLAG_REPAIR != 0 => {
+                        Incoming::Repair {
+                            volume_index: header.volume_index,
+                            offset: header.offset,
+                            length: header.length,
+                            payload_id: link.keep(payload),
+                        }
+                    }
+                    FrameKind::VerifyChunk => Incoming::Verify {
+                        volume_index: header.volume_index,
+                        offset: header.offset,
+                        length: header.length,
+                    },
                     FrameKind::CopyData | FrameKind::CopyZero => {
                         if let Some(stream) = link.compare.as_mut() {
                             stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
@@ -181,7 +194,7 @@ impl GroupRt {
                         }
                         continue;
                     }
-                    FrameKind::Digest | FrameKind::BlockHashes => {
+                    FrameKind::Digest | FrameKind::BlockHashes | FrameKind::VerifyDigest => {
                         conn.close("the source sent comparison answers, which only a destination sends");
                         return;
                     }
@@ -227,6 +240,10 @@ impl GroupRt {
                 }
                 ReceiverAction::Persist => {
                     self.persist_soon();
+                }
+                ReceiverAction::Verify { volume_index, offset, length } => {
+                    let chunk = Chunk { volume_index, offset, length };
+                    self.hash_for_verify(io, group, chunk);
                 }
                 ReceiverAction::Rebase { lsn } => {
                     self.destination.as_mut().expect("destination link").pending_rebase = Some(lsn);

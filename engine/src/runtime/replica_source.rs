@@ -14,6 +14,7 @@ use super::buf::AlignedBuf;
 use super::group_io::GroupRt;
 use super::io::{Io, Op};
 use super::peer_conn::{OutFrame, SharedBytes};
+use crate::core::group::peer::FencePurpose;
 use crate::core::{LogRecord, WriteId};
 
 /// The RPO is measured to this resolution.
@@ -343,10 +344,20 @@ impl GroupRt {
     /// Reads a chunk of a volume for the initial copy; a chunk without data
     /// (a hole of a thin volume) goes out as a zero range without being read.
     pub(super) fn read_chunk(&mut self, io: &mut Io, group: usize, chunk: ChunkRequest) {
-        self.copy_started_at.get_or_insert_with(Instant::now);
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let end = chunk.offset + u64::from(chunk.length);
-        if self.comparing() {
+        if chunk.purpose == FencePurpose::Verify {
+            if super::device::has_data(&volume.file, chunk.offset, end) {
+                self.submit_chunk_read(io, group, None, chunk);
+            } else {
+                self.verify_hole(chunk);
+            }
+            return;
+        }
+        if chunk.purpose == FencePurpose::Copy {
+            self.copy_started_at.get_or_insert_with(Instant::now);
+        }
+        if chunk.purpose == FencePurpose::Copy && self.comparing() {
             if super::device::has_data(&volume.file, chunk.offset, end) {
                 self.compare_read_for(&chunk);
                 self.submit_chunk_read(io, group, None, chunk);
@@ -359,14 +370,18 @@ impl GroupRt {
         if !super::device::has_data(&volume.file, chunk.offset, end) {
             let header = FrameHeader::new(
                 FrameKind::CopyZero,
-                0,
+                chunk.copy_flags(),
                 chunk.volume_index,
                 chunk.after_lsn,
                 chunk.offset,
                 chunk.length,
             );
             link.push(OutFrame::new(header.as_bytes(), None));
-            self.copy_bytes_skipped += u64::from(chunk.length);
+            if chunk.purpose == FencePurpose::Repair {
+                self.verify_repaired(u64::from(chunk.length));
+            } else {
+                self.copy_bytes_skipped += u64::from(chunk.length);
+            }
             self.core.chunk_shipped(chunk.chunk_id);
             return;
         }
@@ -406,15 +421,25 @@ impl GroupRt {
             self.close_peer = true;
             return;
         }
+        if chunk.purpose == FencePurpose::Verify {
+            self.verify_chunk_read(chunk, &buf);
+            return;
+        }
         let Some(slot) = slot else {
             self.compare_chunk_read(chunk, buf);
             return;
         };
-        let header = FrameHeader::copy_data(chunk.volume_index, chunk.after_lsn, chunk.offset, &buf);
+        let mut header = FrameHeader::copy_data(chunk.volume_index, chunk.after_lsn, chunk.offset, &buf);
+        header.flags = chunk.copy_flags();
+        let header = header.resealed();
         let len = buf.len();
         if let Some(link) = self.source.as_mut() {
             link.fill(slot, OutFrame::new(header.as_bytes(), Some(SharedBytes { buf: Rc::new(buf), start: 0, len })));
-            self.copy_bytes_read += len as u64;
+            if chunk.purpose == FencePurpose::Repair {
+                self.verify_repaired(len as u64);
+            } else {
+                self.copy_bytes_read += len as u64;
+            }
         }
         self.core.chunk_shipped(chunk.chunk_id);
     }
@@ -461,7 +486,7 @@ impl GroupRt {
     }
 }
 
-/// A chunk of the initial copy being read.
+/// A chunk read under a fence: for the copy, for verify, or to repair.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkRequest {
     pub chunk_id: u64,
@@ -469,6 +494,19 @@ pub struct ChunkRequest {
     pub offset: u64,
     pub length: u32,
     pub after_lsn: u64,
+    pub purpose: FencePurpose,
+}
+
+impl ChunkRequest {
+    /// Flags of its copy frames: a repair says so.
+    #[must_use]
+    pub fn copy_flags(&self) -> u8 {
+        if self.purpose == FencePurpose::Repair {
+            tandem_proto::COPY_FLAG_REPAIR
+        } else {
+            0
+        }
+    }
 }
 
 #[cfg(test)]

@@ -137,6 +137,9 @@ pub struct PartnershipStatus {
     /// (holes are not read).
     #[serde(default)]
     pub compare_bytes_read: u64,
+    /// Source: online verify (the pass running or the last one).
+    #[serde(default)]
+    pub verify: super::verify_source::VerifyStatus,
 }
 
 /// Progress of a compared initial copy, as Storage Replica's initial sync

@@ -175,6 +175,21 @@ enum PartnershipCommand {
         #[arg(long, value_name = "SECONDS", conflicts_with = "json")]
         watch: Option<u64>,
     },
+    /// Compare the destination with this source while replication runs; report (and --repair) out-of-sync ranges.
+    Verify {
+        /// The source group.
+        #[arg(long)]
+        group: String,
+        /// Bytes read per second on each side [default: replication.verify_rate_bytes_per_s, 100MiB].
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Send the chunks found different again.
+        #[arg(long)]
+        repair: bool,
+        /// Start the pass and return (follow it with `tandem partnership show`).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// End a group's partnership (on the source, the destination is told too).
     Remove {
         #[arg(long)]
@@ -300,6 +315,13 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 tandem_tools::partnership_view::print_partnerships(&body, *json);
             }
         },
+        Command::Partnership(PartnershipCommand::Verify { group, rate, repair, no_wait }) => {
+            let request = Request::PartnershipVerify { group: group.clone(), rate_bytes_per_s: *rate, repair: *repair };
+            print_message(&call(&cli.api, &request)?);
+            if !*no_wait {
+                tandem_tools::partnership_view::wait_for_verify(&cli.api, group)?;
+            }
+        }
         Command::Partnership(PartnershipCommand::Remove { group }) => {
             print_message(&call(&cli.api, &Request::PartnershipRemove { group: group.clone() })?);
         }
