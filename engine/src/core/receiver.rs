@@ -92,6 +92,21 @@ pub enum ReceiverAction {
     Refuse(String),
 }
 
+/// Copy writes a receiver lets run at once.
+pub const MAX_COPY_WRITES_IN_FLIGHT: usize = 16;
+
+/// A copy write in flight.
+#[derive(Debug, Clone, Copy)]
+struct CopyWrite {
+    end: CopyPosition,
+    done: bool,
+    /// A repair: it moves no copy position and runs alone.
+    repair: bool,
+    /// A copy write before it failed: it moves no copy position either (the
+    /// range is written again after reconnection).
+    abandoned: bool,
+}
+
 /// The destination's receiving state.
 #[derive(Debug)]
 pub struct Receiver {
@@ -101,9 +116,10 @@ pub struct Receiver {
     copy_written: CopyPosition,
     copy_done_received: bool,
     copy_persisted: CopyPosition,
-    copy_write_in_flight: bool,
-    /// The write in flight is a repair: it moves no copy position.
-    write_is_repair: bool,
+    /// Copy writes in flight, in stream order (several at once: the ranges
+    /// of a compared chunk never overlap); the copy position moves to the
+    /// end of the last one whose predecessors are all written.
+    copy_writes: VecDeque<CopyWrite>,
     verify_in_flight: bool,
     rebase_in_flight: bool,
     acked: Option<(u64, u64, CopyPosition)>,
@@ -122,8 +138,7 @@ impl Receiver {
             copy_written: copy_persisted,
             copy_done_received: copy_persisted == CopyPosition::Done,
             copy_persisted,
-            copy_write_in_flight: false,
-            write_is_repair: false,
+            copy_writes: VecDeque::new(),
             verify_in_flight: false,
             rebase_in_flight: false,
             acked: None,
@@ -171,7 +186,18 @@ impl Receiver {
         let mut actions = Vec::new();
         let mut unapplied = core_has_unapplied;
         while let Some(frame) = self.queue.front() {
-            if self.copy_write_in_flight || self.rebase_in_flight || self.verify_in_flight {
+            if self.rebase_in_flight || self.verify_in_flight {
+                break;
+            }
+            // Copy ranges may overlap their writes with each other; anything
+            // else waits until every copy write before it is done.
+            let busy = match frame {
+                Incoming::Copy { .. } => {
+                    self.copy_writes.len() >= MAX_COPY_WRITES_IN_FLIGHT || self.copy_writes.iter().any(|w| w.repair)
+                }
+                _ => !self.copy_writes.is_empty(),
+            };
+            if busy {
                 break;
             }
             let frame = frame.clone();
@@ -281,8 +307,8 @@ impl Receiver {
         if let Err(reason) = self.check_range(volume_index, offset, length) {
             return ReceiverAction::Refuse(format!("copy frame: {reason}"));
         }
-        self.copy_write_in_flight = true;
         let end = CopyPosition::At { volume_index, offset: offset + u64::from(length) };
+        self.copy_writes.push_back(CopyWrite { end, done: false, repair: false, abandoned: false });
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end }
     }
 
@@ -293,8 +319,7 @@ impl Receiver {
         if let Err(reason) = self.check_range(volume_index, offset, length) {
             return ReceiverAction::Refuse(format!("repair frame: {reason}"));
         }
-        self.copy_write_in_flight = true;
-        self.write_is_repair = true;
+        self.copy_writes.push_back(CopyWrite { end: self.copy_written, done: false, repair: true, abandoned: false });
         ReceiverAction::WriteCopy { volume_index, offset, length, payload_id, end: self.copy_written }
     }
 
@@ -326,23 +351,39 @@ impl Receiver {
 
     /// A copy write finished (`end` from its action).
     pub fn copy_written(&mut self, end: CopyPosition) {
-        assert!(self.copy_write_in_flight, "one copy write at a time");
-        self.copy_write_in_flight = false;
-        if !std::mem::take(&mut self.write_is_repair) {
-            self.copy_written = end;
+        self.copy_write_finished(end, false);
+    }
+
+    fn copy_write_finished(&mut self, end: CopyPosition, failed: bool) {
+        let write = self
+            .copy_writes
+            .iter_mut()
+            .find(|w| !w.done && w.end == end)
+            .unwrap_or_else(|| panic!("a copy write ending at {end:?} is in flight"));
+        write.done = true;
+        if failed {
+            for write in &mut self.copy_writes {
+                write.abandoned = true;
+            }
+        }
+        while self.copy_writes.front().is_some_and(|w| w.done) {
+            let write = self.copy_writes.pop_front().expect("checked");
+            if !write.repair && !write.abandoned {
+                self.copy_written = write.end;
+            }
         }
     }
 
-    /// A copy write failed: the range is written again after reconnection.
-    pub fn copy_failed(&mut self) {
-        self.copy_write_in_flight = false;
-        self.write_is_repair = false;
+    /// A copy write failed: neither it nor the writes issued with it move
+    /// the copy position; the range is written again after reconnection.
+    pub fn copy_failed(&mut self, end: CopyPosition) {
+        self.copy_write_finished(end, true);
     }
 
     /// What a checkpoint starting now may persist: the copy written before it.
     #[must_use]
     pub fn copy_to_persist(&self) -> CopyPosition {
-        if self.copy_done_received && (!self.copy_write_in_flight || self.write_is_repair) {
+        if self.copy_done_received && self.copy_writes.iter().all(|w| w.repair) {
             CopyPosition::Done
         } else {
             self.copy_written
@@ -408,6 +449,44 @@ mod tests {
         assert!(matches!(receiver.drive(true)[..], [ReceiverAction::Submit { lsn: 6, .. }]));
         assert_eq!(receiver.ack(6, 5), Some((6, 5, CopyPosition::At { volume_index: 0, offset: 4096 })));
         assert_eq!(receiver.ack(6, 5), None, "nothing moved");
+    }
+
+    /// Copy ranges are written several at once; the position moves only over
+    /// the prefix that is written, and a record after them waits for all.
+    #[test]
+    fn copy_writes_overlap_and_the_position_follows_the_written_prefix() {
+        let mut receiver = Receiver::new(vec![1 << 20], CopyPosition::At { volume_index: 0, offset: 0 });
+        receiver.connected(5);
+        for index in 0..3u64 {
+            receiver.push(Incoming::Copy { volume_index: 0, offset: index * 4096, length: 4096, payload_id: None });
+        }
+        receiver.push(record(5, 0));
+        let actions = receiver.drive(false);
+        assert_eq!(actions.len(), 3, "three copy writes at once, the record waits: {actions:?}");
+        let end = |n: u64| CopyPosition::At { volume_index: 0, offset: n * 4096 };
+        receiver.copy_written(end(3));
+        receiver.copy_written(end(2));
+        assert_eq!(receiver.copy_position(), end(0), "the first range is not written yet");
+        assert!(receiver.drive(false).is_empty(), "the record waits for every copy write");
+        receiver.copy_written(end(1));
+        assert_eq!(receiver.copy_position(), end(3));
+        assert!(matches!(receiver.drive(false)[..], [ReceiverAction::Submit { lsn: 5, .. }]));
+    }
+
+    /// A failed copy write holds the position where it was, whatever the
+    /// writes issued with it do.
+    #[test]
+    fn a_failed_copy_write_holds_the_position() {
+        let mut receiver = Receiver::new(vec![1 << 20], CopyPosition::At { volume_index: 0, offset: 0 });
+        receiver.connected(1);
+        for index in 0..2u64 {
+            receiver.push(Incoming::Copy { volume_index: 0, offset: index * 4096, length: 4096, payload_id: None });
+        }
+        assert_eq!(receiver.drive(false).len(), 2);
+        let end = |n: u64| CopyPosition::At { volume_index: 0, offset: n * 4096 };
+        receiver.copy_failed(end(1));
+        receiver.copy_written(end(2));
+        assert_eq!(receiver.copy_position(), end(0), "nothing after a failure counts");
     }
 
     /// A verified chunk moves the copy without a write, once the records

@@ -300,7 +300,7 @@ impl GroupRt {
             None => result >= 0,
         };
         if !complete {
-            link.receiver.copy_failed();
+            link.receiver.copy_failed(end);
             return Err(format!("initial copy write failed (result {result}); the copy resumes after reconnection"));
         }
         link.receiver.copy_written(end);
