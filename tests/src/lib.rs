@@ -56,10 +56,21 @@ pub fn minimal_config(dir: &Path, name: &str, node_toml: &str) -> PathBuf {
     config
 }
 
-/// A free TCP port on loopback (bound and released; the daemon binds it next).
+/// A free TCP port on loopback (bound and released; the daemon binds it
+/// next). A port is handed out once per test process: the kernel may offer a
+/// just-released port again, and a node's two listeners must differ.
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port =
+            TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("address").port();
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One `tandemd` in its own directory.
