@@ -9,8 +9,6 @@
 //! stream overwrites its range, so the volumes converge (docs/ARCHITECTURE.md,
 //! "Compare-then-send").
 
-use std::os::fd::AsRawFd;
-
 use io_uring::{opcode, types};
 use tandem_proto::{FrameHeader, FrameKind};
 
@@ -212,11 +210,7 @@ impl GroupRt {
         let chunk = read.chunk;
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let buf = AlignedBuf::zeroed(chunk.length as usize);
-        let direct = volume.direct_file.as_ref().filter(|_| {
-            let sector = u64::from(volume.sector_bytes);
-            chunk.offset.is_multiple_of(sector) && u64::from(chunk.length).is_multiple_of(sector)
-        });
-        let fd = types::Fd(direct.unwrap_or(&volume.file).as_raw_fd());
+        let fd = types::Fd(volume.read_fd(chunk.offset, u64::from(chunk.length)));
         io.submit(Op::CompareRead { group, read, buf }, |op| {
             let Op::CompareRead { buf, .. } = op else { unreachable!() };
             opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(chunk.offset).build()

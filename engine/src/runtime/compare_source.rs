@@ -125,16 +125,7 @@ impl GroupRt {
         let chunk = pending.chunk;
         if pending.data.is_none() {
             // A dirty region that is a hole here now: punch it there.
-            let header = FrameHeader::new(
-                FrameKind::CopyZero,
-                0,
-                chunk.volume_index,
-                chunk.after_lsn,
-                chunk.offset,
-                chunk.length,
-            );
-            link.push(OutFrame::new(header.as_bytes(), None));
-            self.compare_progress.bytes_zeroed += u64::from(chunk.length);
+            self.punch_whole(chunk);
             self.compare_finish(chunk);
             return;
         }
@@ -185,16 +176,7 @@ impl GroupRt {
         if digest == pending.local.digest {
             self.compare_progress.bytes_equal += u64::from(chunk.length);
         } else if pending.data.is_none() {
-            let header = FrameHeader::new(
-                FrameKind::CopyZero,
-                0,
-                chunk.volume_index,
-                chunk.after_lsn,
-                chunk.offset,
-                chunk.length,
-            );
-            link.push(OutFrame::new(header.as_bytes(), None));
-            self.compare_progress.bytes_zeroed += u64::from(chunk.length);
+            self.punch_whole(chunk);
         } else {
             pending.stage = Stage::WaitBlocks;
             let header =
@@ -256,6 +238,15 @@ impl GroupRt {
         self.compare_progress.bytes_equal += u64::from(chunk.length) - differing;
         self.compare_finish(chunk);
         Ok(())
+    }
+
+    /// Queues the whole chunk as a hole to punch (it is zeros here).
+    fn punch_whole(&mut self, chunk: ChunkRequest) {
+        let link = self.source.as_mut().expect("compared chunks have a link");
+        let header =
+            FrameHeader::new(FrameKind::CopyZero, 0, chunk.volume_index, chunk.after_lsn, chunk.offset, chunk.length);
+        link.push(OutFrame::new(header.as_bytes(), None));
+        self.compare_progress.bytes_zeroed += u64::from(chunk.length);
     }
 
     /// Marks the chunk verified in the stream and lifts its fence.

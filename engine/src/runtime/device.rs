@@ -94,6 +94,18 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
     Ok(Device { file, is_block, size_bytes, sector_bytes, direct_io, direct_file })
 }
 
+impl Device {
+    /// The descriptor to read `length` bytes at `offset` with: the O_DIRECT
+    /// one when the range is whole sectors (no page cache), else the buffered one.
+    #[must_use]
+    pub fn read_fd(&self, offset: u64, length: u64) -> std::os::fd::RawFd {
+        let sector = u64::from(self.sector_bytes);
+        let direct =
+            self.direct_file.as_ref().filter(|_| offset.is_multiple_of(sector) && length.is_multiple_of(sector));
+        direct.unwrap_or(&self.file).as_raw_fd()
+    }
+}
+
 fn open_with(path: &Path, flags: libc::c_int) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {

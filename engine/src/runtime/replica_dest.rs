@@ -78,6 +78,14 @@ impl DestinationLink {
         self.rebase_persisting = None;
     }
 
+    /// The source's copy reached the end of this frame's range: the digest
+    /// stream may run further ahead.
+    fn copy_frame_arrived(&mut self, header: &FrameHeader) {
+        if let Some(stream) = self.compare.as_mut() {
+            stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
+        }
+    }
+
     fn keep(&mut self, payload: Option<AlignedBuf>) -> Option<u64> {
         let buf = payload?;
         let id = self.next_payload_id;
@@ -146,9 +154,7 @@ impl GroupRt {
                         length: header.length,
                     },
                     FrameKind::CopyData | FrameKind::CopyZero => {
-                        if let Some(stream) = link.compare.as_mut() {
-                            stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
-                        }
+                        link.copy_frame_arrived(&header);
                         Incoming::Copy {
                             volume_index: header.volume_index,
                             offset: header.offset,
@@ -157,9 +163,7 @@ impl GroupRt {
                         }
                     }
                     FrameKind::CopyVerified => {
-                        if let Some(stream) = link.compare.as_mut() {
-                            stream.source_reached(header.volume_index, header.offset + u64::from(header.length));
-                        }
+                        link.copy_frame_arrived(&header);
                         Incoming::CopyVerified {
                             volume_index: header.volume_index,
                             offset: header.offset,

@@ -394,11 +394,7 @@ impl GroupRt {
     fn submit_chunk_read(&mut self, io: &mut Io, group: usize, slot: Option<u64>, chunk: ChunkRequest) {
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let buf = AlignedBuf::zeroed(chunk.length as usize);
-        let direct = volume.direct_file.as_ref().filter(|_| {
-            let sector = u64::from(volume.sector_bytes);
-            chunk.offset.is_multiple_of(sector) && u64::from(chunk.length).is_multiple_of(sector)
-        });
-        let fd = types::Fd(direct.unwrap_or(&volume.file).as_raw_fd());
+        let fd = types::Fd(volume.read_fd(chunk.offset, u64::from(chunk.length)));
         let offset = chunk.offset;
         io.submit(Op::ChunkRead { group, slot, chunk, buf }, |op| {
             let Op::ChunkRead { buf, .. } = op else { unreachable!() };
