@@ -293,3 +293,41 @@ fn a_partnership_resumes_after_either_group_moves_core() {
     assert_eq!(source, md5(&pair.destination.path("rg02-data.img")), "the volumes converged after both moves");
     assert_eq!(pair.destination.group_status("rg02")["core"].as_u64().unwrap().to_string(), core);
 }
+
+/// `tandem partnership set --mode` changes a running partnership on both
+/// sides, durably; in sync mode a write returns only once the destination
+/// holds it; the destination refuses to change it.
+#[test]
+fn the_mode_of_a_running_partnership_changes_on_both_sides() {
+    require_tool("qemu-io", "qemu-utils");
+    let mut pair = start_pair("");
+    pair.source.replicate_to(&pair.destination, "256MiB", &[("data", 16 << 20)], "async");
+    let changed = pair.source.cli_ok(&["partnership", "set", "--group", "rg01", "--mode", "sync"]);
+    assert!(changed.contains("is now sync (was async)") && changed.contains("holds it too"), "{changed}");
+    assert_eq!(pair.source.partnership("rg01")["mode"], "sync");
+    assert_eq!(pair.destination.partnership("rg02")["mode"], "sync");
+    let mut args = vec!["-f".to_owned(), "raw".to_owned()];
+    for round in 0..20u64 {
+        args.extend(["-c".to_owned(), format!("write -P {} {} 64k", round + 1, round * 65536)]);
+    }
+    run_ok(pair.source.client_command("qemu-io").args(&args).arg(pair.source.nbd_uri("rg01", "data")));
+    let p = pair.source.partnership("rg01");
+    assert_eq!(
+        p["destination_durable_lsn"], p["current_lsn"],
+        "sync: every answered write is on the destination: {p:#}"
+    );
+
+    pair.source.stop();
+    pair.source.spawn();
+    pair.destination.stop();
+    pair.destination.spawn();
+    assert_eq!(pair.source.partnership("rg01")["mode"], "sync", "the source's superblock holds the mode");
+    assert_eq!(pair.destination.partnership("rg02")["mode"], "sync", "so does the destination's");
+    let refused = pair.destination.cli(&["partnership", "set", "--group", "rg02", "--mode", "async"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("change the mode on the source"), "{refused:?}");
+    let back = pair.source.cli_ok(&["partnership", "set", "--group", "rg01", "--mode", "async"]);
+    assert!(back.contains("is now async (was sync)"), "{back}");
+    pair.source.wait_for_events(&[2005], Duration::from_secs(5));
+    pair.destination.wait_for_events(&[2005], Duration::from_secs(5));
+    assert_eq!(pair.destination.partnership("rg02")["mode"], "async");
+}

@@ -57,6 +57,11 @@ pub enum Request {
     PartnershipRemove {
         group: String,
     },
+    /// Change the mode of a running partnership (on its source).
+    PartnershipSet {
+        group: String,
+        mode: String,
+    },
     /// Start an online verify pass of a source group.
     PartnershipVerify {
         group: String,

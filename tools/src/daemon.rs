@@ -187,6 +187,10 @@ impl Daemon {
                 let rate = rate_bytes_per_s.unwrap_or(self.config.replication.verify_rate_bytes_per_s);
                 self.start_verify(&group, rate, repair).map(ResponseBody::Message)
             }
+            Request::PartnershipSet { group, mode } => {
+                let _guard = self.mark_changing(&group)?;
+                crate::partnership_set::set_mode(self, &group, &mode).map(ResponseBody::Message)
+            }
             Request::PartnershipRemove { group } => {
                 let _guard = self.mark_changing(&group)?;
                 crate::replication::remove(self, &group).map(ResponseBody::Message)
@@ -409,6 +413,15 @@ impl Daemon {
         Ok(format!(
             "{group}: max_batch_records {records} -> {max_batch_records}, max_inflight_appends {appends} -> {max_inflight_appends} (until tandemd restarts)"
         ))
+    }
+
+    /// Sends `msg` to the core serving `group` and waits for its answer.
+    pub fn ask_core(
+        &self,
+        group: &str,
+        msg: impl FnOnce(crossbeam_channel::Sender<Result<(), String>>) -> CoreMsg,
+    ) -> Result<(), String> {
+        self.ask(group, CORE_REPLY_TIMEOUT, msg)?
     }
 
     /// Starts an online verify pass of the source group `group`.

@@ -17,6 +17,7 @@ pub mod events;
 pub mod manpages;
 pub mod metrics;
 pub mod nbd_load;
+pub mod partnership_set;
 pub mod partnership_view;
 pub mod probe;
 pub mod registry;

@@ -42,6 +42,8 @@ pub enum HelloAction {
     Join,
     /// Measure the path and ask about `destination_group` (see probe.rs).
     Probe,
+    /// The partnership's mode changed on the source: take `mode`.
+    SetMode,
 }
 
 /// The source's handshake line.
@@ -199,7 +201,13 @@ fn connect(address: &str) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
-fn hello_for(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest, action: HelloAction, id: &str) -> Hello {
+pub(crate) fn hello_for(
+    daemon: &Daemon,
+    status: &GroupStatus,
+    request: &CreateRequest,
+    action: HelloAction,
+    id: &str,
+) -> Hello {
     Hello {
         wire_version: WIRE_VERSION,
         action,
@@ -461,7 +469,7 @@ fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) ->
             }
             (_, Some(reason)) => return Err(reason),
             (HelloAction::Check, None) => continue,
-            (HelloAction::Remove, None) => return Ok(()),
+            (HelloAction::Remove | HelloAction::SetMode, None) => return Ok(()),
             (HelloAction::Create | HelloAction::Resume, None) => {
                 let joined = sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream)?;
                 return attach_joined(daemon, &hello.destination_group, joined);
@@ -539,12 +547,16 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
         }
         HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
         HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
-        HelloAction::Resume | HelloAction::Remove => {
+        HelloAction::Resume | HelloAction::Remove | HelloAction::SetMode => {
             let state = daemon.destination_state(name)?.ok_or_else(|| {
                 format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)
             })?;
             if hex(&state.partnership_id) != hello.partnership_id {
                 return Err(format!("group {name} is the destination of another partnership"));
+            }
+            if matches!(hello.action, HelloAction::SetMode) {
+                crate::partnership_set::take_mode(daemon, name, &hello.mode)?;
+                return Ok(Answer { ok: true, ..Answer::default() });
             }
             if matches!(hello.action, HelloAction::Remove) {
                 daemon.leave_partnership(name)?;

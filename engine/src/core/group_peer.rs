@@ -417,6 +417,15 @@ impl GroupCore {
         })
     }
 
+    /// Changes the mode of the partnership while it runs: from async to
+    /// sync, writes acknowledged from now on wait for the destination too;
+    /// from sync to async, writes waiting for it are acknowledged at once.
+    pub fn set_mode(&mut self, mode: ReplicationMode) {
+        if let Some(shipper) = self.shipper.as_mut() {
+            shipper.config.mode = mode;
+        }
+    }
+
     /// Where this connection's copy starts, its chunk size, and whether it
     /// covers every region (a full copy) or only the bitmap's (a catch-up);
     /// `None` when no copy is under way.

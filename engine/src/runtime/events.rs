@@ -37,6 +37,11 @@ pub enum EventKind {
     BitmapSpill {
         dirty_bytes: u64,
     },
+    ModeChanged {
+        from: String,
+        to: String,
+        peer: String,
+    },
     BitmapCatchUpCompleted {
         elapsed_ms: u64,
     },
@@ -106,6 +111,7 @@ impl EventKind {
             Self::PartnershipRemoved { .. } => 2002,
             Self::PartnershipRefused { .. } => 2003,
             Self::DestinationAttached { .. } => 2004,
+            Self::ModeChanged { .. } => 2005,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
@@ -179,6 +185,7 @@ impl EventKind {
             Self::PartnershipRemoved { peer } => format!("partnership with {peer} removed"),
             Self::PartnershipRefused { reason } => format!("partnership refused: {reason}"),
             Self::DestinationAttached { source } => format!("became the replication destination of {source}"),
+            Self::ModeChanged { from, to, peer } => format!("the partnership with {peer} changed from {from} to {to} mode"),
             Self::VerifyStarted { total_bytes, repair } => format!(
                 "online verify started over {total_bytes} bytes{}",
                 if *repair { ", repairing what differs" } else { "" }

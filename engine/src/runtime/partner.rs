@@ -177,6 +177,19 @@ impl GroupRt {
     }
 
     /// Replies once the superblock with the current partnership is durable.
+    /// Changes the partnership's mode (`MODE_SYNC` or `MODE_ASYNC`) now, and
+    /// answers once the superblock holds it.
+    pub fn set_partnership_mode(&mut self, mode: u32, reply: Sender<Result<(), String>>) {
+        if self.superblock.role == ROLE_STANDALONE {
+            let _ = reply.send(Err(format!("group {} is not in a partnership", self.name)));
+            return;
+        }
+        self.superblock.partnership.mode = mode;
+        let replication = if mode == tandem_proto::MODE_SYNC { ReplicationMode::Sync } else { ReplicationMode::Async };
+        self.core.set_mode(replication);
+        self.persist_then_reply(reply);
+    }
+
     pub fn persist_partnership(&mut self, reply: Sender<Result<(), String>>) {
         self.persist_then_reply(reply);
     }

@@ -64,6 +64,8 @@ pub enum CoreMsg {
     },
     /// Start an online verify pass of a source group (rate in bytes per second).
     StartVerify { group: String, rate_bytes_per_s: u64, repair: bool, reply: Sender<Result<(), String>> },
+    /// Change a partnership's mode (`MODE_SYNC` / `MODE_ASYNC`); answers once durable.
+    SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
     /// Detach every group and stop the thread.
@@ -331,6 +333,14 @@ impl Reactor {
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);
+                }
+                CoreMsg::SetMode { group, mode, reply } => {
+                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.set_partnership_mode(mode, reply),
+                        None => {
+                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                        }
+                    }
                 }
                 CoreMsg::StartVerify { group, rate_bytes_per_s, repair, reply } => {
                     let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {

@@ -175,6 +175,14 @@ enum PartnershipCommand {
         #[arg(long, value_name = "SECONDS", conflicts_with = "json")]
         watch: Option<u64>,
     },
+    /// Change a running partnership's mode (run on the source): sync or async.
+    Set {
+        #[arg(long)]
+        group: String,
+        /// sync: writes wait for both logs; async: for this log only.
+        #[arg(long, value_parser = ["sync", "async"])]
+        mode: String,
+    },
     /// Compare the destination with this source while replication runs; report (and --repair) out-of-sync ranges.
     Verify {
         /// The source group.
@@ -315,6 +323,9 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 tandem_tools::partnership_view::print_partnerships(&body, *json);
             }
         },
+        Command::Partnership(PartnershipCommand::Set { group, mode }) => {
+            print_message(&call(&cli.api, &Request::PartnershipSet { group: group.clone(), mode: mode.clone() })?);
+        }
         Command::Partnership(PartnershipCommand::Verify { group, rate, repair, no_wait }) => {
             let request = Request::PartnershipVerify { group: group.clone(), rate_bytes_per_s: *rate, repair: *repair };
             print_message(&call(&cli.api, &request)?);
