@@ -79,6 +79,19 @@ pub enum Request {
         max_batch_records: usize,
         max_inflight_appends: usize,
     },
+    /// Give `user` a role on `group` (administrators only).
+    DelegationGrant {
+        user: String,
+        group: String,
+        role: crate::delegation::Role,
+    },
+    /// Take back `user`'s role on `group`.
+    DelegationRevoke {
+        user: String,
+        group: String,
+    },
+    /// Every grant.
+    DelegationList,
     /// Events after `since`, waiting up to `wait_ms` for one.
     Events {
         since: u64,
@@ -105,6 +118,7 @@ pub enum ResponseBody {
     Events(Vec<crate::events::Event>),
     Message(String),
     Node(NodeInfo),
+    Delegations(Vec<crate::delegation::Delegation>),
 }
 
 /// What `Request::Node` answers.

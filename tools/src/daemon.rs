@@ -48,6 +48,8 @@ pub struct Daemon {
     peer_errors: Mutex<BTreeMap<String, String>>,
     /// Numbered events of this daemon's life.
     pub events: std::sync::Arc<crate::events::EventLog>,
+    /// Who may do what on the management socket besides administrators.
+    pub delegations: crate::delegation::Delegations,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +81,7 @@ impl Daemon {
                     .map_err(|e| format!("cannot start core {index} on CPU {cpu}: {e}"))?,
             );
         }
+        let delegations = crate::delegation::Delegations::load(&config.node.state_dir)?;
         let daemon = Self {
             config,
             cores,
@@ -87,6 +90,7 @@ impl Daemon {
             changing: Mutex::new(std::collections::BTreeSet::new()),
             peer_errors: Mutex::new(BTreeMap::new()),
             events,
+            delegations,
         };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
@@ -125,6 +129,22 @@ impl Daemon {
         let config = self.config.engine.group_config();
         let peer_defaults = self.config.replication.peer_defaults();
         self.cores[core].send(CoreMsg::AttachGroup { group: Box::new(open), config, peer_defaults });
+    }
+
+    /// Answers one API request of `caller`, within what it may do and see.
+    pub fn handle_as(&self, caller: &crate::delegation::Caller, request: Request) -> Result<ResponseBody, String> {
+        let scope = self.delegations.authorize(caller, &request)?;
+        let body = self.handle(request)?;
+        Ok(match (scope, body) {
+            (crate::delegation::Scope::All, body) => body,
+            (scope, ResponseBody::Groups(groups)) => {
+                ResponseBody::Groups(groups.into_iter().filter(|g| scope.sees(&g.name)).collect())
+            }
+            (scope, ResponseBody::Events(events)) => {
+                ResponseBody::Events(events.into_iter().filter(|e| scope.sees(&e.group)).collect())
+            }
+            (_, body) => body,
+        })
     }
 
     /// Answers one API request.
@@ -187,6 +207,14 @@ impl Daemon {
                 let rate = rate_bytes_per_s.unwrap_or(self.config.replication.verify_rate_bytes_per_s);
                 self.start_verify(&group, rate, repair).map(ResponseBody::Message)
             }
+            Request::DelegationGrant { user, group, role } => {
+                self.group_status(&group)?;
+                self.delegations.grant(&user, &group, role).map(ResponseBody::Message)
+            }
+            Request::DelegationRevoke { user, group } => {
+                self.delegations.revoke(&user, &group).map(ResponseBody::Message)
+            }
+            Request::DelegationList => Ok(ResponseBody::Delegations(self.delegations.list())),
             Request::PartnershipSet { group, mode } => {
                 let _guard = self.mark_changing(&group)?;
                 crate::partnership_set::set_mode(self, &group, &mode).map(ResponseBody::Message)

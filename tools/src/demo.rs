@@ -91,7 +91,9 @@ impl DemoNode {
                 .find_map(|g: GroupStatus| g.partnership)
                 .ok_or_else(|| format!("{group} has no partnership")),
             ResponseBody::Message(m) => Err(m),
-            ResponseBody::Events(_) | ResponseBody::Node(_) => Err("tandemd answered without groups".to_owned()),
+            ResponseBody::Events(_) | ResponseBody::Node(_) | ResponseBody::Delegations(_) => {
+                Err("tandemd answered without groups".to_owned())
+            }
         }
     }
 

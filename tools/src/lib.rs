@@ -11,6 +11,7 @@ pub mod config;
 pub mod counters_view;
 pub mod daemon;
 pub mod daemon_args;
+pub mod delegation;
 pub mod demo;
 pub mod device_facts;
 pub mod events;

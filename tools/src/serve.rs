@@ -33,9 +33,10 @@ pub fn bind_api(path: &Path) -> Result<UnixListener, String> {
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    // Only the daemon's own user may manage groups until delegation exists.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {} to its owner: {e}", path.display()))?;
+    // Anyone may connect: every request is checked against its caller's
+    // credentials (SO_PEERCRED) and delegations (delegation.rs).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .map_err(|e| format!("cannot open {} to delegated users: {e}", path.display()))?;
     Ok(listener)
 }
 
@@ -57,15 +58,16 @@ fn answer_api(daemon: &Daemon, stream: UnixStream) {
     if reader.read_line(&mut line).is_err() || line.is_empty() {
         return;
     }
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
-            tracing::debug!(?request, "API request");
-            match daemon.handle(request) {
+    let response = match (serde_json::from_str::<Request>(&line), crate::delegation::caller_of(&stream)) {
+        (Ok(request), Ok(caller)) => {
+            tracing::debug!(?request, uid = caller.uid, "API request");
+            match daemon.handle_as(&caller, request) {
                 Ok(body) => Response::success(body),
                 Err(error) => Response::failure(error),
             }
         }
-        Err(e) => Response::failure(format!("malformed API request: {e}")),
+        (Err(e), _) => Response::failure(format!("malformed API request: {e}")),
+        (_, Err(e)) => Response::failure(e),
     };
     let mut text = serde_json::to_string(&response).expect("responses serialize");
     text.push('\n');

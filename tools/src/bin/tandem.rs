@@ -72,6 +72,9 @@ enum Command {
     },
     /// Benchmark an NBD export, a local file or block device, or the transport to a daemon: IOPS, MiB/s, latency percentiles, CPU per I/O.
     Bench(tandem_tools::bench_cli::BenchArgs),
+    /// Let other users manage (operator) or read (viewer) a group: grant, revoke, list.
+    #[command(subcommand)]
+    Delegation(DelegationCommand),
     /// Check a planned partnership's requirements and measure its workload (Test-SRTopology).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -92,6 +95,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DelegationCommand {
+    /// Give USER a role on GROUP (run as root or as a member of group tandem-admin).
+    Grant {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        group: String,
+        /// operator: manage the group's partnership; viewer: read its status and events.
+        #[arg(long, value_enum)]
+        role: tandem_tools::delegation::Role,
+    },
+    /// Take back USER's role on GROUP.
+    Revoke {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        group: String,
+    },
+    /// List every grant.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -228,6 +254,23 @@ fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
         Command::Bench(args) => args.run().map_err(CallError::Refused)?,
         Command::Tune(args) => args.run(&cli.api).map_err(CallError::Refused)?,
+        Command::Delegation(DelegationCommand::Grant { user, group, role }) => print_message(&call(
+            &cli.api,
+            &Request::DelegationGrant { user: user.clone(), group: group.clone(), role: *role },
+        )?),
+        Command::Delegation(DelegationCommand::Revoke { user, group }) => {
+            print_message(&call(&cli.api, &Request::DelegationRevoke { user: user.clone(), group: group.clone() })?)
+        }
+        Command::Delegation(DelegationCommand::List) => {
+            if let ResponseBody::Delegations(all) = call(&cli.api, &Request::DelegationList)? {
+                if all.is_empty() {
+                    println!("no delegations: only root and members of group tandem-admin manage this node");
+                }
+                for d in all {
+                    println!("{:<16} uid {:<6} {:<10} {:?}", d.user, d.uid, d.group, d.role);
+                }
+            }
+        }
         Command::Topology(TopologyCommand::Test(args)) => args.run(&cli.api).map_err(CallError::Refused)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "tandem", &mut std::io::stdout());
