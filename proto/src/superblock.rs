@@ -112,7 +112,7 @@ const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
 const PARTNERSHIP_BYTES: usize = std::mem::size_of::<PartnershipEntry>();
 const BITMAP_ENTRY_BYTES: usize = std::mem::size_of::<BitmapEntry>();
 const RESERVED_BYTES: usize =
-    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 16;
+    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 64 - 16;
 
 /// Where the group's dirty-region bitmap lives: at the end of the log device,
 /// after the ring. One bit per `region_bytes` of every volume, volume after
@@ -197,6 +197,10 @@ pub struct Superblock {
     pub partnership: PartnershipEntry,
     /// The dirty-region bitmap area (zero: none).
     pub bitmap: BitmapEntry,
+    /// The partnership's network constraint on this side: the interface or
+    /// local address its replication traffic must use, NUL-padded (all zero:
+    /// none; taken from what was reserved, so older superblocks read as none).
+    pub network_constraint: [u8; 64],
     /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.

@@ -11,7 +11,8 @@ static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
 pub struct NetPair {
     pub ns: [String; 2],
     pub addr: [String; 2],
-    veth: [String; 2],
+    /// The veth interface of each side (inside its namespace).
+    pub veth: [String; 2],
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {

@@ -331,3 +331,54 @@ fn the_mode_of_a_running_partnership_changes_on_both_sides() {
     pair.destination.wait_for_events(&[2005], Duration::from_secs(5));
     assert_eq!(pair.destination.partnership("rg02")["mode"], "async");
 }
+
+/// Network constraints (Set-SRNetworkConstraint): the source binds its
+/// channels to its veth, the destination accepts them only on its address;
+/// both persist, status shows each channel's addresses; a constraint that
+/// names nothing on a node is refused with the node's interfaces or addresses.
+#[test]
+fn network_constraints_hold_on_both_sides() {
+    let Ok(net) = tandem_tests::netns::NetPair::create() else {
+        eprintln!("network namespaces unavailable; skipped");
+        return;
+    };
+    let mut source = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+    let destination = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+    source.create_group("rg01", "128MiB", &[("data", 16 << 20)]);
+    destination.create_group("rg02", "128MiB", &[("data", 16 << 20)]);
+    let bogus = source.partner_with("rg01", &destination, "rg02", &["--source-network", "nosuchif0"]);
+    let text = String::from_utf8_lossy(&bogus.stderr);
+    assert!(text.contains("--source-network nosuchif0: there is no interface or address nosuchif0"), "{text}");
+    let elsewhere = source.partner_with("rg01", &destination, "rg02", &["--destination-network", "10.99.99.99"]);
+    let text = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(text.contains("--destination-network 10.99.99.99: 10.99.99.99 is not an address of this node"), "{text}");
+    assert_eq!(source.group_status("rg01")["role"], "standalone", "refusals change nothing");
+
+    let created = source.partner_with(
+        "rg01",
+        &destination,
+        "rg02",
+        &["--source-network", &net.veth[0], "--destination-network", &net.addr[1], "--channels", "2"],
+    );
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    let p = source.partnership("rg01");
+    assert_eq!(p["network"], net.veth[0].as_str(), "{p:#}");
+    let channels = p["channel_addresses"].as_array().unwrap();
+    assert_eq!(channels.len(), 2, "{p:#}");
+    for channel in channels {
+        let text = channel.as_str().unwrap();
+        assert!(
+            text.starts_with(&format!("{}:", net.addr[0])) && text.contains(&format!("-> {}:", net.addr[1])),
+            "{text}"
+        );
+    }
+    assert_eq!(destination.partnership("rg02")["network"], net.addr[1].as_str());
+    // Both survive a restart of the source, which reconnects through its veth.
+    source.stop();
+    source.spawn();
+    source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
+    assert_eq!(source.partnership("rg01")["network"], net.veth[0].as_str());
+    let shown = source.cli_ok(&["partnership", "show"]);
+    assert!(shown.contains(&format!("constrained to {} on this node", net.veth[0])), "{shown}");
+}

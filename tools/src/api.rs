@@ -50,6 +50,11 @@ pub enum Request {
         /// The destination already holds an older copy.
         #[serde(default)]
         seeded: bool,
+        /// Network constraints on each side (interface or local address).
+        #[serde(default)]
+        source_network: Option<String>,
+        #[serde(default)]
+        destination_network: Option<String>,
     },
     PartnershipShow {
         group: Option<String>,

@@ -178,7 +178,16 @@ impl Daemon {
                 }
                 Ok(ResponseBody::Groups(found))
             }
-            Request::PartnershipCreate { source_group, destination, destination_group, mode, channels, seeded } => {
+            Request::PartnershipCreate {
+                source_group,
+                destination,
+                destination_group,
+                mode,
+                channels,
+                seeded,
+                source_network,
+                destination_network,
+            } => {
                 let channels = channels.unwrap_or(self.config.replication.channels);
                 let request = crate::replication::CreateRequest {
                     source_group,
@@ -187,6 +196,8 @@ impl Daemon {
                     mode,
                     channels,
                     seeded,
+                    source_network: source_network.unwrap_or_default(),
+                    destination_network: destination_network.unwrap_or_default(),
                 };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
@@ -441,6 +452,14 @@ impl Daemon {
         Ok(format!(
             "{group}: max_batch_records {records} -> {max_batch_records}, max_inflight_appends {appends} -> {max_inflight_appends} (until tandemd restarts)"
         ))
+    }
+
+    /// Sets (or clears, with "") the network constraint of `group`'s
+    /// partnership on this node; durable when it returns.
+    pub fn set_network(&self, group: &str, network: &str) -> Result<(), String> {
+        let fixed = tandem_proto::fixed_str(network)
+            .ok_or_else(|| format!("network constraint {network:?} is longer than 63 bytes"))?;
+        self.ask_core(group, |reply| CoreMsg::SetNetwork { group: group.to_owned(), network: fixed, reply })
     }
 
     /// Sends `msg` to the core serving `group` and waits for its answer.

@@ -198,6 +198,8 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         mode: options.mode.clone(),
         channels: None,
         seeded: false,
+        source_network: None,
+        destination_network: None,
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");

@@ -18,6 +18,7 @@ pub mod events;
 pub mod manpages;
 pub mod metrics;
 pub mod nbd_load;
+pub mod network;
 pub mod partnership_set;
 pub mod partnership_view;
 pub mod probe;

@@ -38,6 +38,12 @@ pub fn print_partnership(g: &GroupStatus) {
     let arrow = if g.role == "source" { "->" } else { "<-" };
     println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
     println!("  channels      {} of {} connected", p.channels_connected, p.channels);
+    for (index, addresses) in p.channel_addresses.iter().enumerate() {
+        println!("  channel {index:<5} {addresses}");
+    }
+    if !p.network.is_empty() {
+        println!("  network       constrained to {} on this node", p.network);
+    }
     if g.role == "source" {
         println!(
             "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",

@@ -73,6 +73,10 @@ pub struct Hello {
     /// source (its volumes must hold data).
     #[serde(default)]
     pub seeded: bool,
+    /// Check and Create: the interface or address the destination's side of
+    /// the partnership must use (empty: any).
+    #[serde(default)]
+    pub destination_network: String,
     /// Probe: the socket buffer size the daemon sets on its end (0: default).
     #[serde(default)]
     pub socket_buffer_bytes: u32,
@@ -99,6 +103,7 @@ impl Hello {
             measure_devices,
             socket_buffer_bytes,
             seeded: false,
+            destination_network: String::new(),
         }
     }
 }
@@ -164,6 +169,10 @@ pub struct CreateRequest {
     pub channels: u32,
     /// The destination already holds an older copy (see `Hello::seeded`).
     pub seeded: bool,
+    /// Network constraints: the interface or local address replication uses
+    /// on this node and on the destination (empty: any).
+    pub source_network: String,
+    pub destination_network: String,
 }
 
 /// Resolves `HOST[:PORT]` with the default replication port.
@@ -183,7 +192,7 @@ fn resolve(destination: &str) -> Result<std::net::SocketAddr, String> {
 /// Connects to a daemon's replication listener at `address` (`HOST[:PORT]`),
 /// with the handshake's timeouts.
 pub fn connect_replication(address: &str) -> Result<TcpStream, String> {
-    connect(address)
+    connect(address, "")
 }
 
 /// Sends a handshake line and reads the answer; a refusal is an error.
@@ -191,10 +200,13 @@ pub fn exchange_with(stream: &mut TcpStream, hello: &Hello) -> Result<Answer, St
     exchange(stream, hello)
 }
 
-fn connect(address: &str) -> Result<TcpStream, String> {
+/// Connects to `address` through the network constraint `network` (an
+/// interface or local address; empty: any).
+pub(crate) fn connect(address: &str, network: &str) -> Result<TcpStream, String> {
     let addr = resolve(address)?;
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
-        format!("cannot connect to the destination's replication listener at {addr}: {e} (is tandemd running there, with replication_listen on that address?)")
+    let through = if network.is_empty() { String::new() } else { format!(" through {network}") };
+    let stream = crate::network::connect(addr, network, CONNECT_TIMEOUT).map_err(|e| {
+        format!("cannot connect to the destination's replication listener at {addr}{through}: {e} (is tandemd running there, with replication_listen on that address?)")
     })?;
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -225,6 +237,7 @@ pub(crate) fn hello_for(
         measure_devices: false,
         socket_buffer_bytes: 0,
         seeded: request.seeded,
+        destination_network: request.destination_network.clone(),
     }
 }
 
@@ -250,9 +263,13 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     if status.role != "standalone" {
         return Err(format!("group {} is already in a partnership ({})", request.source_group, status.role));
     }
+    if !request.source_network.is_empty() {
+        crate::network::local_addresses(&request.source_network)
+            .map_err(|e| format!("--source-network {}: {e}", request.source_network))?;
+    }
     let id: [u8; 16] = rand::random();
     let id_hex = hex(&id);
-    let mut stream = connect(&request.destination)?;
+    let mut stream = connect(&request.destination, &request.source_network)?;
     let hello = hello_for(daemon, &status, request, HelloAction::Check, &id_hex);
     let checked = exchange(&mut stream, &hello)?;
     let mut entry = PartnershipEntry::default_zeroed();
@@ -263,6 +280,10 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     entry.peer_group = fixed_str(&request.destination_group).ok_or("destination group name too long")?;
     entry.peer_address = fixed_str(&request.destination).ok_or("destination address longer than 127 bytes")?;
     let baseline_lsn = daemon.become_source(&request.source_group, entry)?;
+    if let Err(reason) = daemon.set_network(&request.source_group, &request.source_network) {
+        let _ = daemon.leave_partnership(&request.source_group);
+        return Err(reason);
+    }
     let mut commit = hello;
     commit.action = HelloAction::Create;
     commit.baseline_lsn = baseline_lsn;
@@ -273,7 +294,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             return Err(format!("the destination refused the partnership: {reason}"));
         }
     };
-    let streams = match join_channels(stream, &request.destination, &commit, answer.session) {
+    let streams = match join_channels(stream, &request.destination, &request.source_network, &commit, answer.session) {
         Ok(streams) => streams,
         Err(reason) => {
             // The destination keeps the partnership; the connector resumes it.
@@ -315,11 +336,13 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         mode: partnership.mode.clone(),
         channels: partnership.channels,
         seeded: false,
+        source_network: partnership.network.clone(),
+        destination_network: String::new(),
     };
-    let mut stream = connect(&request.destination)?;
+    let mut stream = connect(&request.destination, &request.source_network)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
     let answer = exchange(&mut stream, &hello)?;
-    let streams = join_channels(stream, &request.destination, &hello, answer.session)?;
+    let streams = join_channels(stream, &request.destination, &request.source_network, &hello, answer.session)?;
     daemon.attach_peer(
         &status.name,
         streams,
@@ -337,10 +360,16 @@ fn check_channels(channels: u32) -> Result<(), String> {
 
 /// Opens the other data channels of the session that `first` (channel 0)
 /// opened with `hello`; all of them, in channel order, ready for the core.
-fn join_channels(first: TcpStream, address: &str, hello: &Hello, session: u64) -> Result<Vec<TcpStream>, String> {
+fn join_channels(
+    first: TcpStream,
+    address: &str,
+    network: &str,
+    hello: &Hello,
+    session: u64,
+) -> Result<Vec<TcpStream>, String> {
     let mut streams = vec![first];
     for channel in 1..hello.channels {
-        let mut stream = connect(address)?;
+        let mut stream = connect(address, network)?;
         let join = Hello { action: HelloAction::Join, session, channel, ..hello.clone() };
         exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
         streams.push(stream);
@@ -402,9 +431,12 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
             mode: partnership.mode.clone(),
             channels: partnership.channels,
             seeded: false,
+            source_network: partnership.network.clone(),
+            destination_network: String::new(),
         };
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
-        remote = match connect(&request.destination).and_then(|mut s| exchange(&mut s, &hello)) {
+        remote = match connect(&request.destination, &request.source_network).and_then(|mut s| exchange(&mut s, &hello))
+        {
             Ok(_) => format!("; {}/{} is standalone again", partnership.peer_node, partnership.peer_group),
             Err(reason) => format!(
                 "; the destination could not be told ({reason}): run `tandem partnership remove --group {}` on {}",
@@ -448,7 +480,8 @@ fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) ->
         if matches!(hello.action, HelloAction::Probe) {
             return crate::probe::answer(daemon, stream, &hello);
         }
-        let result = destination_step(daemon, &hello);
+        let local = stream.local_addr().ok().map(|a| a.ip());
+        let result = destination_step(daemon, &hello, local);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
             Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
@@ -482,9 +515,12 @@ fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) ->
 /// A data channel joining the session its Create or Resume opened.
 fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hello: &Hello) -> Result<(), String> {
     let group = &hello.destination_group;
-    let joined = stream
-        .try_clone()
-        .map_err(|e| format!("cannot keep data channel {} of {group}: {e}", hello.channel))
+    let network = daemon.group_status(group).ok().and_then(|s| s.partnership).map(|p| p.network).unwrap_or_default();
+    let local = stream.local_addr().ok().map(|a| a.ip());
+    let joined = crate::network::arrived_within(&network, local)
+        .and_then(|()| {
+            stream.try_clone().map_err(|e| format!("cannot keep data channel {} of {group}: {e}", hello.channel))
+        })
         .and_then(|kept| sessions.add(group, &hello.partnership_id, hello.session, hello.channel, kept));
     let reply = Answer {
         ok: joined.is_ok(),
@@ -504,7 +540,7 @@ fn attach_joined(daemon: &Daemon, group: &str, joined: Option<Vec<TcpStream>>) -
 }
 
 /// Validates a handshake step on the destination and carries it out.
-fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
+fn destination_step(daemon: &Daemon, hello: &Hello, local: Option<std::net::IpAddr>) -> Result<Answer, String> {
     if hello.wire_version != WIRE_VERSION {
         return Err(format!(
             "the source speaks replication protocol {} and this node {WIRE_VERSION}; run the same Tandem version on both",
@@ -530,6 +566,12 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
     match hello.action {
         HelloAction::Check | HelloAction::Create => {
             check_new_destination(daemon, &status, hello)?;
+            if !hello.destination_network.is_empty() {
+                crate::network::local_addresses(&hello.destination_network).map_err(|e| {
+                    format!("--destination-network {}: {e} (on {})", hello.destination_network, daemon.config.node.name)
+                })?;
+                crate::network::arrived_within(&hello.destination_network, local)?;
+            }
             if matches!(hello.action, HelloAction::Check) {
                 return Ok(Answer { ok: true, ..Answer::default() });
             }
@@ -541,6 +583,7 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             entry.peer_node = fixed_str(&hello.source_node).ok_or("source node name too long")?;
             entry.peer_group = fixed_str(&hello.source_group).ok_or("source group name too long")?;
             daemon.become_destination(name, entry, hello.baseline_lsn)?;
+            daemon.set_network(name, &hello.destination_network)?;
             let source = format!("{}/{}", hello.source_node, hello.source_group);
             daemon.events.record(name, EventKind::DestinationAttached { source });
             Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
@@ -554,6 +597,8 @@ fn destination_step(daemon: &Daemon, hello: &Hello) -> Result<Answer, String> {
             if hex(&state.partnership_id) != hello.partnership_id {
                 return Err(format!("group {name} is the destination of another partnership"));
             }
+            let network = status.partnership.as_ref().map(|p| p.network.clone()).unwrap_or_default();
+            crate::network::arrived_within(&network, local)?;
             if matches!(hello.action, HelloAction::SetMode) {
                 crate::partnership_set::take_mode(daemon, name, &hello.mode)?;
                 return Ok(Answer { ok: true, ..Answer::default() });

@@ -158,6 +158,7 @@ impl GroupRt {
     pub fn leave_partnership(&mut self) {
         self.superblock.role = ROLE_STANDALONE;
         self.superblock.partnership = PartnershipEntry::default_zeroed();
+        self.superblock.network_constraint = [0; 64];
         self.core.detach_peer();
         self.source = None;
         self.destination = None;
@@ -177,6 +178,17 @@ impl GroupRt {
     }
 
     /// Replies once the superblock with the current partnership is durable.
+    /// Sets the partnership's network constraint on this side (an interface
+    /// or local address; empty: none) and answers once it is durable.
+    pub fn set_network_constraint(&mut self, network: [u8; 64], reply: Sender<Result<(), String>>) {
+        if self.superblock.role == ROLE_STANDALONE {
+            let _ = reply.send(Err(format!("group {} is not in a partnership", self.name)));
+            return;
+        }
+        self.superblock.network_constraint = network;
+        self.persist_then_reply(reply);
+    }
+
     /// Changes the partnership's mode (`MODE_SYNC` or `MODE_ASYNC`) now, and
     /// answers once the superblock holds it.
     pub fn set_partnership_mode(&mut self, mode: u32, reply: Sender<Result<(), String>>) {
@@ -207,6 +219,7 @@ impl GroupRt {
             id: p.id.iter().map(|b| format!("{b:02x}")).collect(),
             mode: if p.mode == tandem_proto::MODE_SYNC { "sync" } else { "async" }.to_owned(),
             channels: p.channels,
+            network: text(&self.superblock.network_constraint),
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),

@@ -67,6 +67,17 @@ impl PeerSession {
         self.channels.len()
     }
 
+    /// Each channel as "LOCAL -> REMOTE".
+    #[must_use]
+    pub fn channel_addresses(&self) -> Vec<String> {
+        let text =
+            |a: std::io::Result<std::net::SocketAddr>| a.map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        self.channels
+            .iter()
+            .map(|c| format!("{} -> {}", text(c.stream.local_addr()), text(c.stream.peer_addr())))
+            .collect()
+    }
+
     /// Queues a frame: ordered frames in rotation, the others on channel 0.
     pub fn send(&mut self, frame: OutFrame) {
         if tandem_proto::header_is_ordered(&frame.header) {

@@ -64,6 +64,8 @@ pub enum CoreMsg {
     },
     /// Start an online verify pass of a source group (rate in bytes per second).
     StartVerify { group: String, rate_bytes_per_s: u64, repair: bool, reply: Sender<Result<(), String>> },
+    /// Set a partnership's network constraint on this side; answers once durable.
+    SetNetwork { group: String, network: [u8; 64], reply: Sender<Result<(), String>> },
     /// Change a partnership's mode (`MODE_SYNC` / `MODE_ASYNC`); answers once durable.
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
@@ -334,6 +336,14 @@ impl Reactor {
                     };
                     let _ = reply.send(answer);
                 }
+                CoreMsg::SetNetwork { group, network, reply } => {
+                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.set_network_constraint(network, reply),
+                        None => {
+                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                        }
+                    }
+                }
                 CoreMsg::SetMode { group, mode, reply } => {
                     match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
                         Some(rt) => rt.set_partnership_mode(mode, reply),
@@ -385,6 +395,7 @@ impl Reactor {
                     partnership.bytes_sent += peer.bytes_sent();
                     partnership.bytes_received += peer.bytes_received();
                     partnership.channels_connected = peer.channel_count() as u32;
+                    partnership.channel_addresses = peer.channel_addresses();
                     let (sent, received, send_latency_us_avg) = peer.frame_counts();
                     partnership.messages_sent += sent;
                     partnership.messages_received += received;

@@ -67,6 +67,12 @@ pub struct PartnershipStatus {
     /// Data channels of the partnership, and how many are connected now.
     pub channels: u32,
     pub channels_connected: u32,
+    /// The network constraint on this side (interface or address; empty: none).
+    #[serde(default)]
+    pub network: String,
+    /// Each connected channel as "LOCAL -> REMOTE".
+    #[serde(default)]
+    pub channel_addresses: Vec<String>,
     pub peer_node: String,
     pub peer_group: String,
     /// Source: `HOST:PORT` of the destination.

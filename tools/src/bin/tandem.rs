@@ -190,6 +190,12 @@ enum PartnershipCommand {
         /// block checksums and sends only the differing blocks.
         #[arg(long)]
         seeded: bool,
+        /// Replication on this node uses only this interface or local address (bind / SO_BINDTODEVICE).
+        #[arg(long, value_name = "INTERFACE_OR_ADDRESS")]
+        source_network: Option<String>,
+        /// The destination accepts this partnership's connections only on this interface or address.
+        #[arg(long, value_name = "INTERFACE_OR_ADDRESS")]
+        destination_network: Option<String>,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -348,6 +354,8 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             mode,
             channels,
             seeded,
+            source_network,
+            destination_network,
         }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
@@ -356,6 +364,8 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 mode: mode.clone(),
                 channels: *channels,
                 seeded: *seeded,
+                source_network: source_network.clone(),
+                destination_network: destination_network.clone(),
             };
             print_message(&call(&cli.api, &request)?);
         }
