@@ -355,3 +355,45 @@ fn losing_one_data_channel_ends_the_session_and_it_reconnects_without_loss() {
     let acked: usize = models.iter().map(|m| m.lock().unwrap().acked.len()).sum();
     assert!(acked > 100, "writes were acknowledged around the loss ({acked} blocks)");
 }
+
+/// Unplanned failover: promotion is refused while the source is connected;
+/// once the link is cut and the destination lost its source, `group promote`
+/// makes it writable under a new generation (event 7001); when the link
+/// returns, the old source cannot resume into it and writes nothing there.
+#[test]
+fn a_promoted_destination_serves_writes_and_the_old_source_cannot_overwrite_it() {
+    tandem_tests::require_tool("qemu-io", "qemu-utils");
+    let Some((net, source, destination)) = nodes_in_namespaces() else { return };
+    source.replicate_to(&destination, "128MiB", &[("data", 16 << 20)], "sync");
+    let write = |node: &Node, group: &str, pattern: u8| {
+        tandem_tests::run_ok(
+            node.client_command("qemu-io")
+                .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
+                .arg(node.nbd_uri(group, "data")),
+        )
+    };
+    write(&source, "rg01", 1);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    let refused = destination.cli(&["group", "promote", "rg02"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("the source of rg02 is connected"), "{refused:?}");
+
+    cut_until_lost(&net, &source);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while destination.partnership("rg02")["connected"] == true {
+        assert!(std::time::Instant::now() < deadline, "the destination never noticed the cut");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let promoted = destination.cli_ok(&["group", "promote", "rg02"]);
+    assert!(promoted.contains("rg02 promoted") && promoted.contains("every write node-a/rg01 reported"), "{promoted}");
+    destination.wait_for_events(&[7001], Duration::from_secs(5));
+    assert_eq!(destination.group_status("rg02")["role"], "standalone");
+    write(&destination, "rg02", 7);
+
+    net.set_link(true);
+    std::thread::sleep(Duration::from_secs(3));
+    let p = source.partnership("rg01");
+    assert_eq!(p["connected"], false, "the old source cannot resume into the promoted group: {p:#}");
+    assert!(p["last_error"].as_str().unwrap_or_default().contains("not a replication destination"), "{p:#}");
+    let data = std::fs::read(destination.path("rg02-data.img")).unwrap();
+    assert!(data[..1 << 20].iter().all(|&b| b == 7), "the promoted group keeps its own writes");
+}

@@ -33,6 +33,10 @@ pub enum Request {
     GroupDelete {
         name: String,
     },
+    /// Promote a destination whose source is gone: it serves writes.
+    GroupPromote {
+        name: String,
+    },
     /// Serve a group from another core (index into `node.cores`).
     GroupMove {
         name: String,

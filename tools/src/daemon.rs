@@ -154,6 +154,10 @@ impl Daemon {
                 self.create_group(&name, &log, log_size_bytes, &volumes).map(ResponseBody::Message)
             }
             Request::GroupDelete { name } => self.delete_group(&name).map(ResponseBody::Message),
+            Request::GroupPromote { name } => {
+                let _guard = self.mark_changing(&name)?;
+                self.promote(&name).map(ResponseBody::Message)
+            }
             Request::GroupMove { name, core } => {
                 let _guard = self.mark_changing(&name)?;
                 self.move_group(&name, core).map(ResponseBody::Message)
@@ -451,6 +455,42 @@ impl Daemon {
         })??;
         Ok(format!(
             "{group}: max_batch_records {records} -> {max_batch_records}, max_inflight_appends {appends} -> {max_inflight_appends} (until tandemd restarts)"
+        ))
+    }
+
+    /// Promotes the destination group `group` whose source is gone.
+    pub fn promote(&self, group: &str) -> Result<String, String> {
+        let source = self.group_status(group)?.partnership.map(|p| format!("{}/{}", p.peer_node, p.peer_group));
+        let name = group.to_owned();
+        let report = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::Promote { group: name, reply })??;
+        self.set_destination_of(group, None);
+        let source = source.unwrap_or_default();
+        self.events.record(
+            group,
+            tandem_engine::runtime::events::EventKind::GroupPromoted {
+                former_source: source.clone(),
+                last_lsn: report.last_lsn,
+                records_missing: report.records_missing,
+            },
+        );
+        let rpo = if report.records_missing == 0 {
+            format!("every write {source} reported before contact was lost is here (up to LSN {})", report.last_lsn)
+        } else {
+            format!(
+                "{} record(s) {source} reported (LSN {}..{}) never arrived: that is the RPO of this promotion",
+                report.records_missing,
+                report.last_lsn + 1,
+                report.source_last_known_lsn
+            )
+        };
+        let warning = if report.copy_complete {
+            String::new()
+        } else {
+            "; WARNING: the initial copy was not complete, the volumes are not a consistent image of the source"
+                .to_owned()
+        };
+        Ok(format!(
+            "{group} promoted: it serves writes under a new generation and is no longer a destination of {source}; {rpo}{warning}"
         ))
     }
 

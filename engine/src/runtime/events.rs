@@ -42,6 +42,11 @@ pub enum EventKind {
         to: String,
         peer: String,
     },
+    GroupPromoted {
+        former_source: String,
+        last_lsn: u64,
+        records_missing: u64,
+    },
     BitmapCatchUpCompleted {
         elapsed_ms: u64,
     },
@@ -112,6 +117,7 @@ impl EventKind {
             Self::PartnershipRefused { .. } => 2003,
             Self::DestinationAttached { .. } => 2004,
             Self::ModeChanged { .. } => 2005,
+            Self::GroupPromoted { .. } => 7001,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
@@ -138,6 +144,7 @@ impl EventKind {
             | Self::PartnershipRefused { .. }
             | Self::BitmapSpill { .. }
             | Self::OutOfSync { .. }
+            | Self::GroupPromoted { .. }
             | Self::VerifyStopped { .. } => "warning",
             Self::VerifyCompleted { out_of_sync_ranges, repaired_bytes, out_of_sync_bytes, .. }
                 if *out_of_sync_ranges > 0 && repaired_bytes < out_of_sync_bytes =>
@@ -185,6 +192,9 @@ impl EventKind {
             Self::PartnershipRemoved { peer } => format!("partnership with {peer} removed"),
             Self::PartnershipRefused { reason } => format!("partnership refused: {reason}"),
             Self::DestinationAttached { source } => format!("became the replication destination of {source}"),
+            Self::GroupPromoted { former_source, last_lsn, records_missing } => format!(
+                "promoted: no longer a destination of {former_source}, serving writes after LSN {last_lsn}; {records_missing} record(s) the source reported never arrived"
+            ),
             Self::ModeChanged { from, to, peer } => format!("the partnership with {peer} changed from {from} to {to} mode"),
             Self::VerifyStarted { total_bytes, repair } => format!(
                 "online verify started over {total_bytes} bytes{}",

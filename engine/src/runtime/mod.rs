@@ -16,6 +16,7 @@ pub mod net;
 mod partner;
 mod peer_conn;
 pub mod peer_session;
+pub mod promote;
 mod reactor;
 mod replica_dest;
 mod replica_source;

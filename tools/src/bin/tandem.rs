@@ -156,6 +156,8 @@ enum GroupCommand {
     },
     /// Drain a group, checkpoint its volumes and release its log.
     Delete { name: String },
+    /// Make a destination whose source is lost serve writes (unplanned failover); reports the RPO.
+    Promote { name: String },
     /// Serve a group from another core thread: its clients reconnect, a partnership resumes.
     Move {
         name: String,
@@ -397,6 +399,9 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         }
         Command::Group(GroupCommand::Delete { name }) => {
             print_message(&call(&cli.api, &Request::GroupDelete { name: name.clone() })?)
+        }
+        Command::Group(GroupCommand::Promote { name }) => {
+            print_message(&call(&cli.api, &Request::GroupPromote { name: name.clone() })?)
         }
         Command::Group(GroupCommand::Move { name, core }) => {
             print_message(&call(&cli.api, &Request::GroupMove { name: name.clone(), core: *core })?)
