@@ -97,6 +97,14 @@ fn seeded_destinations_receive_only_the_differing_blocks() {
             };
         });
         let p = check(&outcome, changed, &format!("{percent} % differing"));
+        if percent == 10 {
+            // The watch ends by itself once the sync is done, with the partnership's text.
+            let watched = outcome.source.cli_ok(&["partnership", "show", "--watch", "1"]);
+            assert!(
+                watched.contains("initial sync  64.0 MiB compared") && watched.contains("0 B remaining"),
+                "{watched}"
+            );
+        }
         if percent == 0 {
             let wire = p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap();
             assert!(wire < VOLUME_BYTES / 500, "identical volumes cost under 0.2 % on the wire: {wire}");
