@@ -22,10 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create, list, show and delete replication groups.
+    /// Create, list, show, delete, move and promote replication groups.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Create, show and remove partnerships (replication between two nodes).
+    /// Create, show, change, verify and remove partnerships (replication between two nodes).
     #[command(subcommand)]
     Partnership(PartnershipCommand),
     /// Two nodes on loopback replicating a workload, with live status and a
