@@ -1,7 +1,7 @@
 //! The destination's stream logic under any sequence of frames a peer could
 //! send: it never panics, submits records only in LSN order without gaps,
-//! never writes a copy range outside the volumes, and refuses what breaks
-//! the protocol.
+//! never writes a copy range (or verifies or repairs one) outside the
+//! volumes, and refuses what breaks the protocol.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         let volume_index = chunk[2] % 3;
         let offset = value % (2 << 20);
         let length = u32::from(chunk[3]) * 512 + 512;
-        let incoming = match chunk[0] % 6 {
+        let incoming = match chunk[0] % 9 {
             0 => Incoming::Record {
                 header: RecordHeader::write(STAMP, lsn, volume_index, offset, &vec![1u8; length as usize]),
                 payload_id: Some(1),
@@ -36,6 +36,9 @@ fuzz_target!(|data: &[u8]| {
             2 => Incoming::Copy { volume_index, offset, length, payload_id: None },
             3 => Incoming::CopyDone,
             4 => Incoming::Rebase { lsn: value % 64 },
+            5 => Incoming::CopyVerified { volume_index, offset, length },
+            6 => Incoming::Verify { volume_index, offset, length },
+            7 => Incoming::Repair { volume_index, offset, length, payload_id: None },
             _ => Incoming::Barrier { lsn: value % 64 },
         };
         receiver.push(incoming);
@@ -58,6 +61,10 @@ fuzz_target!(|data: &[u8]| {
                     receiver.rebased();
                 }
                 ReceiverAction::Persist => receiver.persisted(receiver.copy_to_persist()),
+                ReceiverAction::Verify { volume_index, offset, length } => {
+                    assert!(offset + u64::from(length) <= SIZES[usize::from(volume_index)]);
+                    receiver.verified_range();
+                }
                 ReceiverAction::Refuse(_) => {
                     receiver.connected(next_lsn);
                 }
