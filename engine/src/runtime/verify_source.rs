@@ -56,6 +56,8 @@ pub struct VerifyState {
     /// Digests of chunks asked of the destination: (length, digest) by start.
     waiting: HashMap<(u8, u64), (u32, Checksum128)>,
     started_at: Option<Instant>,
+    /// The connection the pass runs on: another one means the pass stopped.
+    connection: Option<u64>,
     /// Background verify: every this often (none: only on request), at this rate.
     pub interval_ms: Option<u64>,
     pub rate_bytes_per_s: u64,
@@ -86,6 +88,7 @@ impl GroupRt {
             VerifyStatus { running: true, repair, total_bytes, started_unix_ms: unix_ms(), ..VerifyStatus::default() };
         self.verify.waiting.clear();
         self.verify.started_at = Some(Instant::now());
+        self.verify.connection = self.source.as_ref().and_then(|l| l.conn).map(|c| c.1);
         self.pending_events.push(EventKind::VerifyStarted { total_bytes, repair });
         Ok(())
     }
@@ -103,7 +106,12 @@ impl GroupRt {
     }
 
     fn verify_hashed(&mut self, chunk: ChunkRequest, digest: Checksum128) {
-        if let Some(link) = self.source.as_mut() {
+        // A read that finishes after its connection ended asks nothing: the
+        // next connection's stream must not start with it.
+        let connection = self.source.as_ref().and_then(|l| l.conn).map(|c| c.1);
+        if let Some(link) =
+            self.source.as_mut().filter(|_| connection.is_some() && connection == self.verify.connection)
+        {
             let header = FrameHeader::new(
                 FrameKind::VerifyChunk,
                 0,
@@ -175,7 +183,8 @@ impl GroupRt {
     /// Ends a pass whose chunks are all answered and repaired, and starts a
     /// background pass when one is due.
     pub(super) fn observe_verify(&mut self) {
-        if self.source.as_ref().is_some_and(|l| l.conn.is_none()) {
+        let connection = self.source.as_ref().and_then(|l| l.conn).map(|c| c.1);
+        if self.verify.status.running && connection != self.verify.connection {
             self.verify_disconnected();
         }
         let progress = self.core.verify_progress();
