@@ -38,16 +38,7 @@ pub fn set_mode(daemon: &Daemon, group: &str, mode: &str) -> Result<String, Stri
         group,
         EventKind::ModeChanged { from: partnership.mode.clone(), to: mode.to_owned(), peer: peer.clone() },
     );
-    let request = CreateRequest {
-        source_group: group.to_owned(),
-        destination: partnership.peer_address.clone(),
-        destination_group: partnership.peer_group.clone(),
-        mode: mode.to_owned(),
-        channels: partnership.channels,
-        seeded: false,
-        source_network: partnership.network.clone(),
-        destination_network: String::new(),
-    };
+    let request = CreateRequest { mode: mode.to_owned(), ..CreateRequest::existing(group, &partnership) };
     let hello = hello_for(daemon, &status, &request, HelloAction::SetMode, &partnership.id);
     let told = connect(&request.destination, &request.source_network)
         .and_then(|mut stream| exchange_with(&mut stream, &hello));

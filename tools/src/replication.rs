@@ -175,6 +175,24 @@ pub struct CreateRequest {
     pub destination_network: String,
 }
 
+impl CreateRequest {
+    /// The request that names the existing partnership of source group
+    /// `group` (for resume, removal and mode changes).
+    #[must_use]
+    pub fn existing(group: &str, partnership: &tandem_engine::runtime::status::PartnershipStatus) -> Self {
+        Self {
+            source_group: group.to_owned(),
+            destination: partnership.peer_address.clone(),
+            destination_group: partnership.peer_group.clone(),
+            mode: partnership.mode.clone(),
+            channels: partnership.channels,
+            seeded: false,
+            source_network: partnership.network.clone(),
+            destination_network: String::new(),
+        }
+    }
+}
+
 /// Resolves `HOST[:PORT]` with the default replication port.
 fn resolve(destination: &str) -> Result<std::net::SocketAddr, String> {
     let with_port = if destination.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
@@ -329,16 +347,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
 /// Reconnects a source group to its destination (one attempt).
 fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     let partnership = status.partnership.as_ref().ok_or("no partnership")?;
-    let request = CreateRequest {
-        source_group: status.name.clone(),
-        destination: partnership.peer_address.clone(),
-        destination_group: partnership.peer_group.clone(),
-        mode: partnership.mode.clone(),
-        channels: partnership.channels,
-        seeded: false,
-        source_network: partnership.network.clone(),
-        destination_network: String::new(),
-    };
+    let request = CreateRequest::existing(&status.name, partnership);
     let mut stream = connect(&request.destination, &request.source_network)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
     let answer = exchange(&mut stream, &hello)?;
@@ -424,16 +433,7 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
     let partnership = status.partnership.clone().ok_or_else(|| format!("group {group} is not in a partnership"))?;
     let mut remote = String::new();
     if status.role == "source" {
-        let request = CreateRequest {
-            source_group: group.to_owned(),
-            destination: partnership.peer_address.clone(),
-            destination_group: partnership.peer_group.clone(),
-            mode: partnership.mode.clone(),
-            channels: partnership.channels,
-            seeded: false,
-            source_network: partnership.network.clone(),
-            destination_network: String::new(),
-        };
+        let request = CreateRequest::existing(group, &partnership);
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
         remote = match connect(&request.destination, &request.source_network).and_then(|mut s| exchange(&mut s, &hello))
         {
