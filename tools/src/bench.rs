@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::Serialize;
+use tandem_engine::runtime::counters::latency_histogram;
 
 use crate::bench_target::{Pattern, Prepared, Target, TargetSpec};
 
@@ -83,10 +84,6 @@ pub struct Interval {
     pub iops: f64,
     pub latency_avg_us: f64,
     pub latency_p99_us: u64,
-}
-
-fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
 /// What one run measured (after its warm-up).

@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tandem_engine::runtime::buf::AlignedBuf;
+use tandem_engine::runtime::counters::latency_histogram;
 
 const PROBE_IO_BYTES: usize = 4096;
 const PROBE_MAX_IOS: u32 = 200;
@@ -174,10 +175,6 @@ fn scratch_directory(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
 /// What is timed on a scratch file.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ScratchIo {
@@ -244,7 +241,7 @@ fn direct_read_latency(path: &Path) -> Result<(Histogram<u64>, String), String> 
 }
 
 fn timed(mut io: impl FnMut(&mut rand::rngs::ThreadRng) -> Result<(), String>) -> Result<Histogram<u64>, String> {
-    let mut latency_us = histogram();
+    let mut latency_us = latency_histogram();
     let mut rng = rand::rng();
     let started = Instant::now();
     while latency_us.len() < u64::from(PROBE_MAX_IOS) && started.elapsed() < PROBE_MAX_TIME {

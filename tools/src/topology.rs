@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tandem_engine::runtime::counters::latency_histogram;
 
 use crate::api::{call, Request, ResponseBody};
 use crate::device_facts::{group_devices, GroupDevices};
@@ -118,10 +119,6 @@ fn split_target(text: &str, what: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("--{what} {text}: write it as NODE/GROUP"))
 }
 
-fn round_trip_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
 impl TopologyTestArgs {
     /// Runs the test; `Err` carries the summary when a requirement failed.
     pub fn run(&self, api: &Path) -> Result<(), String> {
@@ -131,7 +128,7 @@ impl TopologyTestArgs {
         let mut requirements = Vec::new();
         let mut facts =
             self.gather(api, &source_node, &source_group, &destination_address, &destination_group, &mut requirements);
-        let mut round_trips_us = round_trip_histogram();
+        let mut round_trips_us = latency_histogram();
         let first_reading = facts.source.as_ref().and_then(|source| source.read().ok());
         let mut bandwidth = None;
         if let Some((client, _)) = facts.destination.as_mut() {

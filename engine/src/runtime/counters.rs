@@ -89,7 +89,9 @@ struct VolumeTally {
     read_latency_us: Histogram<u64>,
 }
 
-fn latency_histogram() -> Histogram<u64> {
+/// A latency histogram in microseconds: 1 us to 60 s, 3 significant digits.
+#[must_use]
+pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
