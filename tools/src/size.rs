@@ -1,13 +1,19 @@
 //! Byte sizes as operators write them: `8GiB`, `128MiB`, `512k`, `4096`.
 
-/// Parses a size: a number with an optional binary unit (K, M, G, T; with or
-/// without `i`/`iB`/`B`; case-insensitive). Units are powers of 1024.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// Splits `12GiB` (surrounding blanks ignored) into its number and what
+/// follows it, or `None` when it does not start with a number.
+pub fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let trimmed = text.trim();
     let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let number: u64 =
-        digits.parse().map_err(|_| format!("{text:?} is not a size; write it like 8GiB, 128MiB or 4096"))?;
+    Some((digits.parse().ok()?, unit))
+}
+
+/// Parses a size: a number with an optional binary unit (K, M, G, T; with or
+/// without `i`/`iB`/`B`; case-insensitive). Units are powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (number, unit) =
+        number_and_unit(text).ok_or_else(|| format!("{text:?} is not a size; write it like 8GiB, 128MiB or 4096"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "ki" | "kib" => 10,
@@ -21,11 +27,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Parses a duration as operators write it: `90` or `90s`, `30m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let number: u64 =
-        digits.parse().map_err(|_| format!("{text:?} is not a duration; write it like 90s, 30m or 2h"))?;
+    let (number, unit) =
+        number_and_unit(text).ok_or_else(|| format!("{text:?} is not a duration; write it like 90s, 30m or 2h"))?;
     let seconds = match unit.trim() {
         "" | "s" => 1,
         "m" | "min" => 60,

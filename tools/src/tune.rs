@@ -79,10 +79,8 @@ pub struct TuneArgs {
 
 /// `2ms`, `500us` or `1s` as microseconds.
 pub fn parse_latency_us(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a latency; write it like 2ms or 500us"))?;
+    let (number, unit) = crate::size::number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a latency; write it like 2ms or 500us"))?;
     let scale = match unit {
         "us" => 1,
         "ms" => 1_000,
