@@ -462,7 +462,12 @@ impl Daemon {
     pub fn promote(&self, group: &str) -> Result<String, String> {
         let source = self.group_status(group)?.partnership.map(|p| format!("{}/{}", p.peer_node, p.peer_group));
         let name = group.to_owned();
-        let report = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::Promote { group: name, reply })??;
+        let (persisted, durable) = crossbeam_reply();
+        let report =
+            self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::Promote { group: name, reply, persisted })??;
+        durable.recv_timeout(CORE_REPLY_TIMEOUT).map_err(|_| {
+            format!("the promotion of {group} was not made durable within {} s", CORE_REPLY_TIMEOUT.as_secs())
+        })??;
         self.set_destination_of(group, None);
         let source = source.unwrap_or_default();
         self.events.record(

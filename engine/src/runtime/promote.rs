@@ -27,13 +27,10 @@ pub struct PromotionReport {
 }
 
 impl GroupRt {
-    /// Promotes this destination (refused while its source is connected).
-    pub fn promote(&mut self, reply: Sender<Result<PromotionReport, String>>) {
-        let answer = self.promotion_report();
-        let Ok(report) = answer else {
-            let _ = reply.send(answer);
-            return;
-        };
+    /// Promotes this destination (refused while its source is connected);
+    /// `persisted` hears once the superblock holds the new role.
+    pub fn promote(&mut self, persisted: Sender<Result<(), String>>) -> Result<PromotionReport, String> {
+        let report = self.promotion_report()?;
         let next_lsn = self.core.last_taken_lsn() + 1;
         let generation: [u8; 16] = rand::rng().random();
         let history = &mut self.superblock.generation_history;
@@ -44,15 +41,8 @@ impl GroupRt {
         history[used.min(history.len() - 1)] = GenerationEntry { generation, first_lsn: next_lsn, reserved: 0 };
         self.superblock.generation = generation;
         self.leave_partnership();
-        let (done, wait) = crossbeam_channel::bounded(1);
-        self.persist_then_reply(done);
-        // The caller hears once the superblock holds the new role; the
-        // persistence completes on this core's loop, so the answer travels
-        // through a relay thread.
-        std::thread::spawn(move || {
-            let result = wait.recv().unwrap_or_else(|_| Err("the group went away".to_owned()));
-            let _ = reply.send(result.map(|()| report));
-        });
+        self.persist_then_reply(persisted);
+        Ok(report)
     }
 
     fn promotion_report(&self) -> Result<PromotionReport, String> {

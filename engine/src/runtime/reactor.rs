@@ -64,8 +64,13 @@ pub enum CoreMsg {
     },
     /// Start an online verify pass of a source group (rate in bytes per second).
     StartVerify { group: String, rate_bytes_per_s: u64, repair: bool, reply: Sender<Result<(), String>> },
-    /// Promote a destination whose source is gone; answers once durable.
-    Promote { group: String, reply: Sender<Result<super::promote::PromotionReport, String>> },
+    /// Promote a destination whose source is gone: `reply` hears what it
+    /// found, `persisted` once the new role is durable.
+    Promote {
+        group: String,
+        reply: Sender<Result<super::promote::PromotionReport, String>>,
+        persisted: Sender<Result<(), String>>,
+    },
     /// Set a partnership's network constraint on this side; answers once durable.
     SetNetwork { group: String, network: [u8; 64], reply: Sender<Result<(), String>> },
     /// Change a partnership's mode (`MODE_SYNC` / `MODE_ASYNC`); answers once durable.
@@ -338,13 +343,12 @@ impl Reactor {
                     };
                     let _ = reply.send(answer);
                 }
-                CoreMsg::Promote { group, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.promote(reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-                        }
-                    }
+                CoreMsg::Promote { group, reply, persisted } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.promote(persisted),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
                 }
                 CoreMsg::SetNetwork { group, network, reply } => {
                     match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
