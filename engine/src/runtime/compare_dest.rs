@@ -210,7 +210,7 @@ impl GroupRt {
         let chunk = read.chunk;
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let buf = AlignedBuf::zeroed(chunk.length as usize);
-        let fd = types::Fd(volume.read_fd(chunk.offset, u64::from(chunk.length)));
+        let fd = types::Fd(volume.io_fd(chunk.offset, u64::from(chunk.length)));
         io.submit(Op::CompareRead { group, read, buf }, |op| {
             let Op::CompareRead { buf, .. } = op else { unreachable!() };
             opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(chunk.offset).build()

@@ -95,14 +95,20 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
 }
 
 impl Device {
-    /// The descriptor to read `length` bytes at `offset` with: the O_DIRECT
-    /// one when the range is whole sectors (no page cache), else the buffered one.
+    /// The O_DIRECT descriptor when `length` bytes at `offset` are whole
+    /// sectors (the caller's buffer must be sector-aligned too).
     #[must_use]
-    pub fn read_fd(&self, offset: u64, length: u64) -> std::os::fd::RawFd {
+    pub fn direct_file_for(&self, offset: u64, length: u64) -> Option<&File> {
         let sector = u64::from(self.sector_bytes);
-        let direct =
-            self.direct_file.as_ref().filter(|_| offset.is_multiple_of(sector) && length.is_multiple_of(sector));
-        direct.unwrap_or(&self.file).as_raw_fd()
+        self.direct_file.as_ref().filter(|_| offset.is_multiple_of(sector) && length.is_multiple_of(sector))
+    }
+
+    /// The descriptor for IO of `length` bytes at `offset` from an aligned
+    /// buffer: the O_DIRECT one when the range is whole sectors (no page
+    /// cache), else the buffered one.
+    #[must_use]
+    pub fn io_fd(&self, offset: u64, length: u64) -> std::os::fd::RawFd {
+        self.direct_file_for(offset, length).unwrap_or(&self.file).as_raw_fd()
     }
 }
 

@@ -93,11 +93,9 @@ pub struct Completion {
 /// and buffered writes keeps their order (a direct write first flushes and then
 /// invalidates cached pages of its range).
 fn direct_fd_for(volume: &Device, ptr: *const u8, offset: u64, length: u32) -> Option<types::Fd> {
-    let sector = u64::from(volume.sector_bytes);
-    let aligned = (ptr as u64).is_multiple_of(sector)
-        && offset.is_multiple_of(sector)
-        && u64::from(length).is_multiple_of(sector);
-    volume.direct_file.as_ref().filter(|_| aligned).map(|file| types::Fd(file.as_raw_fd()))
+    let buffer_aligned = (ptr as u64).is_multiple_of(u64::from(volume.sector_bytes));
+    let file = volume.direct_file_for(offset, u64::from(length)).filter(|_| buffer_aligned)?;
+    Some(types::Fd(file.as_raw_fd()))
 }
 
 #[derive(Debug)]

@@ -272,10 +272,7 @@ impl GroupRt {
         let volume = &self.volumes[usize::from(volume_index)];
         match payload {
             Some(buf) => {
-                let sector = u64::from(volume.sector_bytes);
-                let aligned = offset.is_multiple_of(sector) && (buf.len() as u64).is_multiple_of(sector);
-                let file = volume.direct_file.as_ref().filter(|_| aligned).unwrap_or(&volume.file);
-                let fd = types::Fd(file.as_raw_fd());
+                let fd = types::Fd(volume.io_fd(offset, buf.len() as u64));
                 io.submit(Op::CopyWrite { group, end, buf: Some(buf) }, |op| {
                     let Op::CopyWrite { buf: Some(buf), .. } = op else { unreachable!() };
                     opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(offset).build()

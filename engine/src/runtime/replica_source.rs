@@ -394,7 +394,7 @@ impl GroupRt {
     fn submit_chunk_read(&mut self, io: &mut Io, group: usize, slot: Option<u64>, chunk: ChunkRequest) {
         let volume = &self.volumes[usize::from(chunk.volume_index)];
         let buf = AlignedBuf::zeroed(chunk.length as usize);
-        let fd = types::Fd(volume.read_fd(chunk.offset, u64::from(chunk.length)));
+        let fd = types::Fd(volume.io_fd(chunk.offset, u64::from(chunk.length)));
         let offset = chunk.offset;
         io.submit(Op::ChunkRead { group, slot, chunk, buf }, |op| {
             let Op::ChunkRead { buf, .. } = op else { unreachable!() };
