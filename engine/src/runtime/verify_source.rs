@@ -7,7 +7,7 @@
 //! verify`) or every `verify_interval` in the background.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tandem_proto::{Checksum128, FrameHeader, FrameKind};
@@ -15,7 +15,7 @@ use tandem_proto::{Checksum128, FrameHeader, FrameKind};
 use super::events::EventKind;
 use super::group_io::GroupRt;
 use super::peer_conn::OutFrame;
-use super::replica_source::ChunkRequest;
+use super::replica_source::{unix_ms_now, ChunkRequest};
 use crate::core::compare::{Chunk, ChunkHashes};
 use crate::runtime::compare_source::COMPARE_BLOCK_BYTES;
 
@@ -72,10 +72,6 @@ impl VerifyState {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl GroupRt {
     /// Starts a verify pass (refused, with the reason, when one cannot run).
     pub fn start_verify(&mut self, rate_bytes_per_s: u64, repair: bool) -> Result<(), String> {
@@ -84,8 +80,13 @@ impl GroupRt {
         }
         self.core.start_verify(rate_bytes_per_s, repair)?;
         let total_bytes = self.volumes.iter().map(|v| v.size_bytes).sum();
-        self.verify.status =
-            VerifyStatus { running: true, repair, total_bytes, started_unix_ms: unix_ms(), ..VerifyStatus::default() };
+        self.verify.status = VerifyStatus {
+            running: true,
+            repair,
+            total_bytes,
+            started_unix_ms: unix_ms_now(),
+            ..VerifyStatus::default()
+        };
         self.verify.waiting.clear();
         self.verify.started_at = Some(Instant::now());
         self.verify.connection = self.source.as_ref().and_then(|l| l.conn).map(|c| c.1);
@@ -191,7 +192,7 @@ impl GroupRt {
         let status = &mut self.verify.status;
         if status.running && !progress.running && self.verify.waiting.is_empty() && progress.repairs_queued == 0 {
             status.running = false;
-            status.completed_unix_ms = unix_ms();
+            status.completed_unix_ms = unix_ms_now();
             let elapsed_ms = self.verify.started_at.map_or(0, |at| at.elapsed().as_millis() as u64);
             self.pending_events.push(EventKind::VerifyCompleted {
                 bytes_verified: status.bytes_verified,
@@ -203,7 +204,7 @@ impl GroupRt {
         }
         let Some(interval_ms) = self.verify.interval_ms else { return };
         let last = self.verify.status.completed_unix_ms.max(self.verify.status.started_unix_ms);
-        let due = !self.verify.status.running && unix_ms().saturating_sub(last) >= interval_ms;
+        let due = !self.verify.status.running && unix_ms_now().saturating_sub(last) >= interval_ms;
         if due && self.core.copy_acknowledged() && self.source.as_ref().is_some_and(|l| l.conn.is_some()) {
             let rate = self.verify.rate_bytes_per_s;
             if let Err(reason) = self.start_verify(rate, false) {
