@@ -55,7 +55,8 @@ struct ChannelKeys {
 
 /// Every key of one session.
 pub struct SessionKeys {
-    pub protection: Protection,
+    /// `None`: the session is authenticated (TLS) but frames are not sealed.
+    pub protection: Option<Protection>,
     channels: Vec<ChannelKeys>,
     join_key: Zeroizing<[u8; 32]>,
 }
@@ -74,7 +75,7 @@ impl SessionKeys {
     /// Derives the keys of `channels` channels through `export(context, out)`
     /// (the TLS exporter with [`EXPORTER_LABEL`]).
     pub fn derive(
-        protection: Protection,
+        protection: Option<Protection>,
         channels: u32,
         export: impl Fn(&[u8], &mut [u8]) -> Result<(), String>,
     ) -> Result<Self, String> {
@@ -115,15 +116,17 @@ impl SessionKeys {
         hmac::verify(&key, &join_message(session, channel), &proof).is_ok()
     }
 
-    /// The seal of channel `channel` for the end `side`.
+    /// The seal of channel `channel` for the end `side` (none when the
+    /// partnership's encryption is `none`).
     #[must_use]
-    pub fn channel_seal(&self, channel: u32, side: Side) -> ChannelSeal {
+    pub fn channel_seal(&self, channel: u32, side: Side) -> Option<ChannelSeal> {
+        let protection = self.protection?;
         let keys = &self.channels[channel as usize];
         let (send, recv) = match side {
             Side::Source => (&keys.to_destination, &keys.to_source),
             Side::Destination => (&keys.to_source, &keys.to_destination),
         };
-        ChannelSeal::new(self.protection, send, recv, side, channel as u8)
+        Some(ChannelSeal::new(protection, send, recv, side, channel as u8))
     }
 }
 

@@ -58,8 +58,8 @@ fn nodes_of_one_ca_authenticate_each_other_and_agree_on_keys() {
     server.write_all(b"answer\n").unwrap();
     let mut answer = [0u8; 7];
     client.read_exact(&mut answer).unwrap();
-    let client_keys = client.session_keys(Protection::Encrypt, 2).unwrap();
-    let server_keys = server.session_keys(Protection::Encrypt, 2).unwrap();
+    let client_keys = client.session_keys(Some(Protection::Encrypt), 2).unwrap();
+    let server_keys = server.session_keys(Some(Protection::Encrypt), 2).unwrap();
     let proof = client_keys.join_proof(77, 1);
     assert!(server_keys.check_join_proof(77, 1, &proof));
     assert!(!server_keys.check_join_proof(77, 2, &proof), "a proof is bound to its channel");
@@ -72,8 +72,8 @@ fn nodes_of_one_ca_authenticate_each_other_and_agree_on_keys() {
     server_tcp.read_exact(&mut raw).unwrap();
     assert_eq!(&raw, b"raw frame bytes");
     // Sealed on one side, opened on the other with the exporter's keys.
-    let mut seal = client_keys.channel_seal(1, Side::Source);
-    let mut open = server_keys.channel_seal(1, Side::Destination);
+    let mut seal = client_keys.channel_seal(1, Side::Source).unwrap();
+    let mut open = server_keys.channel_seal(1, Side::Destination).unwrap();
     let mut header = [7u8; HEADER_BYTES];
     let payload = vec![9u8; 4096];
     let mut sealed = vec![0u8; 4096];
@@ -168,14 +168,14 @@ fn a_readable_key_file_is_refused_with_the_fix() {
 }
 
 fn seal_pair(protection: Protection) -> (crate::ChannelSeal, crate::ChannelSeal) {
-    let keys = SessionKeys::derive(protection, 1, |context, out| {
+    let keys = SessionKeys::derive(Some(protection), 1, |context, out| {
         for (i, byte) in out.iter_mut().enumerate() {
             *byte = context.iter().fold(i as u8, |a, b| a.wrapping_mul(31).wrapping_add(*b));
         }
         Ok(())
     })
     .unwrap();
-    (keys.channel_seal(0, Side::Source), keys.channel_seal(0, Side::Destination))
+    (keys.channel_seal(0, Side::Source).unwrap(), keys.channel_seal(0, Side::Destination).unwrap())
 }
 
 #[test]

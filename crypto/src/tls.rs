@@ -135,7 +135,7 @@ impl TlsStream {
 
     /// The keys of the session's replication channels, from the TLS
     /// exporter (RFC 8446 section 7.5): both ends derive the same.
-    pub fn session_keys(&self, protection: Protection, channels: u32) -> Result<SessionKeys, String> {
+    pub fn session_keys(&self, protection: Option<Protection>, channels: u32) -> Result<SessionKeys, String> {
         SessionKeys::derive(protection, channels, |context, out| {
             self.conn
                 .export_keying_material(out, crate::keys::EXPORTER_LABEL, Some(context))

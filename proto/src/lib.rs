@@ -20,7 +20,7 @@ pub use record::{
     RECORD_HEADER_BYTES, RECORD_MAGIC,
 };
 pub use superblock::{
-    BitmapEntry, GenerationEntry, PartnershipEntry, Superblock, SuperblockDecodeError, VolumeEntry, COPY_DONE,
+    BitmapEntry, GenerationEntry, PartnershipEntry, Superblock, SuperblockDecodeError, VolumeEntry, COPY_DONE, ENCRYPTION_AES_128_GCM, ENCRYPTION_NONE, ENCRYPTION_SIGN,
     COPY_IN_PROGRESS, MAX_VOLUMES, MODE_ASYNC, MODE_SYNC, RING_OFFSET_BYTES, ROLE_DESTINATION, ROLE_SOURCE,
     ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
 };

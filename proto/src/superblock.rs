@@ -37,6 +37,12 @@ pub const ROLE_DESTINATION: u32 = 2;
 pub const MODE_SYNC: u32 = 1;
 /// Partnership mode: a write is acknowledged once the local log holds it.
 pub const MODE_ASYNC: u32 = 2;
+/// Partnership frames travel as they are (a trusted network).
+pub const ENCRYPTION_NONE: u32 = 0;
+/// Partnership frames are encrypted and authenticated (AES-128-GCM).
+pub const ENCRYPTION_AES_128_GCM: u32 = 1;
+/// Partnership frames are authenticated only (GMAC).
+pub const ENCRYPTION_SIGN: u32 = 2;
 /// Initial block copy not finished (or never started).
 pub const COPY_IN_PROGRESS: u32 = 1;
 /// Initial block copy finished: the destination followed every record since.
@@ -112,7 +118,7 @@ const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
 const PARTNERSHIP_BYTES: usize = std::mem::size_of::<PartnershipEntry>();
 const BITMAP_ENTRY_BYTES: usize = std::mem::size_of::<BitmapEntry>();
 const RESERVED_BYTES: usize =
-    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 64 - 16;
+    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 64 - 8 - 16;
 
 /// Where the group's dirty-region bitmap lives: at the end of the log device,
 /// after the ring. One bit per `region_bytes` of every volume, volume after
@@ -201,6 +207,12 @@ pub struct Superblock {
     /// local address its replication traffic must use, NUL-padded (all zero:
     /// none; taken from what was reserved, so older superblocks read as none).
     pub network_constraint: [u8; 64],
+    /// How the partnership's frames are protected on the wire:
+    /// [`ENCRYPTION_NONE`], [`ENCRYPTION_AES_128_GCM`] or [`ENCRYPTION_SIGN`]
+    /// (taken from what was reserved: older superblocks read as none, which
+    /// is what their partnerships used).
+    pub encryption: u32,
+    pub encryption_reserved: u32,
     /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.
@@ -310,6 +322,9 @@ impl Superblock {
 
     fn validate_partnership(&self) -> Result<(), SuperblockDecodeError> {
         let p = &self.partnership;
+        if self.encryption > ENCRYPTION_SIGN || self.encryption_reserved != 0 {
+            return Err(field_error("encryption", format!("unknown encryption {}", self.encryption)));
+        }
         match self.role {
             ROLE_STANDALONE => {
                 if *p != PartnershipEntry::zeroed() {

@@ -125,6 +125,12 @@ impl Node {
         let config = dir.path().join("tandem.toml");
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let cores: Vec<String> = (0..cpus.min(2)).map(|c| c.to_string()).collect();
+        // Nodes of tests that do not set up TLS replicate in clear.
+        let replication_toml = if replication_toml.contains("encryption") {
+            replication_toml.to_owned()
+        } else {
+            format!("encryption = \"none\"\n{replication_toml}")
+        };
         let text = format!(
             "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"{host}:{nbd_port}\"\nreplication_listen = \"{host}:{replication_port}\"\nlog_level = \"info\"\n{node_toml}\n\n[engine]\n{engine_toml}\n\n[replication]\n{replication_toml}\n",
             cores.join(", "),

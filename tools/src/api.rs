@@ -59,6 +59,12 @@ pub enum Request {
         source_network: Option<String>,
         #[serde(default)]
         destination_network: Option<String>,
+        /// aes-128-gcm, sign or none (None: the daemon's replication.encryption).
+        #[serde(default)]
+        encryption: Option<String>,
+        /// The node the destination's certificate must name.
+        #[serde(default)]
+        destination_node: Option<String>,
     },
     PartnershipShow {
         group: Option<String>,

@@ -9,6 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::TcpStream;
+
+use tandem_crypto::{SessionKeys, Side};
+use tandem_engine::runtime::peer_conn::PeerChannel;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,9 @@ struct Joining {
     partnership_id: String,
     streams: Vec<Option<TcpStream>>,
     opened: Instant,
+    /// The keys of channel 0's TLS session (none without TLS): data channels
+    /// prove they belong to it, and their frames are sealed with them.
+    keys: Option<SessionKeys>,
 }
 
 /// The joining sessions of a destination node, by group.
@@ -32,13 +38,14 @@ impl JoiningSessions {
     }
 
     /// Opens a session of `channels` channels for `group`; returns its token.
-    pub fn open(&self, group: &str, partnership_id: &str, channels: u32) -> u64 {
+    pub fn open(&self, group: &str, partnership_id: &str, channels: u32, keys: Option<SessionKeys>) -> u64 {
         let token = rand::random::<u64>() | 1;
         let joining = Joining {
             token,
             partnership_id: partnership_id.to_owned(),
             streams: (0..channels).map(|_| None).collect(),
             opened: Instant::now(),
+            keys,
         };
         let mut by_group = self.lock();
         self.drop_expired(&mut by_group);
@@ -46,8 +53,11 @@ impl JoiningSessions {
         token
     }
 
-    /// Adds channel `channel` of session `token`; returns every channel once
-    /// the session is complete.
+    /// Adds channel `channel` of session `token`; returns every channel,
+    /// sealed for the destination, once the session is complete. `proof` is
+    /// a data channel's join proof (`None` for channel 0, the connection
+    /// that opened the session); a session opened over TLS admits only a
+    /// data channel whose proof is bound to that TLS session.
     pub fn add(
         &self,
         group: &str,
@@ -55,7 +65,8 @@ impl JoiningSessions {
         token: u64,
         channel: u32,
         stream: TcpStream,
-    ) -> Result<Option<Vec<TcpStream>>, String> {
+        proof: Option<&str>,
+    ) -> Result<Option<Vec<PeerChannel>>, String> {
         let mut by_group = self.lock();
         let Some(joining) = by_group.get_mut(group) else {
             return Err(format!("no session of group {group} is waiting for data channels; the source reconnects"));
@@ -70,6 +81,13 @@ impl JoiningSessions {
         if joining.token != token || joining.partnership_id != partnership_id {
             return Err(format!("session {token:#x} is not the open session of group {group}; the source reconnects"));
         }
+        if let (Some(keys), Some(proof)) = (&joining.keys, proof) {
+            if !keys.check_join_proof(token, channel, proof) {
+                return Err(format!(
+                    "data channel {channel} of group {group} carries no valid proof of the session's TLS handshake; refused"
+                ));
+            }
+        }
         let count = joining.streams.len();
         let Some(slot) = joining.streams.get_mut(channel as usize) else {
             return Err(format!("channel {channel} is outside the session's {count} channel(s)"));
@@ -82,7 +100,12 @@ impl JoiningSessions {
             return Ok(None);
         }
         let joining = by_group.remove(group).expect("present");
-        Ok(Some(joining.streams.into_iter().map(|s| s.expect("complete")).collect()))
+        let keys = joining.keys;
+        let channels = joining.streams.into_iter().enumerate().map(|(channel, stream)| PeerChannel {
+            stream: stream.expect("complete"),
+            seal: keys.as_ref().and_then(|k| k.channel_seal(channel as u32, Side::Destination)),
+        });
+        Ok(Some(channels.collect()))
     }
 
     /// Sessions whose channels never all came close their connections.
@@ -109,48 +132,48 @@ mod tests {
     #[test]
     fn a_session_completes_with_every_channel_in_order() {
         let sessions = JoiningSessions::new(Duration::from_secs(15));
-        let token = sessions.open("rg02", "ab", 3);
+        let token = sessions.open("rg02", "ab", 3, None);
         let (s0, s1, s2) = (stream(), stream(), stream());
         let local = [s0.local_addr().unwrap(), s1.local_addr().unwrap(), s2.local_addr().unwrap()];
-        assert!(sessions.add("rg02", "ab", token, 2, s2).unwrap().is_none());
-        assert!(sessions.add("rg02", "ab", token, 0, s0).unwrap().is_none());
-        let all = sessions.add("rg02", "ab", token, 1, s1).unwrap().expect("complete");
-        let got: Vec<_> = all.iter().map(|s| s.local_addr().unwrap()).collect();
+        assert!(sessions.add("rg02", "ab", token, 2, s2, None).unwrap().is_none());
+        assert!(sessions.add("rg02", "ab", token, 0, s0, None).unwrap().is_none());
+        let all = sessions.add("rg02", "ab", token, 1, s1, None).unwrap().expect("complete");
+        let got: Vec<_> = all.iter().map(|c| c.stream.local_addr().unwrap()).collect();
         assert_eq!(got, local, "channels come back in channel order");
-        let late = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        let late = sessions.add("rg02", "ab", token, 1, stream(), None).unwrap_err();
         assert!(late.contains("no session of group rg02"), "{late}");
     }
 
     #[test]
     fn wrong_joins_are_refused_with_the_reason() {
         let sessions = JoiningSessions::new(Duration::from_secs(15));
-        let token = sessions.open("rg02", "ab", 2);
-        let wrong_token = sessions.add("rg02", "ab", token ^ 2, 1, stream()).unwrap_err();
+        let token = sessions.open("rg02", "ab", 2, None);
+        let wrong_token = sessions.add("rg02", "ab", token ^ 2, 1, stream(), None).unwrap_err();
         assert!(wrong_token.contains("is not the open session"), "{wrong_token}");
-        let wrong_partnership = sessions.add("rg02", "cd", token, 1, stream()).unwrap_err();
+        let wrong_partnership = sessions.add("rg02", "cd", token, 1, stream(), None).unwrap_err();
         assert!(wrong_partnership.contains("is not the open session"), "{wrong_partnership}");
-        let outside = sessions.add("rg02", "ab", token, 2, stream()).unwrap_err();
+        let outside = sessions.add("rg02", "ab", token, 2, stream(), None).unwrap_err();
         assert!(outside.contains("outside the session's 2 channel(s)"), "{outside}");
-        assert!(sessions.add("rg02", "ab", token, 1, stream()).unwrap().is_none());
-        let twice = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        assert!(sessions.add("rg02", "ab", token, 1, stream(), None).unwrap().is_none());
+        let twice = sessions.add("rg02", "ab", token, 1, stream(), None).unwrap_err();
         assert!(twice.contains("already joined"), "{twice}");
         // A newer session replaces the older one, whose token no longer joins.
-        let newer = sessions.open("rg02", "ab", 2);
-        assert!(sessions.add("rg02", "ab", token, 0, stream()).is_err());
-        assert!(sessions.add("rg02", "ab", newer, 0, stream()).unwrap().is_none());
+        let newer = sessions.open("rg02", "ab", 2, None);
+        assert!(sessions.add("rg02", "ab", token, 0, stream(), None).is_err());
+        assert!(sessions.add("rg02", "ab", newer, 0, stream(), None).unwrap().is_none());
     }
 
     #[test]
     fn a_session_that_waits_too_long_is_dropped() {
         let sessions = JoiningSessions::new(Duration::ZERO);
-        let token = sessions.open("rg02", "ab", 2);
+        let token = sessions.open("rg02", "ab", 2, None);
         std::thread::sleep(Duration::from_millis(5));
-        let expired = sessions.add("rg02", "ab", token, 1, stream()).unwrap_err();
+        let expired = sessions.add("rg02", "ab", token, 1, stream(), None).unwrap_err();
         assert!(expired.contains("waited more than 0 s"), "{expired}");
         // Opening another group's session drops expired ones of every group.
-        let _ = sessions.open("rg03", "cd", 2);
+        let _ = sessions.open("rg03", "cd", 2, None);
         std::thread::sleep(Duration::from_millis(5));
-        let _ = sessions.open("rg04", "ef", 2);
+        let _ = sessions.open("rg04", "ef", 2, None);
         assert_eq!(sessions.lock().len(), 1, "only the newest session is left");
     }
 }

@@ -18,6 +18,20 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// This node's certificate and the CA its peers' certificates must chain
+    /// to (absent: replication is neither authenticated nor encrypted, and
+    /// only partnerships with encryption "none" are possible).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: PEM files (`tandem cert issue` writes all three).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Config {
@@ -37,6 +51,7 @@ impl Config {
             ("node.metrics_listen", format!("{:?}", a.metrics_listen), format!("{:?}", b.metrics_listen)),
             ("[engine]", format!("{:?}", self.engine), format!("{:?}", new.engine)),
             ("[replication]", format!("{:?}", self.replication), format!("{:?}", new.replication)),
+            ("[tls]", format!("{:?}", self.tls), format!("{:?}", new.tls)),
         ];
         fields.into_iter().filter(|(_, old, new)| old != new).map(|(name, _, _)| name.to_owned()).collect()
     }
@@ -64,6 +79,11 @@ pub struct ReplicationConfig {
     pub verify_interval_seconds: u64,
     /// Rate of a verify pass (background and on request without --rate).
     pub verify_rate_bytes_per_s: u64,
+    /// How partnership frames are protected on the wire: "aes-128-gcm"
+    /// (encrypted and authenticated), "sign" (authenticated) or "none".
+    /// A source offers it when `--encryption` is not given; a destination
+    /// accepts only partnerships that use it.
+    pub encryption: String,
 }
 
 impl Default for ReplicationConfig {
@@ -76,6 +96,7 @@ impl Default for ReplicationConfig {
             socket_buffer_bytes: tandem_engine::runtime::net::DEFAULT_SOCKET_BUFFER_BYTES,
             verify_interval_seconds: 0,
             verify_rate_bytes_per_s: tandem_engine::runtime::DEFAULT_VERIFY_RATE_BYTES_PER_S,
+            encryption: "aes-128-gcm".to_owned(),
         }
     }
 }
@@ -235,6 +256,8 @@ impl Config {
                 replication.socket_buffer_bytes
             ));
         }
+        tandem_crypto::Protection::parse(&replication.encryption)
+            .map_err(|e| format!("replication.encryption: {e}"))?;
         tracing_subscriber::EnvFilter::try_new(&self.node.log_level)
             .map_err(|e| format!("node.log_level {:?} is not a log filter: {e}", self.node.log_level))?;
         Ok(())

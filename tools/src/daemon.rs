@@ -50,6 +50,30 @@ pub struct Daemon {
     pub events: std::sync::Arc<crate::events::EventLog>,
     /// Who may do what on the management socket besides administrators.
     pub delegations: crate::delegation::Delegations,
+    /// This node's TLS identity (`[tls]`); none: replication is in clear.
+    pub tls: Option<tandem_crypto::NodeTls>,
+}
+
+/// Loads and checks `[tls]`: the key readable by its owner only, the
+/// certificate naming this node.
+fn load_tls(config: &Config) -> Result<Option<tandem_crypto::NodeTls>, String> {
+    let Some(tls) = &config.tls else {
+        tracing::warn!(
+            "no [tls] section: replication connections are neither authenticated nor encrypted; create certificates with `tandem cert init-ca` and `tandem cert issue`"
+        );
+        return Ok(None);
+    };
+    let identity = tandem_crypto::identity::load_identity(&tls.ca, &tls.cert, &tls.key).map_err(|e| format!("[tls]: {e}"))?;
+    if identity.name != config.node.name {
+        return Err(format!(
+            "[tls]: certificate {} names node {:?} but node.name is {:?}; issue one for this node with `tandem cert issue --node {}`",
+            tls.cert.display(),
+            identity.name,
+            config.node.name,
+            config.node.name
+        ));
+    }
+    tandem_crypto::NodeTls::new(identity).map(Some).map_err(|e| format!("[tls]: {e}"))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +106,7 @@ impl Daemon {
             );
         }
         let delegations = crate::delegation::Delegations::load(&config.node.state_dir)?;
+        let tls = load_tls(&config)?;
         let daemon = Self {
             config,
             cores,
@@ -91,6 +116,7 @@ impl Daemon {
             peer_errors: Mutex::new(BTreeMap::new()),
             events,
             delegations,
+            tls,
         };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
@@ -191,6 +217,8 @@ impl Daemon {
                 seeded,
                 source_network,
                 destination_network,
+                encryption,
+                destination_node,
             } => {
                 let channels = channels.unwrap_or(self.config.replication.channels);
                 let request = crate::replication::CreateRequest {
@@ -202,6 +230,8 @@ impl Daemon {
                     seeded,
                     source_network: source_network.unwrap_or_default(),
                     destination_network: destination_network.unwrap_or_default(),
+                    encryption: encryption.unwrap_or_else(|| self.config.replication.encryption.clone()),
+                    destination_node,
                 };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
@@ -501,10 +531,17 @@ impl Daemon {
 
     /// Sets (or clears, with "") the network constraint of `group`'s
     /// partnership on this node; durable when it returns.
-    pub fn set_network(&self, group: &str, network: &str) -> Result<(), String> {
+    /// Sets how the partnership of `group` runs its channels on this node:
+    /// the network constraint and the encryption (`ENCRYPTION_*`).
+    pub fn set_channel_policy(&self, group: &str, network: &str, encryption: u32) -> Result<(), String> {
         let fixed = tandem_proto::fixed_str(network)
             .ok_or_else(|| format!("network constraint {network:?} is longer than 63 bytes"))?;
-        self.ask_core(group, |reply| CoreMsg::SetNetwork { group: group.to_owned(), network: fixed, reply })
+        self.ask_core(group, |reply| CoreMsg::SetChannelPolicy {
+            group: group.to_owned(),
+            network: fixed,
+            encryption,
+            reply,
+        })
     }
 
     /// Sends `msg` to the core serving `group` and waits for its answer.
@@ -591,13 +628,13 @@ impl Daemon {
     pub fn attach_peer(
         &self,
         group: &str,
-        streams: Vec<std::net::TcpStream>,
+        channels: Vec<tandem_engine::runtime::peer_conn::PeerChannel>,
         source_view: Option<(u64, u64, tandem_engine::core::CopyPosition)>,
     ) -> Result<(), String> {
         let group_name = group.to_owned();
         let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {
             group: group_name,
-            streams,
+            channels,
             source_view,
             reply,
         })?;

@@ -43,11 +43,16 @@ impl DemoNode {
         let (nbd_port, replication_port) = (free_port()?, free_port()?);
         let api = home.join("api.sock");
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        // Each node gets a certificate of the demo's own cluster CA: the
+        // partnership runs over mutual TLS with AES-128-GCM frames.
+        let tls = home.join("tls");
+        tandem_crypto::identity::issue(&dir.join("ca"), name, &tls, 1)?;
         let config = format!(
-            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nreplication_listen = \"127.0.0.1:{replication_port}\"\nlog_level = \"warn\"\n",
+            "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nreplication_listen = \"127.0.0.1:{replication_port}\"\nlog_level = \"warn\"\n\n[tls]\nca = \"{3}/ca.pem\"\ncert = \"{3}/node.pem\"\nkey = \"{3}/node.key\"\n",
             if cpus > 1 { "0, 1" } else { "0" },
             home.join("state").display(),
-            api.display()
+            api.display(),
+            tls.display()
         );
         let config_path = home.join("tandem.toml");
         std::fs::write(&config_path, config).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
@@ -167,6 +172,7 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         .tempdir()
         .map_err(|e| format!("no temporary directory: {e}"))?;
     println!("== Tandem demo in {}: two nodes on loopback, {} replication", dir.path().display(), options.mode);
+    tandem_crypto::identity::init_ca(&dir.path().join("ca"), "tandem-demo-ca", 1)?;
     let mut a = DemoNode::start("node-a", dir.path())?;
     let mut b = DemoNode::start("node-b", dir.path())?;
     for node in [&a, &b] {
@@ -200,6 +206,8 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         seeded: false,
         source_network: None,
         destination_network: None,
+        encryption: Some("aes-128-gcm".to_owned()),
+        destination_node: Some("node-b".to_owned()),
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");

@@ -24,6 +24,8 @@ pub mod partnership_view;
 pub mod probe;
 pub mod registry;
 pub mod replication;
+pub mod replication_dest;
+pub mod secure_channel;
 pub mod serve;
 pub mod size;
 pub mod topology;

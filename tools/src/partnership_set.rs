@@ -8,7 +8,7 @@ use tandem_engine::runtime::CoreMsg;
 use tandem_proto::{MODE_ASYNC, MODE_SYNC};
 
 use crate::daemon::Daemon;
-use crate::replication::{connect, exchange_with, hello_for, CreateRequest, HelloAction};
+use crate::replication::{exchange_with, hello_for, open_control, CreateRequest, HelloAction};
 
 fn mode_value(mode: &str) -> Result<u32, String> {
     match mode {
@@ -40,8 +40,7 @@ pub fn set_mode(daemon: &Daemon, group: &str, mode: &str) -> Result<String, Stri
     );
     let request = CreateRequest { mode: mode.to_owned(), ..CreateRequest::existing(group, &partnership) };
     let hello = hello_for(daemon, &status, &request, HelloAction::SetMode, &partnership.id);
-    let told = connect(&request.destination, &request.source_network)
-        .and_then(|mut stream| exchange_with(&mut stream, &hello));
+    let told = open_control(daemon, &request).and_then(|mut stream| exchange_with(&mut stream, &hello));
     let remote = match told {
         Ok(_) => format!("; {peer} holds it too"),
         Err(reason) => format!("; {peer} could not be told ({reason}) and shows the old mode until it is"),

@@ -44,6 +44,15 @@ pub fn print_partnership(g: &GroupStatus) {
     if !p.network.is_empty() {
         println!("  network       constrained to {} on this node", p.network);
     }
+    let protection = match p.encryption.as_str() {
+        "aes-128-gcm" => "AES-128-GCM (encrypted and authenticated), peer authenticated by TLS",
+        "sign" => "signed (GMAC, authenticated, not encrypted), peer authenticated by TLS",
+        _ => "none: frames travel in clear",
+    };
+    println!("  encryption    {protection}");
+    if p.frames_rejected > 0 {
+        println!("  rejected      {} frame(s) failed authentication (each reset the session)", p.frames_rejected);
+    }
     if g.role == "source" {
         println!(
             "  LSN           current {}  destination durable {}  behind {}  RPO {} ms",

@@ -6,7 +6,7 @@
 //! frames that belong to the core, and no buffered reader may swallow them.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,13 @@ use tandem_engine::runtime::peer_session::MAX_CHANNELS;
 use tandem_engine::runtime::status::GroupStatus;
 use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERSION};
 
-use crate::channel_join::JoiningSessions;
-use crate::daemon::Daemon;
+use tandem_crypto::Side;
+use tandem_engine::runtime::peer_conn::PeerChannel;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::daemon::Daemon;
+use crate::secure_channel::{self, ControlStream};
+
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKE_LINE_BYTES: usize = 16 * 1024;
 /// Longest wait between reconnection attempts.
@@ -80,6 +83,16 @@ pub struct Hello {
     /// Probe: the socket buffer size the daemon sets on its end (0: default).
     #[serde(default)]
     pub socket_buffer_bytes: u32,
+    /// How the partnership's frames are protected: aes-128-gcm, sign or none.
+    #[serde(default = "encryption_none")]
+    pub encryption: String,
+    /// Join over a TLS session: the proof that this channel belongs to it.
+    #[serde(default)]
+    pub join_proof: String,
+}
+
+fn encryption_none() -> String {
+    "none".to_owned()
 }
 
 impl Hello {
@@ -104,6 +117,8 @@ impl Hello {
             socket_buffer_bytes,
             seeded: false,
             destination_network: String::new(),
+            encryption: encryption_none(),
+            join_proof: String::new(),
         }
     }
 }
@@ -128,13 +143,14 @@ pub struct Answer {
     pub probe: Option<crate::probe::ProbeFacts>,
 }
 
-pub(crate) fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> Result<(), String> {
+pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
     let mut text = serde_json::to_string(value).expect("handshake serializes");
     text.push('\n');
-    stream.write_all(text.as_bytes()).map_err(|e| format!("sending the handshake failed: {e}"))
+    stream.write_all(text.as_bytes()).map_err(|e| format!("sending the handshake failed: {e}"))?;
+    stream.flush().map_err(|e| format!("sending the handshake failed: {e}"))
 }
 
-fn read_line<T: for<'a> Deserialize<'a>>(stream: &mut TcpStream) -> Result<T, String> {
+pub(crate) fn read_line<T: for<'a> Deserialize<'a>>(stream: &mut impl Read) -> Result<T, String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -151,7 +167,7 @@ fn read_line<T: for<'a> Deserialize<'a>>(stream: &mut TcpStream) -> Result<T, St
     serde_json::from_slice(&line).map_err(|e| format!("malformed handshake: {e}"))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -173,6 +189,11 @@ pub struct CreateRequest {
     /// on this node and on the destination (empty: any).
     pub source_network: String,
     pub destination_network: String,
+    /// aes-128-gcm, sign or none.
+    pub encryption: String,
+    /// The node the destination's certificate must name (with TLS; `None`:
+    /// any node of the CA, whose name is then kept).
+    pub destination_node: Option<String>,
 }
 
 impl CreateRequest {
@@ -189,6 +210,8 @@ impl CreateRequest {
             seeded: false,
             source_network: partnership.network.clone(),
             destination_network: String::new(),
+            encryption: partnership.encryption.clone(),
+            destination_node: Some(partnership.peer_node.clone()),
         }
     }
 }
@@ -214,8 +237,16 @@ pub fn connect_replication(address: &str) -> Result<TcpStream, String> {
 }
 
 /// Sends a handshake line and reads the answer; a refusal is an error.
-pub fn exchange_with(stream: &mut TcpStream, hello: &Hello) -> Result<Answer, String> {
+pub fn exchange_with(stream: &mut (impl Read + Write), hello: &Hello) -> Result<Answer, String> {
     exchange(stream, hello)
+}
+
+/// Opens the control connection of `request`'s partnership (TLS when this
+/// node has `[tls]`).
+pub(crate) fn open_control(daemon: &Daemon, request: &CreateRequest) -> Result<ControlStream, String> {
+    let stream = connect(&request.destination, &request.source_network)?;
+    secure_channel::client(daemon, stream, request.destination_node.as_deref())
+        .map_err(|e| format!("cannot authenticate the destination at {}: {e}", request.destination))
 }
 
 /// Connects to `address` through the network constraint `network` (an
@@ -256,10 +287,12 @@ pub(crate) fn hello_for(
         socket_buffer_bytes: 0,
         seeded: request.seeded,
         destination_network: request.destination_network.clone(),
+        encryption: request.encryption.clone(),
+        join_proof: String::new(),
     }
 }
 
-fn exchange(stream: &mut TcpStream, hello: &Hello) -> Result<Answer, String> {
+fn exchange(stream: &mut (impl Read + Write), hello: &Hello) -> Result<Answer, String> {
     write_line(stream, hello)?;
     let answer: Answer = read_line(stream)?;
     if answer.ok {
@@ -277,6 +310,13 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
         other => return Err(format!("--mode {other}: use sync or async")),
     };
     check_channels(request.channels)?;
+    let encryption = secure_channel::encryption_code(&request.encryption).map_err(|e| format!("--{e}"))?;
+    if encryption != tandem_proto::ENCRYPTION_NONE && daemon.tls.is_none() {
+        return Err(format!(
+            "--encryption {} needs TLS, but {} has no [tls] section: create certificates with `tandem cert init-ca` and `tandem cert issue`, or use --encryption none on a trusted network",
+            request.encryption, daemon.config.node.name
+        ));
+    }
     let status = daemon.group_status(&request.source_group)?;
     if status.role != "standalone" {
         return Err(format!("group {} is already in a partnership ({})", request.source_group, status.role));
@@ -287,9 +327,10 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     }
     let id: [u8; 16] = rand::random();
     let id_hex = hex(&id);
-    let mut stream = connect(&request.destination, &request.source_network)?;
+    let mut stream = open_control(daemon, request)?;
     let hello = hello_for(daemon, &status, request, HelloAction::Check, &id_hex);
     let checked = exchange(&mut stream, &hello)?;
+    secure_channel::check_answering_node(&stream, &checked.destination_node)?;
     let mut entry = PartnershipEntry::default_zeroed();
     entry.id = id;
     entry.mode = mode;
@@ -298,7 +339,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     entry.peer_group = fixed_str(&request.destination_group).ok_or("destination group name too long")?;
     entry.peer_address = fixed_str(&request.destination).ok_or("destination address longer than 127 bytes")?;
     let baseline_lsn = daemon.become_source(&request.source_group, entry)?;
-    if let Err(reason) = daemon.set_network(&request.source_group, &request.source_network) {
+    if let Err(reason) = daemon.set_channel_policy(&request.source_group, &request.source_network, encryption) {
         let _ = daemon.leave_partnership(&request.source_group);
         return Err(reason);
     }
@@ -312,8 +353,8 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             return Err(format!("the destination refused the partnership: {reason}"));
         }
     };
-    let streams = match join_channels(stream, &request.destination, &request.source_network, &commit, answer.session) {
-        Ok(streams) => streams,
+    let channels = match join_channels(stream, &request.destination, &request.source_network, &commit, answer.session) {
+        Ok(channels) => channels,
         Err(reason) => {
             // The destination keeps the partnership; the connector resumes it.
             daemon.note_peer_error(&request.source_group, reason.clone());
@@ -322,7 +363,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     };
     daemon.attach_peer(
         &request.source_group,
-        streams,
+        channels,
         Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
     )?;
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
@@ -348,18 +389,18 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
 fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     let partnership = status.partnership.as_ref().ok_or("no partnership")?;
     let request = CreateRequest::existing(&status.name, partnership);
-    let mut stream = connect(&request.destination, &request.source_network)?;
+    let mut stream = open_control(daemon, &request)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
     let answer = exchange(&mut stream, &hello)?;
-    let streams = join_channels(stream, &request.destination, &request.source_network, &hello, answer.session)?;
+    let channels = join_channels(stream, &request.destination, &request.source_network, &hello, answer.session)?;
     daemon.attach_peer(
         &status.name,
-        streams,
+        channels,
         Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
     )
 }
 
-fn check_channels(channels: u32) -> Result<(), String> {
+pub(crate) fn check_channels(channels: u32) -> Result<(), String> {
     if (1..=MAX_CHANNELS as u32).contains(&channels) {
         Ok(())
     } else {
@@ -368,27 +409,30 @@ fn check_channels(channels: u32) -> Result<(), String> {
 }
 
 /// Opens the other data channels of the session that `first` (channel 0)
-/// opened with `hello`; all of them, in channel order, ready for the core.
+/// opened with `hello`; all of them, in channel order and sealed with the
+/// session's keys, ready for the core.
 fn join_channels(
-    first: TcpStream,
+    first: ControlStream,
     address: &str,
     network: &str,
     hello: &Hello,
     session: u64,
-) -> Result<Vec<TcpStream>, String> {
-    let mut streams = vec![first];
+) -> Result<Vec<PeerChannel>, String> {
+    let keys = first.session_keys(&hello.encryption, hello.channels)?;
+    let mut streams = vec![first.into_tcp()];
     for channel in 1..hello.channels {
         let mut stream = connect(address, network)?;
-        let join = Hello { action: HelloAction::Join, session, channel, ..hello.clone() };
+        let join_proof = keys.as_ref().map(|k| k.join_proof(session, channel)).unwrap_or_default();
+        let join = Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() };
         exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
         streams.push(stream);
     }
     end_handshake(&streams);
-    Ok(streams)
+    Ok(secure_channel::sealed_channels(streams, keys.as_ref(), Side::Source))
 }
 
 /// The handshake's timeouts end where the core's heartbeats take over.
-fn end_handshake(streams: &[TcpStream]) {
+pub(crate) fn end_handshake(streams: &[TcpStream]) {
     for stream in streams {
         let _ = stream.set_read_timeout(None);
         let _ = stream.set_write_timeout(None);
@@ -435,7 +479,7 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
     if status.role == "source" {
         let request = CreateRequest::existing(group, &partnership);
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
-        remote = match connect(&request.destination, &request.source_network).and_then(|mut s| exchange(&mut s, &hello))
+        remote = match open_control(daemon, &request).and_then(|mut s| exchange(&mut s, &hello))
         {
             Ok(_) => format!("; {}/{} is standalone again", partnership.peer_node, partnership.peer_group),
             Err(reason) => format!(
@@ -448,240 +492,4 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
     let peer = format!("{}/{}", partnership.peer_node, partnership.peer_group);
     daemon.events.record(group, EventKind::PartnershipRemoved { peer });
     Ok(format!("partnership of {group} removed; {group} is standalone{remote}"))
-}
-
-/// Accepts replication connections; each handshake runs on its own thread.
-pub fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
-    let sessions = Arc::new(JoiningSessions::new(HANDSHAKE_TIMEOUT));
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let daemon = Arc::clone(&daemon);
-        let sessions = Arc::clone(&sessions);
-        let spawned = std::thread::Builder::new().name("tandem-repl-handshake".into()).spawn(move || {
-            let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-            if let Err(reason) = answer(&daemon, &sessions, stream) {
-                tracing::warn!(%peer, %reason, "replication handshake refused");
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a replication handshake thread");
-        }
-    }
-}
-
-fn answer(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream) -> Result<(), String> {
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-    loop {
-        let hello: Hello = read_line(&mut stream)?;
-        if matches!(hello.action, HelloAction::Join) {
-            return join(daemon, sessions, stream, &hello);
-        }
-        if matches!(hello.action, HelloAction::Probe) {
-            return crate::probe::answer(daemon, stream, &hello);
-        }
-        let local = stream.local_addr().ok().map(|a| a.ip());
-        let result = destination_step(daemon, &hello, local);
-        let mut reply = match &result {
-            Ok(reply) => reply.clone(),
-            Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
-        };
-        reply.destination_node.clone_from(&daemon.config.node.name);
-        let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
-        if opens_session {
-            reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, hello.channels);
-        }
-        write_line(&mut stream, &reply)?;
-        let reason = result.err();
-        match (&hello.action, reason) {
-            (HelloAction::Check | HelloAction::Create, Some(reason)) => {
-                daemon
-                    .events
-                    .record(&hello.destination_group, EventKind::PartnershipRefused { reason: reason.clone() });
-                return Err(reason);
-            }
-            (_, Some(reason)) => return Err(reason),
-            (HelloAction::Check, None) => continue,
-            (HelloAction::Remove | HelloAction::SetMode, None) => return Ok(()),
-            (HelloAction::Create | HelloAction::Resume, None) => {
-                let joined = sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream)?;
-                return attach_joined(daemon, &hello.destination_group, joined);
-            }
-            (HelloAction::Join | HelloAction::Probe, None) => unreachable!("answered by join() and probe::answer()"),
-        }
-    }
-}
-
-/// A data channel joining the session its Create or Resume opened.
-fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hello: &Hello) -> Result<(), String> {
-    let group = &hello.destination_group;
-    let network = daemon.group_status(group).ok().and_then(|s| s.partnership).map(|p| p.network).unwrap_or_default();
-    let local = stream.local_addr().ok().map(|a| a.ip());
-    let joined = crate::network::arrived_within(&network, local)
-        .and_then(|()| {
-            stream.try_clone().map_err(|e| format!("cannot keep data channel {} of {group}: {e}", hello.channel))
-        })
-        .and_then(|kept| sessions.add(group, &hello.partnership_id, hello.session, hello.channel, kept));
-    let reply = Answer {
-        ok: joined.is_ok(),
-        error: joined.as_ref().err().cloned(),
-        destination_node: daemon.config.node.name.clone(),
-        ..Answer::default()
-    };
-    write_line(&mut stream, &reply)?;
-    attach_joined(daemon, group, joined?)
-}
-
-/// Hands a session to the group's core once all its channels joined.
-fn attach_joined(daemon: &Daemon, group: &str, joined: Option<Vec<TcpStream>>) -> Result<(), String> {
-    let Some(streams) = joined else { return Ok(()) };
-    end_handshake(&streams);
-    daemon.attach_peer(group, streams, None)
-}
-
-/// Validates a handshake step on the destination and carries it out.
-fn destination_step(daemon: &Daemon, hello: &Hello, local: Option<std::net::IpAddr>) -> Result<Answer, String> {
-    if hello.wire_version != WIRE_VERSION {
-        return Err(format!(
-            "the source speaks replication protocol {} and this node {WIRE_VERSION}; run the same Tandem version on both",
-            hello.wire_version
-        ));
-    }
-    let name = &hello.destination_group;
-    check_channels(hello.channels).map_err(|_| {
-        format!("the source asks for {} data channels; a partnership has 1 to {MAX_CHANNELS}", hello.channels)
-    })?;
-    let status =
-        daemon.group_status(name).map_err(|_| format!("group {name} does not exist on {}", daemon.config.node.name))?;
-    let ok = |durable_lsn, next_lsn, copy: CopyPosition| Answer {
-        ok: true,
-        durable_lsn,
-        next_lsn,
-        copy_at: match copy {
-            CopyPosition::Done => None,
-            CopyPosition::At { volume_index, offset } => Some((volume_index, offset)),
-        },
-        ..Answer::default()
-    };
-    match hello.action {
-        HelloAction::Check | HelloAction::Create => {
-            check_new_destination(daemon, &status, hello)?;
-            if !hello.destination_network.is_empty() {
-                crate::network::local_addresses(&hello.destination_network).map_err(|e| {
-                    format!("--destination-network {}: {e} (on {})", hello.destination_network, daemon.config.node.name)
-                })?;
-                crate::network::arrived_within(&hello.destination_network, local)?;
-            }
-            if matches!(hello.action, HelloAction::Check) {
-                return Ok(Answer { ok: true, ..Answer::default() });
-            }
-            let mut entry = PartnershipEntry::default_zeroed();
-            entry.id = parse_id(&hello.partnership_id)?;
-            entry.mode = if hello.mode == "sync" { MODE_SYNC } else { MODE_ASYNC };
-            entry.channels = hello.channels;
-            entry.copy_state = tandem_proto::COPY_IN_PROGRESS;
-            entry.peer_node = fixed_str(&hello.source_node).ok_or("source node name too long")?;
-            entry.peer_group = fixed_str(&hello.source_group).ok_or("source group name too long")?;
-            daemon.become_destination(name, entry, hello.baseline_lsn)?;
-            daemon.set_network(name, &hello.destination_network)?;
-            let source = format!("{}/{}", hello.source_node, hello.source_group);
-            daemon.events.record(name, EventKind::DestinationAttached { source });
-            Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
-        }
-        HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
-        HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
-        HelloAction::Resume | HelloAction::Remove | HelloAction::SetMode => {
-            let state = daemon.destination_state(name)?.ok_or_else(|| {
-                format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)
-            })?;
-            if hex(&state.partnership_id) != hello.partnership_id {
-                return Err(format!("group {name} is the destination of another partnership"));
-            }
-            let network = status.partnership.as_ref().map(|p| p.network.clone()).unwrap_or_default();
-            crate::network::arrived_within(&network, local)?;
-            if matches!(hello.action, HelloAction::SetMode) {
-                crate::partnership_set::take_mode(daemon, name, &hello.mode)?;
-                return Ok(Answer { ok: true, ..Answer::default() });
-            }
-            if matches!(hello.action, HelloAction::Remove) {
-                daemon.leave_partnership(name)?;
-                let peer = format!("{}/{}", hello.source_node, hello.source_group);
-                daemon.events.record(name, EventKind::PartnershipRemoved { peer });
-                return Ok(Answer { ok: true, ..Answer::default() });
-            }
-            if state.connected {
-                return Err(format!("group {name} already has a connected source"));
-            }
-            Ok(ok(state.durable_lsn, state.next_lsn, state.copy))
-        }
-    }
-}
-
-fn parse_id(text: &str) -> Result<[u8; 16], String> {
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "malformed partnership id".to_owned())?;
-    bytes.try_into().map_err(|_| "malformed partnership id".to_owned())
-}
-
-/// Every refusal of a new destination, with the numbers.
-fn check_new_destination(daemon: &Daemon, status: &GroupStatus, hello: &Hello) -> Result<(), String> {
-    let name = &status.name;
-    let node = &daemon.config.node.name;
-    if status.state != "Online" {
-        return Err(format!("group {name} on {node} is not online ({})", status.state));
-    }
-    if status.role != "standalone" {
-        return Err(format!("group {name} on {node} is already in a partnership ({})", status.role));
-    }
-    let sizes: Vec<u64> = status.volumes.iter().map(|v| v.size_bytes).collect();
-    if sizes.len() != hello.volume_sizes_bytes.len() {
-        return Err(format!(
-            "group {name} on {node} has {} volume(s) but {} has {}; a destination needs the same volumes",
-            sizes.len(),
-            hello.source_group,
-            hello.volume_sizes_bytes.len()
-        ));
-    }
-    for (index, (here, there)) in sizes.iter().zip(&hello.volume_sizes_bytes).enumerate() {
-        if here != there {
-            return Err(format!(
-                "volume {index} of {name} on {node} is {here} bytes but volume {index} of {} is {there} bytes; sizes must be equal",
-                hello.source_group
-            ));
-        }
-    }
-    if status.log_sector_bytes != hello.log_sector_bytes {
-        return Err(format!(
-            "the log of {name} on {node} has {}-byte sectors but the source's has {}-byte sectors; put both logs on storage with the same sector size",
-            status.log_sector_bytes, hello.log_sector_bytes
-        ));
-    }
-    if status.connections > 0 {
-        return Err(format!(
-            "the volumes of {name} on {node} are in use by {} client connection(s); disconnect them first",
-            status.connections
-        ));
-    }
-    if hello.seeded {
-        check_seeded(status, node)?;
-    }
-    Ok(())
-}
-
-/// A seeded destination holds data: a volume that is all holes cannot hold
-/// an older copy (block devices are taken at their word).
-fn check_seeded(status: &GroupStatus, node: &str) -> Result<(), String> {
-    for (index, volume) in status.volumes.iter().enumerate() {
-        let Ok(metadata) = std::fs::metadata(&volume.path) else { continue };
-        if metadata.is_file() && std::os::unix::fs::MetadataExt::blocks(&metadata) == 0 {
-            return Err(format!(
-                "--seeded, but volume {index} of {} on {node} ({}) holds no data (all holes); restore the older copy there first, or drop --seeded to copy everything",
-                status.name, volume.path
-            ));
-        }
-    }
-    Ok(())
 }

@@ -26,6 +26,16 @@ pub enum EventKind {
     PeerLost {
         reason: String,
     },
+    /// A peer was refused before any group was named (TLS or policy).
+    PeerRefused {
+        peer: String,
+        reason: String,
+    },
+    /// A received frame failed authentication; its session was reset.
+    FrameRejected {
+        peer: String,
+        reason: String,
+    },
     PeerConnected {
         peer_durable_lsn: u64,
         current_lsn: u64,
@@ -121,6 +131,8 @@ impl EventKind {
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
+            Self::FrameRejected { .. } => 8001,
+            Self::PeerRefused { .. } => 8002,
             Self::PeerConnected { .. } => 4002,
             Self::CatchUpCompleted { .. } => 4003,
             Self::BitmapSpill { .. } => 4004,
@@ -140,6 +152,8 @@ impl EventKind {
         match self {
             Self::GroupFailed { .. } => "error",
             Self::PeerLost { .. }
+            | Self::FrameRejected { .. }
+            | Self::PeerRefused { .. }
             | Self::RpoExceeded { .. }
             | Self::PartnershipRefused { .. }
             | Self::BitmapSpill { .. }
@@ -167,6 +181,8 @@ impl EventKind {
                 "initial block copy completed in {elapsed_ms} ms: {bytes_sent} bytes sent, {bytes_skipped} bytes of holes skipped"
             ),
             Self::PeerLost { reason } => format!("replication peer lost: {reason}"),
+            Self::PeerRefused { peer, reason } => format!("replication peer {peer} refused: {reason}"),
+            Self::FrameRejected { peer, reason } => format!("replication channel from {peer} reset: {reason}"),
             Self::PeerConnected { peer_durable_lsn, current_lsn } => format!(
                 "replication peer connected; it holds LSN {peer_durable_lsn}, this group is at LSN {current_lsn}"
             ),

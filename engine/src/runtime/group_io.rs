@@ -150,6 +150,8 @@ pub struct GroupRt {
     pub verify: super::verify_source::VerifyState,
     /// Events raised by the runtime, reported at the next observation.
     pub pending_events: Vec<super::events::EventKind>,
+    /// Frames of this group's sessions that failed authentication.
+    pub frames_rejected: u64,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -198,6 +200,7 @@ impl GroupRt {
                 peer_defaults.verify_rate_bytes_per_s,
             ),
             pending_events: Vec::new(),
+            frames_rejected: 0,
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),

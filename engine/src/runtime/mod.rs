@@ -14,7 +14,7 @@ mod io;
 pub mod log_store;
 pub mod net;
 mod partner;
-mod peer_conn;
+pub mod peer_conn;
 pub mod peer_session;
 pub mod promote;
 mod reactor;

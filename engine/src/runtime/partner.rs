@@ -159,6 +159,7 @@ impl GroupRt {
         self.superblock.role = ROLE_STANDALONE;
         self.superblock.partnership = PartnershipEntry::default_zeroed();
         self.superblock.network_constraint = [0; 64];
+        self.superblock.encryption = tandem_proto::ENCRYPTION_NONE;
         self.core.detach_peer();
         self.source = None;
         self.destination = None;
@@ -178,14 +179,16 @@ impl GroupRt {
     }
 
     /// Replies once the superblock with the current partnership is durable.
-    /// Sets the partnership's network constraint on this side (an interface
-    /// or local address; empty: none) and answers once it is durable.
-    pub fn set_network_constraint(&mut self, network: [u8; 64], reply: Sender<Result<(), String>>) {
+    /// Sets how the partnership's channels run on this side: the network
+    /// constraint (an interface or local address; empty: none) and the
+    /// encryption (`ENCRYPTION_*`); answers once it is durable.
+    pub fn set_channel_policy(&mut self, network: [u8; 64], encryption: u32, reply: Sender<Result<(), String>>) {
         if self.superblock.role == ROLE_STANDALONE {
             let _ = reply.send(Err(format!("group {} is not in a partnership", self.name)));
             return;
         }
         self.superblock.network_constraint = network;
+        self.superblock.encryption = encryption;
         self.persist_then_reply(reply);
     }
 
@@ -220,6 +223,13 @@ impl GroupRt {
             mode: if p.mode == tandem_proto::MODE_SYNC { "sync" } else { "async" }.to_owned(),
             channels: p.channels,
             network: text(&self.superblock.network_constraint),
+            encryption: match self.superblock.encryption {
+                tandem_proto::ENCRYPTION_AES_128_GCM => "aes-128-gcm",
+                tandem_proto::ENCRYPTION_SIGN => "sign",
+                _ => "none",
+            }
+            .to_owned(),
+            frames_rejected: self.frames_rejected,
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),

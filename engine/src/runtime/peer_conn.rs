@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
+use tandem_crypto::{ChannelSeal, TAG_BYTES};
 use tandem_proto::{FrameHeader, RecordHeader, FRAME_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC};
 
 use super::buf::AlignedBuf;
@@ -41,31 +42,65 @@ pub struct SharedBytes {
 pub struct OutFrame {
     pub header: [u8; RECORD_HEADER_BYTES],
     pub payload: Option<SharedBytes>,
-    /// Bytes already sent (of header, then payload).
+    /// On a sealed channel: the tags of the header and of the payload.
+    header_tag: Option<[u8; TAG_BYTES]>,
+    payload_tag: Option<[u8; TAG_BYTES]>,
+    /// Bytes already sent (of header, tags and payload, in wire order).
     pub sent: usize,
 }
 
 impl OutFrame {
     #[must_use]
     pub fn new(header: &[u8], payload: Option<SharedBytes>) -> Self {
-        Self { header: header.try_into().expect("64-byte header"), payload, sent: 0 }
+        Self {
+            header: header.try_into().expect("64-byte header"),
+            payload,
+            header_tag: None,
+            payload_tag: None,
+            sent: 0,
+        }
     }
 
     fn len(&self) -> usize {
-        RECORD_HEADER_BYTES + self.payload.as_ref().map_or(0, |p| p.len)
+        self.segments().iter().map(|s| s.len()).sum()
+    }
+
+    /// The frame's bytes in wire order: header, its tag, payload, its tag.
+    fn segments(&self) -> [&[u8]; 4] {
+        let payload = self.payload.as_ref().map_or(&[][..], |p| &p.buf[p.start..p.start + p.len]);
+        [
+            &self.header[..],
+            self.header_tag.as_ref().map_or(&[][..], |t| &t[..]),
+            payload,
+            self.payload_tag.as_ref().map_or(&[][..], |t| &t[..]),
+        ]
     }
 
     fn push_iovecs(&self, iovecs: &mut Vec<libc::iovec>) {
-        if self.sent < RECORD_HEADER_BYTES {
-            let rest = &self.header[self.sent..];
-            iovecs.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
-        }
-        if let Some(p) = &self.payload {
-            let skip = self.sent.saturating_sub(RECORD_HEADER_BYTES);
-            let bytes = &p.buf[p.start + skip..p.start + p.len];
-            if !bytes.is_empty() {
-                iovecs.push(libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() });
+        let mut skip = self.sent;
+        for segment in self.segments() {
+            let rest = &segment[skip.min(segment.len())..];
+            skip = skip.saturating_sub(segment.len());
+            if !rest.is_empty() {
+                iovecs.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
             }
+        }
+    }
+
+    /// Seals the frame for its channel. An encrypted payload goes into a
+    /// buffer of its own: the plaintext stays where it is (the record
+    /// buffer the local log writes, or a read other frames may share).
+    fn seal(&mut self, seal: &mut ChannelSeal) {
+        debug_assert_eq!(self.sent, 0, "a frame is sealed before any byte of it is sent");
+        let plain: &[u8] = self.payload.as_ref().map_or(&[][..], |p| &p.buf[p.start..p.start + p.len]);
+        let mut sealed = (seal.encrypts() && !plain.is_empty()).then(|| AlignedBuf::zeroed(plain.len()));
+        let out = sealed.as_mut().map_or(&mut [][..], |b| &mut b[..]);
+        let (header_tag, payload_tag) = seal.seal(&mut self.header, plain, out);
+        self.header_tag = Some(header_tag);
+        self.payload_tag = payload_tag;
+        if let Some(buf) = sealed {
+            let len = buf.len();
+            self.payload = Some(SharedBytes { buf: Rc::new(buf), start: 0, len });
         }
     }
 }
@@ -92,11 +127,32 @@ enum Gather {
     Control { header: FrameHeader, buf: AlignedBuf, at: usize },
 }
 
+/// On a sealed channel, the opened header of the frame being gathered and
+/// the payload tag that follows its payload.
+struct SealedGather {
+    sequence: u64,
+    header: [u8; RECORD_HEADER_BYTES],
+    tag: [u8; TAG_BYTES],
+    tag_have: usize,
+}
+
+/// A replication connection as the control plane hands it to the core:
+/// the socket and, unless the partnership's encryption is `none`, its seal.
+#[derive(Debug)]
+pub struct PeerChannel {
+    pub stream: TcpStream,
+    pub seal: Option<ChannelSeal>,
+}
+
 /// One replication connection (a channel of a [`super::peer_session::PeerSession`]).
 pub struct PeerConn {
     pub stream: TcpStream,
     pub peer: String,
     sector_bytes: usize,
+    seal: Option<ChannelSeal>,
+    sealed_gather: Option<SealedGather>,
+    /// A received frame failed authentication (the channel is closing).
+    pub rejected: bool,
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
@@ -124,13 +180,17 @@ pub struct PeerConn {
 
 impl PeerConn {
     #[must_use]
-    pub fn new(stream: TcpStream, sector_bytes: usize) -> Self {
+    pub fn new(channel: PeerChannel, sector_bytes: usize) -> Self {
+        let PeerChannel { stream, seal } = channel;
         let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let now = Instant::now();
         Self {
             stream,
             peer,
             sector_bytes,
+            seal,
+            sealed_gather: None,
+            rejected: false,
             rbuf: vec![0u8; RECV_BUF_BYTES].into_boxed_slice(),
             rstart: 0,
             rend: 0,
@@ -156,7 +216,10 @@ impl PeerConn {
     }
 
     /// Queues a frame behind every frame queued before it.
-    pub fn send(&mut self, frame: OutFrame) {
+    pub fn send(&mut self, mut frame: OutFrame) {
+        if let Some(seal) = self.seal.as_mut() {
+            frame.seal(seal);
+        }
         self.queued_bytes += frame.len();
         self.queue.push_back(frame);
     }
@@ -279,6 +342,10 @@ impl PeerConn {
             self.close(&reason);
             return;
         }
+        if self.closing {
+            // Nothing after a rejected or malformed frame is ever parsed.
+            return;
+        }
         self.rend += result as usize;
         self.bytes_received += result as u64;
         self.last_recv = Instant::now();
@@ -330,16 +397,11 @@ impl PeerConn {
                 }
                 continue;
             }
-            let available = &self.rbuf[self.rstart..self.rend];
-            if available.len() < RECORD_HEADER_BYTES {
-                return Ok(());
-            }
-            let magic = u32::from_le_bytes(available[..4].try_into().expect("4 bytes"));
-            let raw = &available[..RECORD_HEADER_BYTES];
-            self.rstart += RECORD_HEADER_BYTES;
+            let Some(raw) = self.next_header()? else { return Ok(()) };
+            let magic = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
             match magic {
                 RECORD_MAGIC => {
-                    let header = RecordHeader::decode(raw).map_err(|e| format!("malformed record frame: {e}"))?;
+                    let header = RecordHeader::decode(&raw).map_err(|e| format!("malformed record frame: {e}"))?;
                     let payload = header.payload_bytes() as usize;
                     if payload == 0 {
                         self.deliver(InFrame::Record { header, buf: None });
@@ -351,7 +413,7 @@ impl PeerConn {
                     self.gather = Some(Gather::Record { header, buf, at: sector, end: sector + payload });
                 }
                 FRAME_MAGIC => {
-                    let header = FrameHeader::decode(raw).map_err(|e| format!("malformed frame: {e}"))?;
+                    let header = FrameHeader::decode(&raw).map_err(|e| format!("malformed frame: {e}"))?;
                     let payload = header.payload_bytes() as usize;
                     if payload == 0 {
                         self.deliver(InFrame::Control { header, payload: None });
@@ -365,7 +427,32 @@ impl PeerConn {
         }
     }
 
-    /// Copies received bytes into the payload being gathered; true when done.
+    /// The next frame header, opened when the channel is sealed (the tag
+    /// follows the header); `None` until all its bytes arrived.
+    fn next_header(&mut self) -> Result<Option<[u8; RECORD_HEADER_BYTES]>, String> {
+        let tag_bytes = if self.seal.is_some() { TAG_BYTES } else { 0 };
+        let available = &self.rbuf[self.rstart..self.rend];
+        if available.len() < RECORD_HEADER_BYTES + tag_bytes {
+            return Ok(None);
+        }
+        let mut header: [u8; RECORD_HEADER_BYTES] = available[..RECORD_HEADER_BYTES].try_into().expect("64 bytes");
+        let tag: Option<[u8; TAG_BYTES]> =
+            (tag_bytes > 0).then(|| available[RECORD_HEADER_BYTES..][..TAG_BYTES].try_into().expect("16 bytes"));
+        self.rstart += RECORD_HEADER_BYTES + tag_bytes;
+        if let (Some(seal), Some(tag)) = (self.seal.as_mut(), tag) {
+            let sequence = seal.open_header(&mut header, &tag).map_err(|e| self.reject(&e))?;
+            self.sealed_gather = Some(SealedGather { sequence, header, tag: [0; TAG_BYTES], tag_have: 0 });
+        }
+        Ok(Some(header))
+    }
+
+    fn reject(&mut self, error: &tandem_crypto::SealError) -> String {
+        self.rejected = true;
+        format!("{error}; the channel was reset and nothing of that frame was used")
+    }
+
+    /// Copies received bytes into the payload being gathered (then, on a
+    /// sealed channel, into its tag); true when the frame is complete.
     fn fill_gather(&mut self) -> Result<bool, String> {
         let available = self.rend - self.rstart;
         let (buf, at, end) = match self.gather.as_mut().expect("checked") {
@@ -379,10 +466,20 @@ impl PeerConn {
         buf[*at..*at + take].copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
         *at += take;
         self.rstart += take;
-        if *at < end {
+        if *at < end || !self.fill_payload_tag() {
             return Ok(false);
         }
-        match self.gather.take().expect("checked") {
+        let mut gathered = self.gather.take().expect("checked");
+        if let Some(sealed) = self.sealed_gather.take() {
+            let payload = match &mut gathered {
+                Gather::Record { buf, end, .. } => &mut buf[self.sector_bytes..*end],
+                Gather::Control { buf, .. } => &mut buf[..],
+            };
+            let seal = self.seal.as_ref().expect("sealed channel");
+            let opened = seal.open_payload(sealed.sequence, &sealed.header, payload, &sealed.tag);
+            opened.map_err(|e| self.reject(&e))?;
+        }
+        match gathered {
             Gather::Record { header, buf, end, .. } => {
                 header
                     .verify_payload(&buf[self.sector_bytes..end])
@@ -397,7 +494,19 @@ impl PeerConn {
         Ok(true)
     }
 
+    /// On a sealed channel, gathers the payload's tag; true once complete
+    /// (at once on a channel without seal).
+    fn fill_payload_tag(&mut self) -> bool {
+        let Some(sealed) = self.sealed_gather.as_mut() else { return true };
+        let take = (self.rend - self.rstart).min(TAG_BYTES - sealed.tag_have);
+        sealed.tag[sealed.tag_have..sealed.tag_have + take].copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+        sealed.tag_have += take;
+        self.rstart += take;
+        sealed.tag_have == TAG_BYTES
+    }
+
     fn deliver(&mut self, frame: InFrame) {
+        self.sealed_gather = None;
         self.frames_received += 1;
         self.received_bytes_pending += frame.payload_bytes();
         self.received.push_back(frame);

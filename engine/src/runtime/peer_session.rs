@@ -12,13 +12,12 @@
 //! Losing any channel ends the session: a stream with a hole cannot go on,
 //! and the reconnection resumes from the destination's durable LSN.
 
-use std::net::TcpStream;
 use std::time::Instant;
 
 use tandem_proto::FrameHeader;
 
 use super::io::Io;
-use super::peer_conn::{InFrame, OutFrame, PeerConn};
+use super::peer_conn::{InFrame, OutFrame, PeerChannel, PeerConn};
 
 /// Most data channels a partnership may have (the superblock allows 16).
 pub const MAX_CHANNELS: usize = 16;
@@ -46,12 +45,12 @@ pub struct PeerSession {
 }
 
 impl PeerSession {
-    /// A session over `streams`, channel i being `streams[i]` on both sides.
+    /// A session over `channels`, channel i being `channels[i]` on both sides.
     #[must_use]
-    pub fn new(id: u64, streams: Vec<TcpStream>, group: usize, sector_bytes: usize) -> Self {
-        assert!((1..=MAX_CHANNELS).contains(&streams.len()), "a session has 1..={MAX_CHANNELS} channels");
-        let count = streams.len();
-        let channels = streams.into_iter().map(|s| PeerConn::new(s, sector_bytes)).collect();
+    pub fn new(id: u64, channels: Vec<PeerChannel>, group: usize, sector_bytes: usize) -> Self {
+        assert!((1..=MAX_CHANNELS).contains(&channels.len()), "a session has 1..={MAX_CHANNELS} channels");
+        let count = channels.len();
+        let channels = channels.into_iter().map(|c| PeerConn::new(c, sector_bytes)).collect();
         let rotation = Rotation { channels: count, next: 0 };
         Self { id, group, channels, send_rotation: rotation, recv_rotation: rotation }
     }
@@ -121,6 +120,12 @@ impl PeerSession {
         self.channels.iter().find(|c| c.closing).map_or("", |c| c.close_reason.as_str())
     }
 
+    /// Whether the session ended because a frame failed authentication.
+    #[must_use]
+    pub fn rejected_a_frame(&self) -> bool {
+        self.channels.iter().any(|c| c.rejected)
+    }
+
     /// Nothing of the session is in flight any more.
     #[must_use]
     pub fn can_drop(&self) -> bool {
@@ -188,17 +193,41 @@ fn frame_is_ordered(frame: &InFrame) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     use tandem_proto::FrameKind;
 
     use super::*;
 
-    fn loopback_pair() -> TcpStream {
+    fn loopback_pair() -> PeerChannel {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _accepted = listener.accept().unwrap();
-        stream
+        PeerChannel { stream, seal: None }
+    }
+
+    /// Channels sealed with `protection` for `side`, keyed by a fixed
+    /// stand-in for the TLS exporter (both sides derive the same keys).
+    fn sealed_channels(
+        protection: Option<tandem_crypto::Protection>,
+        side: tandem_crypto::Side,
+        count: usize,
+    ) -> Vec<PeerChannel> {
+        let keys = protection.map(|p| {
+            tandem_crypto::SessionKeys::derive(Some(p), count as u32, |context, out| {
+                for (i, byte) in out.iter_mut().enumerate() {
+                    *byte = context.iter().fold(i as u8, |a, b| a.wrapping_mul(31).wrapping_add(*b));
+                }
+                Ok(())
+            })
+            .unwrap()
+        });
+        (0..count)
+            .map(|channel| PeerChannel {
+                seal: keys.as_ref().and_then(|k| k.channel_seal(channel as u32, side)),
+                ..loopback_pair()
+            })
+            .collect()
     }
 
     fn control(kind: FrameKind, lsn: u64) -> InFrame {
@@ -249,10 +278,13 @@ mod tests {
     fn random_frames_over_random_arrivals_come_out_in_order() {
         use rand::{Rng, SeedableRng};
         use tandem_proto::{RecordHeader, RecordStamp};
-        for seed in 0..50u64 {
+        use tandem_crypto::{Protection, Side};
+        for seed in 0..60u64 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let channels = rng.random_range(1..=4);
-            let mut sender = PeerSession::new(1, (0..channels).map(|_| loopback_pair()).collect(), 0, 512);
+            let protection = [None, Some(Protection::Sign), Some(Protection::Encrypt)][seed as usize % 3];
+            let tamper = seed % 6 >= 3;
+            let mut sender = PeerSession::new(1, sealed_channels(protection, Side::Source, channels), 0, 512);
             let mut sent = Vec::new();
             let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
             for lsn in 1..=rng.random_range(1..200u64) {
@@ -277,7 +309,15 @@ mod tests {
             }
             // The bytes each channel would put on the wire.
             let mut wires: Vec<Vec<u8>> = sender.channels.iter_mut().map(PeerConn::drain_bytes_for_test).collect();
-            let mut receiver = PeerSession::new(2, (0..channels).map(|_| loopback_pair()).collect(), 0, 512);
+            if tamper {
+                // One bit anywhere in one channel's bytes (header, tag or payload).
+                let channel = rng.random_range(0..channels);
+                if !wires[channel].is_empty() {
+                    let at = rng.random_range(0..wires[channel].len());
+                    wires[channel][at] ^= 1 << rng.random_range(0..8);
+                }
+            }
+            let mut receiver = PeerSession::new(2, sealed_channels(protection, Side::Destination, channels), 0, 512);
             let mut received = Vec::new();
             while wires.iter().any(|w| !w.is_empty()) {
                 let channel = rng.random_range(0..channels);
@@ -292,6 +332,17 @@ mod tests {
                         received.push(lsn_of(&frame));
                     }
                 }
+            }
+            if tamper && protection.is_some() {
+                assert!(receiver.rejected_a_frame(), "seed {seed}: a flipped bit must be caught");
+                // What came out before the bad frame is a prefix of what was sent.
+                assert!(sent.starts_with(&received), "seed {seed}");
+                continue;
+            }
+            if tamper {
+                // Without a seal a flipped bit may go unnoticed (a payload
+                // byte of a heartbeat LSN); that is what sealing is for.
+                continue;
             }
             assert!(!receiver.closing(), "seed {seed}: {}", receiver.close_reason());
             assert_eq!(received, sent, "seed {seed}: {channels} channels");

@@ -43,7 +43,7 @@ pub enum CoreMsg {
     AttachPeer {
         group: String,
         /// The session's data channels, in channel order.
-        streams: Vec<TcpStream>,
+        channels: Vec<super::peer_conn::PeerChannel>,
         /// The destination's durable LSN, next LSN and copy position.
         source_view: Option<(u64, u64, CopyPosition)>,
         reply: Sender<Result<(), String>>,
@@ -72,7 +72,7 @@ pub enum CoreMsg {
         persisted: Sender<Result<(), String>>,
     },
     /// Set a partnership's network constraint on this side; answers once durable.
-    SetNetwork { group: String, network: [u8; 64], reply: Sender<Result<(), String>> },
+    SetChannelPolicy { group: String, network: [u8; 64], encryption: u32, reply: Sender<Result<(), String>> },
     /// Change a partnership's mode (`MODE_SYNC` / `MODE_ASYNC`); answers once durable.
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
@@ -325,8 +325,8 @@ impl Reactor {
                     let state = self.find_group(&group).and_then(|i| self.groups[i].as_ref()?.destination_state());
                     let _ = reply.send(state);
                 }
-                CoreMsg::AttachPeer { group, streams, source_view, reply } => {
-                    let _ = reply.send(self.attach_peer(&group, streams, source_view));
+                CoreMsg::AttachPeer { group, channels, source_view, reply } => {
+                    let _ = reply.send(self.attach_peer(&group, channels, source_view));
                 }
                 CoreMsg::LeavePartnership { group, reply } => self.leave_partnership(&group, reply),
                 CoreMsg::Status { reply } => {
@@ -350,9 +350,9 @@ impl Reactor {
                     };
                     let _ = reply.send(answer);
                 }
-                CoreMsg::SetNetwork { group, network, reply } => {
+                CoreMsg::SetChannelPolicy { group, network, encryption, reply } => {
                     match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.set_network_constraint(network, reply),
+                        Some(rt) => rt.set_channel_policy(network, encryption, reply),
                         None => {
                             let _ = reply.send(Err(format!("group {group} is not served by this core")));
                         }

@@ -1,7 +1,6 @@
 //! The reactor's replication connections: partnership messages from the
 //! control plane, frames in and out, heartbeats, and loss of a peer.
 
-use std::net::TcpStream;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -9,7 +8,8 @@ use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE}
 
 use super::Reactor;
 use crate::core::CopyPosition;
-use crate::runtime::peer_conn::InFrame;
+use crate::runtime::events::EventKind;
+use crate::runtime::peer_conn::{InFrame, PeerChannel};
 use crate::runtime::peer_session::PeerSession;
 
 /// A group waiting to be idle before it becomes a destination.
@@ -105,7 +105,7 @@ impl Reactor {
     pub(super) fn attach_peer(
         &mut self,
         group: &str,
-        streams: Vec<TcpStream>,
+        channels: Vec<PeerChannel>,
         source_view: Option<(u64, u64, CopyPosition)>,
     ) -> Result<(), String> {
         let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
@@ -114,16 +114,16 @@ impl Reactor {
         }
         let rt = self.groups[index].as_mut().expect("found");
         let expected = rt.superblock.partnership.channels as usize;
-        if streams.len() != expected {
+        if channels.len() != expected {
             return Err(format!(
                 "group {group}'s partnership has {expected} channel(s) but {} connected",
-                streams.len()
+                channels.len()
             ));
         }
         let sector = rt.sector_bytes();
-        for stream in &streams {
-            let _ = stream.set_nodelay(true);
-            crate::runtime::net::set_socket_buffers(stream, self.peer_defaults.socket_buffer_bytes);
+        for channel in &channels {
+            let _ = channel.stream.set_nodelay(true);
+            crate::runtime::net::set_socket_buffers(&channel.stream, self.peer_defaults.socket_buffer_bytes);
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
@@ -134,14 +134,14 @@ impl Reactor {
                         link.last_error = Some(reason.clone());
                     }
                 })?;
-                let key = self.peers.insert(PeerSession::new(id, streams, index, sector));
+                let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
                 link.last_error = None;
                 rt.start_compare();
             }
             (None, None, Some(_)) => {
-                let key = self.peers.insert(PeerSession::new(id, streams, index, sector));
+                let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
                 rt.source_connected(key, id);
             }
             _ => return Err(format!("group {group} does not have that role in a partnership")),
@@ -267,6 +267,10 @@ impl Reactor {
             let peer = self.peers.remove(key);
             let Some(rt) = self.groups[peer.group].as_mut() else { continue };
             let reason = peer.close_reason().to_owned();
+            if peer.rejected_a_frame() {
+                rt.frames_rejected += 1;
+                rt.pending_events.push(EventKind::FrameRejected { peer: peer.peer().to_owned(), reason: reason.clone() });
+            }
             if let Some(link) = rt.source.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
                 link.disconnected();
                 link.last_error = Some(reason.clone());

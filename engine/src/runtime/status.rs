@@ -70,6 +70,12 @@ pub struct PartnershipStatus {
     /// The network constraint on this side (interface or address; empty: none).
     #[serde(default)]
     pub network: String,
+    /// How the channels' frames are protected: aes-128-gcm, sign or none.
+    #[serde(default)]
+    pub encryption: String,
+    /// Frames that failed authentication (each reset its session).
+    #[serde(default)]
+    pub frames_rejected: u64,
     /// Each connected channel as "LOCAL -> REMOTE".
     #[serde(default)]
     pub channel_addresses: Vec<String>,

@@ -75,6 +75,9 @@ enum Command {
     /// Let other users manage (operator) or read (viewer) a group: grant, revoke, list.
     #[command(subcommand)]
     Delegation(DelegationCommand),
+    /// Node certificates for mutual TLS: a cluster CA, and a certificate per node.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Check a planned partnership's requirements and measure its workload (Test-SRTopology).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -94,6 +97,32 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a cluster CA in DIR (ca.pem, and ca.key readable by its owner only).
+    InitCa {
+        dir: std::path::PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "tandem-cluster-ca")]
+        name: String,
+        #[arg(long, default_value_t = tandem_crypto::identity::DEFAULT_CA_VALID_DAYS)]
+        valid_days: u32,
+    },
+    /// Issue a certificate for node NAME from the CA in --ca, into --out
+    /// (node.pem, node.key, ca.pem: the files [tls] names).
+    Issue {
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// The node's name (node.name in its configuration).
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = tandem_crypto::identity::DEFAULT_NODE_VALID_DAYS)]
+        valid_days: u32,
     },
 }
 
@@ -198,6 +227,15 @@ enum PartnershipCommand {
         /// The destination accepts this partnership's connections only on this interface or address.
         #[arg(long, value_name = "INTERFACE_OR_ADDRESS")]
         destination_network: Option<String>,
+        /// Protection of every replication frame: aes-128-gcm (encrypted and authenticated),
+        /// sign (authenticated) or none; needs [tls] on both nodes unless none, and must match
+        /// the destination's replication.encryption [default: replication.encryption, aes-128-gcm].
+        #[arg(long, value_parser = ["aes-128-gcm", "sign", "none"])]
+        encryption: Option<String>,
+        /// The node name the destination's certificate must carry (with TLS; without it any
+        /// node of the cluster CA is accepted and its name kept for every reconnection).
+        #[arg(long)]
+        destination_node: Option<String>,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -261,6 +299,19 @@ fn main() {
 fn run(cli: &Cli) -> Result<(), CallError> {
     match &cli.command {
         Command::Bench(args) => args.run().map_err(CallError::Refused)?,
+        Command::Cert(CertCommand::InitCa { dir, name, valid_days }) => {
+            let files = tandem_crypto::identity::init_ca(dir, name, *valid_days).map_err(CallError::Refused)?;
+            println!("cluster CA created: {}", paths(&files));
+            println!("keep ca.key offline; issue node certificates with `tandem cert issue --ca {} --node NAME --out DIR`", dir.display());
+        }
+        Command::Cert(CertCommand::Issue { ca, node, out, valid_days }) => {
+            let files = tandem_crypto::identity::issue(ca, node, out, *valid_days).map_err(CallError::Refused)?;
+            println!("certificate for node {node} issued, valid {valid_days} days: {}", paths(&files));
+            println!(
+                "on {node}, add to tandem.toml:\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/node.pem\"\nkey = \"{0}/node.key\"",
+                out.display()
+            );
+        }
         Command::Tune(args) => args.run(&cli.api).map_err(CallError::Refused)?,
         Command::Delegation(DelegationCommand::Grant { user, group, role }) => print_message(&call(
             &cli.api,
@@ -358,6 +409,8 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             seeded,
             source_network,
             destination_network,
+            encryption,
+            destination_node,
         }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
@@ -368,6 +421,8 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 seeded: *seeded,
                 source_network: source_network.clone(),
                 destination_network: destination_network.clone(),
+                encryption: encryption.clone(),
+                destination_node: destination_node.clone(),
             };
             print_message(&call(&cli.api, &request)?);
         }
@@ -525,4 +580,8 @@ fn print_detailed(g: &GroupStatus) {
         r.elapsed_ms,
         r.stopped
     );
+}
+
+fn paths(files: &[std::path::PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
 }

@@ -61,7 +61,7 @@ fn run(args: &DaemonArgs) -> Result<(), String> {
     let replication_daemon = Arc::clone(&daemon);
     std::thread::Builder::new()
         .name("tandem-repl-accept".into())
-        .spawn(move || tandem_tools::replication::serve(replication_daemon, replication))
+        .spawn(move || tandem_tools::replication_dest::serve(replication_daemon, replication))
         .map_err(|e| e.to_string())?;
     if let Some(listener) = metrics {
         let metrics_daemon = Arc::clone(&daemon);
