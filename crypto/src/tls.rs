@@ -350,6 +350,9 @@ pub fn describe(e: &rustls::Error) -> String {
 fn describe_certificate(e: &CertificateError) -> String {
     match e {
         CertificateError::UnknownIssuer => "it is not signed by this node's CA ([tls] ca)".to_owned(),
+        CertificateError::BadSignature => {
+            "it is not signed by this node's CA: a CA of the same name but another key issued it ([tls] ca)".to_owned()
+        }
         CertificateError::Expired => "it has expired; issue a new one with `tandem cert issue`".to_owned(),
         CertificateError::ExpiredContext { time, not_after } => format!(
             "it expired {} s ago; issue a new one with `tandem cert issue`",

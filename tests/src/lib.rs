@@ -4,6 +4,7 @@
 pub mod nbd_client;
 pub mod netns;
 pub mod pattern;
+pub mod proxy;
 pub mod repl_sim;
 pub mod sim;
 pub mod sim_node;

@@ -10,10 +10,10 @@
 use std::collections::HashMap;
 use std::net::TcpStream;
 
-use tandem_crypto::{SessionKeys, Side};
-use tandem_engine::runtime::peer_conn::PeerChannel;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tandem_crypto::{SessionKeys, Side};
+use tandem_engine::runtime::peer_conn::PeerChannel;
 
 struct Joining {
     token: u64,

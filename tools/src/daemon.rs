@@ -63,7 +63,8 @@ fn load_tls(config: &Config) -> Result<Option<tandem_crypto::NodeTls>, String> {
         );
         return Ok(None);
     };
-    let identity = tandem_crypto::identity::load_identity(&tls.ca, &tls.cert, &tls.key).map_err(|e| format!("[tls]: {e}"))?;
+    let identity =
+        tandem_crypto::identity::load_identity(&tls.ca, &tls.cert, &tls.key).map_err(|e| format!("[tls]: {e}"))?;
     if identity.name != config.node.name {
         return Err(format!(
             "[tls]: certificate {} names node {:?} but node.name is {:?}; issue one for this node with `tandem cert issue --node {}`",

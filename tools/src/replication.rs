@@ -479,8 +479,7 @@ pub fn remove(daemon: &Daemon, group: &str) -> Result<String, String> {
     if status.role == "source" {
         let request = CreateRequest::existing(group, &partnership);
         let hello = hello_for(daemon, &status, &request, HelloAction::Remove, &partnership.id);
-        remote = match open_control(daemon, &request).and_then(|mut s| exchange(&mut s, &hello))
-        {
+        remote = match open_control(daemon, &request).and_then(|mut s| exchange(&mut s, &hello)) {
             Ok(_) => format!("; {}/{} is standalone again", partnership.peer_node, partnership.peer_group),
             Err(reason) => format!(
                 "; the destination could not be told ({reason}): run `tandem partnership remove --group {}` on {}",

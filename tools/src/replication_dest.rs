@@ -68,7 +68,12 @@ fn refuse_peer(daemon: &Daemon, peer: &str, reason: String) -> String {
 }
 
 /// Serves the handshake lines of one control connection.
-fn serve_control(daemon: &Daemon, sessions: &JoiningSessions, mut control: ControlStream, peer: &str) -> Result<(), String> {
+fn serve_control(
+    daemon: &Daemon,
+    sessions: &JoiningSessions,
+    mut control: ControlStream,
+    peer: &str,
+) -> Result<(), String> {
     loop {
         let hello: Hello = read_line(&mut control)?;
         if let ControlStream::Plain(stream) = control {
@@ -177,11 +182,13 @@ fn check_source(daemon: &Daemon, hello: &Hello, certified: Option<&str>, kept: O
     }
     let required = kept.unwrap_or(&daemon.config.replication.encryption);
     if hello.encryption != required {
-        let whose = if kept.is_some() { "this partnership uses" } else { "this node requires (replication.encryption)" };
-        return Err(format!(
-            "the source offers encryption {} but {node} {whose} {required}; use --encryption {required}",
-            hello.encryption
-        ));
+        let offered = &hello.encryption;
+        return Err(match kept {
+            Some(_) => format!("the source offers encryption {offered} but this partnership uses {required} on {node}"),
+            None => format!(
+                "the source offers encryption {offered} but {node} requires {required} (its replication.encryption); use --encryption {required}"
+            ),
+        });
     }
     if required != "none" && daemon.tls.is_none() {
         return Err(format!("{node} requires encryption {required} but has no [tls] section to authenticate with"));

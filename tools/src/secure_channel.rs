@@ -114,10 +114,7 @@ pub fn sealed_channels(streams: Vec<TcpStream>, keys: Option<&SessionKeys>, side
     streams
         .into_iter()
         .enumerate()
-        .map(|(channel, stream)| PeerChannel {
-            stream,
-            seal: keys.and_then(|k| k.channel_seal(channel as u32, side)),
-        })
+        .map(|(channel, stream)| PeerChannel { stream, seal: keys.and_then(|k| k.channel_seal(channel as u32, side)) })
         .collect()
 }
 

@@ -499,7 +499,8 @@ impl PeerConn {
     fn fill_payload_tag(&mut self) -> bool {
         let Some(sealed) = self.sealed_gather.as_mut() else { return true };
         let take = (self.rend - self.rstart).min(TAG_BYTES - sealed.tag_have);
-        sealed.tag[sealed.tag_have..sealed.tag_have + take].copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+        sealed.tag[sealed.tag_have..sealed.tag_have + take]
+            .copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
         sealed.tag_have += take;
         self.rstart += take;
         sealed.tag_have == TAG_BYTES

@@ -277,8 +277,8 @@ mod tests {
     #[test]
     fn random_frames_over_random_arrivals_come_out_in_order() {
         use rand::{Rng, SeedableRng};
-        use tandem_proto::{RecordHeader, RecordStamp};
         use tandem_crypto::{Protection, Side};
+        use tandem_proto::{RecordHeader, RecordStamp};
         for seed in 0..60u64 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let channels = rng.random_range(1..=4);

@@ -269,7 +269,8 @@ impl Reactor {
             let reason = peer.close_reason().to_owned();
             if peer.rejected_a_frame() {
                 rt.frames_rejected += 1;
-                rt.pending_events.push(EventKind::FrameRejected { peer: peer.peer().to_owned(), reason: reason.clone() });
+                rt.pending_events
+                    .push(EventKind::FrameRejected { peer: peer.peer().to_owned(), reason: reason.clone() });
             }
             if let Some(link) = rt.source.as_mut().filter(|l| l.conn.map(|c| c.1) == Some(peer.id)) {
                 link.disconnected();

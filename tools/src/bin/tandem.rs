@@ -302,7 +302,10 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         Command::Cert(CertCommand::InitCa { dir, name, valid_days }) => {
             let files = tandem_crypto::identity::init_ca(dir, name, *valid_days).map_err(CallError::Refused)?;
             println!("cluster CA created: {}", paths(&files));
-            println!("keep ca.key offline; issue node certificates with `tandem cert issue --ca {} --node NAME --out DIR`", dir.display());
+            println!(
+                "keep ca.key offline; issue node certificates with `tandem cert issue --ca {} --node NAME --out DIR`",
+                dir.display()
+            );
         }
         Command::Cert(CertCommand::Issue { ca, node, out, valid_days }) => {
             let files = tandem_crypto::identity::issue(ca, node, out, *valid_days).map_err(CallError::Refused)?;
