@@ -26,7 +26,8 @@ fn keys(protection: Protection) -> SessionKeys {
 /// Seal then open one frame with Tandem's seal (aws-lc-rs).
 fn tandem_seal(c: &mut Criterion) {
     for protection in [Protection::Encrypt, Protection::Sign] {
-        let name = if protection == Protection::Encrypt { "seal_open_aes_128_gcm_aws_lc" } else { "seal_open_gmac_aws_lc" };
+        let name =
+            if protection == Protection::Encrypt { "seal_open_aes_128_gcm_aws_lc" } else { "seal_open_gmac_aws_lc" };
         let mut group = c.benchmark_group(name);
         for size in SIZES {
             let keys = keys(protection);
@@ -68,7 +69,8 @@ fn rustcrypto_aes_gcm(c: &mut Criterion) {
                 header_nonce[4..].copy_from_slice(&sequence.to_be_bytes());
                 payload_nonce[4..].copy_from_slice(&sequence.to_be_bytes());
                 payload_nonce[2] = 1;
-                let (header_nonce, payload_nonce) = (Nonce::from_slice(&header_nonce), Nonce::from_slice(&payload_nonce));
+                let (header_nonce, payload_nonce) =
+                    (Nonce::from_slice(&header_nonce), Nonce::from_slice(&payload_nonce));
                 let mut header = [7u8; HEADER_BYTES];
                 let plain_header = header;
                 let header_tag = cipher.encrypt_in_place_detached(header_nonce, &[], &mut header).expect("seals");

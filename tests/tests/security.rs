@@ -375,3 +375,29 @@ fn tandemd_refuses_a_readable_key_or_a_certificate_of_another_node() {
     assert!(!readable.status.success());
     assert!(stderr(&readable).contains("chmod 600"), "{}", stderr(&readable));
 }
+
+/// A probe (here `tandem bench --transport`) of a node with `[tls]` is
+/// refused in clear and measures once it authenticates with this node's
+/// `[tls]` (`--node-config`).
+#[test]
+fn probes_of_a_tls_node_authenticate_with_the_node_config() {
+    let cluster = Cluster::new();
+    let source = start("node-a", "aes-128-gcm", Some(&cluster.issue("node-a")));
+    let destination = start("node-b", "aes-128-gcm", Some(&cluster.issue("node-b")));
+    let address = destination.replication_address();
+    let bench = |node_config: &Path| {
+        Command::new(bin("tandem"))
+            .arg("--node-config")
+            .arg(node_config)
+            .args(["bench", "--transport", &address, "--seconds", "1", "--warmup-seconds", "0", "--json"])
+            .output()
+            .unwrap()
+    };
+    let refused = bench(Path::new("/nonexistent/tandem.toml"));
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("accepts replication only over TLS"), "{}", stderr(&refused));
+    let measured = bench(source.config_path());
+    assert!(measured.status.success(), "{}", stderr(&measured));
+    let report: serde_json::Value = serde_json::from_slice(&measured.stdout).unwrap();
+    assert!(report.to_string().contains("iops"), "{report:#}");
+}

@@ -83,8 +83,36 @@ fn decode_header(header: &[u8; HEADER_BYTES]) -> Result<(ProbeOp, u32, u64), Str
     Ok((op, payload_bytes, u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"))))
 }
 
-/// A probe: the facts it asked for, then echo and sink frames until it leaves.
-pub fn answer(daemon: &crate::daemon::Daemon, mut stream: TcpStream, hello: &Hello) -> Result<(), String> {
+/// The node configuration whose `[tls]` authenticates this process's
+/// probes (set once by the CLI; read at the first probe).
+static NODE_CONFIG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+static CLIENT_TLS: std::sync::OnceLock<Result<Option<tandem_crypto::NodeTls>, String>> = std::sync::OnceLock::new();
+
+/// Names the configuration whose `[tls]` probes use (a missing file means none).
+pub fn set_node_config(path: &std::path::Path) {
+    let _ = NODE_CONFIG.set(path.to_owned());
+}
+
+fn client_tls() -> Result<Option<&'static tandem_crypto::NodeTls>, String> {
+    let loaded = CLIENT_TLS.get_or_init(|| {
+        let Some(path) = NODE_CONFIG.get().filter(|p| p.exists()) else { return Ok(None) };
+        let config = crate::config::Config::load(path)?;
+        let Some(tls) = config.tls else { return Ok(None) };
+        let identity = tandem_crypto::identity::load_identity(&tls.ca, &tls.cert, &tls.key)
+            .map_err(|e| format!("{} [tls]: {e} (probes authenticate as this node)", path.display()))?;
+        tandem_crypto::NodeTls::new(identity).map(Some)
+    });
+    loaded.as_ref().map(Option::as_ref).map_err(Clone::clone)
+}
+
+/// A probe: the facts it asked for, then echo and sink frames until it
+/// leaves. Over TLS the facts travel inside it; the frames follow in clear
+/// (they are generated filler, and the prober is authenticated).
+pub fn answer(
+    daemon: &crate::daemon::Daemon,
+    mut control: crate::secure_channel::ControlStream,
+    hello: &Hello,
+) -> Result<(), String> {
     let mut reply = crate::replication::Answer {
         destination_node: daemon.config.node.name.clone(),
         ..crate::replication::Answer::default()
@@ -98,10 +126,11 @@ pub fn answer(daemon: &crate::daemon::Daemon, mut stream: TcpStream, hello: &Hel
             hello.wire_version
         ));
     }
-    crate::replication::write_line(&mut stream, &reply)?;
+    crate::replication::write_line(&mut control, &reply)?;
     if !reply.ok {
         return Err(reply.error.unwrap_or_default());
     }
+    let stream = control.into_tcp();
     let _ = stream.set_nodelay(true);
     if hello.socket_buffer_bytes > 0 {
         tandem_engine::runtime::net::set_socket_buffers(&stream, hello.socket_buffer_bytes);
@@ -196,9 +225,16 @@ impl ProbeClient {
         measure_devices: bool,
         socket_buffer_bytes: u32,
     ) -> Result<(Self, crate::replication::Answer), String> {
-        let mut stream = crate::replication::connect_replication(address)?;
+        let stream = crate::replication::connect_replication(address)?;
+        let mut control = match client_tls()? {
+            Some(tls) => crate::secure_channel::ControlStream::Tls(Box::new(
+                tls.connect(stream, None).map_err(|e| format!("cannot authenticate {address}: {e}"))?,
+            )),
+            None => crate::secure_channel::ControlStream::Plain(stream),
+        };
         let hello = crate::replication::Hello::probe(group, measure_devices, socket_buffer_bytes);
-        let answer = crate::replication::exchange_with(&mut stream, &hello)?;
+        let answer = crate::replication::exchange_with(&mut control, &hello)?;
+        let stream = control.into_tcp();
         let _ = stream.set_nodelay(true);
         if socket_buffer_bytes > 0 {
             tandem_engine::runtime::net::set_socket_buffers(&stream, socket_buffer_bytes);

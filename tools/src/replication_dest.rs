@@ -92,11 +92,13 @@ fn serve_control(
                     let _ = write_line(&mut stream, &refusal);
                     return Err(refuse_peer(daemon, peer, reason));
                 }
-                HelloAction::Probe => return crate::probe::answer(daemon, stream, &hello),
+                HelloAction::Probe => return crate::probe::answer(daemon, ControlStream::Plain(stream), &hello),
                 _ => control = ControlStream::Plain(stream),
             }
-        } else if matches!(hello.action, HelloAction::Join | HelloAction::Probe) {
-            return Err("joins and probes are not spoken over the control connection's TLS".to_owned());
+        } else if matches!(hello.action, HelloAction::Probe) {
+            return crate::probe::answer(daemon, control, &hello);
+        } else if matches!(hello.action, HelloAction::Join) {
+            return Err("a data channel joins in clear with its proof, not over TLS".to_owned());
         }
         let local = control.tcp().local_addr().ok().map(|a| a.ip());
         let result = destination_step(daemon, &hello, local, control.peer_node());

@@ -213,7 +213,7 @@ impl TopologyTestArgs {
                 requirements.push(requirement(
                     "destination daemon reachable",
                     true,
-                    format!("node {} answers on {destination_address}, same replication protocol (no authentication in this version)", answer.destination_node),
+                    format!("node {} answers on {destination_address}, same replication protocol", answer.destination_node),
                     "answers on the replication port",
                     String::new(),
                 ));

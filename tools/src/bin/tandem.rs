@@ -16,6 +16,10 @@ struct Cli {
     /// Management socket of tandemd.
     #[arg(long, global = true, default_value = DEFAULT_API_SOCKET)]
     api: PathBuf,
+    /// This node's configuration: probes of another daemon (bench --transport, topology test,
+    /// tune --transport) authenticate with its [tls] when it has one.
+    #[arg(long, global = true, default_value = "/etc/tandem/tandem.toml")]
+    node_config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -283,6 +287,7 @@ fn main() {
     // SAFETY: restoring the default action of a signal before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    tandem_tools::probe::set_node_config(&cli.node_config);
     match run(&cli) {
         Ok(()) => {}
         Err(CallError::NotRunning(message)) => {
