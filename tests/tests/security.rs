@@ -287,6 +287,7 @@ fn peers_without_a_valid_certificate_are_refused_on_both_sides() {
     let source = start("node-a", "aes-128-gcm", Some(&cluster.issue("node-a")));
     let refused = create(&source, &["--destination-node", "node-x"]);
     assert!(refused.contains("names node-b, not the expected node node-x"), "{refused}");
+    wait_for_event_text(&source, 2003, "not the expected node node-x");
 
     // A weaker protection than the destination requires.
     let refused = create(&source, &["--encryption", "sign"]);

@@ -327,10 +327,19 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     }
     let id: [u8; 16] = rand::random();
     let id_hex = hex(&id);
-    let mut stream = open_control(daemon, request)?;
     let hello = hello_for(daemon, &status, request, HelloAction::Check, &id_hex);
-    let checked = exchange(&mut stream, &hello)?;
-    secure_channel::check_answering_node(&stream, &checked.destination_node)?;
+    // A refusal (by either side: authentication, policy, sizes) is an event
+    // on this node too.
+    let (mut stream, checked) = open_control(daemon, request)
+        .and_then(|mut stream| {
+            let checked = exchange(&mut stream, &hello)?;
+            secure_channel::check_answering_node(&stream, &checked.destination_node)?;
+            Ok((stream, checked))
+        })
+        .inspect_err(|reason| {
+            let refused = EventKind::PartnershipRefused { reason: reason.clone() };
+            daemon.events.record(&request.source_group, refused);
+        })?;
     let mut entry = PartnershipEntry::default_zeroed();
     entry.id = id;
     entry.mode = mode;
