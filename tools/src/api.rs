@@ -73,6 +73,11 @@ pub enum Request {
         group: String,
     },
     /// Change the mode of a running partnership (on its source).
+    /// Planned switch: `new_source` (NODE/GROUP, the current destination)
+    /// becomes the source.
+    PartnershipSwitch {
+        new_source: String,
+    },
     PartnershipSet {
         group: String,
         mode: String,

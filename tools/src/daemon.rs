@@ -46,6 +46,8 @@ pub struct Daemon {
     changing: Mutex<std::collections::BTreeSet<String>>,
     /// Why the last reconnection of a source group failed.
     peer_errors: Mutex<BTreeMap<String, String>>,
+    /// Destination groups: where their source's replication listener is.
+    source_addresses: Mutex<BTreeMap<String, String>>,
     /// Numbered events of this daemon's life.
     pub events: std::sync::Arc<crate::events::EventLog>,
     /// Who may do what on the management socket besides administrators.
@@ -115,6 +117,7 @@ impl Daemon {
             changes: Mutex::new(()),
             changing: Mutex::new(std::collections::BTreeSet::new()),
             peer_errors: Mutex::new(BTreeMap::new()),
+            source_addresses: Mutex::new(BTreeMap::new()),
             events,
             delegations,
             tls,
@@ -264,6 +267,11 @@ impl Daemon {
             Request::PartnershipSet { group, mode } => {
                 let _guard = self.mark_changing(&group)?;
                 crate::partnership_set::set_mode(self, &group, &mode).map(ResponseBody::Message)
+            }
+            Request::PartnershipSwitch { new_source } => {
+                let local = crate::switch::local_group(self, &new_source)?;
+                let _guard = self.mark_changing(&local)?;
+                crate::switch::switch(self, &local).map(ResponseBody::Message)
             }
             Request::PartnershipRemove { group } => {
                 let _guard = self.mark_changing(&group)?;
@@ -420,7 +428,7 @@ impl Drop for ChangingGuard<'_> {
 
 /// Partnership operations on the cores.
 impl Daemon {
-    fn mark_changing(&self, group: &str) -> Result<ChangingGuard<'_>, String> {
+    pub(crate) fn mark_changing(&self, group: &str) -> Result<ChangingGuard<'_>, String> {
         if !lock(&self.changing).insert(group.to_owned()) {
             return Err(format!("a partnership change of {group} is already in progress; try again when it ends"));
         }
@@ -611,6 +619,23 @@ impl Daemon {
             self.set_destination_of(group, None);
         }
         result?
+    }
+
+    /// Turns a group's exports read-only (with who writes instead) or
+    /// writable again, for clients connecting from now on.
+    pub fn fence_clients(&self, group: &str, writer: Option<String>) {
+        self.set_destination_of(group, writer);
+    }
+
+    /// Where the source of destination group `group` listens (learned when
+    /// it last connected).
+    #[must_use]
+    pub fn source_address(&self, group: &str) -> Option<String> {
+        lock(&self.source_addresses).get(group).cloned()
+    }
+
+    pub fn remember_source_address(&self, group: &str, address: String) {
+        lock(&self.source_addresses).insert(group.to_owned(), address);
     }
 
     fn set_destination_of(&self, group: &str, source: Option<String>) {

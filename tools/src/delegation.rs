@@ -94,6 +94,9 @@ pub fn need_of(request: &Request) -> (Need, &'static str) {
         Request::PartnershipRemove { group } => (Need::Operate(group.clone()), "remove a partnership"),
         Request::PartnershipVerify { group, .. } => (Need::Operate(group.clone()), "verify a partnership"),
         Request::PartnershipSet { group, .. } => (Need::Operate(group.clone()), "change a partnership's mode"),
+        // The group it changes on this node is resolved by the daemon from
+        // the peer's name, so only administrators may ask.
+        Request::PartnershipSwitch { .. } => (Need::Admin, "switch a partnership's direction"),
         Request::EngineSet { group, .. } => (Need::Operate(group.clone()), "tune a group"),
     }
 }

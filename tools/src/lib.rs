@@ -28,6 +28,7 @@ pub mod replication_dest;
 pub mod secure_channel;
 pub mod serve;
 pub mod size;
+pub mod switch;
 pub mod topology;
 pub mod topology_html;
 pub mod topology_requirements;

@@ -47,6 +47,14 @@ pub enum HelloAction {
     Probe,
     /// The partnership's mode changed on the source: take `mode`.
     SetMode,
+    /// Planned switch, source to destination: every record up to
+    /// `baseline_lsn` is on both sides and the source became a destination;
+    /// become the source (its listener is on `replication_port`).
+    Switch,
+    /// Planned switch asked on the destination: the destination (named as
+    /// `source_node`/`source_group` here) asks its source
+    /// (`destination_group`) to run the switch.
+    SwitchRequest,
 }
 
 /// The source's handshake line.
@@ -89,6 +97,10 @@ pub struct Hello {
     /// Join over a TLS session: the proof that this channel belongs to it.
     #[serde(default)]
     pub join_proof: String,
+    /// The sender's replication listener port (a destination learns where
+    /// its source listens, for a switch asked on the destination).
+    #[serde(default)]
+    pub replication_port: u16,
 }
 
 fn encryption_none() -> String {
@@ -119,6 +131,7 @@ impl Hello {
             destination_network: String::new(),
             encryption: encryption_none(),
             join_proof: String::new(),
+            replication_port: 0,
         }
     }
 }
@@ -141,6 +154,9 @@ pub struct Answer {
     /// Probe: what the daemon says about the group the probe named.
     #[serde(default)]
     pub probe: Option<crate::probe::ProbeFacts>,
+    /// What was done, for the operator (a switch asked on the destination).
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
@@ -289,6 +305,7 @@ pub(crate) fn hello_for(
         destination_network: request.destination_network.clone(),
         encryption: request.encryption.clone(),
         join_proof: String::new(),
+        replication_port: daemon.config.node.replication_listen.port(),
     }
 }
 

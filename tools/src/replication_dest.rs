@@ -100,8 +100,13 @@ fn serve_control(
         } else if matches!(hello.action, HelloAction::Join) {
             return Err("a data channel joins in clear with its proof, not over TLS".to_owned());
         }
+        if matches!(hello.action, HelloAction::SwitchRequest) {
+            let reply = crate::switch::answer_switch_request(daemon, &hello, control.peer_node());
+            return write_line(&mut control, &reply);
+        }
         let local = control.tcp().local_addr().ok().map(|a| a.ip());
-        let result = destination_step(daemon, &hello, local, control.peer_node());
+        let source_ip = control.tcp().peer_addr().ok().map(|a| a.ip());
+        let result = destination_step(daemon, &hello, local, control.peer_node(), source_ip);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
             Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
@@ -109,6 +114,10 @@ fn serve_control(
         reply.destination_node.clone_from(&daemon.config.node.name);
         let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
         if opens_session {
+            if let (Some(ip), 1..) = (source_ip, hello.replication_port) {
+                let address = std::net::SocketAddr::new(ip, hello.replication_port).to_string();
+                daemon.remember_source_address(&hello.destination_group, address);
+            }
             let keys = control.session_keys(&hello.encryption, hello.channels)?;
             reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, hello.channels, keys);
         }
@@ -123,14 +132,16 @@ fn serve_control(
             }
             (_, Some(reason)) => return Err(reason),
             (HelloAction::Check, None) => continue,
-            (HelloAction::Remove | HelloAction::SetMode, None) => return Ok(()),
+            (HelloAction::Remove | HelloAction::SetMode | HelloAction::Switch, None) => return Ok(()),
             (HelloAction::Create | HelloAction::Resume, None) => {
                 let stream = control.into_tcp();
                 let joined =
                     sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream, None)?;
                 return attach_joined(daemon, &hello.destination_group, joined);
             }
-            (HelloAction::Join | HelloAction::Probe, None) => unreachable!("answered by join() and probe::answer()"),
+            (HelloAction::Join | HelloAction::Probe | HelloAction::SwitchRequest, None) => {
+                unreachable!("answered by join(), probe::answer() and switch::answer_switch_request()")
+            }
         }
     }
 }
@@ -204,6 +215,7 @@ fn destination_step(
     hello: &Hello,
     local: Option<std::net::IpAddr>,
     certified: Option<&str>,
+    source_ip: Option<std::net::IpAddr>,
 ) -> Result<Answer, String> {
     if hello.wire_version != WIRE_VERSION {
         return Err(format!(
@@ -256,7 +268,11 @@ fn destination_step(
         }
         HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
         HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
-        HelloAction::Resume | HelloAction::Remove | HelloAction::SetMode => {
+        HelloAction::SwitchRequest => Err("a switch request is answered by switch::answer_switch_request()".to_owned()),
+        HelloAction::Switch if crate::switch::already_taken_over(&status, hello) => {
+            Ok(Answer { ok: true, ..Answer::default() })
+        }
+        HelloAction::Resume | HelloAction::Remove | HelloAction::SetMode | HelloAction::Switch => {
             let state = daemon.destination_state(name)?.ok_or_else(|| {
                 format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)
             })?;
@@ -277,6 +293,10 @@ fn destination_step(
                 crate::partnership_set::take_mode(daemon, name, &hello.mode)?;
                 return Ok(Answer { ok: true, ..Answer::default() });
             }
+            if matches!(hello.action, HelloAction::Switch) {
+                crate::switch::take_over(daemon, name, hello, &state, partnership, source_ip)?;
+                return Ok(Answer { ok: true, ..Answer::default() });
+            }
             if matches!(hello.action, HelloAction::Remove) {
                 daemon.leave_partnership(name)?;
                 let peer = format!("{}/{}", hello.source_node, hello.source_group);
@@ -291,7 +311,7 @@ fn destination_step(
     }
 }
 
-fn parse_id(text: &str) -> Result<[u8; 16], String> {
+pub(crate) fn parse_id(text: &str) -> Result<[u8; 16], String> {
     let bytes: Vec<u8> = (0..text.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2).unwrap_or("zz"), 16))

@@ -26,6 +26,11 @@ pub enum EventKind {
     PeerLost {
         reason: String,
     },
+    /// A planned switch: this group is now `now` (source or destination).
+    PartnershipSwitched {
+        peer: String,
+        now: String,
+    },
     /// A peer was refused before any group was named (TLS or policy).
     PeerRefused {
         peer: String,
@@ -127,6 +132,7 @@ impl EventKind {
             Self::PartnershipRefused { .. } => 2003,
             Self::DestinationAttached { .. } => 2004,
             Self::ModeChanged { .. } => 2005,
+            Self::PartnershipSwitched { .. } => 2006,
             Self::GroupPromoted { .. } => 7001,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
@@ -181,6 +187,9 @@ impl EventKind {
                 "initial block copy completed in {elapsed_ms} ms: {bytes_sent} bytes sent, {bytes_skipped} bytes of holes skipped"
             ),
             Self::PeerLost { reason } => format!("replication peer lost: {reason}"),
+            Self::PartnershipSwitched { peer, now } => {
+                format!("planned switch: this group is now the {now} of the partnership with {peer}")
+            }
             Self::PeerRefused { peer, reason } => format!("replication peer {peer} refused: {reason}"),
             Self::FrameRejected { peer, reason } => format!("replication channel from {peer} reset: {reason}"),
             Self::PeerConnected { peer_durable_lsn, current_lsn } => format!(

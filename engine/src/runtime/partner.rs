@@ -150,7 +150,13 @@ impl GroupRt {
         self.superblock.epoch_start_position = head;
         self.core.rebase(baseline_lsn, self.superblock.epoch);
         let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
-        self.destination = Some(DestinationLink::new(sizes, CopyPosition::At { volume_index: 0, offset: 0 }));
+        // A planned switch hands over volumes already equal: no copy.
+        let copy = if entry.copy_state == tandem_proto::COPY_DONE {
+            CopyPosition::Done
+        } else {
+            CopyPosition::At { volume_index: 0, offset: 0 }
+        };
+        self.destination = Some(DestinationLink::new(sizes, copy));
         self.core.set_apply_after_durable(true);
     }
 

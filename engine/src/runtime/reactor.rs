@@ -77,6 +77,9 @@ pub enum CoreMsg {
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
+    /// Disconnect every client of a group (a planned switch: its exports
+    /// turn read-only first, so clients come back read-only).
+    CloseClients { group: String, reason: String, reply: Sender<Result<(), String>> },
     /// Detach every group and stop the thread.
     Shutdown,
 }
@@ -369,6 +372,20 @@ impl Reactor {
                 CoreMsg::StartVerify { group, rate_bytes_per_s, repair, reply } => {
                     let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
                         Some(rt) => rt.start_verify(rate_bytes_per_s, repair),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::CloseClients { group, reason, reply } => {
+                    let answer = match self.find_group(&group) {
+                        Some(index) => {
+                            for (_, conn) in &mut self.conns {
+                                if conn.group == index {
+                                    conn.close(&reason);
+                                }
+                            }
+                            Ok(())
+                        }
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);

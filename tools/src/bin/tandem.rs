@@ -251,6 +251,13 @@ enum PartnershipCommand {
         #[arg(long, value_name = "SECONDS", conflicts_with = "json")]
         watch: Option<u64>,
     },
+    /// Planned switch (run on either node): the source stops taking writes and drains, then
+    /// NODE/GROUP (its destination) becomes the source and replication runs the other way.
+    Switch {
+        /// The current destination that becomes the source, NODE/GROUP.
+        #[arg(long, value_name = "NODE/GROUP")]
+        new_source: String,
+    },
     /// Change a running partnership's mode (run on the source): sync or async.
     Set {
         #[arg(long)]
@@ -443,6 +450,9 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         },
         Command::Partnership(PartnershipCommand::Set { group, mode }) => {
             print_message(&call(&cli.api, &Request::PartnershipSet { group: group.clone(), mode: mode.clone() })?);
+        }
+        Command::Partnership(PartnershipCommand::Switch { new_source }) => {
+            print_message(&call(&cli.api, &Request::PartnershipSwitch { new_source: new_source.clone() })?);
         }
         Command::Partnership(PartnershipCommand::Verify { group, rate, repair, no_wait }) => {
             let request = Request::PartnershipVerify { group: group.clone(), rate_bytes_per_s: *rate, repair: *repair };
