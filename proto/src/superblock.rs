@@ -43,6 +43,8 @@ pub const ENCRYPTION_NONE: u32 = 0;
 pub const ENCRYPTION_AES_128_GCM: u32 = 1;
 /// Partnership frames are authenticated only (GMAC).
 pub const ENCRYPTION_SIGN: u32 = 2;
+/// The source's destination was promoted: client I/O is fenced off.
+pub const FENCE_PEER_PROMOTED: u32 = 1;
 /// Initial block copy not finished (or never started).
 pub const COPY_IN_PROGRESS: u32 = 1;
 /// Initial block copy finished: the destination followed every record since.
@@ -117,8 +119,15 @@ const FIXED_FIELDS_BYTES: usize = 248;
 const TABLES_BYTES: usize = MAX_VOLUMES * 256 + MAX_GENERATION_HISTORY * 32;
 const PARTNERSHIP_BYTES: usize = std::mem::size_of::<PartnershipEntry>();
 const BITMAP_ENTRY_BYTES: usize = std::mem::size_of::<BitmapEntry>();
-const RESERVED_BYTES: usize =
-    SUPERBLOCK_SLOT_BYTES - FIXED_FIELDS_BYTES - TABLES_BYTES - PARTNERSHIP_BYTES - BITMAP_ENTRY_BYTES - 64 - 8 - 16;
+const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES
+    - FIXED_FIELDS_BYTES
+    - TABLES_BYTES
+    - PARTNERSHIP_BYTES
+    - BITMAP_ENTRY_BYTES
+    - 64
+    - 8
+    - 40
+    - 16;
 
 /// Where the group's dirty-region bitmap lives: at the end of the log device,
 /// after the ring. One bit per `region_bytes` of every volume, volume after
@@ -213,6 +222,17 @@ pub struct Superblock {
     /// is what their partnerships used).
     pub encryption: u32,
     pub encryption_reserved: u32,
+    /// After an unplanned promotion: the partnership this group was the
+    /// destination of, and the last LSN it held then (all zero: never
+    /// promoted). A returning source of that partnership learns it.
+    pub promoted_from: Checksum128,
+    pub promoted_after_lsn: u64,
+    /// [`FENCE_PEER_PROMOTED`]: this source learned its destination was
+    /// promoted after LSN `fenced_after_lsn`; it takes no client I/O until
+    /// it fails back (zero: not fenced). Taken from the reserved area.
+    pub fence: u32,
+    pub fence_reserved: u32,
+    pub fenced_after_lsn: u64,
     /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.
@@ -322,6 +342,9 @@ impl Superblock {
 
     fn validate_partnership(&self) -> Result<(), SuperblockDecodeError> {
         let p = &self.partnership;
+        if self.fence > FENCE_PEER_PROMOTED || self.fence_reserved != 0 {
+            return Err(field_error("fence", format!("unknown fence {}", self.fence)));
+        }
         if self.encryption > ENCRYPTION_SIGN || self.encryption_reserved != 0 {
             return Err(field_error("encryption", format!("unknown encryption {}", self.encryption)));
         }

@@ -73,6 +73,13 @@ pub enum Request {
         group: String,
     },
     /// Change the mode of a running partnership (on its source).
+    /// Failback of a fenced old source: save the diverged ranges (if
+    /// `preserve_diverged`), then become the promoted group's destination.
+    PartnershipFailback {
+        group: String,
+        #[serde(default)]
+        preserve_diverged: Option<std::path::PathBuf>,
+    },
     /// Planned switch: `new_source` (NODE/GROUP, the current destination)
     /// becomes the source.
     PartnershipSwitch {

@@ -268,6 +268,10 @@ impl Daemon {
                 let _guard = self.mark_changing(&group)?;
                 crate::partnership_set::set_mode(self, &group, &mode).map(ResponseBody::Message)
             }
+            Request::PartnershipFailback { group, preserve_diverged } => {
+                let _guard = self.mark_changing(&group)?;
+                crate::failback::failback(self, &group, preserve_diverged.as_deref()).map(ResponseBody::Message)
+            }
             Request::PartnershipSwitch { new_source } => {
                 let local = crate::switch::local_group(self, &new_source)?;
                 let _guard = self.mark_changing(&local)?;
@@ -384,11 +388,13 @@ fn volumes_of(open: &OpenGroup) -> Vec<(String, u64, PathBuf)> {
 }
 
 fn destination_of(superblock: &tandem_proto::Superblock) -> Option<String> {
-    (superblock.role == tandem_proto::ROLE_DESTINATION).then(|| {
-        let p = &superblock.partnership;
-        let text = |f: &[u8]| tandem_proto::read_fixed_str(f).unwrap_or_default().to_owned();
-        format!("{}/{}", text(&p.peer_node), text(&p.peer_group))
-    })
+    let p = &superblock.partnership;
+    let text = |f: &[u8]| tandem_proto::read_fixed_str(f).unwrap_or_default().to_owned();
+    let peer = format!("{}/{}", text(&p.peer_node), text(&p.peer_group));
+    if superblock.fence == tandem_proto::FENCE_PEER_PROMOTED {
+        return Some(crate::failback::fence_text(&peer, superblock.fenced_after_lsn));
+    }
+    (superblock.role == tandem_proto::ROLE_DESTINATION).then_some(peer)
 }
 
 fn report_recovery(name: &str, open: &OpenGroup) {

@@ -15,6 +15,7 @@ pub mod delegation;
 pub mod demo;
 pub mod device_facts;
 pub mod events;
+pub mod failback;
 pub mod manpages;
 pub mod metrics;
 pub mod nbd_load;

@@ -44,6 +44,23 @@ pub fn print_partnership(g: &GroupStatus) {
     if !p.network.is_empty() {
         println!("  network       constrained to {} on this node", p.network);
     }
+    if let Some(after_lsn) = g.fenced_after_lsn {
+        println!(
+            "  FENCED        {}/{} was promoted after LSN {after_lsn}: no client I/O here; {} record(s) beyond it",
+            p.peer_node, p.peer_group, p.diverged_records
+        );
+        for range in &p.diverged {
+            println!(
+                "  diverged      {} ({}) {}..{} ({} bytes)",
+                range.volume,
+                range.volume_index,
+                range.offset,
+                range.offset + range.length,
+                range.length
+            );
+        }
+        println!("  failback      `tandem partnership failback --group {} [--preserve-diverged DIR]`", g.name);
+    }
     let protection = match p.encryption.as_str() {
         "aes-128-gcm" => "AES-128-GCM (encrypted and authenticated), peer authenticated by TLS",
         "sign" => "signed (GMAC, authenticated, not encrypted), peer authenticated by TLS",

@@ -51,6 +51,10 @@ pub enum HelloAction {
     /// `baseline_lsn` is on both sides and the source became a destination;
     /// become the source (its listener is on `replication_port`).
     Switch,
+    /// Failback asked by a fenced old source (named as `source_node`/
+    /// `source_group`): the promoted group (`destination_group`) creates the
+    /// reverse partnership into it.
+    FailbackRequest,
     /// Planned switch asked on the destination: the destination (named as
     /// `source_node`/`source_group` here) asks its source
     /// (`destination_group`) to run the switch.
@@ -157,6 +161,9 @@ pub struct Answer {
     /// What was done, for the operator (a switch asked on the destination).
     #[serde(default)]
     pub message: Option<String>,
+    /// A Resume refused because the destination was promoted after this LSN.
+    #[serde(default)]
+    pub promoted_after_lsn: Option<u64>,
 }
 
 pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
@@ -417,7 +424,15 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     let request = CreateRequest::existing(&status.name, partnership);
     let mut stream = open_control(daemon, &request)?;
     let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
-    let answer = exchange(&mut stream, &hello)?;
+    write_line(&mut stream, &hello)?;
+    let answer: Answer = read_line(&mut stream)?;
+    if !answer.ok {
+        let reason = answer.error.unwrap_or_else(|| "the destination refused without a reason".to_owned());
+        if let Some(after_lsn) = answer.promoted_after_lsn {
+            crate::failback::fence(daemon, status, after_lsn)?;
+        }
+        return Err(reason);
+    }
     let channels = join_channels(stream, &request.destination, &request.source_network, &hello, answer.session)?;
     daemon.attach_peer(
         &status.name,
@@ -472,7 +487,8 @@ pub fn run_connector(daemon: Arc<Daemon>) {
         std::thread::sleep(Duration::from_millis(250));
         for status in daemon.status() {
             let Some(partnership) = status.partnership.as_ref() else { continue };
-            if status.role != "source" || partnership.connected || daemon.is_changing(&status.name) {
+            let fenced = status.fenced_after_lsn.is_some();
+            if status.role != "source" || partnership.connected || fenced || daemon.is_changing(&status.name) {
                 next_attempt.remove(&status.name);
                 continue;
             }

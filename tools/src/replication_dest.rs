@@ -100,18 +100,25 @@ fn serve_control(
         } else if matches!(hello.action, HelloAction::Join) {
             return Err("a data channel joins in clear with its proof, not over TLS".to_owned());
         }
+        let local = control.tcp().local_addr().ok().map(|a| a.ip());
+        let source_ip = control.tcp().peer_addr().ok().map(|a| a.ip());
         if matches!(hello.action, HelloAction::SwitchRequest) {
             let reply = crate::switch::answer_switch_request(daemon, &hello, control.peer_node());
             return write_line(&mut control, &reply);
         }
-        let local = control.tcp().local_addr().ok().map(|a| a.ip());
-        let source_ip = control.tcp().peer_addr().ok().map(|a| a.ip());
+        if matches!(hello.action, HelloAction::FailbackRequest) {
+            let reply = crate::failback::answer_failback_request(daemon, &hello, control.peer_node(), source_ip);
+            return write_line(&mut control, &reply);
+        }
         let result = destination_step(daemon, &hello, local, control.peer_node(), source_ip);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
             Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
         };
         reply.destination_node.clone_from(&daemon.config.node.name);
+        if matches!(hello.action, HelloAction::Resume) && result.is_err() {
+            reply.promoted_after_lsn = promoted_out_of(daemon, &hello);
+        }
         let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
         if opens_session {
             if let (Some(ip), 1..) = (source_ip, hello.replication_port) {
@@ -139,7 +146,10 @@ fn serve_control(
                     sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream, None)?;
                 return attach_joined(daemon, &hello.destination_group, joined);
             }
-            (HelloAction::Join | HelloAction::Probe | HelloAction::SwitchRequest, None) => {
+            (
+                HelloAction::Join | HelloAction::Probe | HelloAction::SwitchRequest | HelloAction::FailbackRequest,
+                None,
+            ) => {
                 unreachable!("answered by join(), probe::answer() and switch::answer_switch_request()")
             }
         }
@@ -209,6 +219,14 @@ fn check_source(daemon: &Daemon, hello: &Hello, certified: Option<&str>, kept: O
     Ok(())
 }
 
+/// The LSN after which the group a Resume names was promoted out of that
+/// partnership (none when it was not).
+fn promoted_out_of(daemon: &Daemon, hello: &Hello) -> Option<u64> {
+    let status = daemon.group_status(&hello.destination_group).ok()?;
+    (!status.promoted_from.is_empty() && status.promoted_from == hello.partnership_id)
+        .then_some(status.promoted_after_lsn)
+}
+
 /// Validates a handshake step on the destination and carries it out.
 fn destination_step(
     daemon: &Daemon,
@@ -268,7 +286,13 @@ fn destination_step(
         }
         HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
         HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
-        HelloAction::SwitchRequest => Err("a switch request is answered by switch::answer_switch_request()".to_owned()),
+        HelloAction::SwitchRequest | HelloAction::FailbackRequest => {
+            Err("switch and failback requests are answered by their modules".to_owned())
+        }
+        HelloAction::Resume if promoted_out_of(daemon, hello).is_some() => Err(format!(
+            "group {name} on {} was promoted after LSN {} and serves writes itself: the source must not write any more; it is fenced now, and `tandem partnership failback` on it makes it {name}'s destination",
+            daemon.config.node.name, status.promoted_after_lsn
+        )),
         HelloAction::Switch if crate::switch::already_taken_over(&status, hello) => {
             Ok(Answer { ok: true, ..Answer::default() })
         }

@@ -26,6 +26,19 @@ impl GroupCore {
         self.bitmap.as_ref().map_or(0, |b| b.dirty_bytes_from(0, 0))
     }
 
+    /// The marked regions as (volume, offset, length), in order.
+    #[must_use]
+    pub fn bitmap_regions(&self) -> Vec<(u8, u64, u64)> {
+        let mut regions = Vec::new();
+        let Some(bitmap) = self.bitmap.as_ref() else { return regions };
+        let (mut volume, mut offset) = (0u8, 0u64);
+        while let Some((v, start, end)) = bitmap.next_dirty(volume, offset) {
+            regions.push((v, start, end - start));
+            (volume, offset) = (v, end);
+        }
+        regions
+    }
+
     /// Times records were folded into the bitmap since this group was opened.
     #[must_use]
     pub fn bitmap_spills(&self) -> u64 {

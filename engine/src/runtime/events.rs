@@ -26,6 +26,14 @@ pub enum EventKind {
     PeerLost {
         reason: String,
     },
+    /// This source's destination was promoted after `after_lsn`: the group
+    /// is fenced off from clients until it fails back.
+    PeerPromoted {
+        peer: String,
+        after_lsn: u64,
+        diverged_records: u64,
+        diverged_bytes: u64,
+    },
     /// A planned switch: this group is now `now` (source or destination).
     PartnershipSwitched {
         peer: String,
@@ -134,6 +142,7 @@ impl EventKind {
             Self::ModeChanged { .. } => 2005,
             Self::PartnershipSwitched { .. } => 2006,
             Self::GroupPromoted { .. } => 7001,
+            Self::PeerPromoted { .. } => 7002,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
@@ -165,6 +174,7 @@ impl EventKind {
             | Self::BitmapSpill { .. }
             | Self::OutOfSync { .. }
             | Self::GroupPromoted { .. }
+            | Self::PeerPromoted { .. }
             | Self::VerifyStopped { .. } => "warning",
             Self::VerifyCompleted { out_of_sync_ranges, repaired_bytes, out_of_sync_bytes, .. }
                 if *out_of_sync_ranges > 0 && repaired_bytes < out_of_sync_bytes =>
@@ -187,6 +197,9 @@ impl EventKind {
                 "initial block copy completed in {elapsed_ms} ms: {bytes_sent} bytes sent, {bytes_skipped} bytes of holes skipped"
             ),
             Self::PeerLost { reason } => format!("replication peer lost: {reason}"),
+            Self::PeerPromoted { peer, after_lsn, diverged_records, diverged_bytes } => format!(
+                "{peer} was promoted after LSN {after_lsn}: this group takes no client I/O; it holds {diverged_records} record(s) beyond that ({diverged_bytes} bytes of ranges, see `tandem partnership show`); `tandem partnership failback` makes it {peer}'s destination"
+            ),
             Self::PartnershipSwitched { peer, now } => {
                 format!("planned switch: this group is now the {now} of the partnership with {peer}")
             }

@@ -669,6 +669,13 @@ impl GroupRt {
             .to_owned(),
             partnership: self.partnership_status(),
             counters: self.counters_report(&snapshot),
+            promoted_from: if self.superblock.promoted_from == [0; 16] {
+                String::new()
+            } else {
+                self.superblock.promoted_from.iter().map(|b| format!("{b:02x}")).collect()
+            },
+            promoted_after_lsn: self.superblock.promoted_after_lsn,
+            fenced_after_lsn: self.fenced_after_lsn(),
         }
     }
 

@@ -8,6 +8,7 @@ mod conn;
 pub mod counters;
 pub mod device;
 pub mod events;
+pub mod failback;
 mod group_events;
 mod group_io;
 mod io;

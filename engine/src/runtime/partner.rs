@@ -102,6 +102,10 @@ impl GroupRt {
         }
         self.superblock.role = ROLE_SOURCE;
         self.superblock.partnership = entry;
+        // A promoted group replicating again (failback) is no longer waiting
+        // for its old source to return.
+        self.superblock.promoted_from = [0; 16];
+        self.superblock.promoted_after_lsn = 0;
         let baseline_lsn = self.core.attach_peer(self.peer_config(defaults));
         self.source = Some(SourceLink::default());
         if let Some(bitmap) = self.new_bitmap() {
@@ -145,6 +149,9 @@ impl GroupRt {
         assert!(self.ready_to_become_destination(), "checked by the caller");
         self.superblock.role = ROLE_DESTINATION;
         self.superblock.partnership = entry;
+        // A fenced old source failing back: the resync overwrites what diverged.
+        self.superblock.fence = 0;
+        self.superblock.fenced_after_lsn = 0;
         self.superblock.epoch += 1;
         let head = self.core.head_position();
         self.superblock.epoch_start_position = head;
@@ -236,12 +243,15 @@ impl GroupRt {
             }
             .to_owned(),
             frames_rejected: self.frames_rejected,
+            diverged: Vec::new(),
+            diverged_records: 0,
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),
             current_lsn: snapshot.current_lsn,
             ..Default::default()
         };
+        (status.diverged, status.diverged_records) = self.diverged();
         if let Some(link) = self.source.as_ref() {
             let peer_durable = self.core.peer_durable_lsn().unwrap_or(0);
             status.state = self.core.replication_state().map_or("", |s| s.name()).to_owned();

@@ -40,6 +40,9 @@ impl GroupRt {
         }
         history[used.min(history.len() - 1)] = GenerationEntry { generation, first_lsn: next_lsn, reserved: 0 };
         self.superblock.generation = generation;
+        // A returning source of this partnership learns it was promoted.
+        self.superblock.promoted_from = self.superblock.partnership.id;
+        self.superblock.promoted_after_lsn = report.last_lsn;
         self.leave_partnership();
         self.persist_then_reply(persisted);
         Ok(report)

@@ -77,6 +77,9 @@ pub enum CoreMsg {
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
+    /// Fence a source whose destination was promoted after `after_lsn`
+    /// (`None` lifts it); answers once durable.
+    SetFence { group: String, after_lsn: Option<u64>, reply: Sender<Result<(), String>> },
     /// Disconnect every client of a group (a planned switch: its exports
     /// turn read-only first, so clients come back read-only).
     CloseClients { group: String, reason: String, reply: Sender<Result<(), String>> },
@@ -375,6 +378,14 @@ impl Reactor {
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);
+                }
+                CoreMsg::SetFence { group, after_lsn, reply } => {
+                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.set_fence(after_lsn, reply),
+                        None => {
+                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                        }
+                    }
                 }
                 CoreMsg::CloseClients { group, reason, reply } => {
                     let answer = match self.find_group(&group) {

@@ -56,6 +56,16 @@ pub struct GroupStatus {
     pub partnership: Option<PartnershipStatus>,
     /// Performance counters (`tandem counters`).
     pub counters: super::counters::GroupCountersReport,
+    /// After an unplanned promotion: the partnership (hex id) this group was
+    /// the destination of, and the last LSN it held (empty: never promoted).
+    #[serde(default)]
+    pub promoted_from: String,
+    #[serde(default)]
+    pub promoted_after_lsn: u64,
+    /// A source whose destination was promoted after this LSN: fenced off
+    /// from clients until it fails back.
+    #[serde(default)]
+    pub fenced_after_lsn: Option<u64>,
 }
 
 /// A group's partnership, as `tandem partnership show` reports it.
@@ -76,6 +86,13 @@ pub struct PartnershipStatus {
     /// Frames that failed authentication (each reset its session).
     #[serde(default)]
     pub frames_rejected: u64,
+    /// A fenced source: the ranges it holds beyond the promoted side (its
+    /// records after the promotion LSN and its bitmap's regions), and how
+    /// many of its records came after that LSN.
+    #[serde(default)]
+    pub diverged: Vec<super::failback::DivergedRange>,
+    #[serde(default)]
+    pub diverged_records: u64,
     /// Each connected channel as "LOCAL -> REMOTE".
     #[serde(default)]
     pub channel_addresses: Vec<String>,

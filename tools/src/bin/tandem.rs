@@ -258,6 +258,16 @@ enum PartnershipCommand {
         #[arg(long, value_name = "NODE/GROUP")]
         new_source: String,
     },
+    /// On an old source fenced because its destination was promoted: become that group's
+    /// destination; the compared resync overwrites only the blocks that differ.
+    Failback {
+        #[arg(long)]
+        group: String,
+        /// Save the diverged ranges (what this group wrote after the promotion) into DIR first,
+        /// one file per range and an index, diverged.json.
+        #[arg(long, value_name = "DIR")]
+        preserve_diverged: Option<PathBuf>,
+    },
     /// Change a running partnership's mode (run on the source): sync or async.
     Set {
         #[arg(long)]
@@ -450,6 +460,11 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         },
         Command::Partnership(PartnershipCommand::Set { group, mode }) => {
             print_message(&call(&cli.api, &Request::PartnershipSet { group: group.clone(), mode: mode.clone() })?);
+        }
+        Command::Partnership(PartnershipCommand::Failback { group, preserve_diverged }) => {
+            let request =
+                Request::PartnershipFailback { group: group.clone(), preserve_diverged: preserve_diverged.clone() };
+            print_message(&call(&cli.api, &request)?);
         }
         Command::Partnership(PartnershipCommand::Switch { new_source }) => {
             print_message(&call(&cli.api, &Request::PartnershipSwitch { new_source: new_source.clone() })?);
