@@ -393,7 +393,67 @@ fn a_promoted_destination_serves_writes_and_the_old_source_cannot_overwrite_it()
     std::thread::sleep(Duration::from_secs(3));
     let p = source.partnership("rg01");
     assert_eq!(p["connected"], false, "the old source cannot resume into the promoted group: {p:#}");
-    assert!(p["last_error"].as_str().unwrap_or_default().contains("not a replication destination"), "{p:#}");
+    assert!(p["last_error"].as_str().unwrap_or_default().contains("was promoted after LSN"), "{p:#}");
+    assert_eq!(p["state"], "PeerPromoted", "it wrote nothing after the promotion: {p:#}");
+    assert!(source.group_status("rg01")["fenced_after_lsn"].is_u64(), "the old source is fenced");
     let data = std::fs::read(destination.path("rg02-data.img")).unwrap();
     assert!(data[..1 << 20].iter().all(|&b| b == 7), "the promoted group keeps its own writes");
+}
+
+/// Split brain: during a partition the source keeps writing and the
+/// destination is promoted and writes too. When the link returns the old
+/// source stops in `SplitBrain` (event 7002 names both generations) and
+/// nothing moves; `resolve --keep` on it keeps the side chosen (here the old
+/// source): the promoted side becomes its destination, loses its writes since
+/// the promotion, and the volumes end equal.
+#[test]
+fn split_brain_stops_until_resolved_and_resolve_keeps_the_chosen_side() {
+    tandem_tests::require_tool("qemu-io", "qemu-utils");
+    let Some((net, source, destination)) = nodes_in_namespaces() else { return };
+    source.replicate_to(&destination, "128MiB", &[("data", 16 << 20)], "async");
+    let write = |node: &Node, group: &str, pattern: u8, offset_mib: u64| {
+        tandem_tests::run_ok(
+            node.client_command("qemu-io")
+                .args(["-f", "raw", "-c", &format!("write -P {pattern} {offset_mib}M 1M")])
+                .arg(node.nbd_uri(group, "data")),
+        )
+    };
+    cut_until_lost(&net, &source);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while destination.partnership("rg02")["connected"] == true {
+        assert!(std::time::Instant::now() < deadline, "the destination never noticed the cut");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let promoted = destination.cli_ok(&["group", "promote", "rg02"]);
+    assert!(promoted.contains("rg02 promoted"), "{promoted}");
+    write(&source, "rg01", 0x11, 0);
+    write(&destination, "rg02", 0x22, 0);
+    write(&destination, "rg02", 0x22, 4);
+
+    net.set_link(true);
+    source.wait_for_events(&[7002], Duration::from_secs(30));
+    let p = source.partnership("rg01");
+    assert_eq!(p["state"], "SplitBrain", "{p:#}");
+    let event = source.cli_ok(&["events", "--json"]);
+    let (ours, theirs) =
+        (source.group_status("rg01")["generation"].clone(), destination.group_status("rg02")["generation"].clone());
+    assert!(event.contains(ours.as_str().unwrap()) && event.contains(theirs.as_str().unwrap()), "{event}");
+    let md5 = |node: &Node, file: &str| tandem_tests::run_ok(std::process::Command::new("md5sum").arg(node.path(file)));
+    let before = (md5(&source, "rg01-data.img"), md5(&destination, "rg02-data.img"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(before, (md5(&source, "rg01-data.img"), md5(&destination, "rg02-data.img")), "nothing moves");
+
+    let resolved = source.cli_ok(&["partnership", "resolve", "--group", "rg01", "--keep", "node-a/rg01"]);
+    assert!(resolved.contains("split brain resolved"), "{resolved}");
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    write(&source, "rg01", 0x33, 8);
+    source.wait_in_sync("rg01", Duration::from_secs(60));
+    assert_eq!(
+        md5(&source, "rg01-data.img").split_whitespace().next(),
+        md5(&destination, "rg02-data.img").split_whitespace().next()
+    );
+    let data = std::fs::read(destination.path("rg02-data.img")).unwrap();
+    assert!(data[..1 << 20].iter().all(|&b| b == 0x11), "the kept side's write won");
+    assert!(data[4 << 20..5 << 20].iter().all(|&b| b == 0), "the promoted side's own write is gone");
+    assert_eq!(destination.group_status("rg02")["role"], "destination");
 }

@@ -80,6 +80,13 @@ pub enum Request {
         #[serde(default)]
         preserve_diverged: Option<std::path::PathBuf>,
     },
+    /// Split brain: keep `keep` (NODE/GROUP, this side or the promoted one).
+    PartnershipResolve {
+        group: String,
+        keep: String,
+        #[serde(default)]
+        preserve_diverged: Option<std::path::PathBuf>,
+    },
     /// Planned switch: `new_source` (NODE/GROUP, the current destination)
     /// becomes the source.
     PartnershipSwitch {

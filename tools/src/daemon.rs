@@ -272,6 +272,10 @@ impl Daemon {
                 let _guard = self.mark_changing(&group)?;
                 crate::failback::failback(self, &group, preserve_diverged.as_deref()).map(ResponseBody::Message)
             }
+            Request::PartnershipResolve { group, keep, preserve_diverged } => {
+                let _guard = self.mark_changing(&group)?;
+                crate::failback::resolve(self, &group, &keep, preserve_diverged.as_deref()).map(ResponseBody::Message)
+            }
             Request::PartnershipSwitch { new_source } => {
                 let local = crate::switch::local_group(self, &new_source)?;
                 let _guard = self.mark_changing(&local)?;

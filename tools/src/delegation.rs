@@ -97,6 +97,7 @@ pub fn need_of(request: &Request) -> (Need, &'static str) {
         // The group it changes on this node is resolved by the daemon from
         // the peer's name, so only administrators may ask.
         Request::PartnershipFailback { group, .. } => (Need::Operate(group.clone()), "fail back a group"),
+        Request::PartnershipResolve { group, .. } => (Need::Operate(group.clone()), "resolve a split brain"),
         Request::PartnershipSwitch { .. } => (Need::Admin, "switch a partnership's direction"),
         Request::EngineSet { group, .. } => (Need::Operate(group.clone()), "tune a group"),
     }

@@ -22,7 +22,7 @@ use crate::replication::{hello_for, open_control, read_line, write_line, Answer,
 
 /// On a source whose destination answered that it was promoted after
 /// `after_lsn`: fence the group off from clients, persistently.
-pub fn fence(daemon: &Daemon, status: &GroupStatus, after_lsn: u64) -> Result<(), String> {
+pub fn fence(daemon: &Daemon, status: &GroupStatus, after_lsn: u64, peer_generation: &str) -> Result<(), String> {
     if status.fenced_after_lsn.is_some() {
         return Ok(());
     }
@@ -41,7 +41,14 @@ pub fn fence(daemon: &Daemon, status: &GroupStatus, after_lsn: u64) -> Result<()
     let diverged_bytes = p.diverged.iter().map(|r| r.length).sum();
     daemon.events.record(
         group,
-        EventKind::PeerPromoted { peer, after_lsn, diverged_records: p.diverged_records, diverged_bytes },
+        EventKind::PeerPromoted {
+            peer,
+            after_lsn,
+            diverged_records: p.diverged_records,
+            diverged_bytes,
+            generation: fenced.generation,
+            peer_generation: peer_generation.to_owned(),
+        },
     );
     Ok(())
 }
@@ -166,6 +173,88 @@ pub fn answer_failback_request(
     })();
     match result {
         Ok(message) => Answer { ok: true, message: Some(message), destination_node: node, ..Answer::default() },
+        Err(reason) => Answer { error: Some(reason), destination_node: node, ..Answer::default() },
+    }
+}
+
+/// `tandem partnership resolve --group G --keep NODE/GROUP`: on the fenced
+/// old source, the side named survives; the other becomes its destination
+/// and a compared resync overwrites what differs there.
+pub fn resolve(daemon: &Daemon, group: &str, keep: &str, preserve: Option<&Path>) -> Result<String, String> {
+    let status = daemon.group_status(group)?;
+    let p = status.partnership.clone().ok_or_else(|| format!("group {group} is not in a partnership"))?;
+    let Some(after_lsn) = status.fenced_after_lsn else {
+        return Err(format!("group {group} is not fenced: there is no split brain to resolve here"));
+    };
+    let here = format!("{}/{group}", daemon.config.node.name);
+    let peer = format!("{}/{}", p.peer_node, p.peer_group);
+    if keep == peer {
+        return failback(daemon, group, preserve);
+    }
+    if keep != here {
+        return Err(format!("--keep {keep}: name {here} (this side) or {peer} (the promoted side)"));
+    }
+    if preserve.is_some() {
+        return Err(format!(
+            "--preserve-diverged saves this side's diverged ranges, which --keep {here} keeps anyway; {peer}'s changes since its promotion are not tracked, so they cannot be saved here"
+        ));
+    }
+    // The promoted side stops taking client I/O first: never two writers.
+    let request = CreateRequest::existing(group, &p);
+    let hello = hello_for(daemon, &status, &request, HelloAction::KeepSource, &p.id);
+    let answer = open_control(daemon, &request).and_then(|mut stream| {
+        write_line(&mut stream, &hello)?;
+        read_line::<Answer>(&mut stream)
+    })?;
+    if !answer.ok {
+        return Err(format!("{peer} refused: {}", answer.error.unwrap_or_default()));
+    }
+    daemon.leave_partnership(group)?;
+    daemon.fence_clients(group, Some(fence_text(&peer, after_lsn)));
+    let create = CreateRequest { seeded: true, ..CreateRequest::existing(group, &p) };
+    let created = crate::replication::create(daemon, &create).map_err(|reason| {
+        format!("{peer} is fenced, but the partnership into it failed ({reason}); {group} stays fenced: create it again with `tandem partnership create ... --seeded` once it answers")
+    })?;
+    daemon.ask_core(group, |reply| CoreMsg::SetFence { group: group.to_owned(), after_lsn: None, reply })?;
+    daemon.fence_clients(group, None);
+    Ok(format!(
+        "split brain resolved: {here} kept and takes client I/O again; {peer} becomes its destination and is overwritten where it differs. {created}"
+    ))
+}
+
+/// On the promoted side: the old source is kept; stop client I/O here and
+/// wait for its partnership.
+pub fn answer_keep_source(daemon: &Daemon, hello: &Hello, certified: Option<&str>) -> Answer {
+    let node = daemon.config.node.name.clone();
+    let result = (|| {
+        if certified.is_some_and(|name| name != hello.source_node) {
+            return Err(format!("the requester's certificate does not name node {:?}", hello.source_node));
+        }
+        let group = &hello.destination_group;
+        let status = daemon.group_status(group)?;
+        if status.promoted_from != hello.partnership_id || status.role != "standalone" {
+            return Err(format!("{group} on {node} was not promoted out of that partnership; nothing to resolve"));
+        }
+        let kept = format!("{}/{}", hello.source_node, hello.source_group);
+        let fenced = format!("{kept} (kept by a split-brain resolution; this group becomes its destination)");
+        daemon.fence_clients(group, Some(fenced));
+        daemon.ask_core(group, |reply| CoreMsg::CloseClients {
+            group: group.clone(),
+            reason: format!("split brain resolved for {kept}"),
+            reply,
+        })?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while daemon.group_status(group)?.connections > 0 {
+            if std::time::Instant::now() > deadline {
+                daemon.fence_clients(group, None);
+                return Err(format!("the clients of {group} on {node} did not disconnect within 10 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Answer { ok: true, destination_node: node, ..Answer::default() },
         Err(reason) => Answer { error: Some(reason), destination_node: node, ..Answer::default() },
     }
 }

@@ -55,6 +55,10 @@ pub enum HelloAction {
     /// `source_group`): the promoted group (`destination_group`) creates the
     /// reverse partnership into it.
     FailbackRequest,
+    /// Split brain resolved for the old source (named as `source_node`/
+    /// `source_group`): the promoted group (`destination_group`) stops taking
+    /// client I/O, to become its destination again.
+    KeepSource,
     /// Planned switch asked on the destination: the destination (named as
     /// `source_node`/`source_group` here) asks its source
     /// (`destination_group`) to run the switch.
@@ -161,9 +165,12 @@ pub struct Answer {
     /// What was done, for the operator (a switch asked on the destination).
     #[serde(default)]
     pub message: Option<String>,
-    /// A Resume refused because the destination was promoted after this LSN.
+    /// A Resume refused because the destination was promoted after this LSN,
+    /// into this generation (hex).
     #[serde(default)]
     pub promoted_after_lsn: Option<u64>,
+    #[serde(default)]
+    pub promoted_generation: String,
 }
 
 pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
@@ -429,7 +436,7 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     if !answer.ok {
         let reason = answer.error.unwrap_or_else(|| "the destination refused without a reason".to_owned());
         if let Some(after_lsn) = answer.promoted_after_lsn {
-            crate::failback::fence(daemon, status, after_lsn)?;
+            crate::failback::fence(daemon, status, after_lsn, &answer.promoted_generation)?;
         }
         return Err(reason);
     }

@@ -110,6 +110,10 @@ fn serve_control(
             let reply = crate::failback::answer_failback_request(daemon, &hello, control.peer_node(), source_ip);
             return write_line(&mut control, &reply);
         }
+        if matches!(hello.action, HelloAction::KeepSource) {
+            let reply = crate::failback::answer_keep_source(daemon, &hello, control.peer_node());
+            return write_line(&mut control, &reply);
+        }
         let result = destination_step(daemon, &hello, local, control.peer_node(), source_ip);
         let mut reply = match &result {
             Ok(reply) => reply.clone(),
@@ -118,6 +122,10 @@ fn serve_control(
         reply.destination_node.clone_from(&daemon.config.node.name);
         if matches!(hello.action, HelloAction::Resume) && result.is_err() {
             reply.promoted_after_lsn = promoted_out_of(daemon, &hello);
+            if reply.promoted_after_lsn.is_some() {
+                let generation = daemon.group_status(&hello.destination_group).map(|s| s.generation);
+                reply.promoted_generation = generation.unwrap_or_default();
+            }
         }
         let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
         if opens_session {
@@ -147,7 +155,11 @@ fn serve_control(
                 return attach_joined(daemon, &hello.destination_group, joined);
             }
             (
-                HelloAction::Join | HelloAction::Probe | HelloAction::SwitchRequest | HelloAction::FailbackRequest,
+                HelloAction::Join
+                | HelloAction::Probe
+                | HelloAction::SwitchRequest
+                | HelloAction::FailbackRequest
+                | HelloAction::KeepSource,
                 None,
             ) => {
                 unreachable!("answered by join(), probe::answer() and switch::answer_switch_request()")
@@ -286,7 +298,7 @@ fn destination_step(
         }
         HelloAction::Join => Err("a data channel joins only a session that Create or Resume opened".to_owned()),
         HelloAction::Probe => Err("a probe is answered by probe::answer()".to_owned()),
-        HelloAction::SwitchRequest | HelloAction::FailbackRequest => {
+        HelloAction::SwitchRequest | HelloAction::FailbackRequest | HelloAction::KeepSource => {
             Err("switch and failback requests are answered by their modules".to_owned())
         }
         HelloAction::Resume if promoted_out_of(daemon, hello).is_some() => Err(format!(

@@ -33,6 +33,9 @@ pub enum EventKind {
         after_lsn: u64,
         diverged_records: u64,
         diverged_bytes: u64,
+        /// This group's generation and the promoted peer's (hex).
+        generation: String,
+        peer_generation: String,
     },
     /// A planned switch: this group is now `now` (source or destination).
     PartnershipSwitched {
@@ -197,9 +200,12 @@ impl EventKind {
                 "initial block copy completed in {elapsed_ms} ms: {bytes_sent} bytes sent, {bytes_skipped} bytes of holes skipped"
             ),
             Self::PeerLost { reason } => format!("replication peer lost: {reason}"),
-            Self::PeerPromoted { peer, after_lsn, diverged_records, diverged_bytes } => format!(
-                "{peer} was promoted after LSN {after_lsn}: this group takes no client I/O; it holds {diverged_records} record(s) beyond that ({diverged_bytes} bytes of ranges, see `tandem partnership show`); `tandem partnership failback` makes it {peer}'s destination"
-            ),
+            Self::PeerPromoted { peer, after_lsn, diverged_records, diverged_bytes, generation, peer_generation } => {
+                let split = if *diverged_records > 0 || *diverged_bytes > 0 { "split brain: " } else { "" };
+                format!(
+                    "{split}{peer} was promoted after LSN {after_lsn} (its generation {peer_generation}, this group's {generation}): this group takes no client I/O and nothing moves; it holds {diverged_records} record(s) beyond that ({diverged_bytes} bytes of ranges, see `tandem partnership show`); `tandem partnership resolve --keep NODE/GROUP` chooses the side that survives"
+                )
+            }
             Self::PartnershipSwitched { peer, now } => {
                 format!("planned switch: this group is now the {now} of the partnership with {peer}")
             }

@@ -676,6 +676,7 @@ impl GroupRt {
             },
             promoted_after_lsn: self.superblock.promoted_after_lsn,
             fenced_after_lsn: self.fenced_after_lsn(),
+            generation: self.superblock.generation.iter().map(|b| format!("{b:02x}")).collect(),
         }
     }
 

@@ -149,9 +149,12 @@ impl GroupRt {
         assert!(self.ready_to_become_destination(), "checked by the caller");
         self.superblock.role = ROLE_DESTINATION;
         self.superblock.partnership = entry;
-        // A fenced old source failing back: the resync overwrites what diverged.
+        // A fenced old source failing back: the resync overwrites what
+        // diverged; a promoted group whose old source won a split brain.
         self.superblock.fence = 0;
         self.superblock.fenced_after_lsn = 0;
+        self.superblock.promoted_from = [0; 16];
+        self.superblock.promoted_after_lsn = 0;
         self.superblock.epoch += 1;
         let head = self.core.head_position();
         self.superblock.epoch_start_position = head;
@@ -279,6 +282,12 @@ impl GroupRt {
             status.last_recovery_elapsed_ms = link.last_recovery_elapsed_ms;
             status.last_in_sync_unix_ms = link.last_in_sync_unix_ms;
             status.last_out_of_sync_unix_ms = link.last_out_of_sync_unix_ms;
+            if self.fenced_after_lsn().is_some() {
+                // Both sides wrote after the promotion (split brain), or only
+                // the promoted one did (this side just returned).
+                let diverged = !status.diverged.is_empty() || status.diverged_records > 0;
+                status.state = if diverged { "SplitBrain" } else { "PeerPromoted" }.to_owned();
+            }
         } else if let Some(link) = self.destination.as_ref() {
             status.connected = link.conn.is_some();
             status.state = if status.connected { "Connected" } else { "WaitingForSource" }.to_owned();

@@ -66,6 +66,9 @@ pub struct GroupStatus {
     /// from clients until it fails back.
     #[serde(default)]
     pub fenced_after_lsn: Option<u64>,
+    /// The group's current generation (hex): a promotion starts a new one.
+    #[serde(default)]
+    pub generation: String,
 }
 
 /// A group's partnership, as `tandem partnership show` reports it.

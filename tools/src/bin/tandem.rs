@@ -268,6 +268,18 @@ enum PartnershipCommand {
         #[arg(long, value_name = "DIR")]
         preserve_diverged: Option<PathBuf>,
     },
+    /// Split brain (both sides wrote after a promotion; run on the fenced old source): the side
+    /// named survives, the other becomes its destination and is overwritten where it differs.
+    Resolve {
+        #[arg(long)]
+        group: String,
+        /// NODE/GROUP to keep: this group, or the promoted one (then this is a failback).
+        #[arg(long, value_name = "NODE/GROUP")]
+        keep: String,
+        /// Keeping the promoted side: save this side's diverged ranges into DIR first.
+        #[arg(long, value_name = "DIR")]
+        preserve_diverged: Option<PathBuf>,
+    },
     /// Change a running partnership's mode (run on the source): sync or async.
     Set {
         #[arg(long)]
@@ -464,6 +476,14 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         Command::Partnership(PartnershipCommand::Failback { group, preserve_diverged }) => {
             let request =
                 Request::PartnershipFailback { group: group.clone(), preserve_diverged: preserve_diverged.clone() };
+            print_message(&call(&cli.api, &request)?);
+        }
+        Command::Partnership(PartnershipCommand::Resolve { group, keep, preserve_diverged }) => {
+            let request = Request::PartnershipResolve {
+                group: group.clone(),
+                keep: keep.clone(),
+                preserve_diverged: preserve_diverged.clone(),
+            };
             print_message(&call(&cli.api, &request)?);
         }
         Command::Partnership(PartnershipCommand::Switch { new_source }) => {
