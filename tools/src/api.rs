@@ -34,6 +34,11 @@ pub enum Request {
         name: String,
     },
     /// Promote a destination whose source is gone: it serves writes.
+    /// Start or stop the test failover of a destination group.
+    TestFailover {
+        name: String,
+        start: bool,
+    },
     GroupPromote {
         name: String,
     },

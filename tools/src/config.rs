@@ -84,6 +84,9 @@ pub struct ReplicationConfig {
     /// A source offers it when `--encryption` is not given; a destination
     /// accepts only partnerships that use it.
     pub encryption: String,
+    /// Most bytes a destination's test failover keeps (blocks changed on
+    /// either side since it started, 64 KiB each) in its file in state_dir.
+    pub test_failover_max_bytes: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -97,6 +100,7 @@ impl Default for ReplicationConfig {
             verify_interval_seconds: 0,
             verify_rate_bytes_per_s: tandem_engine::runtime::DEFAULT_VERIFY_RATE_BYTES_PER_S,
             encryption: "aes-128-gcm".to_owned(),
+            test_failover_max_bytes: 16 << 30,
         }
     }
 }
@@ -248,6 +252,12 @@ impl Config {
             return Err(format!(
                 "replication.verify_rate_bytes_per_s = {}: use at least 1048576 (1 MiB/s)",
                 replication.verify_rate_bytes_per_s
+            ));
+        }
+        if replication.test_failover_max_bytes < 1 << 20 {
+            return Err(format!(
+                "replication.test_failover_max_bytes = {}: use at least 1048576 (1 MiB)",
+                replication.test_failover_max_bytes
             ));
         }
         if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {

@@ -184,6 +184,10 @@ impl Daemon {
                 self.create_group(&name, &log, log_size_bytes, &volumes).map(ResponseBody::Message)
             }
             Request::GroupDelete { name } => self.delete_group(&name).map(ResponseBody::Message),
+            Request::TestFailover { name, start } => {
+                let _guard = self.mark_changing(&name)?;
+                crate::test_failover::run(self, &name, start).map(ResponseBody::Message)
+            }
             Request::GroupPromote { name } => {
                 let _guard = self.mark_changing(&name)?;
                 self.promote(&name).map(ResponseBody::Message)
@@ -327,6 +331,9 @@ impl Daemon {
     /// The export named `GROUP/VOLUME`, if it is served.
     #[must_use]
     pub fn find_export(&self, name: &str) -> Option<(Export, usize, u8)> {
+        if let Some(group) = crate::test_failover::group_of_test_export(name) {
+            return self.find_test_export(group, name);
+        }
         let (group, volume) = name.split_once('/')?;
         let groups = lock(&self.groups);
         let entry = groups.get(group).filter(|g| g.unavailable.is_none())?;
@@ -339,15 +346,44 @@ impl Daemon {
         Some((export, entry.record.core, index as u8))
     }
 
+    /// A test failover's export `GROUP@test/VOLUME` (while it runs).
+    fn find_test_export(&self, group: &str, name: &str) -> Option<(Export, usize, u8)> {
+        let status = self.group_status(group).ok()?;
+        status.test_failover.filter(|t| t.broken.is_none())?;
+        let volume = name.rsplit_once('/')?.1;
+        let index = status.volumes.iter().position(|v| v.name == volume)?;
+        let mut export = export_of(name.to_owned(), status.volumes[index].size_bytes);
+        export.description = format!("test failover of {group} (copy-on-write; discarded at stop)");
+        Some((export, self.core_of(group).ok()?, index as u8))
+    }
+
     /// Every served export.
     #[must_use]
     pub fn list_exports(&self) -> Vec<Export> {
+        // Status asks the cores: gather it before holding the group table.
+        let test_exports = self.test_exports_listed();
         let groups = lock(&self.groups);
         groups
             .values()
             .filter(|g| g.unavailable.is_none())
             .flat_map(|g| {
                 g.volumes.iter().map(move |(volume, size, _)| export_of(format!("{}/{volume}", g.record.name), *size))
+            })
+            .chain(test_exports)
+            .collect()
+    }
+
+    /// The exports of running test failovers (listed by NBD clients).
+    fn test_exports_listed(&self) -> Vec<Export> {
+        self.status()
+            .into_iter()
+            .filter(|g| g.test_failover.as_ref().is_some_and(|t| t.broken.is_none()))
+            .flat_map(|g| {
+                let suffix = crate::test_failover::TEST_SUFFIX;
+                g.volumes
+                    .iter()
+                    .map(move |v| export_of(format!("{}{suffix}/{}", g.name, v.name), v.size_bytes))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -465,7 +501,7 @@ impl Daemon {
         Ok(entry.record.core)
     }
 
-    fn ask<T>(
+    pub(crate) fn ask<T>(
         &self,
         group: &str,
         timeout: Duration,

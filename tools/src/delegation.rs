@@ -79,6 +79,7 @@ pub fn need_of(request: &Request) -> (Need, &'static str) {
         Request::GroupCreate { .. } => (Need::Admin, "create a group"),
         Request::GroupDelete { .. } => (Need::Admin, "delete a group"),
         Request::GroupMove { .. } => (Need::Admin, "move a group to another core"),
+        Request::TestFailover { name, .. } => (Need::Operate(name.clone()), "run a test failover"),
         Request::GroupPromote { name } => (Need::Operate(name.clone()), "promote a destination"),
         Request::DelegationGrant { .. } | Request::DelegationRevoke { .. } => (Need::Admin, "change delegations"),
         Request::DelegationList => (Need::Admin, "list delegations"),

@@ -30,6 +30,7 @@ pub mod secure_channel;
 pub mod serve;
 pub mod size;
 pub mod switch;
+pub mod test_failover;
 pub mod topology;
 pub mod topology_html;
 pub mod topology_requirements;

@@ -112,6 +112,10 @@ fn negotiate(daemon: &Daemon, mut stream: TcpStream) {
             };
             let _ = stream.set_read_timeout(None);
             let _ = stream.set_write_timeout(None);
+            if let Some(group) = crate::test_failover::group_of_test_export(&export.name) {
+                crate::test_failover::serve(daemon, stream, session, group, volume_index);
+                return;
+            }
             let group = export.name.split_once('/').map(|(g, _)| g.to_owned()).expect("exports are GROUP/VOLUME");
             let msg = CoreMsg::AttachConnection { group, volume_index, stream, session: Box::new(session) };
             daemon.attach_connection(core, msg);

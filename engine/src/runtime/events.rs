@@ -37,6 +37,12 @@ pub enum EventKind {
         generation: String,
         peer_generation: String,
     },
+    /// A test failover of this destination started (its snapshot at `lsn`).
+    TestFailoverStarted {
+        lsn: u64,
+    },
+    /// The test failover stopped; what it wrote is discarded.
+    TestFailoverStopped,
     /// A planned switch: this group is now `now` (source or destination).
     PartnershipSwitched {
         peer: String,
@@ -146,6 +152,8 @@ impl EventKind {
             Self::PartnershipSwitched { .. } => 2006,
             Self::GroupPromoted { .. } => 7001,
             Self::PeerPromoted { .. } => 7002,
+            Self::TestFailoverStarted { .. } => 7003,
+            Self::TestFailoverStopped => 7004,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
@@ -206,6 +214,10 @@ impl EventKind {
                     "{split}{peer} was promoted after LSN {after_lsn} (its generation {peer_generation}, this group's {generation}): this group takes no client I/O and nothing moves; it holds {diverged_records} record(s) beyond that ({diverged_bytes} bytes of ranges, see `tandem partnership show`); `tandem partnership resolve --keep NODE/GROUP` chooses the side that survives"
                 )
             }
+            Self::TestFailoverStarted { lsn } => format!(
+                "test failover started at LSN {lsn}: GROUP@test exports are a writable snapshot; replication goes on"
+            ),
+            Self::TestFailoverStopped => "test failover stopped; its writes are discarded".to_owned(),
             Self::PartnershipSwitched { peer, now } => {
                 format!("planned switch: this group is now the {now} of the partnership with {peer}")
             }

@@ -152,6 +152,12 @@ pub struct GroupRt {
     pub pending_events: Vec<super::events::EventKind>,
     /// Frames of this group's sessions that failed authentication.
     pub frames_rejected: u64,
+    /// Test failover: the snapshot in force, or one waiting for the
+    /// volume writes in flight to finish (those after it wait meanwhile).
+    pub test_failover: Option<super::test_failover::CowSnapshot>,
+    pub test_failover_pending: Option<super::test_failover_rt::PendingTestFailover>,
+    pub volume_writes_in_flight: usize,
+    pub(super) held_volume_writes: Vec<super::test_failover_rt::HeldVolumeWrite>,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -201,6 +207,10 @@ impl GroupRt {
             ),
             pending_events: Vec::new(),
             frames_rejected: 0,
+            test_failover: None,
+            test_failover_pending: None,
+            volume_writes_in_flight: 0,
+            held_volume_writes: Vec::new(),
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
@@ -466,7 +476,12 @@ impl GroupRt {
         }
     }
 
-    fn apply(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32) {
+    pub(super) fn apply(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32) {
+        if done == 0 && self.hold_or_preserve(apply.volume_index, apply.offset, u64::from(apply.length)) {
+            self.held_volume_writes.push(super::test_failover_rt::HeldVolumeWrite::Apply(apply));
+            return;
+        }
+        self.volume_writes_in_flight += 1;
         let volume = &self.volumes[usize::from(apply.volume_index)];
         assert!(apply.offset + u64::from(apply.length) <= volume.size_bytes, "apply within the volume");
         let fd = types::Fd(volume.file.as_raw_fd());
@@ -499,6 +514,7 @@ impl GroupRt {
 
     /// Completion of a volume change; resubmits the rest of a short write.
     pub fn apply_done(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32, result: i32) {
+        self.volume_writes_in_flight -= 1;
         if apply.kind == ApplyKind::Write && result > 0 {
             let done = done + result as u32;
             if done < apply.length {
@@ -677,6 +693,7 @@ impl GroupRt {
             promoted_after_lsn: self.superblock.promoted_after_lsn,
             fenced_after_lsn: self.fenced_after_lsn(),
             generation: self.superblock.generation.iter().map(|b| format!("{b:02x}")).collect(),
+            test_failover: self.test_failover.as_ref().map(super::test_failover::CowSnapshot::status),
         }
     }
 

@@ -23,6 +23,8 @@ mod replica_dest;
 mod replica_source;
 pub mod session;
 pub mod status;
+pub mod test_failover;
+mod test_failover_rt;
 pub mod verify_source;
 
 pub use partner::{DestinationState, PeerDefaults, DEFAULT_VERIFY_RATE_BYTES_PER_S};

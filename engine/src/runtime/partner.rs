@@ -176,6 +176,8 @@ impl GroupRt {
         self.superblock.partnership = PartnershipEntry::default_zeroed();
         self.superblock.network_constraint = [0; 64];
         self.superblock.encryption = tandem_proto::ENCRYPTION_NONE;
+        // A test failover belongs to the destination role.
+        self.test_failover = None;
         self.core.detach_peer();
         self.source = None;
         self.destination = None;

@@ -77,6 +77,18 @@ pub enum CoreMsg {
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
     DetachGroup { group: String, reply: Sender<Result<(), String>> },
+    /// Start a test failover of a destination group: a copy-on-write
+    /// snapshot in `path`, at most `max_bytes`; answers its LSN once in force.
+    StartTestFailover { group: String, path: std::path::PathBuf, max_bytes: u64, reply: Sender<Result<u64, String>> },
+    /// End a group's test failover, discarding what it wrote.
+    StopTestFailover { group: String, reply: Sender<Result<(), String>> },
+    /// A test client's request on the snapshot of `volume_index`.
+    TestFailoverIo {
+        group: String,
+        volume_index: u8,
+        op: super::test_failover::SnapshotOp,
+        reply: Sender<Result<Vec<u8>, String>>,
+    },
     /// Fence a source whose destination was promoted after `after_lsn`
     /// (`None` lifts it); answers once durable.
     SetFence { group: String, after_lsn: Option<u64>, reply: Sender<Result<(), String>> },
@@ -198,6 +210,11 @@ impl Reactor {
             self.progress_peers();
             self.progress_detaches();
             self.progress_pending_destinations();
+            for (index, slot) in self.groups.iter_mut().enumerate() {
+                if let Some(rt) = slot.as_mut().filter(|rt| rt.test_failover_pending.is_some()) {
+                    rt.progress_test_failover(&mut self.io, index);
+                }
+            }
             if self.shutting_down && self.groups.iter().all(Option::is_none) {
                 break;
             }
@@ -375,6 +392,28 @@ impl Reactor {
                 CoreMsg::StartVerify { group, rate_bytes_per_s, repair, reply } => {
                     let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
                         Some(rt) => rt.start_verify(rate_bytes_per_s, repair),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::StartTestFailover { group, path, max_bytes, reply } => {
+                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.start_test_failover(path, max_bytes, reply),
+                        None => {
+                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                        }
+                    }
+                }
+                CoreMsg::StopTestFailover { group, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.stop_test_failover(),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::TestFailoverIo { group, volume_index, op, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.test_failover_io(volume_index, op),
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);

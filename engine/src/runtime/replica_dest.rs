@@ -260,7 +260,7 @@ impl GroupRt {
         }
     }
 
-    fn write_copy(
+    pub(super) fn write_copy(
         &mut self,
         io: &mut Io,
         group: usize,
@@ -269,6 +269,12 @@ impl GroupRt {
         end: CopyPosition,
     ) {
         let (volume_index, offset, length) = range;
+        if self.hold_or_preserve(volume_index, offset, u64::from(length)) {
+            let held = super::test_failover_rt::HeldVolumeWrite::Copy { range, payload, end };
+            self.held_volume_writes.push(held);
+            return;
+        }
+        self.volume_writes_in_flight += 1;
         let volume = &self.volumes[usize::from(volume_index)];
         match payload {
             Some(buf) => {
@@ -295,6 +301,7 @@ impl GroupRt {
         buf_len: Option<usize>,
         result: i32,
     ) -> Result<(), String> {
+        self.volume_writes_in_flight -= 1;
         let link = self.destination.as_mut().expect("destination link");
         let complete = match buf_len {
             Some(len) => result >= 0 && result as usize == len,

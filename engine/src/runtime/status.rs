@@ -69,6 +69,9 @@ pub struct GroupStatus {
     /// The group's current generation (hex): a promotion starts a new one.
     #[serde(default)]
     pub generation: String,
+    /// A destination's test failover, when one runs.
+    #[serde(default)]
+    pub test_failover: Option<super::test_failover::TestFailoverStatus>,
 }
 
 /// A group's partnership, as `tandem partnership show` reports it.

@@ -191,6 +191,13 @@ enum GroupCommand {
     Delete { name: String },
     /// Make a destination whose source is lost serve writes (unplanned failover); reports the RPO.
     Promote { name: String },
+    /// On a destination: `start` exports a writable copy-on-write snapshot of its volumes as
+    /// NBD exports GROUP@test/VOLUME while replication goes on; `stop` discards it.
+    TestFailover {
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        name: String,
+    },
     /// Serve a group from another core thread: its clients reconnect, a partnership resumes.
     Move {
         name: String,
@@ -507,6 +514,10 @@ fn run(cli: &Cli) -> Result<(), CallError> {
         }
         Command::Group(GroupCommand::Delete { name }) => {
             print_message(&call(&cli.api, &Request::GroupDelete { name: name.clone() })?)
+        }
+        Command::Group(GroupCommand::TestFailover { action, name }) => {
+            let request = Request::TestFailover { name: name.clone(), start: action == "start" };
+            print_message(&call(&cli.api, &request)?);
         }
         Command::Group(GroupCommand::Promote { name }) => {
             print_message(&call(&cli.api, &Request::GroupPromote { name: name.clone() })?)
