@@ -22,6 +22,14 @@ pub struct Observer {
     bitmap_dirty_since: Option<Instant>,
 }
 
+impl Observer {
+    /// A new partnership: its initial copy gets its own events.
+    pub fn new_partnership(&mut self) {
+        self.copy_started = None;
+        self.copy_completed = false;
+    }
+}
+
 impl GroupRt {
     /// Events since the last observation. `target_rpo_ms` = 0 disables the RPO check.
     pub fn observe(&mut self, target_rpo_ms: u64) -> Vec<EventKind> {

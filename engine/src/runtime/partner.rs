@@ -108,6 +108,13 @@ impl GroupRt {
         self.superblock.promoted_after_lsn = 0;
         let baseline_lsn = self.core.attach_peer(self.peer_config(defaults));
         self.source = Some(SourceLink::default());
+        // Progress and events of an earlier partnership (a switch or a
+        // failback) are not this one's.
+        self.copy_bytes_read = 0;
+        self.copy_bytes_skipped = 0;
+        self.copy_started_at = None;
+        self.compare_progress = crate::core::compare::CompareProgress::default();
+        self.observer.new_partnership();
         if let Some(bitmap) = self.new_bitmap() {
             // A new partnership starts clean (the initial copy covers everything).
             self.core.set_bitmap(bitmap);
