@@ -42,6 +42,9 @@ pub struct FaultProxy {
     pub applied: Arc<Mutex<Vec<Fault>>>,
     /// Every byte the clients sent, up to 256 MiB.
     pub captured: Arc<Mutex<Vec<u8>>>,
+    /// While set, new connections are closed at once (connections already
+    /// open keep working): a peer that became unreachable for new sessions.
+    pub refuse_new: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const CAPTURE_LIMIT_BYTES: usize = 256 << 20;
@@ -59,8 +62,14 @@ impl FaultProxy {
         let captured: Capture = Arc::new(Mutex::new(Vec::new()));
         let (thread_plan, thread_applied, thread_captured) =
             (Arc::clone(&plan), Arc::clone(&applied), Arc::clone(&captured));
+        let refuse_new = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_refuse = Arc::clone(&refuse_new);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if thread_refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target) else { continue };
                 let (plan, applied) = (Arc::clone(&thread_plan), Arc::clone(&thread_applied));
                 let capture = Arc::clone(&thread_captured);
@@ -69,7 +78,7 @@ impl FaultProxy {
                 std::thread::spawn(move || pipe(server, client, None));
             }
         });
-        Self { address, plan, applied, captured }
+        Self { address, plan, applied, captured, refuse_new }
     }
 
     /// Faults not applied yet.

@@ -126,3 +126,47 @@ fn a_switch_during_the_initial_copy_is_refused_with_its_progress() {
     assert_eq!(a.group_status("rg01")["role"], "source");
     a.wait_in_sync("rg01", SYNC_TIMEOUT);
 }
+
+/// A switch whose hand-over cannot reach the destination leaves both sides
+/// destinations (no writer) and says how to finish; asked on the
+/// destination, the old source hands over and the switch completes.
+#[test]
+fn an_interrupted_switch_is_finished_from_the_other_node() {
+    tandem_tests::require_tool("qemu-io", "qemu-utils");
+    let a = Node::start_named("node-a", "", "");
+    let b = Node::start_named("node-b", "", "");
+    let proxy = tandem_tests::proxy::FaultProxy::start(b.replication_address().parse().unwrap(), &[]);
+    a.create_group("rg01", "128MiB", &[("data", 8 << 20)]);
+    b.create_group("rg02", "128MiB", &[("data", 8 << 20)]);
+    let address = proxy.address.to_string();
+    let created = a.cli_ok(&[
+        "partnership",
+        "create",
+        "--source-group",
+        "rg01",
+        "--destination",
+        &address,
+        "--destination-group",
+        "rg02",
+    ]);
+    assert!(created.contains("created"), "{created}");
+    a.wait_in_sync("rg01", SYNC_TIMEOUT);
+    write_pattern(&a, "rg01", 0x31, 1);
+    a.wait_in_sync("rg01", SYNC_TIMEOUT);
+
+    // The replication session stays; new connections to node-b fail.
+    proxy.refuse_new.store(true, Ordering::Relaxed);
+    let interrupted = a.cli(&["partnership", "switch", "--new-source", "node-b/rg02"]);
+    let message = String::from_utf8_lossy(&interrupted.stderr);
+    assert!(!interrupted.status.success(), "{message}");
+    assert!(message.contains("could not be told to take over") && message.contains("on node-b"), "{message}");
+    assert_eq!(a.group_status("rg01")["role"], "destination");
+    assert_eq!(b.group_status("rg02")["role"], "destination", "never two writers, here none");
+
+    let finished = b.cli_ok(&["partnership", "switch", "--new-source", "node-b/rg02"]);
+    assert!(finished.contains("switch completed"), "{finished}");
+    assert_eq!(b.group_status("rg02")["role"], "source");
+    write_pattern(&b, "rg02", 0x32, 2);
+    b.wait_in_sync("rg02", SYNC_TIMEOUT);
+    assert_eq!(md5(&a.path("rg01-data.img")), md5(&b.path("rg02-data.img")));
+}

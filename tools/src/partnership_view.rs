@@ -61,6 +61,15 @@ pub fn print_partnership(g: &GroupStatus) {
         }
         println!("  failback      `tandem partnership failback --group {} [--preserve-diverged DIR]`", g.name);
     }
+    if let Some(test) = &g.test_failover {
+        match &test.broken {
+            Some(reason) => println!("  test failover BROKEN: {reason}"),
+            None => println!(
+                "  test failover {}@test exports, snapshot at LSN {}, {} of {} bytes used ({})",
+                g.name, test.lsn, test.used_bytes, test.max_bytes, test.file
+            ),
+        }
+    }
     let protection = match p.encryption.as_str() {
         "aes-128-gcm" => "AES-128-GCM (encrypted and authenticated), peer authenticated by TLS",
         "sign" => "signed (GMAC, authenticated, not encrypted), peer authenticated by TLS",

@@ -103,7 +103,7 @@ fn serve_control(
         let local = control.tcp().local_addr().ok().map(|a| a.ip());
         let source_ip = control.tcp().peer_addr().ok().map(|a| a.ip());
         if matches!(hello.action, HelloAction::SwitchRequest) {
-            let reply = crate::switch::answer_switch_request(daemon, &hello, control.peer_node());
+            let reply = crate::switch::answer_switch_request(daemon, &hello, control.peer_node(), source_ip);
             return write_line(&mut control, &reply);
         }
         if matches!(hello.action, HelloAction::FailbackRequest) {

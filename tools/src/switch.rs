@@ -119,7 +119,7 @@ fn switch_source(daemon: &Daemon, status: &GroupStatus) -> Result<String, String
         let restored = restore_source(daemon, group, &p, last_lsn);
         return Err(format!("{group} could not become a destination ({reason}); {restored}"));
     }
-    match hand_over(daemon, status, &p, last_lsn) {
+    match hand_over(daemon, status, &p, last_lsn, &p.peer_address) {
         Ok(()) => {
             daemon.events.record(group, EventKind::PartnershipSwitched { peer: peer.clone(), now: "destination".into() });
             Ok(format!(
@@ -133,8 +133,8 @@ fn switch_source(daemon: &Daemon, status: &GroupStatus) -> Result<String, String
             Err(format!("{peer} refused to take over ({reason}); {restored}"))
         }
         Err(HandOver::Unreachable(reason)) => Err(format!(
-            "{group} is now a destination of {peer}, but {peer} could not be told to take over ({reason}); no side takes writes: run the switch again once it answers, or `tandem group promote {}` on {} if it is lost",
-            p.peer_group, p.peer_node
+            "{group} is now a destination of {peer}, but {peer} could not be told to take over ({reason}); no side takes writes: once it answers, run `tandem partnership switch --new-source {peer}` on {} (it asks this node, which hands over at once), or `tandem group promote {}` there if this node is lost",
+            p.peer_node, p.peer_group
         )),
     }
 }
@@ -203,8 +203,14 @@ enum HandOver {
 
 /// Tells the old destination to take over after `last_lsn` (repeated: a
 /// take-over that already happened is answered as done).
-fn hand_over(daemon: &Daemon, status: &GroupStatus, p: &PartnershipStatus, last_lsn: u64) -> Result<(), HandOver> {
-    let request = CreateRequest::existing(&status.name, p);
+fn hand_over(
+    daemon: &Daemon,
+    status: &GroupStatus,
+    p: &PartnershipStatus,
+    last_lsn: u64,
+    address: &str,
+) -> Result<(), HandOver> {
+    let request = CreateRequest { destination: address.to_owned(), ..CreateRequest::existing(&status.name, p) };
     let mut hello = hello_for(daemon, status, &request, HelloAction::Switch, &p.id);
     hello.baseline_lsn = last_lsn;
     hello.replication_port = daemon.config.node.replication_listen.port();
@@ -260,7 +266,12 @@ fn ask_source(daemon: &Daemon, status: &GroupStatus) -> Result<String, String> {
 }
 
 /// On the source: the destination asks for the switch; runs it.
-pub fn answer_switch_request(daemon: &Daemon, hello: &Hello, certified: Option<&str>) -> Answer {
+pub fn answer_switch_request(
+    daemon: &Daemon,
+    hello: &Hello,
+    certified: Option<&str>,
+    requester_ip: Option<IpAddr>,
+) -> Answer {
     let node = &daemon.config.node.name;
     let result = (|| {
         if certified.is_some_and(|name| name != hello.source_node) {
@@ -268,12 +279,22 @@ pub fn answer_switch_request(daemon: &Daemon, hello: &Hello, certified: Option<&
         }
         let group = &hello.destination_group;
         let status = daemon.group_status(group)?;
-        let ours = status.partnership.as_ref().is_some_and(|p| {
-            status.role == "source"
-                && p.id == hello.partnership_id
-                && p.peer_node == hello.source_node
-                && p.peer_group == hello.source_group
+        let same = status.partnership.as_ref().is_some_and(|p| {
+            p.id == hello.partnership_id && p.peer_node == hello.source_node && p.peer_group == hello.source_group
         });
+        if same && status.role == "destination" {
+            // An earlier switch gave up this side's role but its hand-over
+            // never arrived: hand over now.
+            let p = status.partnership.clone().expect("checked");
+            let ip = requester_ip.ok_or("the requester's address is unknown")?;
+            let address = SocketAddr::new(ip, hello.replication_port).to_string();
+            let _guard = daemon.mark_changing(group)?;
+            return match hand_over(daemon, &status, &p, status.current_lsn, &address) {
+                Ok(()) => Ok(format!("switch completed: {}/{} is the source now", p.peer_node, p.peer_group)),
+                Err(HandOver::Refused(reason) | HandOver::Unreachable(reason)) => Err(reason),
+            };
+        }
+        let ours = same && status.role == "source";
         if !ours {
             return Err(format!(
                 "{group} on {node} is not the source of {}/{} in that partnership",
