@@ -333,6 +333,18 @@ impl Node {
         self.cli(&args)
     }
 
+    /// `tandem partnership create` of `group` into `destination_group` at
+    /// replication `address` (a proxy, say) with further `options`; panics
+    /// with the CLI's message when it is refused.
+    pub fn partner_at(&self, group: &str, address: &str, destination_group: &str, options: &[&str]) -> String {
+        let mut args = vec!["partnership", "create", "--source-group", group, "--destination", address];
+        args.extend(["--destination-group", destination_group]);
+        args.extend(options);
+        let created = self.cli_ok(&args);
+        assert!(created.contains("created"), "{created}");
+        created
+    }
+
     /// Like `partner`, and panics with the CLI's message when it is refused.
     pub fn partner_ok(&self, group: &str, destination: &Node, destination_group: &str, mode: Option<&str>) -> String {
         let output = self.partner(group, destination, destination_group, mode);

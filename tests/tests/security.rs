@@ -139,21 +139,7 @@ fn an_encrypted_partnership_replicates_and_nothing_readable_crosses_the_wire() {
             .arg(format!("of={}", source.path("rg01-data.img").display())),
     );
     let address = proxy.address.to_string();
-    let created = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--destination-node",
-        "node-b",
-        "--mode",
-        "sync",
-    ]);
-    assert!(created.contains("created"), "{created}");
+    let _ = source.partner_at("rg01", &address, "rg02", &["--destination-node", "node-b", "--mode", "sync"]);
     run_ok(
         source
             .client_command("qemu-io")
@@ -201,21 +187,7 @@ fn altered_replayed_or_reordered_frames_reset_the_channel_and_nothing_is_applied
     destination.create_group("rg02", "256MiB", &[("data", 96 << 20)]);
     random_into(&source, &source.path("rg01-data.img"), 96);
     let address = proxy.address.to_string();
-    let created = source.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-        "--encryption",
-        "sign",
-        "--channels",
-        "2",
-    ]);
-    assert!(created.contains("created"), "{created}");
+    let _ = source.partner_at("rg01", &address, "rg02", &["--encryption", "sign", "--channels", "2"]);
     let deadline = Instant::now() + SYNC_TIMEOUT;
     while proxy.remaining() > 0 {
         assert!(

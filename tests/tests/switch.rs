@@ -139,17 +139,7 @@ fn an_interrupted_switch_is_finished_from_the_other_node() {
     a.create_group("rg01", "128MiB", &[("data", 8 << 20)]);
     b.create_group("rg02", "128MiB", &[("data", 8 << 20)]);
     let address = proxy.address.to_string();
-    let created = a.cli_ok(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &address,
-        "--destination-group",
-        "rg02",
-    ]);
-    assert!(created.contains("created"), "{created}");
+    let _ = a.partner_at("rg01", &address, "rg02", &[]);
     a.wait_in_sync("rg01", SYNC_TIMEOUT);
     write_pattern(&a, "rg01", 0x31, 1);
     a.wait_in_sync("rg01", SYNC_TIMEOUT);

@@ -145,16 +145,8 @@ pub fn answer_failback_request(
 ) -> Answer {
     let node = daemon.config.node.name.clone();
     let result = (|| {
-        if certified.is_some_and(|name| name != hello.source_node) {
-            return Err(format!("the requester's certificate does not name node {:?}", hello.source_node));
-        }
-        let group = &hello.destination_group;
-        let status = daemon.group_status(group)?;
-        if status.promoted_from != hello.partnership_id || status.role != "standalone" {
-            return Err(format!(
-                "{group} on {node} was not promoted out of that partnership (or replicates again); nothing to fail back to"
-            ));
-        }
+        let status = promoted_group(daemon, hello, certified)?;
+        let group = &status.name;
         let ip = source_ip.ok_or("the requester's address is unknown")?;
         let request = CreateRequest {
             source_group: group.clone(),
@@ -227,14 +219,7 @@ pub fn resolve(daemon: &Daemon, group: &str, keep: &str, preserve: Option<&Path>
 pub fn answer_keep_source(daemon: &Daemon, hello: &Hello, certified: Option<&str>) -> Answer {
     let node = daemon.config.node.name.clone();
     let result = (|| {
-        if certified.is_some_and(|name| name != hello.source_node) {
-            return Err(format!("the requester's certificate does not name node {:?}", hello.source_node));
-        }
-        let group = &hello.destination_group;
-        let status = daemon.group_status(group)?;
-        if status.promoted_from != hello.partnership_id || status.role != "standalone" {
-            return Err(format!("{group} on {node} was not promoted out of that partnership; nothing to resolve"));
-        }
+        let group = &promoted_group(daemon, hello, certified)?.name;
         let kept = format!("{}/{}", hello.source_node, hello.source_group);
         let fenced = format!("{kept} (kept by a split-brain resolution; this group becomes its destination)");
         daemon.fence_clients(group, Some(fenced));
@@ -257,4 +242,22 @@ pub fn answer_keep_source(daemon: &Daemon, hello: &Hello, certified: Option<&str
         Ok(()) => Answer { ok: true, destination_node: node, ..Answer::default() },
         Err(reason) => Answer { error: Some(reason), destination_node: node, ..Answer::default() },
     }
+}
+
+/// The group a failback or split-brain request names, checked: the
+/// requester is the node its certificate names, and the group was promoted
+/// out of that partnership and replicates with nobody since.
+fn promoted_group(daemon: &Daemon, hello: &Hello, certified: Option<&str>) -> Result<GroupStatus, String> {
+    if certified.is_some_and(|name| name != hello.source_node) {
+        return Err(format!("the requester's certificate does not name node {:?}", hello.source_node));
+    }
+    let group = &hello.destination_group;
+    let status = daemon.group_status(group)?;
+    if status.promoted_from != hello.partnership_id || status.role != "standalone" {
+        return Err(format!(
+            "{group} on {} was not promoted out of that partnership (or replicates again); nothing to fail back to",
+            daemon.config.node.name
+        ));
+    }
+    Ok(status)
 }

@@ -67,12 +67,7 @@ impl GroupRt {
         }
         raw.extend(self.core.bitmap_regions());
         raw.sort_unstable();
-        let names: Vec<String> = self
-            .superblock
-            .volumes()
-            .iter()
-            .map(|v| tandem_proto::read_fixed_str(&v.name).unwrap_or_default().to_owned())
-            .collect();
+        let names = self.volume_names();
         let mut merged: Vec<DivergedRange> = Vec::new();
         for (volume_index, offset, length) in raw {
             if let Some(last) = merged.last_mut().filter(|l| l.volume_index == volume_index) {

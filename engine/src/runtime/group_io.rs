@@ -697,13 +697,18 @@ impl GroupRt {
         }
     }
 
-    fn counters_report(&self, snapshot: &crate::core::GroupSnapshot) -> super::counters::GroupCountersReport {
-        let names: Vec<String> = self
-            .superblock
+    /// The group's volume names, in volume order.
+    #[must_use]
+    pub fn volume_names(&self) -> Vec<String> {
+        self.superblock
             .volumes()
             .iter()
             .map(|v| tandem_proto::read_fixed_str(&v.name).unwrap_or_default().to_owned())
-            .collect();
+            .collect()
+    }
+
+    fn counters_report(&self, snapshot: &crate::core::GroupSnapshot) -> super::counters::GroupCountersReport {
+        let names = self.volume_names();
         let log_now = super::counters::LogCounters {
             flush_queue_length: (snapshot.current_lsn - snapshot.durable_lsn) + snapshot.writes_waiting_for_space,
             pending_flush_io: self.batches.len() as u64,
