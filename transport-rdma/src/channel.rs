@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sideway::ibverbs::completion::GenericCompletionQueue;
+use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue, GenericCompletionQueue};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
@@ -29,6 +29,9 @@ use sideway::rdmacm::communication_manager::{ConnectionParameter, EventChannel, 
 /// (u16), payload length (u32), little-endian.
 pub const HEADER_BYTES: usize = 8;
 const FLAG_CREDIT_ONLY: u16 = 1;
+/// How long a waiting channel polls its completion queue before it sleeps
+/// on the completion channel: busy while traffic flows, idle when it stops.
+const BUSY_POLL_BUDGET: Duration = Duration::from_micros(50);
 /// IBV_WC_RECV: receive completions have this opcode bit.
 const WC_RECV: u32 = 1 << 7;
 
@@ -139,6 +142,8 @@ pub struct RdmaChannel {
     id: Arc<Identifier>,
     qp: GenericQueuePair,
     cq: GenericCompletionQueue,
+    basic_cq: Arc<BasicCompletionQueue>,
+    completions: Arc<CompletionChannel>,
     _pd: Arc<ProtectionDomain>,
     mr: Arc<MemoryRegion>,
     /// `window` receive slots, then `window` send slots.
@@ -178,12 +183,16 @@ impl RdmaChannel {
         let context = id.get_device_context().ok_or("the rdma_cm id has no device")?;
         let pd = context.alloc_pd().map_err(|e| format!("cannot allocate a protection domain: {e}"))?;
         let depth = config.window * 2 + 1;
-        let cq: GenericCompletionQueue = context
+        let completions =
+            context.create_comp_channel().map_err(|e| format!("cannot create a completion channel: {e}"))?;
+        completions.set_nonblocking(true).map_err(|e| format!("completion channel: {e}"))?;
+        let basic_cq = context
             .create_cq_builder()
             .setup_cqe(depth)
+            .setup_comp_channel(&completions, 0)
             .build()
-            .map_err(|e| format!("cannot create a completion queue of {depth}: {e}"))?
-            .into();
+            .map_err(|e| format!("cannot create a completion queue of {depth}: {e}"))?;
+        let cq = GenericCompletionQueue::from(Arc::clone(&basic_cq));
         let qp = pd
             .create_qp_builder()
             .setup_max_send_wr(config.window)
@@ -210,6 +219,8 @@ impl RdmaChannel {
             id,
             qp,
             cq,
+            basic_cq,
+            completions,
             _pd: pd,
             mr,
             memory,
@@ -261,11 +272,9 @@ impl RdmaChannel {
         }
         let deadline = Instant::now() + self.config.timeout;
         while self.credits < 2 || self.free_send.is_empty() {
-            self.poll()?;
-            if Instant::now() > deadline {
+            if !self.poll()? && !self.wait_for_completion(deadline)? {
                 return Err(format!("no credit from the peer for {:?} (it stopped reading)", self.config.timeout));
             }
-            std::thread::yield_now();
         }
         self.post_message(payload, 0)?;
         self.messages_sent += 1;
@@ -279,11 +288,9 @@ impl RdmaChannel {
             if let Some(message) = self.received.pop_front() {
                 return Ok(message);
             }
-            self.poll()?;
-            if self.received.is_empty() && Instant::now() > deadline {
+            if !self.poll()? && !self.wait_for_completion(deadline)? {
                 return Err(format!("no message from the peer for {:?}", self.config.timeout));
             }
-            std::thread::yield_now();
         }
     }
 
@@ -308,16 +315,73 @@ impl RdmaChannel {
         guard.post().map_err(|e| format!("posting a send failed: {e}"))
     }
 
+    /// The completion channel's descriptor: readable when a completion
+    /// arrived after [`Self::wait_for_completion`] armed it (for a caller that
+    /// sleeps in its own event loop, io_uring on a core).
+    #[must_use]
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.completions)
+    }
+
+    /// Waits for the next completion until `deadline`: polls for a short
+    /// budget, then arms the completion queue and sleeps on the channel.
+    /// False when the deadline passed.
+    fn wait_for_completion(&mut self, deadline: Instant) -> Result<bool, String> {
+        let busy_until = Instant::now() + BUSY_POLL_BUDGET;
+        while Instant::now() < busy_until {
+            if self.poll()? {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        // SAFETY: the completion queue lives as long as the channel.
+        let cq = unsafe { self.basic_cq.cq() }.as_ptr();
+        // SAFETY: arming a live completion queue for its next completion.
+        if unsafe { rdma_mummy_sys::ibv_req_notify_cq(cq, 0) } != 0 {
+            return Err("cannot arm the completion queue".to_owned());
+        }
+        // A completion may have come between the last poll and arming.
+        if self.poll()? {
+            return Ok(true);
+        }
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
+        let mut pollfd = libc::pollfd { fd: self.completion_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.kind() {
+                std::io::ErrorKind::Interrupted => Ok(true),
+                _ => Err(format!("waiting on the completion channel failed: {error}")),
+            };
+        }
+        if ready == 0 {
+            return Ok(Instant::now() < deadline);
+        }
+        let mut event_cq = std::ptr::null_mut();
+        let mut context = std::ptr::null_mut();
+        // SAFETY: the channel is readable; the event names our queue, and
+        // is acknowledged at once (one event per arming).
+        unsafe {
+            let channel = self.completions.comp_channel().as_ptr();
+            if rdma_mummy_sys::ibv_get_cq_event(channel, &mut event_cq, &mut context) == 0 {
+                rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1);
+            }
+        }
+        Ok(true)
+    }
+
     /// Takes every completion: received messages (their grants, their
-    /// payloads, their buffers posted again) and finished sends.
-    fn poll(&mut self) -> Result<(), String> {
+    /// payloads, their buffers posted again) and finished sends. True when
+    /// there was any.
+    fn poll(&mut self) -> Result<bool, String> {
         let mut done = Vec::new();
         if let Ok(poller) = self.cq.start_poll() {
             for wc in poller {
                 done.push((wc.wr_id(), wc.status(), wc.byte_len(), wc.opcode()));
             }
         }
-        for (wr_id, status, byte_len, opcode) in done {
+        for &(wr_id, status, byte_len, opcode) in &done {
             if status != 0 {
                 return Err(format!("work request {wr_id} completed with status {status}: the channel is broken"));
             }
@@ -330,11 +394,12 @@ impl RdmaChannel {
             assert!(slot < self.config.window, "receive completion {wr_id} names a receive slot");
             self.take_received(slot, byte_len as usize)?;
         }
+        let any = !done.is_empty();
         if self.owed >= self.config.window / 2 && self.credits >= 1 && !self.free_send.is_empty() {
             self.post_message(&[], FLAG_CREDIT_ONLY)?;
             self.credit_messages_sent += 1;
         }
-        Ok(())
+        Ok(any)
     }
 
     fn take_received(&mut self, slot: u32, byte_len: usize) -> Result<(), String> {

@@ -86,3 +86,37 @@ fn a_tiny_window_under_two_way_load_never_stalls() {
     let server_credit_messages = server.join().unwrap();
     eprintln!("credit-only messages: client {client_credit_messages}, server {server_credit_messages}");
 }
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut usage = unsafe { std::mem::zeroed::<libc::rusage>() };
+    // SAFETY: getrusage fills the struct passed.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) }, 0);
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// A channel waiting for a message that comes late sleeps on its
+/// completion channel instead of spinning: the wait costs little CPU.
+#[test]
+#[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
+fn an_idle_channel_sleeps_until_a_message_comes() {
+    let config = ChannelConfig { message_bytes: 4096, window: 8, timeout: Duration::from_secs(20) };
+    let listener = RdmaListener::bind(address(18_603), config).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut channel = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        channel.send(b"late").unwrap();
+        channel.recv().unwrap()
+    });
+    let mut client = RdmaChannel::connect(address(18_603), config).unwrap();
+    let cpu_before = thread_cpu();
+    let waited = std::time::Instant::now();
+    assert_eq!(client.recv().unwrap(), b"late");
+    let (wall, cpu) = (waited.elapsed(), thread_cpu() - cpu_before);
+    client.send(b"bye").unwrap();
+    assert_eq!(server.join().unwrap(), b"bye");
+    eprintln!("waited {wall:?} for the message using {cpu:?} of CPU");
+    assert!(wall >= Duration::from_secs(2), "the message came late ({wall:?})");
+    assert!(cpu < wall / 4, "the wait slept rather than spun: {cpu:?} of CPU in {wall:?}");
+}
