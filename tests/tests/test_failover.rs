@@ -86,3 +86,22 @@ fn a_test_failover_is_refused_on_a_source_with_the_reason() {
     let again = b.cli(&["group", "test-failover", "start", "rg02"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already has a test failover"), "{again:?}");
 }
+
+/// A daemon that stops during a test failover leaves its file behind; the
+/// test failover is gone after the restart and starts again over it.
+#[test]
+fn a_test_failover_starts_again_after_the_daemon_restarted() {
+    let a = Node::start_named("node-a", "", "");
+    let mut b = Node::start_named("node-b", "", "");
+    a.replicate_to(&b, "128MiB", &[("data", 4 << 20)], "sync");
+    let started = b.cli_ok(&["group", "test-failover", "start", "rg02"]);
+    assert!(started.contains("started"), "{started}");
+    let file = b.group_status("rg02")["test_failover"]["file"].as_str().unwrap().to_owned();
+    b.kill9();
+    b.spawn();
+    assert!(std::path::Path::new(&file).exists(), "the killed daemon left its file");
+    assert!(b.group_status("rg02")["test_failover"].is_null(), "no test failover after a restart");
+    let again = b.cli_ok(&["group", "test-failover", "start", "rg02"]);
+    assert!(again.contains("started"), "{again}");
+    a.wait_in_sync("rg01", Duration::from_secs(60));
+}

@@ -76,10 +76,13 @@ pub struct CowSnapshot {
 impl CowSnapshot {
     /// Creates the snapshot file at `path` over `volumes` (their files and sizes).
     pub fn create(path: PathBuf, volumes: Vec<(File, u64)>, max_bytes: u64, lsn: u64) -> Result<Self, String> {
+        // A file left by a daemon that stopped during a test failover holds
+        // nothing anyone can reach any more: it is started afresh.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&path)
             .map_err(|e| format!("cannot create the test failover file {}: {e}", path.display()))?;
         let volumes = volumes
