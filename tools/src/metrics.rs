@@ -14,8 +14,15 @@ use tandem_engine::runtime::status::{GroupStatus, PartnershipStatus};
 use crate::daemon::Daemon;
 
 /// Every source state, for the state gauges (one is 1, the others 0).
-const SOURCE_STATES: [&str; 5] =
-    ["InitialBlockCopy", "BitmapCatchUp", "Recovering", "ContinuouslyReplicating", "WaitingForDestination"];
+const SOURCE_STATES: [&str; 7] = [
+    "InitialBlockCopy",
+    "BitmapCatchUp",
+    "Recovering",
+    "ContinuouslyReplicating",
+    "WaitingForDestination",
+    "PeerPromoted",
+    "SplitBrain",
+];
 const DESTINATION_STATES: [&str; 2] = ["Connected", "WaitingForSource"];
 
 struct Exposition {
@@ -100,7 +107,7 @@ fn latency_histogram(out: &mut Exposition, groups: &[GroupStatus]) {
 
 fn partnership_families(out: &mut Exposition, partnerships: &[(&GroupStatus, &PartnershipStatus)]) {
     type Field = fn(&PartnershipStatus) -> f64;
-    let families: [(&str, &str, &str, Field); 10] = [
+    let families: [(&str, &str, &str, Field); 11] = [
         ("sent_bytes_total", "counter", "Bytes sent to the peer.", |p| p.bytes_sent as f64),
         ("received_bytes_total", "counter", "Bytes received from the peer.", |p| p.bytes_received as f64),
         ("rpo_seconds", "gauge", "Source: age of the oldest write the destination lacks.", |p| p.rpo_ms as f64 / 1e3),
@@ -123,6 +130,9 @@ fn partnership_families(out: &mut Exposition, partnerships: &[(&GroupStatus, &Pa
         ("channels_connected", "gauge", "Data channels connected now.", |p| f64::from(p.channels_connected)),
         ("bitmap_dirty_bytes", "gauge", "Source: bytes the dirty-region bitmap marks for catch-up.", |p| {
             p.bitmap_dirty_bytes as f64
+        }),
+        ("frames_rejected_total", "counter", "Frames that failed authentication (each reset its session).", |p| {
+            p.frames_rejected as f64
         }),
     ];
     for (name, kind, help, field) in families {
