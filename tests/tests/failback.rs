@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_tests::netns::NetPair;
 use tandem_tests::pattern::{WriteModel, BLOCK_BYTES};
 use tandem_tests::writer::Writer;
 use tandem_tests::{run_ok, Node};
@@ -29,24 +30,47 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Two nodes in network namespaces (loopback where unavailable).
+fn pair() -> (Option<Arc<NetPair>>, Node, Node) {
+    match NetPair::create() {
+        Ok(net) => {
+            let net = Arc::new(net);
+            let a = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
+            let b = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
+            (Some(net), a, b)
+        }
+        Err(reason) => {
+            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
+            (None, Node::start_named("node-a", "", ""), Node::start_named("node-b", "", ""))
+        }
+    }
+}
+
 #[test]
 fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_differences() {
     tandem_tests::require_tool("qemu-io", "qemu-utils");
-    let mut a = Node::start_named("node-a", "", "");
-    let b = Node::start_named("node-b", "", "");
+    let (net, mut a, b) = pair();
     a.replicate_to(&b, "256MiB", &[("data", VOLUME_BYTES)], "async");
 
     // Async: writes acknowledged on node-a may not have reached node-b when it dies.
     let model = Arc::new(Mutex::new(WriteModel::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (model, stop, port) = (Arc::clone(&model), Arc::clone(&stop), a.nbd_port);
+        let (model, stop, port, host) = (Arc::clone(&model), Arc::clone(&stop), a.nbd_port, a.host.clone());
+        let net = net.clone();
         std::thread::spawn(move || {
+            if let Some(net) = &net {
+                net.enter(0);
+            }
             let export = "rg01/data".to_owned();
-            Writer { host: "127.0.0.1", port, export, size_bytes: VOLUME_BYTES, model: &model, stop: &stop }.run(0, 11)
+            Writer { host: &host, port, export, size_bytes: VOLUME_BYTES, model: &model, stop: &stop }.run(0, 11)
         })
     };
     std::thread::sleep(Duration::from_millis(800));
+    // The source's site is lost: its link goes down and it dies.
+    if let Some(net) = &net {
+        net.set_link(false);
+    }
     a.kill9();
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
@@ -64,6 +88,9 @@ fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_d
     let promoted_image = std::fs::read(b.path("rg02-data.img")).unwrap();
 
     a.spawn();
+    if let Some(net) = &net {
+        net.set_link(true);
+    }
     a.wait_for_events(&[7002], Duration::from_secs(30));
     let status = a.group_status("rg01");
     assert_eq!(status["fenced_after_lsn"], promoted_after, "{status:#}");
@@ -99,8 +126,15 @@ fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_d
         );
     }
     let diverged_records = p["diverged_records"].as_u64().unwrap();
+    // The RPO at promotion counts the records node-a reported (heartbeats)
+    // that never arrived: at most what node-a really holds beyond them.
+    let events = b.cli_ok(&["events", "--json"]);
+    let promotion: serde_json::Value =
+        serde_json::from_str(events.lines().find(|l| l.contains("\"id\":7001,")).expect("event 7001")).unwrap();
+    let reported = promotion["data"]["records_missing"].as_u64().unwrap();
+    assert!(reported <= diverged_records, "reported RPO {reported} records, actually {diverged_records}");
     eprintln!(
-        "{lost} acknowledged block(s) never reached node-b; node-a lists {diverged_records} record(s) in {} range(s)",
+        "{lost} acknowledged block(s) never reached node-b; node-a lists {diverged_records} record(s) in {} range(s); the promotion reported {reported} missing",
         ranges.len()
     );
     drop(model);

@@ -26,6 +26,10 @@ const MAX_SEND_FRAMES: usize = 64;
 const MAX_RECEIVED_FRAMES: usize = 4096;
 /// Send a heartbeat when nothing else went out for this long.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Tell the peer this side's durable LSN at least this often, busy or not:
+/// a destination promoted after losing its source reports as its RPO what
+/// the source last said it held.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Declare the peer lost when nothing arrived for this long.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -168,6 +172,8 @@ pub struct PeerConn {
     received_bytes_pending: usize,
     last_recv: Instant,
     last_send: Instant,
+    /// When this channel last carried a heartbeat (see [`PROGRESS_INTERVAL`]).
+    pub last_heartbeat: Instant,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub frames_sent: u64,
@@ -206,6 +212,7 @@ impl PeerConn {
             received_bytes_pending: 0,
             last_recv: now,
             last_send: now,
+            last_heartbeat: now,
             bytes_sent: 0,
             bytes_received: 0,
             frames_sent: 0,

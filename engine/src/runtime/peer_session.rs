@@ -132,11 +132,17 @@ impl PeerSession {
         self.channels.iter().all(PeerConn::can_drop)
     }
 
-    /// Heartbeats for idle channels, and the timeout of silent ones.
+    /// Heartbeats for idle channels, the progress heartbeat on channel 0
+    /// (busy or not), and the timeout of silent channels.
     pub fn tick(&mut self, now: Instant, heartbeat: &FrameHeader) {
-        for channel in &mut self.channels {
-            if channel.tick(now) {
+        for (index, channel) in self.channels.iter_mut().enumerate() {
+            let idle = channel.tick(now);
+            let progress_due = index == 0
+                && !channel.closing
+                && now.duration_since(channel.last_heartbeat) >= super::peer_conn::PROGRESS_INTERVAL;
+            if idle || progress_due {
                 channel.send(OutFrame::new(heartbeat.as_bytes(), None));
+                channel.last_heartbeat = now;
             }
         }
     }
