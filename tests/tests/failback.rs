@@ -132,6 +132,11 @@ fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_d
     let promotion: serde_json::Value =
         serde_json::from_str(events.lines().find(|l| l.contains("\"id\":7001,")).expect("event 7001")).unwrap();
     let reported = promotion["data"]["records_missing"].as_u64().unwrap();
+    // The source went silent when its link went down, seconds before the
+    // promotion (the destination waits for the peer timeout): the report says so.
+    let silent_ms = promotion["data"]["source_silent_ms"].as_u64().unwrap();
+    assert!(silent_ms >= 1000, "last heard {silent_ms} ms before the promotion");
+    assert!(promoted.contains("was last heard"), "{promoted}");
     assert!(reported <= diverged_records, "reported RPO {reported} records, actually {diverged_records}");
     eprintln!(
         "{lost} acknowledged block(s) never reached node-b; node-a lists {diverged_records} record(s) in {} range(s); the promotion reported {reported} missing",

@@ -561,6 +561,7 @@ impl Daemon {
                 former_source: source.clone(),
                 last_lsn: report.last_lsn,
                 records_missing: report.records_missing,
+                source_silent_ms: report.source_silent_ms.unwrap_or(0),
             },
         );
         let rpo = if report.records_missing == 0 {
@@ -573,6 +574,12 @@ impl Daemon {
                 report.source_last_known_lsn
             )
         };
+        let silence = match report.source_silent_ms {
+            Some(ms) => {
+                format!("; {source} was last heard {ms} ms before this promotion: what it wrote after that is not here")
+            }
+            None => format!("; {source} was not heard since this daemon started"),
+        };
         let warning = if report.copy_complete {
             String::new()
         } else {
@@ -580,7 +587,7 @@ impl Daemon {
                 .to_owned()
         };
         Ok(format!(
-            "{group} promoted: it serves writes under a new generation and is no longer a destination of {source}; {rpo}{warning}"
+            "{group} promoted: it serves writes under a new generation and is no longer a destination of {source}; {rpo}{silence}{warning}"
         ))
     }
 

@@ -78,6 +78,9 @@ pub enum EventKind {
         former_source: String,
         last_lsn: u64,
         records_missing: u64,
+        /// Milliseconds since the source was last heard (0: unknown).
+        #[serde(default)]
+        source_silent_ms: u64,
     },
     BitmapCatchUpCompleted {
         elapsed_ms: u64,
@@ -248,8 +251,8 @@ impl EventKind {
             Self::PartnershipRemoved { peer } => format!("partnership with {peer} removed"),
             Self::PartnershipRefused { reason } => format!("partnership refused: {reason}"),
             Self::DestinationAttached { source } => format!("became the replication destination of {source}"),
-            Self::GroupPromoted { former_source, last_lsn, records_missing } => format!(
-                "promoted: no longer a destination of {former_source}, serving writes after LSN {last_lsn}; {records_missing} record(s) the source reported never arrived"
+            Self::GroupPromoted { former_source, last_lsn, records_missing, source_silent_ms } => format!(
+                "promoted: no longer a destination of {former_source}, serving writes after LSN {last_lsn}; {records_missing} record(s) the source reported never arrived; last heard from it {source_silent_ms} ms before"
             ),
             Self::ModeChanged { from, to, peer } => format!("the partnership with {peer} changed from {from} to {to} mode"),
             Self::VerifyStarted { total_bytes, repair } => format!(

@@ -24,6 +24,10 @@ pub struct PromotionReport {
     pub records_missing: u64,
     /// The initial copy was complete: the volumes are a consistent image.
     pub copy_complete: bool,
+    /// Milliseconds since anything arrived from the source (none: never
+    /// since this daemon started): what it wrote in that time is not here.
+    #[serde(default)]
+    pub source_silent_ms: Option<u64>,
 }
 
 impl GroupRt {
@@ -68,6 +72,7 @@ impl GroupRt {
             source_last_known_lsn: link.source_durable_lsn.max(last_lsn),
             records_missing: link.source_durable_lsn.saturating_sub(last_lsn),
             copy_complete: link.receiver.copy_complete(),
+            source_silent_ms: link.last_heard.map(|at| at.elapsed().as_millis() as u64),
         })
     }
 }

@@ -34,6 +34,9 @@ pub struct DestinationLink {
     pub receiver: Receiver,
     /// The last durable LSN the source reported (heartbeats, records).
     pub source_durable_lsn: u64,
+    /// When anything last arrived from the source (the time bound of the
+    /// RPO of a promotion: its writes after that are unknown here).
+    pub last_heard: Option<std::time::Instant>,
     /// A rebase waiting for the group to be idle with an empty log.
     pub pending_rebase: Option<u64>,
     /// The metadata version whose persistence completes the rebase.
@@ -56,6 +59,7 @@ impl DestinationLink {
             conn: None,
             receiver: Receiver::new(volume_sizes_bytes, copy_persisted),
             source_durable_lsn: 0,
+            last_heard: None,
             pending_rebase: None,
             rebase_persisting: None,
             payloads: HashMap::new(),
@@ -134,6 +138,7 @@ impl GroupRt {
         let link = self.destination.as_mut().expect("destination link");
         while link.receiver.queued() < MAX_QUEUED_FRAMES {
             let Some(frame) = conn.take_received() else { break };
+            link.last_heard = Some(std::time::Instant::now());
             let incoming = match frame {
                 InFrame::Record { header, buf } => {
                     link.source_durable_lsn = link.source_durable_lsn.max(header.lsn);
