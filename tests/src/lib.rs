@@ -405,6 +405,24 @@ impl Node {
     }
 }
 
+/// Two daemons, node-a and node-b, with `[replication]` lines
+/// `replication_toml`, each in its own network namespace joined by a veth
+/// pair (loopback where this machine allows no namespaces: `None`).
+#[must_use]
+pub fn two_nodes(replication_toml: &str) -> (Option<std::sync::Arc<netns::NetPair>>, Node, Node) {
+    match netns::NetPair::create() {
+        Ok(net) => {
+            let a = Node::start_in("node-a", "", replication_toml, Some((&net.ns[0], &net.addr[0])));
+            let b = Node::start_in("node-b", "", replication_toml, Some((&net.ns[1], &net.addr[1])));
+            (Some(std::sync::Arc::new(net)), a, b)
+        }
+        Err(reason) => {
+            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
+            (None, Node::start_named("node-a", "", replication_toml), Node::start_named("node-b", "", replication_toml))
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();

@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_tests::netns::NetPair;
 use tandem_tests::pattern::{WriteModel, BLOCK_BYTES};
+use tandem_tests::run_ok;
 use tandem_tests::writer::Writer;
-use tandem_tests::{run_ok, Node};
 
 const VOLUME_BYTES: u64 = 64 << 20;
 
@@ -30,26 +29,10 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Two nodes in network namespaces (loopback where unavailable).
-fn pair() -> (Option<Arc<NetPair>>, Node, Node) {
-    match NetPair::create() {
-        Ok(net) => {
-            let net = Arc::new(net);
-            let a = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
-            let b = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
-            (Some(net), a, b)
-        }
-        Err(reason) => {
-            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
-            (None, Node::start_named("node-a", "", ""), Node::start_named("node-b", "", ""))
-        }
-    }
-}
-
 #[test]
 fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_differences() {
     tandem_tests::require_tool("qemu-io", "qemu-utils");
-    let (net, mut a, b) = pair();
+    let (net, mut a, b) = tandem_tests::two_nodes("");
     a.replicate_to(&b, "256MiB", &[("data", VOLUME_BYTES)], "async");
 
     // Async: writes acknowledged on node-a may not have reached node-b when it dies.

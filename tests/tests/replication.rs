@@ -14,23 +14,12 @@ const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 struct Pair {
     source: Node,
     destination: Node,
-    _net: Option<NetPair>,
+    _net: Option<std::sync::Arc<NetPair>>,
 }
 
 fn start_pair(replication_toml: &str) -> Pair {
-    match NetPair::create() {
-        Ok(net) => {
-            let source = Node::start_in("node-a", "", replication_toml, Some((&net.ns[0], &net.addr[0])));
-            let destination = Node::start_in("node-b", "", replication_toml, Some((&net.ns[1], &net.addr[1])));
-            Pair { source, destination, _net: Some(net) }
-        }
-        Err(reason) => {
-            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
-            let source = Node::start_named("node-a", "", replication_toml);
-            let destination = Node::start_named("node-b", "", replication_toml);
-            Pair { source, destination, _net: None }
-        }
-    }
+    let (net, source, destination) = tandem_tests::two_nodes(replication_toml);
+    Pair { source, destination, _net: net }
 }
 
 fn md5(path: &std::path::Path) -> String {

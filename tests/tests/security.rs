@@ -269,31 +269,13 @@ fn peers_without_a_valid_certificate_are_refused_on_both_sides() {
     // An expired destination certificate.
     let expired = start("node-c", "aes-128-gcm", Some(&cluster.issue_expired("node-c")));
     expired.create_group("rg03", "128MiB", &[("data", 8 << 20)]);
-    let output = source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &expired.replication_address(),
-        "--destination-group",
-        "rg03",
-    ]);
+    let output = source.partner_with("rg01", &expired, "rg03", &[]);
     assert!(stderr(&output).contains("expired"), "{output:?}");
 
     // A destination without [tls] cannot take TLS.
     let clear = start("node-d", "none", None);
     clear.create_group("rg04", "128MiB", &[("data", 8 << 20)]);
-    let output = source.cli(&[
-        "partnership",
-        "create",
-        "--source-group",
-        "rg01",
-        "--destination",
-        &clear.replication_address(),
-        "--destination-group",
-        "rg04",
-    ]);
+    let output = source.partner_with("rg01", &clear, "rg04", &[]);
     assert!(!output.status.success(), "{output:?}");
     wait_for_event_text(&clear, 8002, "has no [tls] section");
 }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_tests::netns::NetPair;
 use tandem_tests::pattern::{decode_block, Found, WriteModel, BLOCK_BYTES};
 use tandem_tests::writer::Writer;
 use tandem_tests::{run_ok, Node};
@@ -46,26 +45,10 @@ fn write_pattern(node: &Node, group: &str, pattern: u8, offset_mib: u64) {
     );
 }
 
-/// Two nodes in network namespaces (loopback where unavailable).
-fn pair() -> (Option<Arc<NetPair>>, Node, Node) {
-    match NetPair::create() {
-        Ok(net) => {
-            let net = Arc::new(net);
-            let a = Node::start_in("node-a", "", "", Some((&net.ns[0], &net.addr[0])));
-            let b = Node::start_in("node-b", "", "", Some((&net.ns[1], &net.addr[1])));
-            (Some(net), a, b)
-        }
-        Err(reason) => {
-            eprintln!("network namespaces unavailable ({reason}); both nodes use loopback");
-            (None, Node::start_named("node-a", "", ""), Node::start_named("node-b", "", ""))
-        }
-    }
-}
-
 #[test]
 fn a_planned_switch_under_load_keeps_every_acknowledged_write_and_switches_back() {
     tandem_tests::require_tool("qemu-io", "qemu-utils");
-    let (net, a, b) = pair();
+    let (net, a, b) = tandem_tests::two_nodes("");
     a.replicate_to(&b, "128MiB", &[("data", VOLUME_BYTES)], "sync");
 
     // A client writes through node-a's export while the switch happens.

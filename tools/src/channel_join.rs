@@ -100,12 +100,8 @@ impl JoiningSessions {
             return Ok(None);
         }
         let joining = by_group.remove(group).expect("present");
-        let keys = joining.keys;
-        let channels = joining.streams.into_iter().enumerate().map(|(channel, stream)| PeerChannel {
-            stream: stream.expect("complete"),
-            seal: keys.as_ref().and_then(|k| k.channel_seal(channel as u32, Side::Destination)),
-        });
-        Ok(Some(channels.collect()))
+        let streams = joining.streams.into_iter().map(|s| s.expect("complete")).collect();
+        Ok(Some(crate::secure_channel::sealed_channels(streams, joining.keys.as_ref(), Side::Destination)))
     }
 
     /// Sessions whose channels never all came close their connections.

@@ -710,6 +710,11 @@ impl Daemon {
         channels: Vec<tandem_engine::runtime::peer_conn::PeerChannel>,
         source_view: Option<(u64, u64, tandem_engine::core::CopyPosition)>,
     ) -> Result<(), String> {
+        // The handshake's timeouts end where the core's heartbeats take over.
+        for channel in &channels {
+            let _ = channel.stream.set_read_timeout(None);
+            let _ = channel.stream.set_write_timeout(None);
+        }
         let group_name = group.to_owned();
         let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {
             group: group_name,

@@ -475,16 +475,7 @@ fn join_channels(
         exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
         streams.push(stream);
     }
-    end_handshake(&streams);
     Ok(secure_channel::sealed_channels(streams, keys.as_ref(), Side::Source))
-}
-
-/// The handshake's timeouts end where the core's heartbeats take over.
-pub(crate) fn end_handshake(streams: &[TcpStream]) {
-    for stream in streams {
-        let _ = stream.set_read_timeout(None);
-        let _ = stream.set_write_timeout(None);
-    }
 }
 
 /// Keeps every source group connected: tries again with a growing backoff.

@@ -14,9 +14,7 @@ use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERS
 
 use crate::channel_join::JoiningSessions;
 use crate::daemon::Daemon;
-use crate::replication::{
-    check_channels, end_handshake, hex, read_line, write_line, Answer, Hello, HelloAction, HANDSHAKE_TIMEOUT,
-};
+use crate::replication::{check_channels, hex, read_line, write_line, Answer, Hello, HelloAction, HANDSHAKE_TIMEOUT};
 use crate::secure_channel::{self, ControlStream};
 
 /// Accepts replication connections; each handshake runs on its own thread.
@@ -121,10 +119,9 @@ fn serve_control(
         };
         reply.destination_node.clone_from(&daemon.config.node.name);
         if matches!(hello.action, HelloAction::Resume) && result.is_err() {
-            reply.promoted_after_lsn = promoted_out_of(daemon, &hello);
-            if reply.promoted_after_lsn.is_some() {
-                let generation = daemon.group_status(&hello.destination_group).map(|s| s.generation);
-                reply.promoted_generation = generation.unwrap_or_default();
+            if let Some((after_lsn, generation)) = promoted_out_of(daemon, &hello) {
+                reply.promoted_after_lsn = Some(after_lsn);
+                reply.promoted_generation = generation;
             }
         }
         let opens_session = result.is_ok() && matches!(hello.action, HelloAction::Create | HelloAction::Resume);
@@ -197,8 +194,6 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hell
 /// Hands a session to the group's core once all its channels joined.
 fn attach_joined(daemon: &Daemon, group: &str, joined: Option<Vec<PeerChannel>>) -> Result<(), String> {
     let Some(channels) = joined else { return Ok(()) };
-    let streams: Vec<TcpStream> = channels.iter().filter_map(|c| c.stream.try_clone().ok()).collect();
-    end_handshake(&streams);
     daemon.attach_peer(group, channels, None)
 }
 
@@ -232,11 +227,11 @@ fn check_source(daemon: &Daemon, hello: &Hello, certified: Option<&str>, kept: O
 }
 
 /// The LSN after which the group a Resume names was promoted out of that
-/// partnership (none when it was not).
-fn promoted_out_of(daemon: &Daemon, hello: &Hello) -> Option<u64> {
+/// partnership, and its generation since (none when it was not).
+fn promoted_out_of(daemon: &Daemon, hello: &Hello) -> Option<(u64, String)> {
     let status = daemon.group_status(&hello.destination_group).ok()?;
     (!status.promoted_from.is_empty() && status.promoted_from == hello.partnership_id)
-        .then_some(status.promoted_after_lsn)
+        .then_some((status.promoted_after_lsn, status.generation))
 }
 
 /// Validates a handshake step on the destination and carries it out.

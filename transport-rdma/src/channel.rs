@@ -138,7 +138,8 @@ impl RdmaListener {
 
 /// One end of a connected channel.
 pub struct RdmaChannel {
-    events: Arc<EventChannel>,
+    /// Kept open while the channel's rdma_cm id lives on it.
+    _events: Arc<EventChannel>,
     id: Arc<Identifier>,
     qp: GenericQueuePair,
     cq: GenericCompletionQueue,
@@ -215,7 +216,7 @@ impl RdmaChannel {
         let mr = unsafe { pd.reg_mr(memory.as_ptr() as usize, bytes, AccessFlags::LocalWrite) }
             .map_err(|e| format!("cannot register {bytes} bytes for RDMA: {e} (see `ulimit -l`)"))?;
         Ok(Self {
-            events,
+            _events: events,
             id,
             qp,
             cq,
@@ -428,6 +429,5 @@ impl RdmaChannel {
 impl Drop for RdmaChannel {
     fn drop(&mut self) {
         let _ = self.id.disconnect();
-        let _ = &self.events;
     }
 }
