@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         let volume_index = chunk[2] % 3;
         let offset = value % (2 << 20);
         let length = u32::from(chunk[3]) * 512 + 512;
-        let incoming = match chunk[0] % 9 {
+        let incoming = match chunk[0] % 10 {
             0 => Incoming::Record {
                 header: RecordHeader::write(STAMP, lsn, volume_index, offset, &vec![1u8; length as usize]),
                 payload_id: Some(1),
@@ -39,7 +39,14 @@ fuzz_target!(|data: &[u8]| {
             5 => Incoming::CopyVerified { volume_index, offset, length },
             6 => Incoming::Verify { volume_index, offset, length },
             7 => Incoming::Repair { volume_index, offset, length, payload_id: None },
-            _ => Incoming::Barrier { lsn: value % 64 },
+            8 => Incoming::Barrier { lsn: value % 64 },
+            _ => {
+                let name = vec![b's'; usize::from(chunk[3] % 64) + 1];
+                let checksum = tandem_proto::xxh3_128_bytes(&name);
+                let length = name.len() as u32;
+                let header = RecordHeader::seal_with(STAMP, RecordKind::Snapshot, 0, lsn, 0, 0, length, checksum);
+                Incoming::Record { header, payload_id: Some(2) }
+            }
         };
         receiver.push(incoming);
         for action in receiver.drive(chunk[0] & 0x80 != 0) {

@@ -17,7 +17,7 @@ pub mod wire;
 pub use checksum::{xxh3_128_bytes, Checksum128};
 pub use record::{
     record_span_bytes, RecordDecodeError, RecordHeader, RecordKind, RecordStamp, FLAG_NO_HOLE, MAX_PAYLOAD_BYTES,
-    RECORD_HEADER_BYTES, RECORD_MAGIC,
+    MAX_SNAPSHOT_NAME_BYTES, RECORD_HEADER_BYTES, RECORD_MAGIC,
 };
 pub use superblock::{
     BitmapEntry, GenerationEntry, PartnershipEntry, Superblock, SuperblockDecodeError, VolumeEntry, COPY_DONE,

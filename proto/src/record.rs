@@ -48,7 +48,16 @@ pub enum RecordKind {
     /// that follows it and does not consume it: where a log wraps is local to
     /// that log, so pads are never replicated and each log places its own.
     Pad = 4,
+    /// A consistent snapshot of every volume of the group at this LSN: a
+    /// barrier in the stream. Each log that holds it (the source's and the
+    /// destination's) takes a copy-on-write snapshot when every record
+    /// before it is in the volumes and none after it, so both are equal.
+    /// Payload: the snapshot's name (UTF-8, 1 to [`MAX_SNAPSHOT_NAME_BYTES`]).
+    Snapshot = 5,
 }
+
+/// Longest snapshot name, in bytes.
+pub const MAX_SNAPSHOT_NAME_BYTES: u32 = 64;
 
 impl RecordKind {
     /// Parses the on-disk kind byte.
@@ -59,6 +68,7 @@ impl RecordKind {
             2 => Some(Self::Trim),
             3 => Some(Self::WriteZeroes),
             4 => Some(Self::Pad),
+            5 => Some(Self::Snapshot),
             _ => None,
         }
     }
@@ -66,8 +76,14 @@ impl RecordKind {
     fn allowed_flags(self) -> u8 {
         match self {
             Self::WriteZeroes => FLAG_NO_HOLE,
-            Self::Write | Self::Trim | Self::Pad => 0,
+            Self::Write | Self::Trim | Self::Pad | Self::Snapshot => 0,
         }
+    }
+
+    /// Whether records of this kind carry a payload after the header sector.
+    #[must_use]
+    pub fn has_payload(self) -> bool {
+        matches!(self, Self::Write | Self::Snapshot)
     }
 }
 
@@ -96,10 +112,10 @@ pub struct RecordHeader {
     pub epoch: u32,
     /// Log sequence number: +1 per record, across all volumes of the group.
     pub lsn: u64,
-    /// Byte offset in the volume (Write, Trim, WriteZeroes); 0 for Pad.
+    /// Byte offset in the volume (Write, Trim, WriteZeroes); 0 for Pad and Snapshot.
     pub offset: u64,
     /// Write: payload bytes. Trim/WriteZeroes: length of the range. Pad: bytes
-    /// of ring skipped, header sector included.
+    /// of ring skipped, header sector included. Snapshot: bytes of its name.
     pub length: u32,
     /// Low 32 bits of the group's 128-bit generation when the record was written.
     pub generation_tag: u32,
@@ -134,8 +150,8 @@ pub enum RecordDecodeError {
     ZeroLsn,
     #[error("record of kind {kind:?} has offset {offset} + length {length} overflowing u64")]
     RangeOverflow { kind: RecordKind, offset: u64, length: u32 },
-    #[error("pad record carries fields that must be zero")]
-    PadNotEmpty,
+    #[error("{kind:?} record carries a volume or offset, which must be zero")]
+    PadNotEmpty { kind: RecordKind },
     #[error("payload checksum of a kind without payload must be zero")]
     UnexpectedPayloadChecksum,
     #[error("payload checksum mismatch at LSN {lsn}")]
@@ -169,7 +185,7 @@ impl RecordHeader {
         offset: u64,
         length: u32,
     ) -> Self {
-        assert!(kind != RecordKind::Write, "write records carry a payload");
+        assert!(!kind.has_payload(), "{kind:?} records carry a payload");
         Self::seal_with(stamp, kind, flags, lsn, volume_index, offset, length, [0; 16])
     }
 
@@ -219,10 +235,20 @@ impl RecordHeader {
     /// Bytes of payload that follow the header sector (0 for kinds without payload).
     #[must_use]
     pub fn payload_bytes(&self) -> u32 {
-        if self.kind == RecordKind::Write as u8 {
+        if RecordKind::from_u8(self.kind).is_some_and(RecordKind::has_payload) {
             self.length
         } else {
             0
+        }
+    }
+
+    /// Bytes of its volume the record changes from `offset` on (0 for
+    /// pads and snapshots, which change no volume).
+    #[must_use]
+    pub fn changed_bytes(&self) -> u32 {
+        match RecordKind::from_u8(self.kind) {
+            Some(RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes) => self.length,
+            _ => 0,
         }
     }
 
@@ -281,6 +307,7 @@ impl RecordHeader {
         let length_ok = match kind {
             RecordKind::Write => self.length > 0 && self.length <= MAX_PAYLOAD_BYTES,
             RecordKind::Trim | RecordKind::WriteZeroes | RecordKind::Pad => self.length > 0,
+            RecordKind::Snapshot => self.length > 0 && self.length <= MAX_SNAPSHOT_NAME_BYTES,
         };
         if !length_ok {
             return Err(RecordDecodeError::BadLength { kind, length: self.length });
@@ -288,10 +315,10 @@ impl RecordHeader {
         if self.offset.checked_add(u64::from(self.length)).is_none() {
             return Err(RecordDecodeError::RangeOverflow { kind, offset: self.offset, length: self.length });
         }
-        if kind == RecordKind::Pad && (self.offset != 0 || self.volume_index != 0) {
-            return Err(RecordDecodeError::PadNotEmpty);
+        if matches!(kind, RecordKind::Pad | RecordKind::Snapshot) && (self.offset != 0 || self.volume_index != 0) {
+            return Err(RecordDecodeError::PadNotEmpty { kind });
         }
-        if kind != RecordKind::Write && self.payload_checksum != [0; 16] {
+        if !kind.has_payload() && self.payload_checksum != [0; 16] {
             return Err(RecordDecodeError::UnexpectedPayloadChecksum);
         }
         Ok(())
@@ -387,9 +414,30 @@ mod tests {
                 h.payload_checksum = [0; 16];
                 h.offset = 4;
             }),
-            Err(RecordDecodeError::PadNotEmpty)
+            Err(RecordDecodeError::PadNotEmpty { kind: RecordKind::Pad })
         );
         assert_eq!(reseal(&|h| h.kind = RecordKind::Trim as u8), Err(RecordDecodeError::UnexpectedPayloadChecksum));
+    }
+
+    #[test]
+    fn snapshot_records_carry_their_name_and_nothing_else() {
+        let name = b"before-upgrade";
+        let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+        let checksum = xxh3_128_bytes(name);
+        let header = RecordHeader::seal_with(stamp, RecordKind::Snapshot, 0, 9, 0, 0, name.len() as u32, checksum);
+        let decoded = RecordHeader::decode(header.as_bytes()).unwrap();
+        assert_eq!((decoded.record_kind(), decoded.payload_bytes()), (RecordKind::Snapshot, 14));
+        decoded.verify_payload(name).unwrap();
+        let reseal = |change: &dyn Fn(&mut RecordHeader)| {
+            let mut h = header;
+            change(&mut h);
+            h.header_checksum = h.compute_header_checksum();
+            RecordHeader::decode(h.as_bytes())
+        };
+        let too_long = reseal(&|h| h.length = MAX_SNAPSHOT_NAME_BYTES + 1);
+        assert!(matches!(too_long, Err(RecordDecodeError::BadLength { .. })), "{too_long:?}");
+        let on_a_volume = reseal(&|h| h.volume_index = 1);
+        assert_eq!(on_a_volume, Err(RecordDecodeError::PadNotEmpty { kind: RecordKind::Snapshot }));
     }
 
     #[test]

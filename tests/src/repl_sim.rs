@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_engine::core::{
-    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode, WriteRequest,
+    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode,
+    ReplicationState, WriteOp, WriteRequest,
 };
 use tandem_proto::{RecordHeader, RecordKind};
 
@@ -48,6 +49,10 @@ pub struct ReplSimStats {
     pub records_shipped: u64,
     pub chunks_copied: u64,
     pub prefix_checks: u64,
+    /// Snapshot records the destination applied and that matched the
+    /// source's state before them (and the source's own snapshot, when it
+    /// took it first).
+    pub snapshots_checked: u64,
     pub spills: u64,
     pub rebases: u64,
 }
@@ -108,6 +113,9 @@ struct World {
     /// durable at the source, so they survive its power losses).
     initial: Vec<Vec<u8>>,
     history: BTreeMap<u64, (RecordHeader, Vec<u8>)>,
+    /// What each side's volumes read when it applied a Snapshot record,
+    /// waiting for the other side's (LSN -> volumes).
+    source_snapshots: BTreeMap<u64, Vec<Vec<u8>>>,
     in_flight: HashMap<u64, Vec<u64>>,
     busy: HashSet<u64>,
     model: WriteModel,
@@ -198,6 +206,7 @@ impl World {
             rebase_persisting: false,
             initial,
             history: BTreeMap::new(),
+            source_snapshots: BTreeMap::new(),
             in_flight: HashMap::new(),
             busy: HashSet::new(),
             vouched: WriteModel {
@@ -209,6 +218,44 @@ impl World {
             next_seq: 1,
             stats: ReplSimStats::default(),
         }
+    }
+
+    /// A snapshot record on the source, in any state (the destination's
+    /// is checked when its copy is complete).
+    fn submit_snapshot(&mut self) {
+        if self.in_flight.len() >= 8 {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let name = format!("s{seq}").into_bytes();
+        let op = WriteOp::Snapshot { payload_checksum: tandem_proto::xxh3_128_bytes(&name) };
+        let length = name.len() as u32;
+        self.source.writes.insert(seq, (0, 0, name));
+        self.in_flight.insert(seq, Vec::new());
+        self.source.core.handle(Event::Submit(WriteRequest { id: seq, volume_index: 0, offset: 0, length, op }));
+    }
+
+    /// The destination took its snapshot `lsn`: it holds exactly the
+    /// source's records before it, as the source's snapshot does.
+    fn check_destination_snapshot(&mut self, lsn: u64, volumes: &[Vec<u8>]) -> Result<(), String> {
+        if self.receiver.copy_to_persist() != CopyPosition::Done {
+            return Ok(());
+        }
+        let expected = self.state_at(lsn - 1);
+        if let Some(volume) = (0..volumes.len()).find(|&v| volumes[v] != expected[v]) {
+            return Err(format!(
+                "the destination's snapshot at LSN {lsn}: volume {volume} is not the source's state at LSN {}",
+                lsn - 1
+            ));
+        }
+        if let Some(source) = self.source_snapshots.get(&lsn) {
+            if source.as_slice() != volumes {
+                return Err(format!("the snapshots at LSN {lsn} differ between the source and the destination"));
+            }
+        }
+        self.stats.snapshots_checked += 1;
+        Ok(())
     }
 
     /// A client write, trim or write-zeroes on the source.
@@ -270,6 +317,7 @@ impl World {
                             self.receiver.rebased();
                         }
                     }
+                    NodeOutput::SnapshotPoint { lsn, volumes } => self.check_destination_snapshot(lsn, &volumes)?,
                     other => unreachable!("a destination ships nothing: {other:?}"),
                 }
             }
@@ -341,6 +389,9 @@ impl World {
             // The source's superblock now knows its destination completed the copy.
             NodeOutput::CopyPersisted { .. } => {}
             NodeOutput::CopyWritten { .. } => unreachable!("a source copies nothing in"),
+            NodeOutput::SnapshotPoint { lsn, volumes } => {
+                self.source_snapshots.insert(lsn, volumes);
+            }
         }
         Ok(())
     }
@@ -451,7 +502,7 @@ impl World {
         };
         let incoming = match frame {
             Frame::Record { header, payload: data } => {
-                let payload_id = (header.record_kind() == RecordKind::Write).then(|| payload(data));
+                let payload_id = header.record_kind().has_payload().then(|| payload(data));
                 Incoming::Record { header, payload_id }
             }
             Frame::Copy { volume, offset, length, data } => {
@@ -575,9 +626,10 @@ impl World {
             let start = header.offset as usize;
             match header.record_kind() {
                 RecordKind::Write => volume[start..start + payload.len()].copy_from_slice(payload),
-                RecordKind::Trim | RecordKind::WriteZeroes | RecordKind::Pad => {
+                RecordKind::Trim | RecordKind::WriteZeroes => {
                     volume[start..start + header.length as usize].fill(0);
                 }
+                RecordKind::Pad | RecordKind::Snapshot => {}
             }
         }
         state
@@ -626,7 +678,8 @@ impl World {
                 self.partitioned_until = step + self.rng.random_range(10..500);
             }
             40..50 if faults => self.duplicate_a_frame(),
-            50..200 if self.in_flight.len() < 8 && writes => self.submit(),
+            50..65 if writes => self.submit_snapshot(),
+            65..200 if self.in_flight.len() < 8 && writes => self.submit(),
             200..350 if self.source.pending_count() > 0 => {
                 let index = self.rng.random_range(0..self.source.pending_count());
                 self.source.deliver(index);

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use rand::rngs::StdRng;
 use rand::Rng;
 use tandem_engine::core::{
-    replay, Action, AppendSegment, CopyPosition, Event, GroupConfig, GroupCore, LogRing, ReplayOutcome, Retention,
-    ScanStart, Scanner, WriteError, WriteId, WriteOp,
+    replay, Action, AppendSegment, ApplyKind, CopyPosition, Event, GroupConfig, GroupCore, LogRing, ReplayOutcome,
+    Retention, ScanStart, Scanner, WriteError, WriteId, WriteOp,
 };
 use tandem_proto::{xxh3_128_bytes, RecordHeader, RecordKind, RecordStamp};
 
@@ -104,6 +104,11 @@ pub enum NodeOutput {
     /// Records up to this LSN are about to leave the log for the bitmap.
     Spilling {
         up_to_lsn: u64,
+    },
+    /// The core applied the Snapshot record `lsn`: what every volume reads now.
+    SnapshotPoint {
+        lsn: u64,
+        volumes: Vec<Vec<u8>>,
     },
 }
 
@@ -206,6 +211,15 @@ impl SimNode {
                         self.writes[&apply.write_id].clone()
                     };
                     assert_eq!((volume, offset), (apply.volume_index, apply.offset), "apply targets the write");
+                    let bytes = if apply.kind == ApplyKind::Snapshot {
+                        // The runtime takes its copy-on-write snapshot here.
+                        let volumes =
+                            (0..self.volumes.len()).map(|v| self.visible(v as u8, 0, self.volumes[v].len())).collect();
+                        self.outputs.push(NodeOutput::SnapshotPoint { lsn: apply.lsn, volumes });
+                        Vec::new()
+                    } else {
+                        bytes
+                    };
                     self.pending.push(Pending::VolumeWrite { lsn: apply.lsn, volume, offset: offset as usize, bytes });
                 }
                 Action::Checkpoint { lsn, tail_position, tail_lsn } => {
@@ -257,7 +271,7 @@ impl SimNode {
             let mut header_sector = vec![0u8; SECTOR];
             header_sector[..64].copy_from_slice(record.header.as_bytes());
             bytes.extend_from_slice(&header_sector);
-            if record.header.record_kind() == RecordKind::Write {
+            if record.header.record_kind().has_payload() {
                 let (_, _, payload) = &self.writes[&record.write_id.expect("writes carry their id")];
                 bytes.extend_from_slice(payload);
                 bytes.resize(bytes.len().next_multiple_of(SECTOR), 0);
@@ -419,6 +433,7 @@ impl SimNode {
             match header.record_kind() {
                 RecordKind::Write => volume[start..start + payload.len()].copy_from_slice(payload),
                 RecordKind::Trim | RecordKind::WriteZeroes => volume[start..start + header.length as usize].fill(0),
+                RecordKind::Snapshot => {}
                 RecordKind::Pad => unreachable!("pads are skipped by the scan"),
             }
             Ok(())

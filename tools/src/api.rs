@@ -33,12 +33,23 @@ pub enum Request {
     GroupDelete {
         name: String,
     },
-    /// Promote a destination whose source is gone: it serves writes.
     /// Start or stop the test failover of a destination group.
     TestFailover {
         name: String,
         start: bool,
     },
+    /// Take a consistent snapshot of a group (and, from the same record, of
+    /// its destination).
+    SnapshotCreate {
+        group: String,
+        name: String,
+    },
+    /// Delete a snapshot of a group on this node.
+    SnapshotDelete {
+        group: String,
+        name: String,
+    },
+    /// Promote a destination whose source is gone: it serves writes.
     GroupPromote {
         name: String,
     },

@@ -87,6 +87,9 @@ pub struct ReplicationConfig {
     /// Most bytes a destination's test failover keeps (blocks changed on
     /// either side since it started, 64 KiB each) in its file in state_dir.
     pub test_failover_max_bytes: u64,
+    /// Most bytes each consistent snapshot (`tandem group snapshot`) keeps:
+    /// blocks changed since it was taken, 64 KiB each, under state_dir.
+    pub snapshot_max_bytes: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -101,6 +104,7 @@ impl Default for ReplicationConfig {
             verify_rate_bytes_per_s: tandem_engine::runtime::DEFAULT_VERIFY_RATE_BYTES_PER_S,
             encryption: "aes-128-gcm".to_owned(),
             test_failover_max_bytes: 16 << 30,
+            snapshot_max_bytes: 16 << 30,
         }
     }
 }
@@ -258,6 +262,12 @@ impl Config {
             return Err(format!(
                 "replication.test_failover_max_bytes = {}: use at least 1048576 (1 MiB)",
                 replication.test_failover_max_bytes
+            ));
+        }
+        if replication.snapshot_max_bytes < 1 << 20 {
+            return Err(format!(
+                "replication.snapshot_max_bytes = {}: use at least 1048576 (1 MiB)",
+                replication.snapshot_max_bytes
             ));
         }
         if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {

@@ -130,7 +130,7 @@ impl Daemon {
 
     fn bring_online(&self, mut record: GroupRecord) {
         record.core %= self.cores.len();
-        let entry = match log_store::open_group(&record.log_path) {
+        let entry = match log_store::open_group(&record.log_path, &self.snapshot_settings()) {
             Ok(open) => {
                 let entry = GroupEntry {
                     record: record.clone(),
@@ -187,6 +187,12 @@ impl Daemon {
             Request::TestFailover { name, start } => {
                 let _guard = self.mark_changing(&name)?;
                 crate::test_failover::run(self, &name, start).map(ResponseBody::Message)
+            }
+            Request::SnapshotCreate { group, name } => {
+                crate::snapshot::create(self, &group, &name).map(ResponseBody::Message)
+            }
+            Request::SnapshotDelete { group, name } => {
+                crate::snapshot::delete(self, &group, &name).map(ResponseBody::Message)
             }
             Request::GroupPromote { name } => {
                 let _guard = self.mark_changing(&name)?;
@@ -331,8 +337,8 @@ impl Daemon {
     /// The export named `GROUP/VOLUME`, if it is served.
     #[must_use]
     pub fn find_export(&self, name: &str) -> Option<(Export, usize, u8)> {
-        if let Some(group) = crate::test_failover::group_of_test_export(name) {
-            return self.find_test_export(group, name);
+        if let Some(target) = crate::test_failover::SnapshotExport::of(name) {
+            return self.find_snapshot_export(target, name);
         }
         let (group, volume) = name.split_once('/')?;
         let groups = lock(&self.groups);
@@ -346,14 +352,31 @@ impl Daemon {
         Some((export, entry.record.core, index as u8))
     }
 
-    /// A test failover's export `GROUP@test/VOLUME` (while it runs).
-    fn find_test_export(&self, group: &str, name: &str) -> Option<(Export, usize, u8)> {
+    /// A test failover's export `GROUP@test/VOLUME` (while it runs) or a
+    /// consistent snapshot's `GROUP@NAME/VOLUME` (read-only).
+    fn find_snapshot_export(
+        &self,
+        target: crate::test_failover::SnapshotExport<'_>,
+        name: &str,
+    ) -> Option<(Export, usize, u8)> {
+        use crate::test_failover::SnapshotExport;
+        let group = target.group();
         let status = self.group_status(group).ok()?;
-        status.test_failover.filter(|t| t.broken.is_none())?;
+        let description = match target {
+            SnapshotExport::TestFailover { .. } => {
+                status.test_failover.as_ref().filter(|t| t.broken.is_none())?;
+                format!("test failover of {group} (copy-on-write; discarded at stop)")
+            }
+            SnapshotExport::Snapshot { snapshot, .. } => {
+                let taken = status.snapshots.iter().find(|s| s.name == snapshot && s.broken.is_none())?;
+                format!("snapshot {snapshot} of {group} at LSN {} (read-only)", taken.lsn)
+            }
+        };
         let volume = name.rsplit_once('/')?.1;
         let index = status.volumes.iter().position(|v| v.name == volume)?;
         let mut export = export_of(name.to_owned(), status.volumes[index].size_bytes);
-        export.description = format!("test failover of {group} (copy-on-write; discarded at stop)");
+        export.description = description;
+        export.read_only = matches!(target, SnapshotExport::Snapshot { .. });
         Some((export, self.core_of(group).ok()?, index as u8))
     }
 
@@ -373,19 +396,21 @@ impl Daemon {
             .collect()
     }
 
-    /// The exports of running test failovers (listed by NBD clients).
+    /// The exports of running test failovers and of snapshots (listed by NBD clients).
     fn test_exports_listed(&self) -> Vec<Export> {
-        self.status()
-            .into_iter()
-            .filter(|g| g.test_failover.as_ref().is_some_and(|t| t.broken.is_none()))
-            .flat_map(|g| {
-                let suffix = crate::test_failover::TEST_SUFFIX;
-                g.volumes
-                    .iter()
-                    .map(move |v| export_of(format!("{}{suffix}/{}", g.name, v.name), v.size_bytes))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut exports = Vec::new();
+        for g in self.status() {
+            let test = g.test_failover.as_ref().filter(|t| t.broken.is_none()).map(|_| ("test", false));
+            let snapshots = g.snapshots.iter().filter(|s| s.broken.is_none()).map(|s| (s.name.as_str(), true));
+            for (suffix, read_only) in test.into_iter().chain(snapshots) {
+                for v in &g.volumes {
+                    let mut export = export_of(format!("{}@{suffix}/{}", g.name, v.name), v.size_bytes);
+                    export.read_only = read_only;
+                    exports.push(export);
+                }
+            }
+        }
+        exports
     }
 
     /// Hands a negotiated client connection to the core that owns its group.

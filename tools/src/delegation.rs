@@ -81,6 +81,8 @@ pub fn need_of(request: &Request) -> (Need, &'static str) {
         Request::GroupMove { .. } => (Need::Admin, "move a group to another core"),
         Request::TestFailover { name, .. } => (Need::Operate(name.clone()), "run a test failover"),
         Request::GroupPromote { name } => (Need::Operate(name.clone()), "promote a destination"),
+        Request::SnapshotCreate { group, .. } => (Need::Operate(group.clone()), "take a snapshot"),
+        Request::SnapshotDelete { group, .. } => (Need::Operate(group.clone()), "delete a snapshot"),
         Request::DelegationGrant { .. } | Request::DelegationRevoke { .. } => (Need::Admin, "change delegations"),
         Request::DelegationList => (Need::Admin, "list delegations"),
         Request::GroupList

@@ -29,6 +29,7 @@ pub mod replication_dest;
 pub mod secure_channel;
 pub mod serve;
 pub mod size;
+pub mod snapshot;
 pub mod switch;
 pub mod test_failover;
 pub mod topology;

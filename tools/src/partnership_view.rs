@@ -138,7 +138,7 @@ pub fn print_partnership(g: &GroupStatus) {
 }
 
 /// "12 s ago" for a Unix time in milliseconds ("never" for 0).
-fn ago(unix_ms: u64) -> String {
+pub fn ago(unix_ms: u64) -> String {
     if unix_ms == 0 {
         return "never".to_owned();
     }

@@ -112,8 +112,8 @@ fn negotiate(daemon: &Daemon, mut stream: TcpStream) {
             };
             let _ = stream.set_read_timeout(None);
             let _ = stream.set_write_timeout(None);
-            if let Some(group) = crate::test_failover::group_of_test_export(&export.name) {
-                crate::test_failover::serve(daemon, stream, session, group, volume_index);
+            if let Some(target) = crate::test_failover::SnapshotExport::of(&export.name) {
+                crate::test_failover::serve(daemon, stream, session, target, volume_index);
                 return;
             }
             let group = export.name.split_once('/').map(|(g, _)| g.to_owned()).expect("exports are GROUP/VOLUME");

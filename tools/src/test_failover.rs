@@ -1,10 +1,12 @@
 //! `tandem group test-failover start|stop GROUP` on a destination: a writable
 //! copy-on-write snapshot of its volumes, exported over NBD as
 //! `GROUP@test/VOLUME`, while replication into GROUP goes on untouched.
+//! Consistent snapshots are exported read-only the same way, as
+//! `GROUP@NAME/VOLUME` (see `snapshot.rs`).
 //!
-//! A test export's connection is served on its own thread: each request goes
-//! to the group's core, which owns the snapshot (see the engine's
-//! `test_failover.rs`), and its answer comes back to the client.
+//! A snapshot export's connection is served on its own thread: each request
+//! goes to the group's core, which owns the snapshot (see the engine's
+//! `test_failover.rs` and `snapshots.rs`), and its answer comes back.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -45,14 +47,63 @@ pub fn run(daemon: &Daemon, group: &str, start: bool) -> Result<String, String> 
     ))
 }
 
-/// The group a test export name belongs to: `GROUP@test/VOLUME` -> GROUP.
-#[must_use]
-pub fn group_of_test_export(name: &str) -> Option<&str> {
-    name.split_once('/')?.0.strip_suffix(TEST_SUFFIX)
+/// What an export `GROUP@X/VOLUME` shows: the test failover (`X` = test)
+/// or the consistent snapshot named `X`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotExport<'a> {
+    TestFailover { group: &'a str },
+    Snapshot { group: &'a str, snapshot: &'a str },
 }
 
-/// Serves one client of a test export until it leaves or the test failover stops.
-pub fn serve(daemon: &Daemon, mut stream: TcpStream, mut session: impl BlockSession, group: &str, volume_index: u8) {
+impl<'a> SnapshotExport<'a> {
+    /// Parses an export name; `None` for a volume's own export `GROUP/VOLUME`.
+    #[must_use]
+    pub fn of(name: &'a str) -> Option<Self> {
+        let (group, snapshot) = name.split_once('/')?.0.split_once('@')?;
+        Some(if snapshot == &TEST_SUFFIX[1..] {
+            Self::TestFailover { group }
+        } else {
+            Self::Snapshot { group, snapshot }
+        })
+    }
+
+    #[must_use]
+    pub fn group(self) -> &'a str {
+        match self {
+            Self::TestFailover { group } | Self::Snapshot { group, .. } => group,
+        }
+    }
+
+    /// Runs one request on the core that owns the group's snapshots.
+    fn run(self, daemon: &Daemon, volume_index: u8, op: SnapshotOp) -> Result<Vec<u8>, String> {
+        let group = self.group().to_owned();
+        match (self, op) {
+            (Self::TestFailover { .. }, op) => daemon.ask(&group.clone(), Duration::from_secs(30), |reply| {
+                CoreMsg::TestFailoverIo { group, volume_index, op, reply }
+            })?,
+            (Self::Snapshot { snapshot, .. }, SnapshotOp::Read { offset, length }) => {
+                let (name, range) = (snapshot.to_owned(), (volume_index, offset, length));
+                daemon.ask(&group.clone(), Duration::from_secs(30), |reply| CoreMsg::ReadSnapshot {
+                    group,
+                    name,
+                    range,
+                    reply,
+                })?
+            }
+            (Self::Snapshot { .. }, SnapshotOp::Flush) => Ok(Vec::new()),
+            (Self::Snapshot { snapshot, .. }, _) => Err(format!("snapshot {snapshot} is read-only")),
+        }
+    }
+}
+
+/// Serves one client of a snapshot export until it leaves or the snapshot goes.
+pub fn serve(
+    daemon: &Daemon,
+    mut stream: TcpStream,
+    mut session: impl BlockSession,
+    target: SnapshotExport<'_>,
+    volume_index: u8,
+) {
     let peer = session.peer().to_owned();
     let mut input: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 256 * 1024];
@@ -75,7 +126,8 @@ pub fn serve(daemon: &Daemon, mut stream: TcpStream, mut session: impl BlockSess
             },
         };
         input.drain(..consumed);
-        match answer(daemon, &mut stream, &mut session, &mut input, group, volume_index, request) {
+        let io = |op: SnapshotOp| target.run(daemon, volume_index, op);
+        match answer(&io, &mut stream, &mut session, &mut input, request) {
             Ok(true) => {}
             Ok(false) => return,
             Err(reason) => {
@@ -88,22 +140,12 @@ pub fn serve(daemon: &Daemon, mut stream: TcpStream, mut session: impl BlockSess
 
 /// Answers one request; false when the client is done.
 fn answer(
-    daemon: &Daemon,
+    io: &dyn Fn(SnapshotOp) -> Result<Vec<u8>, String>,
     stream: &mut TcpStream,
     session: &mut impl BlockSession,
     input: &mut Vec<u8>,
-    group: &str,
-    volume_index: u8,
     request: BlockRequest,
 ) -> Result<bool, String> {
-    let io = |op: SnapshotOp| {
-        daemon.ask(group, Duration::from_secs(30), |reply| CoreMsg::TestFailoverIo {
-            group: group.to_owned(),
-            volume_index,
-            op,
-            reply,
-        })?
-    };
     let mut out = Vec::new();
     match request {
         BlockRequest::Read { cookie, offset, length } => match io(SnapshotOp::Read { offset, length }) {

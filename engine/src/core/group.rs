@@ -36,6 +36,9 @@ pub enum WriteOp {
     Trim,
     /// Zero the range; `no_hole` keeps it allocated.
     WriteZeroes { no_hole: bool },
+    /// A consistent snapshot of every volume at this LSN; the payload (the
+    /// snapshot's name, `length` bytes) was checksummed when it was made.
+    Snapshot { payload_checksum: Checksum128 },
 }
 
 /// A write submitted by a front end.
@@ -123,7 +126,14 @@ pub struct AppendBatch {
 pub enum ApplyKind {
     Write,
     Trim,
-    WriteZeroes { no_hole: bool },
+    WriteZeroes {
+        no_hole: bool,
+    },
+    /// Take the snapshot the record names. It is an apply barrier: it is
+    /// issued once every record before it is applied (and durable here), and
+    /// no record after it is issued until it is done, so the snapshot holds
+    /// exactly the records before it. Its range is empty.
+    Snapshot,
 }
 
 /// A volume change to execute (buffered; made durable by the next checkpoint).
@@ -622,6 +632,19 @@ impl GroupCore {
                 ApplyKind::Write,
             ),
             WriteOp::Trim => (self.range_header(RecordKind::Trim, 0, lsn, request), ApplyKind::Trim),
+            WriteOp::Snapshot { payload_checksum } => (
+                RecordHeader::seal_with(
+                    self.stamp,
+                    RecordKind::Snapshot,
+                    0,
+                    lsn,
+                    0,
+                    0,
+                    request.length,
+                    payload_checksum,
+                ),
+                ApplyKind::Snapshot,
+            ),
             WriteOp::WriteZeroes { no_hole } => {
                 let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
                 (self.range_header(RecordKind::WriteZeroes, flags, lsn, request), ApplyKind::WriteZeroes { no_hole })
@@ -632,7 +655,7 @@ impl GroupCore {
             write_id: request.id,
             volume_index: request.volume_index,
             offset: request.offset,
-            length: request.length,
+            length: header.changed_bytes(),
             kind,
             depends_on,
         };
@@ -688,7 +711,7 @@ impl GroupCore {
                         end_position,
                         volume_index: header.volume_index,
                         offset: header.offset,
-                        length: header.length,
+                        length: header.changed_bytes(),
                         depends_on,
                     });
                 }
@@ -738,9 +761,23 @@ impl GroupCore {
         }
         let dependency_order = self.apply_after_durable && self.shipper.is_none();
         let applied_prefix = self.applied_prefix_lsn();
+        if self.apply_inflight.iter().any(|a| a.kind == ApplyKind::Snapshot) {
+            return;
+        }
         let mut index = 0;
         while index < self.apply_queue.len() {
             let candidate = self.apply_queue[index];
+            if candidate.kind == ApplyKind::Snapshot {
+                let ready = index == 0 && self.apply_inflight.is_empty() && candidate.lsn <= self.durable_lsn;
+                if ready {
+                    assert_eq!(applied_prefix, candidate.lsn - 1, "a snapshot follows every record before it");
+                    self.apply_queue.remove(index);
+                    self.apply_inflight.push(candidate);
+                    self.actions.push(Action::Apply(candidate));
+                }
+                // Nothing after a snapshot is applied before it.
+                break;
+            }
             let blocked = self.fence().is_some_and(|f| f.holds(&candidate))
                 || self.apply_inflight.iter().any(|a| a.overlaps(&candidate))
                 || self.apply_queue.iter().take(index).any(|a| a.overlaps(&candidate));
@@ -825,7 +862,7 @@ impl GroupCore {
 
 fn payload_bytes(request: &WriteRequest) -> u32 {
     match request.op {
-        WriteOp::Write { .. } => request.length,
+        WriteOp::Write { .. } | WriteOp::Snapshot { .. } => request.length,
         WriteOp::Trim | WriteOp::WriteZeroes { .. } => 0,
     }
 }

@@ -355,3 +355,37 @@ fn a_destination_applies_dependent_writes_in_order_and_independent_ones_together
     core.handle(Event::ApplyDone { lsn: 2, result: Ok(()) });
     assert_eq!(lsns(&core.take_actions()), vec![3, 4], "3 and 4 are independent");
 }
+
+#[test]
+fn a_snapshot_record_is_applied_between_the_records_before_and_after_it() {
+    let mut core = core_with(256, GroupConfig::default());
+    core.handle(write(1, 0, 4096));
+    core.handle(write(2, 0, 4096));
+    let snapshot = WriteRequest {
+        id: 3,
+        volume_index: 0,
+        offset: 0,
+        length: 5,
+        op: WriteOp::Snapshot { payload_checksum: [2; 16] },
+    };
+    core.handle(Event::Submit(snapshot));
+    core.handle(write(4, 1 << 20, 4096));
+    let actions = core.take_actions();
+    let header = &appends(&actions)[0].segments[0].records[2].header;
+    assert_eq!((header.record_kind(), header.lsn, header.payload_bytes()), (RecordKind::Snapshot, 3, 5));
+    // LSN 2 overlaps LSN 1 and waits; the snapshot waits for both, and the
+    // unrelated LSN 4 waits behind the snapshot.
+    assert_eq!(applies(&actions).iter().map(|a| a.lsn).collect::<Vec<_>>(), vec![1]);
+    core.handle(Event::ApplyDone { lsn: 1, result: Ok(()) });
+    assert_eq!(applies(&core.take_actions()).iter().map(|a| a.lsn).collect::<Vec<_>>(), vec![2]);
+    core.handle(Event::ApplyDone { lsn: 2, result: Ok(()) });
+    assert!(applies(&core.take_actions()).is_empty(), "not durable yet: no snapshot of writes a crash may undo");
+    for batch in appends(&actions) {
+        core.handle(Event::AppendDone { batch_id: batch.batch_id, result: Ok(()) });
+    }
+    let taken = applies(&core.take_actions());
+    assert_eq!(taken.iter().map(|a| (a.lsn, a.kind, a.length)).collect::<Vec<_>>(), vec![(3, ApplyKind::Snapshot, 0)]);
+    assert!(!core.unapplied_overlaps(0, 0, 8), "a snapshot holds no range for reads");
+    core.handle(Event::ApplyDone { lsn: 3, result: Ok(()) });
+    assert_eq!(applies(&core.take_actions()).iter().map(|a| a.lsn).collect::<Vec<_>>(), vec![4]);
+}

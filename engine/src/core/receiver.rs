@@ -289,9 +289,10 @@ impl Receiver {
             RecordKind::Write => WriteOp::Write { payload_checksum: header.payload_checksum },
             RecordKind::Trim => WriteOp::Trim,
             RecordKind::WriteZeroes => WriteOp::WriteZeroes { no_hole: header.flags & FLAG_NO_HOLE != 0 },
+            RecordKind::Snapshot => WriteOp::Snapshot { payload_checksum: header.payload_checksum },
             RecordKind::Pad => return ReceiverAction::Refuse("a pad record was shipped; pads stay local".to_owned()),
         };
-        if let Err(reason) = self.check_range(header.volume_index, header.offset, header.length) {
+        if let Err(reason) = self.check_range(header.volume_index, header.offset, header.changed_bytes()) {
             return ReceiverAction::Refuse(format!("record LSN {}: {reason}", header.lsn));
         }
         self.next_lsn += 1;

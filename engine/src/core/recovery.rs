@@ -202,7 +202,7 @@ impl Scanner {
             return Err(ScanStop::BadPlacement { position, lsn: header.lsn });
         }
         match kind {
-            RecordKind::Write => Ok(HeaderVerdict::NeedPayload {
+            RecordKind::Write | RecordKind::Snapshot => Ok(HeaderVerdict::NeedPayload {
                 header,
                 ring_offset: (position + self.sector_bytes) % self.ring_size_bytes,
                 padded_bytes: record_bytes - self.sector_bytes,
@@ -309,7 +309,7 @@ pub fn replay<B: AsRef<[u8]>, E>(
             end_position: scanner.position(),
             volume_index: header.volume_index,
             offset: header.offset,
-            length: header.length,
+            length: header.changed_bytes(),
             depends_on: header.lsn - 1,
         });
         if header.lsn > apply_after_lsn {

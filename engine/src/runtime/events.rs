@@ -43,6 +43,22 @@ pub enum EventKind {
     },
     /// The test failover stopped; what it wrote is discarded.
     TestFailoverStopped,
+    /// A consistent snapshot was taken here at its record's LSN.
+    SnapshotTaken {
+        name: String,
+        lsn: u64,
+    },
+    /// A snapshot was deleted; its blocks are freed.
+    SnapshotDeleted {
+        name: String,
+        lsn: u64,
+    },
+    /// A snapshot could not be taken or can no longer keep its blocks.
+    SnapshotFailed {
+        name: String,
+        lsn: u64,
+        reason: String,
+    },
     /// A planned switch: this group is now `now` (source or destination).
     PartnershipSwitched {
         peer: String,
@@ -157,6 +173,9 @@ impl EventKind {
             Self::PeerPromoted { .. } => 7002,
             Self::TestFailoverStarted { .. } => 7003,
             Self::TestFailoverStopped => 7004,
+            Self::SnapshotTaken { .. } => 7005,
+            Self::SnapshotDeleted { .. } => 7006,
+            Self::SnapshotFailed { .. } => 7007,
             Self::InitialCopyStarted { .. } => 3001,
             Self::InitialCopyCompleted { .. } => 3002,
             Self::PeerLost { .. } => 4001,
@@ -189,6 +208,7 @@ impl EventKind {
             | Self::OutOfSync { .. }
             | Self::GroupPromoted { .. }
             | Self::PeerPromoted { .. }
+            | Self::SnapshotFailed { .. }
             | Self::VerifyStopped { .. } => "warning",
             Self::VerifyCompleted { out_of_sync_ranges, repaired_bytes, out_of_sync_bytes, .. }
                 if *out_of_sync_ranges > 0 && repaired_bytes < out_of_sync_bytes =>
@@ -221,6 +241,13 @@ impl EventKind {
                 "test failover started at LSN {lsn}: GROUP@test exports are a writable snapshot; replication goes on"
             ),
             Self::TestFailoverStopped => "test failover stopped; its writes are discarded".to_owned(),
+            Self::SnapshotTaken { name, lsn } => format!(
+                "snapshot {name} taken at LSN {lsn}: it holds every write before that record, as its partner's does"
+            ),
+            Self::SnapshotDeleted { name, lsn } => format!("snapshot {name} (LSN {lsn}) deleted"),
+            Self::SnapshotFailed { name, lsn, reason } => {
+                format!("snapshot {name} (LSN {lsn}) is not usable: {reason}; replication goes on")
+            }
             Self::PartnershipSwitched { peer, now } => {
                 format!("planned switch: this group is now the {now} of the partnership with {peer}")
             }

@@ -158,6 +158,10 @@ pub struct GroupRt {
     pub test_failover_pending: Option<super::test_failover_rt::PendingTestFailover>,
     pub volume_writes_in_flight: usize,
     pub(super) held_volume_writes: Vec<super::test_failover_rt::HeldVolumeWrite>,
+    /// Consistent snapshots: every volume write keeps its blocks in them first.
+    pub snapshots: super::snapshots::SnapshotSet,
+    /// Snapshot records written here, waiting to be taken.
+    pub(super) snapshot_waiters: Vec<(WriteId, crossbeam_channel::Sender<Result<u64, String>>)>,
     /// Bumped whenever the superblock's role or partnership changes.
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
@@ -182,6 +186,8 @@ impl GroupRt {
         let retention = (sb.role == tandem_proto::ROLE_SOURCE)
             .then(|| crate::core::Retention::new(sb.tail_lsn - 1, open.retained.iter().copied()));
         let mut rt = Self {
+            snapshots: open.snapshots,
+            snapshot_waiters: Vec::new(),
             name: sb.group_name().to_owned(),
             core: GroupCore::with_retention(config, stamp, ring, sb.checkpoint_lsn, retention),
             log: open.log,
@@ -237,12 +243,13 @@ impl GroupRt {
         length: u32,
         volume_index: u8,
         op: crate::core::WriteOp,
-    ) {
+    ) -> WriteId {
         let id = self.next_write_id;
         self.next_write_id += 1;
         self.writes.insert(id, TakenWrite::new(pending));
         let request = crate::core::WriteRequest { id, volume_index, offset, length, op };
         self.core.handle(Event::Submit(request));
+        id
     }
 
     /// A destination's write of the source's record `lsn`.
@@ -388,6 +395,12 @@ impl GroupRt {
         if taken.finished(failed) {
             self.release_write(id);
         }
+        if conn == super::snapshot_rt::SNAPSHOT_WRITE_CONN {
+            if let Err(error) = result {
+                self.snapshot_write_failed(id, format!("the snapshot record was not written: {error:?}"));
+            }
+            return None;
+        }
         if conn == super::replica_dest::REPLICATED_WRITE_CONN {
             if let Err(error) = result {
                 tracing::error!(group = %self.name, ?error, "replicated write failed");
@@ -421,13 +434,13 @@ impl GroupRt {
                     .and_then(|id| self.writes.get_mut(&id))
                     .and_then(|w| w.pending.buf.as_mut())
                     .map(|buf| Rc::get_mut(buf).expect("a record buffer is not shared before its append"));
-                let (base, len) = match (record.header.record_kind(), write_buf) {
-                    (RecordKind::Write, Some(buf)) => {
+                let (base, len) = match (record.header.record_kind().has_payload(), write_buf) {
+                    (true, Some(buf)) => {
                         buf[..64].copy_from_slice(record.header.as_bytes());
                         (buf.as_mut_ptr(), buf.len())
                     }
-                    (RecordKind::Write, None) => panic!("write LSN {} has no buffer", record.header.lsn),
-                    _ => {
+                    (true, None) => panic!("record LSN {} has no payload buffer", record.header.lsn),
+                    (false, _) => {
                         let mut sector = AlignedBuf::zeroed(self.sector_bytes);
                         sector[..64].copy_from_slice(record.header.as_bytes());
                         let base = sector.as_mut_ptr();
@@ -477,6 +490,10 @@ impl GroupRt {
     }
 
     pub(super) fn apply(&mut self, io: &mut Io, group: usize, apply: ApplyOp, done: u32) {
+        if apply.kind == ApplyKind::Snapshot {
+            self.take_snapshot(io, group, apply);
+            return;
+        }
         if done == 0 && self.hold_or_preserve(apply.volume_index, apply.offset, u64::from(apply.length)) {
             self.held_volume_writes.push(super::test_failover_rt::HeldVolumeWrite::Apply(apply));
             return;
@@ -497,6 +514,7 @@ impl GroupRt {
                 let fd = direct_fd_for(volume, ptr, offset, length).unwrap_or(fd);
                 opcode::Write::new(fd, ptr, length).offset(offset).build()
             }
+            ApplyKind::Snapshot => unreachable!("a snapshot writes no volume"),
             ApplyKind::Trim | ApplyKind::WriteZeroes { .. } => {
                 let (kind, flags) = match apply.kind {
                     ApplyKind::WriteZeroes { no_hole: true } => (RecordKind::WriteZeroes, FLAG_NO_HOLE),
@@ -694,6 +712,7 @@ impl GroupRt {
             fenced_after_lsn: self.fenced_after_lsn(),
             generation: self.superblock.generation.iter().map(|b| format!("{b:02x}")).collect(),
             test_failover: self.test_failover.as_ref().map(super::test_failover::CowSnapshot::status),
+            snapshots: self.snapshots.list(),
         }
     }
 

@@ -55,6 +55,24 @@ pub struct OpenGroup {
     /// A source's records kept in the log for its destination (from the
     /// tail on); empty for other groups, whose log is empty after open.
     pub retained: Vec<crate::core::ScannedRecord>,
+    /// The group's consistent snapshots (`tandem group snapshot`).
+    pub snapshots: super::snapshots::SnapshotSet,
+}
+
+/// Where groups keep their snapshots, and how large each may grow.
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    pub state_dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+impl SnapshotSettings {
+    /// The snapshot directory of a group: its name and log identity, so a
+    /// group formatted again under the same name never sees old snapshots.
+    #[must_use]
+    pub fn root_of(&self, superblock: &Superblock) -> PathBuf {
+        self.state_dir.join("snapshots").join(format!("{}-{:08x}", superblock.group_name(), superblock.group_id))
+    }
 }
 
 /// What recovery found and replayed.
@@ -284,7 +302,7 @@ pub fn read_superblock(log: &Device) -> io::Result<Superblock> {
 /// Opens a group from its log: reads the superblock, opens and checks the
 /// volumes, replays the log from the checkpoint up to its torn tail, makes the
 /// volumes durable and records a new checkpoint and epoch.
-pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
+pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::Result<OpenGroup> {
     let started = std::time::Instant::now();
     let log = open_device(log_path, OpenMode::LogWriteThrough)?;
     let mut superblock =
@@ -300,7 +318,11 @@ pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
         )));
     }
     let volumes = open_volumes(&superblock)?;
-    let (mut recovery, end_position, scanned) = replay(&log, &superblock, &volumes)?;
+    let root = snapshot_settings.root_of(&superblock);
+    let mut snapshots =
+        super::snapshots::SnapshotSet::open(root, snapshot_settings.max_bytes, superblock.checkpoint_lsn)?;
+    let (mut recovery, end_position, scanned) = replay(&log, &superblock, &volumes, &mut snapshots)?;
+    snapshots.replay_done();
     for volume in &volumes {
         device::fdatasync(&volume.file)?;
     }
@@ -327,6 +349,7 @@ pub fn open_group(log_path: &Path) -> io::Result<OpenGroup> {
         recovery,
         head_position: end_position,
         retained,
+        snapshots,
     })
 }
 
@@ -355,6 +378,7 @@ fn replay(
     log: &Device,
     superblock: &Superblock,
     volumes: &[Device],
+    snapshots: &mut super::snapshots::SnapshotSet,
 ) -> io::Result<(RecoveryReport, u64, Vec<crate::core::ScannedRecord>)> {
     let mut scanner = Scanner::new(ScanStart::from_superblock(superblock));
     let read = |ring_offset: u64, len: usize| -> io::Result<AlignedBuf> {
@@ -362,7 +386,7 @@ fn replay(
         device::read_exact_at(&log.file, &mut buf, RING_OFFSET_BYTES + ring_offset)?;
         Ok(buf)
     };
-    let apply = |header: &RecordHeader, payload: &[u8]| apply_record(header, payload, superblock, volumes);
+    let apply = |header: &RecordHeader, payload: &[u8]| apply_record(header, payload, (superblock, volumes), snapshots);
     let outcome = crate::core::replay(&mut scanner, superblock.checkpoint_lsn, read, apply)?;
     let report = RecoveryReport {
         records_replayed: outcome.records,
@@ -386,7 +410,21 @@ pub fn fallocate_mode(kind: RecordKind, flags: u8) -> libc::c_int {
     }
 }
 
-fn apply_record(header: &RecordHeader, payload: &[u8], superblock: &Superblock, volumes: &[Device]) -> io::Result<()> {
+fn apply_record(
+    header: &RecordHeader,
+    payload: &[u8],
+    (superblock, volumes): (&Superblock, &[Device]),
+    snapshots: &mut super::snapshots::SnapshotSet,
+) -> io::Result<()> {
+    if header.record_kind() == RecordKind::Snapshot {
+        let name = String::from_utf8_lossy(payload);
+        // A snapshot the replay cannot take is reported, not fatal: the
+        // group's data is whole without it.
+        if let Err(reason) = snapshots.take(&name, header.lsn, volumes) {
+            tracing::error!(group = superblock.group_name(), lsn = header.lsn, %reason, "snapshot not taken");
+        }
+        return Ok(());
+    }
     let index = usize::from(header.volume_index);
     let entry = superblock.volumes().get(index).ok_or_else(|| {
         invalid(format!("log record LSN {} names volume {index}, but the group has {}", header.lsn, volumes.len()))
@@ -399,11 +437,17 @@ fn apply_record(header: &RecordHeader, payload: &[u8], superblock: &Superblock, 
         )));
     }
     let file = &volumes[index].file;
+    snapshots.preserve(
+        volumes,
+        (header.volume_index, header.offset, u64::from(header.changed_bytes())),
+        Some(header.lsn),
+    );
+    snapshots.commit();
     match header.record_kind() {
         RecordKind::Write => device::write_all_at(file, payload, header.offset),
         kind @ (RecordKind::Trim | RecordKind::WriteZeroes) => {
             device::fallocate(file, fallocate_mode(kind, header.flags), header.offset, u64::from(header.length))
         }
-        RecordKind::Pad => Ok(()),
+        RecordKind::Pad | RecordKind::Snapshot => Ok(()),
     }
 }

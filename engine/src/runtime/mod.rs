@@ -22,6 +22,8 @@ mod reactor;
 mod replica_dest;
 mod replica_source;
 pub mod session;
+mod snapshot_rt;
+pub mod snapshots;
 pub mod status;
 pub mod test_failover;
 mod test_failover_rt;

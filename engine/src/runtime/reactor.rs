@@ -89,6 +89,13 @@ pub enum CoreMsg {
         op: super::test_failover::SnapshotOp,
         reply: Sender<Result<Vec<u8>, String>>,
     },
+    /// Write a Snapshot record named `name` into a source's (or standalone
+    /// group's) log; answers its LSN once the snapshot is taken here.
+    TakeSnapshot { group: String, name: String, reply: Sender<Result<u64, String>> },
+    /// Delete a group's snapshot `name`.
+    DeleteSnapshot { group: String, name: String, reply: Sender<Result<super::snapshots::SnapshotInfo, String>> },
+    /// Bytes of a volume as snapshot `name` holds them (read-only exports).
+    ReadSnapshot { group: String, name: String, range: (u8, u64, u32), reply: Sender<Result<Vec<u8>, String>> },
     /// Fence a source whose destination was promoted after `after_lsn`
     /// (`None` lifts it); answers once durable.
     SetFence { group: String, after_lsn: Option<u64>, reply: Sender<Result<(), String>> },
@@ -414,6 +421,28 @@ impl Reactor {
                 CoreMsg::TestFailoverIo { group, volume_index, op, reply } => {
                     let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
                         Some(rt) => rt.test_failover_io(volume_index, op),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::TakeSnapshot { group, name, reply } => {
+                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.submit_snapshot(&name, reply),
+                        None => {
+                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                        }
+                    }
+                }
+                CoreMsg::DeleteSnapshot { group, name, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
+                        Some(rt) => rt.delete_snapshot(&name),
+                        None => Err(format!("group {group} is not served by this core")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                CoreMsg::ReadSnapshot { group, name, range, reply } => {
+                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_ref()) {
+                        Some(rt) => rt.read_snapshot(&name, range),
                         None => Err(format!("group {group} is not served by this core")),
                     };
                     let _ = reply.send(answer);

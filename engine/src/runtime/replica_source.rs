@@ -102,7 +102,7 @@ impl SourceLink {
                 continue;
             }
             let entry = match record.write_id {
-                Some(id) if record.header.record_kind() == RecordKind::Write => {
+                Some(id) if record.header.record_kind().has_payload() => {
                     self.lsn_of_write.insert(id, record.header.lsn);
                     Unshipped::Write(id, record.header)
                 }

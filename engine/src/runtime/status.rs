@@ -72,6 +72,9 @@ pub struct GroupStatus {
     /// A destination's test failover, when one runs.
     #[serde(default)]
     pub test_failover: Option<super::test_failover::TestFailoverStatus>,
+    /// Consistent snapshots of the group, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<super::snapshots::SnapshotInfo>,
 }
 
 /// A group's partnership, as `tandem partnership show` reports it.

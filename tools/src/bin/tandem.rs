@@ -198,12 +198,40 @@ enum GroupCommand {
         action: String,
         name: String,
     },
+    /// Consistent snapshots: `create` writes a barrier into the group's log, and this node and its
+    /// destination each take a read-only copy-on-write snapshot at exactly that LSN (byte-identical),
+    /// exported over NBD as GROUP@NAME/VOLUME.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Serve a group from another core thread: its clients reconnect, a partnership resumes.
     Move {
         name: String,
         /// Index into the daemon's node.cores (0 is the first CPU listed).
         #[arg(long)]
         core: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of GROUP (on a source: its destination takes the same one).
+    Create {
+        group: String,
+        /// Snapshot name: 1 to 64 letters, digits, '.', '_' or '-'.
+        #[arg(long)]
+        name: String,
+    },
+    /// List the snapshots of GROUP on this node.
+    List {
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot of GROUP on this node (its partner's copy stays).
+    Delete {
+        group: String,
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -519,6 +547,7 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             let request = Request::TestFailover { name: name.clone(), start: action == "start" };
             print_message(&call(&cli.api, &request)?);
         }
+        Command::Group(GroupCommand::Snapshot(command)) => run_snapshot(&cli.api, command)?,
         Command::Group(GroupCommand::Promote { name }) => {
             print_message(&call(&cli.api, &Request::GroupPromote { name: name.clone() })?)
         }
@@ -570,6 +599,21 @@ fn print_message(body: &ResponseBody) {
     if let ResponseBody::Message(message) = body {
         println!("{message}");
     }
+}
+
+fn run_snapshot(api: &std::path::Path, command: &SnapshotCommand) -> Result<(), CallError> {
+    let request = match command {
+        SnapshotCommand::Create { group, name } => Request::SnapshotCreate { group: group.clone(), name: name.clone() },
+        SnapshotCommand::Delete { group, name } => Request::SnapshotDelete { group: group.clone(), name: name.clone() },
+        SnapshotCommand::List { group, json } => {
+            if let ResponseBody::Groups(groups) = call(api, &Request::GroupShow { name: group.clone() })? {
+                groups.iter().for_each(|g| tandem_tools::snapshot::print_list(g, *json));
+            }
+            return Ok(());
+        }
+    };
+    print_message(&call(api, &request)?);
+    Ok(())
 }
 
 fn print_groups(body: &ResponseBody, json: bool, detailed: bool) {

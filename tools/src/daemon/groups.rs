@@ -32,8 +32,8 @@ impl Daemon {
             volumes: volumes.iter().map(|v| VolumeSpec { name: v.name.clone(), path: v.path.clone() }).collect(),
         };
         let superblock = log_store::format_log(&request).map_err(|e| format!("cannot create group {name}: {e}"))?;
-        let open =
-            log_store::open_group(log).map_err(|e| format!("group {name} was formatted but cannot be opened: {e}"))?;
+        let open = log_store::open_group(log, &self.snapshot_settings())
+            .map_err(|e| format!("group {name} was formatted but cannot be opened: {e}"))?;
         let core = self.least_loaded_core();
         let record = GroupRecord { name: name.to_owned(), log_path: log.to_owned(), core };
         let entry =
@@ -112,15 +112,51 @@ impl Daemon {
             })??;
             wipe_superblocks(&entry.record.log_path)?;
         }
+        let snapshots_deleted = self.delete_snapshot_dirs(name)?;
         let mut groups = lock(&self.groups);
         groups.remove(name);
         let records: Vec<GroupRecord> = groups.values().map(|g| g.record.clone()).collect();
         registry::save(&self.config.node.state_dir, &records)?;
         self.events.record(name, tandem_engine::runtime::events::EventKind::GroupDeleted);
         Ok(format!(
-            "group {name} deleted: its volumes hold every acknowledged write; the log {} was released",
-            entry.record.log_path.display()
+            "group {name} deleted: its volumes hold every acknowledged write; the log {} was released{}",
+            entry.record.log_path.display(),
+            if snapshots_deleted > 0 {
+                format!("; its {snapshots_deleted} snapshot(s) were deleted")
+            } else {
+                String::new()
+            }
         ))
+    }
+
+    /// Where groups keep their snapshots, from the configuration.
+    pub(crate) fn snapshot_settings(&self) -> log_store::SnapshotSettings {
+        log_store::SnapshotSettings {
+            state_dir: self.config.node.state_dir.clone(),
+            max_bytes: self.config.replication.snapshot_max_bytes,
+        }
+    }
+
+    /// Deletes the snapshot directory of every group once named `name`
+    /// (`NAME-xxxxxxxx`, the log's identity); returns how many snapshots
+    /// they held.
+    fn delete_snapshot_dirs(&self, name: &str) -> Result<usize, String> {
+        let root = self.config.node.state_dir.join("snapshots");
+        let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+        let mut deleted = 0;
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let ours = file_name
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|id| id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ours {
+                deleted += std::fs::read_dir(entry.path()).map_or(0, |d| d.count());
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(|e| format!("cannot delete the snapshots in {}: {e}", entry.path().display()))?;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Serves `name` from core `core` instead: its connections close, it
