@@ -43,6 +43,11 @@ pub const ENCRYPTION_NONE: u32 = 0;
 pub const ENCRYPTION_AES_128_GCM: u32 = 1;
 /// Partnership frames are authenticated only (GMAC).
 pub const ENCRYPTION_SIGN: u32 = 2;
+/// Partnership data channels are TCP connections.
+pub const TRANSPORT_TCP: u32 = 0;
+/// Partnership data channels are RDMA queue pairs (channel 0, TCP, carries
+/// the TLS handshake, heartbeats and acknowledgements).
+pub const TRANSPORT_RDMA: u32 = 1;
 /// The source's destination was promoted: client I/O is fenced off.
 pub const FENCE_PEER_PROMOTED: u32 = 1;
 /// Initial block copy not finished (or never started).
@@ -221,7 +226,10 @@ pub struct Superblock {
     /// (taken from what was reserved: older superblocks read as none, which
     /// is what their partnerships used).
     pub encryption: u32,
-    pub encryption_reserved: u32,
+    /// The partnership's data channels: [`TRANSPORT_TCP`] or
+    /// [`TRANSPORT_RDMA`] (taken from what was reserved: older superblocks
+    /// read as TCP, which is what they used).
+    pub transport: u32,
     /// After an unplanned promotion: the partnership this group was the
     /// destination of, and the last LSN it held then (all zero: never
     /// promoted). A returning source of that partnership learns it.
@@ -345,8 +353,11 @@ impl Superblock {
         if self.fence > FENCE_PEER_PROMOTED || self.fence_reserved != 0 {
             return Err(field_error("fence", format!("unknown fence {}", self.fence)));
         }
-        if self.encryption > ENCRYPTION_SIGN || self.encryption_reserved != 0 {
+        if self.encryption > ENCRYPTION_SIGN {
             return Err(field_error("encryption", format!("unknown encryption {}", self.encryption)));
+        }
+        if self.transport > TRANSPORT_RDMA {
+            return Err(field_error("transport", format!("unknown transport {}", self.transport)));
         }
         match self.role {
             ROLE_STANDALONE => {

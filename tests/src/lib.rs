@@ -109,6 +109,13 @@ impl Node {
         Self::start_with(name, "", engine_toml, replication_toml, netns)
     }
 
+    /// A daemon whose listeners bind `address` of this host (the RDMA lab
+    /// guest's 10.77.0.1, where both nodes run side by side).
+    #[must_use]
+    pub fn start_on(name: &str, address: &str, replication_toml: &str) -> Self {
+        Self::start_with_host(name, ("", ""), replication_toml, address, None)
+    }
+
     /// Like `start_in`, with extra `[node]` lines `node_toml`.
     #[must_use]
     pub fn start_with(
@@ -118,7 +125,18 @@ impl Node {
         replication_toml: &str,
         netns: Option<(&str, &str)>,
     ) -> Self {
-        let host = netns.map_or("127.0.0.1", |(_, address)| address).to_owned();
+        let host = netns.map_or("127.0.0.1", |(_, address)| address);
+        Self::start_with_host(name, (node_toml, engine_toml), replication_toml, host, netns.map(|(ns, _)| ns))
+    }
+
+    fn start_with_host(
+        name: &str,
+        (node_toml, engine_toml): (&str, &str),
+        replication_toml: &str,
+        host: &str,
+        netns: Option<&str>,
+    ) -> Self {
+        let host = host.to_owned();
         let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temporary directory");
         let api = dir.path().join("api.sock");
         let nbd_port = free_port();
@@ -139,7 +157,7 @@ impl Node {
             api.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let netns = netns.map(|(ns, _)| ns.to_owned());
+        let netns = netns.map(str::to_owned);
         let mut node = Self { dir, api, nbd_port, replication_port, host, netns, config, child: None };
         node.spawn();
         node

@@ -115,6 +115,25 @@ impl WriteModel {
     }
 }
 
+/// Every acknowledged write of `model` is in the volume file at `path`,
+/// none older, and the writer wrote (over 100 blocks hold its writes).
+pub fn check_acknowledged(path: &std::path::Path, model: &std::sync::Mutex<WriteModel>) {
+    let data = std::fs::read(path).unwrap();
+    let model = model.lock().unwrap();
+    let errors: Vec<String> = data
+        .chunks(BLOCK_BYTES)
+        .enumerate()
+        .filter_map(|(block, bytes)| model.check(block as u64, bytes).err())
+        .collect();
+    assert!(errors.is_empty(), "{} blocks wrong, first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    let written = data
+        .chunks(BLOCK_BYTES)
+        .enumerate()
+        .filter(|(block, bytes)| matches!(decode_block(bytes, *block as u64), Ok(Found::Write(_))))
+        .count();
+    assert!(written > 100, "the writer wrote ({written} blocks)");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

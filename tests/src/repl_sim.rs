@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_engine::core::{
-    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode,
-    ReplicationState, WriteOp, WriteRequest,
+    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode, WriteOp,
+    WriteRequest,
 };
 use tandem_proto::{RecordHeader, RecordKind};
 

@@ -62,7 +62,7 @@ fn converge(mode: &str, channels: u32, volumes: &[(&str, u64)]) {
         pair.source.partner_with("rg01", &pair.destination, "rg02", &["--mode", mode, "--channels", &channels_text]);
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(
-        out.contains(&format!("({mode}, {channels} channel(s))")),
+        out.contains(&format!("({mode}, {channels} tcp channel(s))")),
         "{out}{}",
         String::from_utf8_lossy(&output.stderr)
     );
@@ -358,7 +358,7 @@ fn network_constraints_hold_on_both_sides() {
     for channel in channels {
         let text = channel.as_str().unwrap();
         assert!(
-            text.starts_with(&format!("{}:", net.addr[0])) && text.contains(&format!("-> {}:", net.addr[1])),
+            text.starts_with(&format!("tcp {}:", net.addr[0])) && text.contains(&format!("-> {}:", net.addr[1])),
             "{text}"
         );
     }

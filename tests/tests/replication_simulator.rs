@@ -36,7 +36,10 @@ fn partnerships_survive_power_loss_and_network_faults() {
     assert!(total.duplicates_refused > seeds / 4, "duplicated frames were refused: {total:?}");
     assert!(total.prefix_checks > seeds, "the destination's state was checked against the source's: {total:?}");
     assert!(total.chunks_copied > seeds, "initial copies ran: {total:?}");
-    assert!(total.snapshots_checked > seeds / 2, "snapshot records were taken at the same state on both sides: {total:?}");
+    assert!(
+        total.snapshots_checked > seeds / 2,
+        "snapshot records were taken at the same state on both sides: {total:?}"
+    );
     assert!(
         total.spills > seeds / 20 && total.rebases > seeds / 20,
         "full logs spilled into the bitmap and caught up: {total:?}"

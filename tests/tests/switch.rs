@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_tests::pattern::{decode_block, Found, WriteModel, BLOCK_BYTES};
+use tandem_tests::pattern::{check_acknowledged, WriteModel};
 use tandem_tests::writer::Writer;
 use tandem_tests::{run_ok, Node};
 
@@ -17,24 +17,6 @@ const VOLUME_BYTES: u64 = 32 << 20;
 
 fn md5(path: &std::path::Path) -> String {
     run_ok(Command::new("md5sum").arg(path)).split_whitespace().next().unwrap().to_owned()
-}
-
-/// Every acknowledged write of `model` is on `path`, none older.
-fn check_acknowledged(path: &std::path::Path, model: &Mutex<WriteModel>) {
-    let data = std::fs::read(path).unwrap();
-    let model = model.lock().unwrap();
-    let errors: Vec<String> = data
-        .chunks(BLOCK_BYTES)
-        .enumerate()
-        .filter_map(|(block, bytes)| model.check(block as u64, bytes).err())
-        .collect();
-    assert!(errors.is_empty(), "{} blocks wrong, first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
-    let written = data
-        .chunks(BLOCK_BYTES)
-        .enumerate()
-        .filter(|(block, bytes)| matches!(decode_block(bytes, *block as u64), Ok(Found::Write(_))))
-        .count();
-    assert!(written > 100, "the writer wrote ({written} blocks)");
 }
 
 fn write_pattern(node: &Node, group: &str, pattern: u8, offset_mib: u64) {

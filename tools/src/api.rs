@@ -81,6 +81,9 @@ pub enum Request {
         /// The node the destination's certificate must name.
         #[serde(default)]
         destination_node: Option<String>,
+        /// rdma, tcp or auto.
+        #[serde(default = "transport_auto")]
+        transport: String,
     },
     PartnershipShow {
         group: Option<String>,
@@ -232,6 +235,10 @@ pub fn call(socket: &Path, request: &Request) -> Result<ResponseBody, CallError>
         (_, _, Some(error)) => Err(CallError::Refused(error)),
         _ => Err(CallError::Refused("tandemd answered without result or error".to_owned())),
     }
+}
+
+fn transport_auto() -> String {
+    "auto".to_owned()
 }
 
 #[cfg(test)]

@@ -8,17 +8,17 @@
 //! its connections (the source sees them close and reconnects).
 
 use std::collections::HashMap;
-use std::net::TcpStream;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tandem_crypto::{SessionKeys, Side};
 use tandem_engine::runtime::peer_conn::PeerChannel;
+use tandem_engine::runtime::wire::Wire;
 
 struct Joining {
     token: u64,
     partnership_id: String,
-    streams: Vec<Option<TcpStream>>,
+    streams: Vec<Option<Wire>>,
     opened: Instant,
     /// The keys of channel 0's TLS session (none without TLS): data channels
     /// prove they belong to it, and their frames are sealed with them.
@@ -64,18 +64,49 @@ impl JoiningSessions {
         partnership_id: &str,
         token: u64,
         channel: u32,
-        stream: TcpStream,
+        stream: Wire,
         proof: Option<&str>,
     ) -> Result<Option<Vec<PeerChannel>>, String> {
         let mut by_group = self.lock();
+        Self::check_locked(&mut by_group, self.timeout, (group, partnership_id, token, channel), proof)?;
+        let joining = by_group.get_mut(group).expect("checked");
+        let slot = joining.streams.get_mut(channel as usize).expect("checked");
+        *slot = Some(stream);
+        if joining.streams.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let joining = by_group.remove(group).expect("present");
+        let streams = joining.streams.into_iter().map(|s| s.expect("complete")).collect();
+        Ok(Some(crate::secure_channel::sealed_channels(streams, joining.keys.as_ref(), Side::Destination)))
+    }
+
+    /// Whether channel `channel` may join session `token` now (see [`Self::add`]).
+    pub fn check(
+        &self,
+        group: &str,
+        partnership_id: &str,
+        token: u64,
+        channel: u32,
+        proof: Option<&str>,
+    ) -> Result<(), String> {
+        let mut by_group = self.lock();
+        Self::check_locked(&mut by_group, self.timeout, (group, partnership_id, token, channel), proof)
+    }
+
+    fn check_locked(
+        by_group: &mut HashMap<String, Joining>,
+        timeout: Duration,
+        (group, partnership_id, token, channel): (&str, &str, u64, u32),
+        proof: Option<&str>,
+    ) -> Result<(), String> {
         let Some(joining) = by_group.get_mut(group) else {
             return Err(format!("no session of group {group} is waiting for data channels; the source reconnects"));
         };
-        if joining.opened.elapsed() > self.timeout {
+        if joining.opened.elapsed() > timeout {
             by_group.remove(group);
             return Err(format!(
                 "the session of group {group} waited more than {} s for its data channels; the source reconnects",
-                self.timeout.as_secs()
+                timeout.as_secs()
             ));
         }
         if joining.token != token || joining.partnership_id != partnership_id {
@@ -89,19 +120,11 @@ impl JoiningSessions {
             }
         }
         let count = joining.streams.len();
-        let Some(slot) = joining.streams.get_mut(channel as usize) else {
-            return Err(format!("channel {channel} is outside the session's {count} channel(s)"));
-        };
-        if slot.is_some() {
-            return Err(format!("channel {channel} of the session already joined"));
+        match joining.streams.get(channel as usize) {
+            None => Err(format!("channel {channel} is outside the session's {count} channel(s)")),
+            Some(Some(_)) => Err(format!("channel {channel} of the session already joined")),
+            Some(None) => Ok(()),
         }
-        *slot = Some(stream);
-        if joining.streams.iter().any(Option::is_none) {
-            return Ok(None);
-        }
-        let joining = by_group.remove(group).expect("present");
-        let streams = joining.streams.into_iter().map(|s| s.expect("complete")).collect();
-        Ok(Some(crate::secure_channel::sealed_channels(streams, joining.keys.as_ref(), Side::Destination)))
     }
 
     /// Sessions whose channels never all came close their connections.
@@ -116,13 +139,13 @@ impl JoiningSessions {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     use super::*;
 
-    fn stream() -> TcpStream {
+    fn stream() -> Wire {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        TcpStream::connect(listener.local_addr().unwrap()).unwrap()
+        Wire::Tcp(TcpStream::connect(listener.local_addr().unwrap()).unwrap())
     }
 
     #[test]
@@ -130,11 +153,11 @@ mod tests {
         let sessions = JoiningSessions::new(Duration::from_secs(15));
         let token = sessions.open("rg02", "ab", 3, None);
         let (s0, s1, s2) = (stream(), stream(), stream());
-        let local = [s0.local_addr().unwrap(), s1.local_addr().unwrap(), s2.local_addr().unwrap()];
+        let local = [s0.describe(), s1.describe(), s2.describe()];
         assert!(sessions.add("rg02", "ab", token, 2, s2, None).unwrap().is_none());
         assert!(sessions.add("rg02", "ab", token, 0, s0, None).unwrap().is_none());
         let all = sessions.add("rg02", "ab", token, 1, s1, None).unwrap().expect("complete");
-        let got: Vec<_> = all.iter().map(|c| c.stream.local_addr().unwrap()).collect();
+        let got: Vec<_> = all.iter().map(|c| c.wire.describe()).collect();
         assert_eq!(got, local, "channels come back in channel order");
         let late = sessions.add("rg02", "ab", token, 1, stream(), None).unwrap_err();
         assert!(late.contains("no session of group rg02"), "{late}");

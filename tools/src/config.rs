@@ -90,6 +90,11 @@ pub struct ReplicationConfig {
     /// Most bytes each consistent snapshot (`tandem group snapshot`) keeps:
     /// blocks changed since it was taken, 64 KiB each, under state_dir.
     pub snapshot_max_bytes: u64,
+    /// RDMA data channels: bytes of one message (a registered buffer) and
+    /// buffers posted per channel (the credits a sender starts with). Both
+    /// nodes need the same; each channel registers 2 x window x message.
+    pub rdma_message_bytes: usize,
+    pub rdma_window: u32,
 }
 
 impl Default for ReplicationConfig {
@@ -105,6 +110,8 @@ impl Default for ReplicationConfig {
             encryption: "aes-128-gcm".to_owned(),
             test_failover_max_bytes: 16 << 30,
             snapshot_max_bytes: 16 << 30,
+            rdma_message_bytes: 64 << 10,
+            rdma_window: 32,
         }
     }
 }
@@ -268,6 +275,15 @@ impl Config {
             return Err(format!(
                 "replication.snapshot_max_bytes = {}: use at least 1048576 (1 MiB)",
                 replication.snapshot_max_bytes
+            ));
+        }
+        if !(4..=4096).contains(&replication.rdma_window) {
+            return Err(format!("replication.rdma_window = {}: use 4 to 4096 buffers", replication.rdma_window));
+        }
+        if !(4096..=16 << 20).contains(&replication.rdma_message_bytes) {
+            return Err(format!(
+                "replication.rdma_message_bytes = {}: use 4096 (4 KiB) to 16777216 (16 MiB)",
+                replication.rdma_message_bytes
             ));
         }
         if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {

@@ -54,6 +54,8 @@ pub struct Daemon {
     pub delegations: crate::delegation::Delegations,
     /// This node's TLS identity (`[tls]`); none: replication is in clear.
     pub tls: Option<tandem_crypto::NodeTls>,
+    /// Whether this node listens for RDMA data channels, or why not.
+    rdma: Mutex<Result<(), String>>,
 }
 
 /// Loads and checks `[tls]`: the key readable by its owner only, the
@@ -121,6 +123,7 @@ impl Daemon {
             events,
             delegations,
             tls,
+            rdma: Mutex::new(Err("the replication listener has not started".to_owned())),
         };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
@@ -233,6 +236,7 @@ impl Daemon {
                 destination_network,
                 encryption,
                 destination_node,
+                transport,
             } => {
                 let channels = channels.unwrap_or(self.config.replication.channels);
                 let request = crate::replication::CreateRequest {
@@ -246,6 +250,7 @@ impl Daemon {
                     destination_network: destination_network.unwrap_or_default(),
                     encryption: encryption.unwrap_or_else(|| self.config.replication.encryption.clone()),
                     destination_node,
+                    transport,
                 };
                 let _guard = self.mark_changing(&request.source_group)?;
                 crate::replication::create(self, &request).map(ResponseBody::Message)
@@ -616,19 +621,35 @@ impl Daemon {
         ))
     }
 
-    /// Sets (or clears, with "") the network constraint of `group`'s
-    /// partnership on this node; durable when it returns.
     /// Sets how the partnership of `group` runs its channels on this node:
-    /// the network constraint and the encryption (`ENCRYPTION_*`).
-    pub fn set_channel_policy(&self, group: &str, network: &str, encryption: u32) -> Result<(), String> {
+    /// the network constraint ("" clears it), the encryption
+    /// (`ENCRYPTION_*`) and the data channels' transport (`TRANSPORT_*`);
+    /// durable when it returns.
+    pub fn set_channel_policy(
+        &self,
+        group: &str,
+        network: &str,
+        encryption: u32,
+        transport: u32,
+    ) -> Result<(), String> {
         let fixed = tandem_proto::fixed_str(network)
             .ok_or_else(|| format!("network constraint {network:?} is longer than 63 bytes"))?;
         self.ask_core(group, |reply| CoreMsg::SetChannelPolicy {
             group: group.to_owned(),
             network: fixed,
             encryption,
+            transport,
             reply,
         })
+    }
+
+    /// Whether this node listens for RDMA data channels, or why not.
+    pub fn rdma_state(&self) -> Result<(), String> {
+        lock(&self.rdma).clone()
+    }
+
+    pub(crate) fn set_rdma_state(&self, state: Result<(), String>) {
+        *lock(&self.rdma) = state;
     }
 
     /// Sends `msg` to the core serving `group` and waits for its answer.
@@ -737,8 +758,10 @@ impl Daemon {
     ) -> Result<(), String> {
         // The handshake's timeouts end where the core's heartbeats take over.
         for channel in &channels {
-            let _ = channel.stream.set_read_timeout(None);
-            let _ = channel.stream.set_write_timeout(None);
+            if let tandem_engine::runtime::wire::Wire::Tcp(stream) = &channel.wire {
+                let _ = stream.set_read_timeout(None);
+                let _ = stream.set_write_timeout(None);
+            }
         }
         let group_name = group.to_owned();
         let result = self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::AttachPeer {

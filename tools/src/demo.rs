@@ -208,6 +208,7 @@ pub fn run(options: &DemoOptions) -> Result<String, String> {
         destination_network: None,
         encryption: Some("aes-128-gcm".to_owned()),
         destination_node: Some("node-b".to_owned()),
+        transport: "tcp".to_owned(),
     };
     if let ResponseBody::Message(message) = a.request(&create)? {
         println!("== {message}");

@@ -159,6 +159,7 @@ pub fn answer_failback_request(
             destination_network: String::new(),
             encryption: hello.encryption.clone(),
             destination_node: Some(hello.source_node.clone()),
+            transport: hello.transport.clone(),
         };
         let _guard = daemon.mark_changing(group)?;
         crate::replication::create(daemon, &request)

@@ -37,7 +37,8 @@ pub fn print_partnership(g: &GroupStatus) {
     let Some(p) = &g.partnership else { return };
     let arrow = if g.role == "source" { "->" } else { "<-" };
     println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
-    println!("  channels      {} of {} connected", p.channels_connected, p.channels);
+    let transport = if p.transport == "rdma" { "RDMA; channel 0 is the TCP control connection" } else { "TCP" };
+    println!("  channels      {} of {} connected ({transport})", p.channels_connected, p.channels);
     for (index, addresses) in p.channel_addresses.iter().enumerate() {
         println!("  channel {index:<5} {addresses}");
     }

@@ -19,6 +19,7 @@ use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERS
 
 use tandem_crypto::Side;
 use tandem_engine::runtime::peer_conn::PeerChannel;
+use tandem_engine::runtime::wire::Wire;
 
 use crate::daemon::Daemon;
 use crate::secure_channel::{self, ControlStream};
@@ -109,6 +110,13 @@ pub struct Hello {
     /// its source listens, for a switch asked on the destination).
     #[serde(default)]
     pub replication_port: u16,
+    /// Create and Resume: the data channels' transport (tcp or rdma).
+    #[serde(default = "transport_tcp")]
+    pub transport: String,
+}
+
+fn transport_tcp() -> String {
+    "tcp".to_owned()
 }
 
 fn encryption_none() -> String {
@@ -140,6 +148,7 @@ impl Hello {
             encryption: encryption_none(),
             join_proof: String::new(),
             replication_port: 0,
+            transport: transport_tcp(),
         }
     }
 }
@@ -171,6 +180,10 @@ pub struct Answer {
     pub promoted_after_lsn: Option<u64>,
     #[serde(default)]
     pub promoted_generation: String,
+    /// Check: why the destination cannot take RDMA data channels (`None`:
+    /// it listens for them).
+    #[serde(default)]
+    pub rdma_unavailable: Option<String>,
 }
 
 pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
@@ -224,6 +237,8 @@ pub struct CreateRequest {
     /// The node the destination's certificate must name (with TLS; `None`:
     /// any node of the CA, whose name is then kept).
     pub destination_node: Option<String>,
+    /// The data channels' transport: rdma, tcp or auto (create only).
+    pub transport: String,
 }
 
 impl CreateRequest {
@@ -242,6 +257,7 @@ impl CreateRequest {
             destination_network: String::new(),
             encryption: partnership.encryption.clone(),
             destination_node: Some(partnership.peer_node.clone()),
+            transport: if partnership.transport.is_empty() { "tcp".to_owned() } else { partnership.transport.clone() },
         }
     }
 }
@@ -320,6 +336,7 @@ pub(crate) fn hello_for(
         encryption: request.encryption.clone(),
         join_proof: String::new(),
         replication_port: daemon.config.node.replication_listen.port(),
+        transport: request.transport.clone(),
     }
 }
 
@@ -371,6 +388,12 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             let refused = EventKind::PartnershipRefused { reason: reason.clone() };
             daemon.events.record(&request.source_group, refused);
         })?;
+    let local = stream.tcp().local_addr().map_err(|e| e.to_string())?.ip();
+    let destination_rdma = checked.rdma_unavailable.clone().map_or(Ok(()), Err);
+    let transport = crate::rdma_link::choose(&request.transport, local, destination_rdma).inspect_err(|reason| {
+        let refused = EventKind::PartnershipRefused { reason: reason.clone() };
+        daemon.events.record(&request.source_group, refused);
+    })?;
     let mut entry = PartnershipEntry::default_zeroed();
     entry.id = id;
     entry.mode = mode;
@@ -379,13 +402,17 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     entry.peer_group = fixed_str(&request.destination_group).ok_or("destination group name too long")?;
     entry.peer_address = fixed_str(&request.destination).ok_or("destination address longer than 127 bytes")?;
     let baseline_lsn = daemon.become_source(&request.source_group, entry)?;
-    if let Err(reason) = daemon.set_channel_policy(&request.source_group, &request.source_network, encryption) {
+    let transport_code = crate::rdma_link::transport_code(transport);
+    if let Err(reason) =
+        daemon.set_channel_policy(&request.source_group, &request.source_network, encryption, transport_code)
+    {
         let _ = daemon.leave_partnership(&request.source_group);
         return Err(reason);
     }
     let mut commit = hello;
     commit.action = HelloAction::Create;
     commit.baseline_lsn = baseline_lsn;
+    transport.clone_into(&mut commit.transport);
     let answer = match exchange(&mut stream, &commit) {
         Ok(answer) => answer,
         Err(reason) => {
@@ -393,7 +420,13 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
             return Err(format!("the destination refused the partnership: {reason}"));
         }
     };
-    let channels = match join_channels(stream, &request.destination, &request.source_network, &commit, answer.session) {
+    let channels = match join_channels(
+        daemon,
+        stream,
+        (&request.destination, &request.source_network),
+        &commit,
+        answer.session,
+    ) {
         Ok(channels) => channels,
         Err(reason) => {
             // The destination keeps the partnership; the connector resumes it.
@@ -409,7 +442,7 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
     Ok(format!(
-        "partnership {} created: {}/{} -> {}/{} ({}, {} channel(s)); initial sync started: {}",
+        "partnership {} created: {}/{} -> {}/{} ({}, {} {transport} channel(s)); initial sync started: {}",
         &id_hex[..8],
         daemon.config.node.name,
         request.source_group,
@@ -440,7 +473,8 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         }
         return Err(reason);
     }
-    let channels = join_channels(stream, &request.destination, &request.source_network, &hello, answer.session)?;
+    let channels =
+        join_channels(daemon, stream, (&request.destination, &request.source_network), &hello, answer.session)?;
     daemon.attach_peer(
         &status.name,
         channels,
@@ -460,20 +494,33 @@ pub(crate) fn check_channels(channels: u32) -> Result<(), String> {
 /// opened with `hello`; all of them, in channel order and sealed with the
 /// session's keys, ready for the core.
 fn join_channels(
+    daemon: &Daemon,
     first: ControlStream,
-    address: &str,
-    network: &str,
+    (address, network): (&str, &str),
     hello: &Hello,
     session: u64,
 ) -> Result<Vec<PeerChannel>, String> {
+    if hello.transport == "rdma" {
+        // Channel 0 (TCP) and the partnership's channels over RDMA after it.
+        let keys = first.session_keys(&hello.encryption, hello.channels + 1)?;
+        let tcp = first.into_tcp();
+        let ends = (tcp.local_addr().map_err(|e| e.to_string())?.ip(), tcp.peer_addr().map_err(|e| e.to_string())?);
+        let join = |channel| {
+            let join_proof = keys.as_ref().map(|k| k.join_proof(session, channel)).unwrap_or_default();
+            Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() }
+        };
+        let mut wires = vec![Wire::Tcp(tcp)];
+        wires.extend(crate::rdma_link::connect_channels(daemon, ends, hello.channels, join)?);
+        return Ok(secure_channel::sealed_channels(wires, keys.as_ref(), Side::Source));
+    }
     let keys = first.session_keys(&hello.encryption, hello.channels)?;
-    let mut streams = vec![first.into_tcp()];
+    let mut streams = vec![Wire::Tcp(first.into_tcp())];
     for channel in 1..hello.channels {
         let mut stream = connect(address, network)?;
         let join_proof = keys.as_ref().map(|k| k.join_proof(session, channel)).unwrap_or_default();
         let join = Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() };
         exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
-        streams.push(stream);
+        streams.push(Wire::Tcp(stream));
     }
     Ok(secure_channel::sealed_channels(streams, keys.as_ref(), Side::Source))
 }

@@ -10,6 +10,7 @@ use tandem_engine::runtime::events::EventKind;
 use tandem_engine::runtime::peer_conn::PeerChannel;
 use tandem_engine::runtime::peer_session::MAX_CHANNELS;
 use tandem_engine::runtime::status::GroupStatus;
+use tandem_engine::runtime::wire::Wire;
 use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERSION};
 
 use crate::channel_join::JoiningSessions;
@@ -20,6 +21,7 @@ use crate::secure_channel::{self, ControlStream};
 /// Accepts replication connections; each handshake runs on its own thread.
 pub fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
     let sessions = Arc::new(JoiningSessions::new(HANDSHAKE_TIMEOUT));
+    crate::rdma_link::start_listener(&daemon, &sessions);
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let daemon = Arc::clone(&daemon);
@@ -130,8 +132,10 @@ fn serve_control(
                 let address = std::net::SocketAddr::new(ip, hello.replication_port).to_string();
                 daemon.remember_source_address(&hello.destination_group, address);
             }
-            let keys = control.session_keys(&hello.encryption, hello.channels)?;
-            reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, hello.channels, keys);
+            // Over RDMA, channel 0 (this connection) comes before the data channels.
+            let count = hello.channels + u32::from(hello.transport == "rdma");
+            let keys = control.session_keys(&hello.encryption, count)?;
+            reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, count, keys);
         }
         write_line(&mut control, &reply)?;
         let reason = result.err();
@@ -146,7 +150,7 @@ fn serve_control(
             (HelloAction::Check, None) => continue,
             (HelloAction::Remove | HelloAction::SetMode | HelloAction::Switch, None) => return Ok(()),
             (HelloAction::Create | HelloAction::Resume, None) => {
-                let stream = control.into_tcp();
+                let stream = Wire::Tcp(control.into_tcp());
                 let joined =
                     sessions.add(&hello.destination_group, &hello.partnership_id, reply.session, 0, stream, None)?;
                 return attach_joined(daemon, &hello.destination_group, joined);
@@ -179,7 +183,7 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hell
         })
         .and_then(|kept| {
             let proof = Some(hello.join_proof.as_str());
-            sessions.add(group, &hello.partnership_id, hello.session, hello.channel, kept, proof)
+            sessions.add(group, &hello.partnership_id, hello.session, hello.channel, Wire::Tcp(kept), proof)
         });
     let reply = Answer {
         ok: joined.is_ok(),
@@ -275,8 +279,9 @@ fn destination_step(
                 crate::network::arrived_within(&hello.destination_network, local)?;
             }
             if matches!(hello.action, HelloAction::Check) {
-                return Ok(Answer { ok: true, ..Answer::default() });
+                return Ok(Answer { ok: true, rdma_unavailable: daemon.rdma_state().err(), ..Answer::default() });
             }
+            check_rdma(daemon, hello)?;
             let mut entry = PartnershipEntry::default_zeroed();
             entry.id = parse_id(&hello.partnership_id)?;
             entry.mode = if hello.mode == "sync" { MODE_SYNC } else { MODE_ASYNC };
@@ -286,7 +291,8 @@ fn destination_step(
             entry.peer_group = fixed_str(&hello.source_group).ok_or("source group name too long")?;
             daemon.become_destination(name, entry, hello.baseline_lsn)?;
             let encryption = secure_channel::encryption_code(&hello.encryption)?;
-            daemon.set_channel_policy(name, &hello.destination_network, encryption)?;
+            let transport = crate::rdma_link::transport_code(&hello.transport);
+            daemon.set_channel_policy(name, &hello.destination_network, encryption, transport)?;
             let source = format!("{}/{}", hello.source_node, hello.source_group);
             daemon.events.record(name, EventKind::DestinationAttached { source });
             Ok(ok(hello.baseline_lsn, hello.baseline_lsn + 1, CopyPosition::At { volume_index: 0, offset: 0 }))
@@ -337,9 +343,24 @@ fn destination_step(
             if state.connected {
                 return Err(format!("group {name} already has a connected source"));
             }
+            if partnership.transport != hello.transport {
+                return Err(format!(
+                    "the partnership of {name} runs over {} here but the source resumes over {}",
+                    partnership.transport, hello.transport
+                ));
+            }
+            check_rdma(daemon, hello)?;
             Ok(ok(state.durable_lsn, state.next_lsn, state.copy))
         }
     }
+}
+
+/// A session over RDMA needs this node's RDMA listener.
+fn check_rdma(daemon: &Daemon, hello: &Hello) -> Result<(), String> {
+    if hello.transport != "rdma" {
+        return Ok(());
+    }
+    daemon.rdma_state().map_err(|reason| format!("{} takes no RDMA data channels: {reason}", daemon.config.node.name))
 }
 
 pub(crate) fn parse_id(text: &str) -> Result<[u8; 16], String> {

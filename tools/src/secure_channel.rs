@@ -13,6 +13,7 @@ use std::net::TcpStream;
 
 use tandem_crypto::{Protection, SessionKeys, Side, TlsStream};
 use tandem_engine::runtime::peer_conn::PeerChannel;
+use tandem_engine::runtime::wire::Wire;
 use tandem_proto::{ENCRYPTION_AES_128_GCM, ENCRYPTION_NONE, ENCRYPTION_SIGN};
 
 use crate::daemon::Daemon;
@@ -110,11 +111,11 @@ pub fn check_answering_node(control: &ControlStream, answering: &str) -> Result<
 /// The session's channels as the core takes them: channel i sealed with
 /// channel i's keys for `side` (nothing sealed without keys or with `none`).
 #[must_use]
-pub fn sealed_channels(streams: Vec<TcpStream>, keys: Option<&SessionKeys>, side: Side) -> Vec<PeerChannel> {
-    streams
+pub fn sealed_channels(wires: Vec<Wire>, keys: Option<&SessionKeys>, side: Side) -> Vec<PeerChannel> {
+    wires
         .into_iter()
         .enumerate()
-        .map(|(channel, stream)| PeerChannel { stream, seal: keys.and_then(|k| k.channel_seal(channel as u32, side)) })
+        .map(|(channel, wire)| PeerChannel { wire, seal: keys.and_then(|k| k.channel_seal(channel as u32, side)) })
         .collect()
 }
 

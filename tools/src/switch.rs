@@ -18,6 +18,7 @@ use tandem_engine::runtime::CoreMsg;
 use tandem_proto::{fixed_str, PartnershipEntry, COPY_DONE, MODE_ASYNC, MODE_SYNC};
 
 use crate::daemon::Daemon;
+use crate::rdma_link::transport_code;
 use crate::replication::{hello_for, open_control, read_line, write_line, Answer, CreateRequest, Hello, HelloAction};
 use crate::secure_channel::encryption_code;
 
@@ -112,10 +113,9 @@ fn switch_source(daemon: &Daemon, status: &GroupStatus) -> Result<String, String
     };
     let entry = entry_from(&p)?;
     daemon.ask_core(group, |reply| CoreMsg::LeavePartnership { group: group.clone(), reply })?;
-    if let Err(reason) = daemon
-        .become_destination(group, entry, last_lsn)
-        .and_then(|()| daemon.set_channel_policy(group, &p.network, encryption_code(&p.encryption)?))
-    {
+    if let Err(reason) = daemon.become_destination(group, entry, last_lsn).and_then(|()| {
+        daemon.set_channel_policy(group, &p.network, encryption_code(&p.encryption)?, transport_code(&p.transport))
+    }) {
         let restored = restore_source(daemon, group, &p, last_lsn);
         return Err(format!("{group} could not become a destination ({reason}); {restored}"));
     }
@@ -185,7 +185,7 @@ fn restore_source(daemon: &Daemon, group: &str, p: &PartnershipStatus, last_lsn:
         entry.peer_address = fixed_str(&p.peer_address).ok_or("peer address too long")?;
         entry.peer_durable_lsn = last_lsn;
         daemon.become_source(group, entry)?;
-        daemon.set_channel_policy(group, &p.network, encryption_code(&p.encryption)?)
+        daemon.set_channel_policy(group, &p.network, encryption_code(&p.encryption)?, transport_code(&p.transport))
     });
     daemon.fence_clients(group, None);
     match restored {
@@ -355,7 +355,7 @@ pub fn take_over(
         if baseline != hello.baseline_lsn {
             return Err(format!("{group} continues after LSN {baseline}, not {}", hello.baseline_lsn));
         }
-        daemon.set_channel_policy(group, &p.network, encryption)
+        daemon.set_channel_policy(group, &p.network, encryption, transport_code(&p.transport))
     });
     daemon.fence_clients(group, None);
     result?;

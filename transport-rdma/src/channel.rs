@@ -9,7 +9,14 @@
 //! that both ran out while owing each other grants can still tell each
 //! other. A credit-only message is sent when half the window is owed and
 //! nothing else is going out, so grants never wait for data. Nothing is
-//! ever sent into an unposted buffer, so there is no RNR retry storm.
+//! ever sent into an unposted buffer, so there is no RNR retry storm. A
+//! receive buffer is posted again (and granted) only once its message was
+//! taken, so a reader that stops stops its writer instead of queueing.
+//!
+//! Two ways to use a channel: blocking [`RdmaChannel::send`] and
+//! [`RdmaChannel::recv`] (handshakes, tests), or the non-blocking byte
+//! stream of [`RdmaChannel::try_send`], [`RdmaChannel::poll_into`] and
+//! [`RdmaChannel::arm`] that a core's event loop drives.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -153,7 +160,14 @@ pub struct RdmaChannel {
     credits: u32,
     owed: u32,
     free_send: Vec<u32>,
-    received: VecDeque<Vec<u8>>,
+    /// Received messages not yet taken: their slot and length, and how much
+    /// of the first one was taken already.
+    received: VecDeque<(u32, usize)>,
+    taken_of_first: usize,
+    /// Blocking use only: messages copied out of their buffers while
+    /// [`Self::send`] waited for a credit, so both ends waiting to send
+    /// still grant each other their buffers.
+    spilled: VecDeque<Vec<u8>>,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
 }
@@ -230,6 +244,8 @@ impl RdmaChannel {
             owed: 0,
             free_send: (0..config.window).collect(),
             received: VecDeque::new(),
+            taken_of_first: 0,
+            spilled: VecDeque::new(),
             messages_sent: 0,
             credit_messages_sent: 0,
         })
@@ -273,6 +289,7 @@ impl RdmaChannel {
         }
         let deadline = Instant::now() + self.config.timeout;
         while self.credits < 2 || self.free_send.is_empty() {
+            self.spill_received()?;
             if !self.poll()? && !self.wait_for_completion(deadline)? {
                 return Err(format!("no credit from the peer for {:?} (it stopped reading)", self.config.timeout));
             }
@@ -286,7 +303,13 @@ impl RdmaChannel {
     pub fn recv(&mut self) -> Result<Vec<u8>, String> {
         let deadline = Instant::now() + self.config.timeout;
         loop {
-            if let Some(message) = self.received.pop_front() {
+            if let Some(message) = self.spilled.pop_front() {
+                return Ok(message);
+            }
+            if let Some(&(slot, length)) = self.received.front() {
+                let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
+                let message = self.memory[start..start + length - self.taken_of_first].to_vec();
+                self.release_first()?;
                 return Ok(message);
             }
             if !self.poll()? && !self.wait_for_completion(deadline)? {
@@ -295,16 +318,149 @@ impl RdmaChannel {
         }
     }
 
+    /// Copies as much of `parts` (one after the other) as one message
+    /// holds into a send slot and posts it; 0 when no credit or slot is
+    /// free now (completions and grants arrive through [`Self::poll_into`]).
+    pub fn try_send(&mut self, parts: &[&[u8]]) -> Result<usize, String> {
+        if self.credits < 2 || self.free_send.is_empty() {
+            return Ok(0);
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let length = total.min(self.config.message_bytes);
+        if length == 0 {
+            return Ok(0);
+        }
+        let slot = *self.free_send.last().expect("checked");
+        let mut at = (self.config.window + slot) as usize * self.config.slot_bytes() + HEADER_BYTES;
+        let mut left = length;
+        for part in parts {
+            let take = part.len().min(left);
+            self.memory[at..at + take].copy_from_slice(&part[..take]);
+            at += take;
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        self.post_slot(length, 0)?;
+        self.messages_sent += 1;
+        Ok(length)
+    }
+
+    /// Takes completions, then copies received bytes (messages one after
+    /// the other, as a stream) into `into`; returns how many. A message's
+    /// buffer is posted again (and so granted) once it is taken whole.
+    pub fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
+        self.poll()?;
+        let mut copied = 0;
+        while let Some(&(slot, length)) = self.received.front() {
+            let take = (length - self.taken_of_first).min(into.len() - copied);
+            if take == 0 {
+                break;
+            }
+            let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
+            into[copied..copied + take].copy_from_slice(&self.memory[start..start + take]);
+            copied += take;
+            self.taken_of_first += take;
+            if self.taken_of_first == length {
+                self.release_first()?;
+            }
+        }
+        if copied > 0 {
+            // Grants for the buffers just freed go out without waiting for data.
+            self.grant_if_owed()?;
+        }
+        Ok(copied)
+    }
+
+    /// Whether taken messages left grants owed or received bytes wait.
+    #[must_use]
+    pub fn has_received(&self) -> bool {
+        !self.received.is_empty()
+    }
+
+    /// Arms the completion queue so that [`Self::completion_fd`] becomes
+    /// readable at the next completion. False when completions came
+    /// meanwhile (poll again instead of sleeping).
+    pub fn arm(&mut self) -> Result<bool, String> {
+        // SAFETY: the completion queue lives as long as the channel.
+        let cq = unsafe { self.basic_cq.cq() }.as_ptr();
+        // SAFETY: arming a live completion queue for its next completion.
+        if unsafe { rdma_mummy_sys::ibv_req_notify_cq(cq, 0) } != 0 {
+            return Err("cannot arm the completion queue".to_owned());
+        }
+        let before = self.received.len();
+        let any = self.poll()?;
+        Ok(!any && self.received.len() == before)
+    }
+
+    /// Takes the completion channel's event after [`Self::completion_fd`]
+    /// became readable (nothing when there is none).
+    pub fn notified(&mut self) {
+        let mut event_cq = std::ptr::null_mut();
+        let mut context = std::ptr::null_mut();
+        // SAFETY: the channel is non-blocking; an event names our queue and
+        // is acknowledged at once (one event per arming).
+        unsafe {
+            let channel = self.completions.comp_channel().as_ptr();
+            if rdma_mummy_sys::ibv_get_cq_event(channel, &mut event_cq, &mut context) == 0 {
+                rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1);
+            }
+        }
+    }
+
+    /// Disconnects: the queue pair goes to the error state and every work
+    /// request still posted completes (flushed), which wakes a sleeper.
+    pub fn disconnect(&mut self) {
+        let _ = self.id.disconnect();
+    }
+
+    /// Copies every received message out of its buffer (which is granted back).
+    fn spill_received(&mut self) -> Result<(), String> {
+        while let Some(&(slot, length)) = self.received.front() {
+            let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
+            self.spilled.push_back(self.memory[start..start + length - self.taken_of_first].to_vec());
+            self.release_first()?;
+        }
+        self.grant_if_owed()
+    }
+
+    /// The first received message was taken whole: its buffer is posted
+    /// again and granted back.
+    fn release_first(&mut self) -> Result<(), String> {
+        let (slot, _) = self.received.pop_front().expect("a message to release");
+        self.taken_of_first = 0;
+        self.post_receive(slot)?;
+        self.owed += 1;
+        Ok(())
+    }
+
+    fn grant_if_owed(&mut self) -> Result<(), String> {
+        if self.owed >= self.config.window / 2 && self.credits >= 1 && !self.free_send.is_empty() {
+            self.post_slot(0, FLAG_CREDIT_ONLY)?;
+            self.credit_messages_sent += 1;
+        }
+        Ok(())
+    }
+
     fn post_message(&mut self, payload: &[u8], flags: u16) -> Result<(), String> {
+        let slot = *self.free_send.last().expect("a free send slot");
+        let start = (self.config.window + slot) as usize * self.config.slot_bytes() + HEADER_BYTES;
+        self.memory[start..start + payload.len()].copy_from_slice(payload);
+        self.post_slot(payload.len(), flags)
+    }
+
+    /// Posts the last free send slot, whose payload (`length` bytes) is in
+    /// place, with its header: the grant owed and the flags.
+    fn post_slot(&mut self, length: usize, flags: u16) -> Result<(), String> {
         assert!(self.credits >= 1, "a message is sent only into a buffer the peer granted");
         let slot = self.free_send.pop().expect("a free send slot");
         let grant = u16::try_from(self.owed).expect("the window is at most 4096");
         let start = (self.config.window + slot) as usize * self.config.slot_bytes();
-        let buf = &mut self.memory[start..start + HEADER_BYTES + payload.len()];
+        let buf = &mut self.memory[start..start + HEADER_BYTES];
         buf[..2].copy_from_slice(&grant.to_le_bytes());
         buf[2..4].copy_from_slice(&flags.to_le_bytes());
-        buf[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf[HEADER_BYTES..].copy_from_slice(payload);
+        buf[4..8].copy_from_slice(&(length as u32).to_le_bytes());
         self.owed = 0;
         self.credits -= 1;
         let (lkey, addr) = (self.mr.lkey(), self.slot_addr(self.config.window + slot));
@@ -312,7 +468,7 @@ impl RdmaChannel {
         let handle = guard.construct_wr(u64::from(self.config.window + slot), WorkRequestFlags::Signaled).setup_send();
         // SAFETY: the send slot lies in the registered region and stays
         // untouched until its completion returns it to `free_send`.
-        unsafe { handle.setup_sge(lkey, addr, (HEADER_BYTES + payload.len()) as u32) };
+        unsafe { handle.setup_sge(lkey, addr, (HEADER_BYTES + length) as u32) };
         guard.post().map_err(|e| format!("posting a send failed: {e}"))
     }
 
@@ -396,10 +552,7 @@ impl RdmaChannel {
             self.take_received(slot, byte_len as usize)?;
         }
         let any = !done.is_empty();
-        if self.owed >= self.config.window / 2 && self.credits >= 1 && !self.free_send.is_empty() {
-            self.post_message(&[], FLAG_CREDIT_ONLY)?;
-            self.credit_messages_sent += 1;
-        }
+        self.grant_if_owed()?;
         Ok(any)
     }
 
@@ -416,12 +569,13 @@ impl RdmaChannel {
         if self.credits > self.config.window {
             return Err(format!("the peer granted {} credits for a window of {}", self.credits, self.config.window));
         }
-        if flags & FLAG_CREDIT_ONLY == 0 {
-            let payload = self.memory[start + HEADER_BYTES..start + HEADER_BYTES + length].to_vec();
-            self.received.push_back(payload);
+        if flags & FLAG_CREDIT_ONLY == 0 && length > 0 {
+            // Kept in its buffer until taken: the grant waits for the reader.
+            self.received.push_back((slot, length));
+        } else {
+            self.post_receive(slot)?;
+            self.owed += 1;
         }
-        self.post_receive(slot)?;
-        self.owed += 1;
         Ok(())
     }
 }

@@ -6,11 +6,13 @@
 //! control ([`channel`]): a message is sent only into a receive buffer the
 //! peer granted, so a burst never meets an unposted buffer (no RNR retry).
 //!
-//! This is the foundation the replication transport is built on; the
-//! partnership does not use it yet (docs/ARCHITECTURE.md, "RDMA").
+//! [`wire::RdmaWire`] makes a channel a partnership's data channel: the
+//! engine drives it on the group's core through its `MessageWire` seam
+//! (docs/ARCHITECTURE.md, "RDMA").
 
 pub mod channel;
 pub mod devices;
 pub mod memlock;
+pub mod wire;
 
 pub use channel::{ChannelConfig, RdmaChannel, RdmaListener};

@@ -28,6 +28,8 @@ pub struct VolumeRead {
 pub enum Op {
     /// Read of the core's wake-up eventfd.
     Wake { buf: Box<[u8; 8]> },
+    /// The timeout linked to another entry (see `Io::submit_with_timeout`).
+    LinkTimeout { timespec: Box<io_uring::types::Timespec> },
     /// The periodic tick.
     Timer { timespec: Box<io_uring::types::Timespec> },
     /// A segment of a group-commit write. `iovecs` point into write buffers held
@@ -51,6 +53,9 @@ pub enum Op {
     VolumeRead(VolumeRead),
     /// Receive on a replication connection into its own buffer.
     PeerRecv { peer: usize, channel: usize },
+    /// A message channel (RDMA) waits for its completion descriptor, or
+    /// (a no-op) comes back at once to poll again.
+    PeerPoll { peer: usize, channel: usize },
     /// Send of replication frames, owned here until the completion.
     PeerSend {
         peer: usize,
@@ -117,6 +122,32 @@ impl Io {
         let key = self.ops.insert(op);
         let entry = build(&mut self.ops[key]).user_data(key as u64);
         self.push(&entry);
+    }
+
+    /// Like [`Self::submit`], with a timeout linked to the entry: it
+    /// completes (with -ECANCELED) after `timeout` at the latest.
+    pub fn submit_with_timeout(
+        &mut self,
+        op: Op,
+        build: impl FnOnce(&mut Op) -> squeue::Entry,
+        timeout: std::time::Duration,
+    ) {
+        let key = self.ops.insert(op);
+        let entry = build(&mut self.ops[key]).user_data(key as u64).flags(squeue::Flags::IO_LINK);
+        let timespec = Box::new(io_uring::types::Timespec::from(timeout));
+        let timeout_key = self.ops.insert(Op::LinkTimeout { timespec });
+        let Op::LinkTimeout { timespec } = &self.ops[timeout_key] else { unreachable!("just inserted") };
+        let timeout_entry = io_uring::opcode::LinkTimeout::new(&**timespec).build().user_data(timeout_key as u64);
+        // A link must not be cut by a submission between its two entries.
+        let free = {
+            let submission = self.ring.submission();
+            submission.capacity() - submission.len()
+        };
+        if free < 2 {
+            self.ring.submit().expect("io_uring submit failed");
+        }
+        self.push(&entry);
+        self.push(&timeout_entry);
     }
 
     fn push(&mut self, entry: &squeue::Entry) {

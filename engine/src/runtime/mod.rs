@@ -16,6 +16,7 @@ pub mod log_store;
 pub mod net;
 mod partner;
 pub mod peer_conn;
+mod peer_conn_wire;
 pub mod peer_session;
 pub mod promote;
 mod reactor;
@@ -28,6 +29,7 @@ pub mod status;
 pub mod test_failover;
 mod test_failover_rt;
 pub mod verify_source;
+pub mod wire;
 
 pub use partner::{DestinationState, PeerDefaults, DEFAULT_VERIFY_RATE_BYTES_PER_S};
 pub use reactor::{CoreHandle, CoreMsg};

@@ -183,6 +183,7 @@ impl GroupRt {
         self.superblock.partnership = PartnershipEntry::default_zeroed();
         self.superblock.network_constraint = [0; 64];
         self.superblock.encryption = tandem_proto::ENCRYPTION_NONE;
+        self.superblock.transport = tandem_proto::TRANSPORT_TCP;
         // A test failover belongs to the destination role.
         self.test_failover = None;
         self.core.detach_peer();
@@ -206,14 +207,21 @@ impl GroupRt {
     /// Replies once the superblock with the current partnership is durable.
     /// Sets how the partnership's channels run on this side: the network
     /// constraint (an interface or local address; empty: none) and the
-    /// encryption (`ENCRYPTION_*`); answers once it is durable.
-    pub fn set_channel_policy(&mut self, network: [u8; 64], encryption: u32, reply: Sender<Result<(), String>>) {
+    /// encryption (`ENCRYPTION_*`) and the transport of its data channels
+    /// (`TRANSPORT_*`); answers once it is durable.
+    pub fn set_channel_policy(
+        &mut self,
+        network: [u8; 64],
+        (encryption, transport): (u32, u32),
+        reply: Sender<Result<(), String>>,
+    ) {
         if self.superblock.role == ROLE_STANDALONE {
             let _ = reply.send(Err(format!("group {} is not in a partnership", self.name)));
             return;
         }
         self.superblock.network_constraint = network;
         self.superblock.encryption = encryption;
+        self.superblock.transport = transport;
         self.persist_then_reply(reply);
     }
 
@@ -254,6 +262,8 @@ impl GroupRt {
                 _ => "none",
             }
             .to_owned(),
+            transport: if self.superblock.transport == tandem_proto::TRANSPORT_RDMA { "rdma" } else { "tcp" }
+                .to_owned(),
             frames_rejected: self.frames_rejected,
             diverged: Vec::new(),
             diverged_records: 0,

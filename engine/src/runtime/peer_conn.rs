@@ -7,7 +7,6 @@
 //! gathered into O_DIRECT-aligned buffers ready for the log and the volume.
 
 use std::collections::VecDeque;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use tandem_proto::{FrameHeader, RecordHeader, FRAME_MAGIC, RECORD_HEADER_BYTES, 
 
 use super::buf::AlignedBuf;
 use super::io::{msghdr_for, Io, Op};
+use super::wire::Wire;
 use crate::core::group::errno_text;
 
 const RECV_BUF_BYTES: usize = 1 << 20;
@@ -32,6 +32,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Declare the peer lost when nothing arrived for this long.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A message channel (RDMA) keeps polling for this long after it last
+/// moved bytes before it sleeps on its completion descriptor.
+pub(super) const BUSY_POLL_BUDGET: Duration = Duration::from_micros(50);
 
 /// The bytes of a frame payload: a range of a shared buffer.
 #[derive(Debug, Clone)]
@@ -65,7 +68,7 @@ impl OutFrame {
         }
     }
 
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.segments().iter().map(|s| s.len()).sum()
     }
 
@@ -81,14 +84,23 @@ impl OutFrame {
     }
 
     fn push_iovecs(&self, iovecs: &mut Vec<libc::iovec>) {
+        for rest in self.unsent() {
+            iovecs.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        }
+    }
+
+    /// The bytes not sent yet, in wire order.
+    pub(super) fn unsent(&self) -> Vec<&[u8]> {
         let mut skip = self.sent;
+        let mut parts = Vec::with_capacity(4);
         for segment in self.segments() {
             let rest = &segment[skip.min(segment.len())..];
             skip = skip.saturating_sub(segment.len());
             if !rest.is_empty() {
-                iovecs.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+                parts.push(rest);
             }
         }
+        parts
     }
 
     /// Seals the frame for its channel. An encrypted payload goes into a
@@ -141,37 +153,39 @@ struct SealedGather {
 }
 
 /// A replication connection as the control plane hands it to the core:
-/// the socket and, unless the partnership's encryption is `none`, its seal.
+/// its transport and, unless the partnership's encryption is `none`, its seal.
 #[derive(Debug)]
 pub struct PeerChannel {
-    pub stream: TcpStream,
+    pub wire: Wire,
     pub seal: Option<ChannelSeal>,
 }
 
 /// One replication connection (a channel of a [`super::peer_session::PeerSession`]).
 pub struct PeerConn {
-    pub stream: TcpStream,
+    pub wire: Wire,
     pub peer: String,
+    /// A message channel polls until then before it sleeps.
+    pub(super) busy_until: Instant,
     sector_bytes: usize,
     seal: Option<ChannelSeal>,
     sealed_gather: Option<SealedGather>,
     /// A received frame failed authentication (the channel is closing).
     pub rejected: bool,
-    rbuf: Box<[u8]>,
+    pub(super) rbuf: Box<[u8]>,
     rstart: usize,
-    rend: usize,
+    pub(super) rend: usize,
     gather: Option<Gather>,
     pub recv_inflight: bool,
     pub send_inflight: bool,
     send_broken: bool,
     pub closing: bool,
     pub close_reason: String,
-    queue: VecDeque<OutFrame>,
+    pub(super) queue: VecDeque<OutFrame>,
     pub queued_bytes: usize,
     pub received: VecDeque<InFrame>,
     received_bytes_pending: usize,
     last_recv: Instant,
-    last_send: Instant,
+    pub(super) last_send: Instant,
     /// When this channel last carried a heartbeat (see [`PROGRESS_INTERVAL`]).
     pub last_heartbeat: Instant,
     pub bytes_sent: u64,
@@ -187,12 +201,13 @@ pub struct PeerConn {
 impl PeerConn {
     #[must_use]
     pub fn new(channel: PeerChannel, sector_bytes: usize) -> Self {
-        let PeerChannel { stream, seal } = channel;
-        let peer = stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        let PeerChannel { wire, seal } = channel;
+        let peer = wire.peer();
         let now = Instant::now();
         Self {
-            stream,
+            wire,
             peer,
+            busy_until: now,
             sector_bytes,
             seal,
             sealed_gather: None,
@@ -245,8 +260,13 @@ impl PeerConn {
             self.closing = true;
             self.close_reason = reason.to_owned();
         }
-        // SAFETY: shutdown on a socket this connection owns wakes pending IO.
-        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
+        match &mut self.wire {
+            // SAFETY: shutdown on a socket this connection owns wakes pending IO.
+            Wire::Tcp(stream) => unsafe {
+                libc::shutdown(stream.as_raw_fd(), libc::SHUT_RDWR);
+            },
+            Wire::Message(wire) => wire.disconnect(),
+        }
     }
 
     #[must_use]
@@ -276,9 +296,14 @@ impl PeerConn {
     /// Posts a receive and a send as needed; `key` and `channel` name this
     /// connection in its session.
     pub fn post_io(&mut self, io: &mut Io, key: usize, channel: usize) {
-        let room = self.received.len() < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
-        if !self.closing && !self.recv_inflight && room && self.rend < self.rbuf.len() {
-            let fd = types::Fd(self.stream.as_raw_fd());
+        let fd = match &self.wire {
+            Wire::Tcp(stream) => types::Fd(stream.as_raw_fd()),
+            Wire::Message(_) => {
+                self.drive_message_wire(io, key, channel);
+                return;
+            }
+        };
+        if !self.closing && !self.recv_inflight && self.has_room() {
             // SAFETY: rend < rbuf.len().
             let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rend) };
             let len = (self.rbuf.len() - self.rend) as u32;
@@ -286,11 +311,17 @@ impl PeerConn {
             io.submit(Op::PeerRecv { peer: key, channel }, |_| opcode::Recv::new(fd, ptr, len).build());
         }
         if !self.closing && !self.send_inflight && !self.send_broken && !self.queue.is_empty() {
-            self.post_send(io, key, channel);
+            self.post_send(io, key, channel, fd);
         }
     }
 
-    fn post_send(&mut self, io: &mut Io, key: usize, channel: usize) {
+    /// Whether received frames leave room to take more bytes.
+    pub(super) fn has_room(&self) -> bool {
+        let room = self.received.len() < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
+        room && self.rend < self.rbuf.len()
+    }
+
+    fn post_send(&mut self, io: &mut Io, key: usize, channel: usize, fd: types::Fd) {
         let count = self.queue.len().min(MAX_SEND_FRAMES);
         let frames: Vec<OutFrame> = self.queue.drain(..count).collect();
         let mut iovecs = Vec::with_capacity(frames.len() * 2);
@@ -301,7 +332,6 @@ impl PeerConn {
         let msghdr = msghdr_for(&iovecs);
         self.send_inflight = true;
         self.send_posted = Some(Instant::now());
-        let fd = types::Fd(self.stream.as_raw_fd());
         io.submit(Op::PeerSend { peer: key, channel, frames, iovecs, msghdr }, |op| {
             let Op::PeerSend { msghdr, .. } = op else { unreachable!() };
             opcode::SendMsg::new(fd, &**msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
@@ -353,8 +383,13 @@ impl PeerConn {
             // Nothing after a rejected or malformed frame is ever parsed.
             return;
         }
-        self.rend += result as usize;
-        self.bytes_received += result as u64;
+        self.received_bytes(result as usize);
+    }
+
+    /// `count` bytes arrived at `rend`: parses every complete frame.
+    pub(super) fn received_bytes(&mut self, count: usize) {
+        self.rend += count;
+        self.bytes_received += count as u64;
         self.last_recv = Instant::now();
         if let Err(reason) = self.parse() {
             self.close(&reason);

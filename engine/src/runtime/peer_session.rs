@@ -22,16 +22,20 @@ use super::peer_conn::{InFrame, OutFrame, PeerChannel, PeerConn};
 /// Most data channels a partnership may have (the superblock allows 16).
 pub const MAX_CHANNELS: usize = 16;
 
-/// The rotation of the ordered stream over the channels.
+/// The rotation of the ordered stream over the channels `first..channels`.
 #[derive(Debug, Clone, Copy)]
 struct Rotation {
+    first: usize,
     channels: usize,
     next: usize,
 }
 
 impl Rotation {
     fn advance(&mut self) {
-        self.next = (self.next + 1) % self.channels;
+        self.next += 1;
+        if self.next == self.channels {
+            self.next = self.first;
+        }
     }
 }
 
@@ -50,8 +54,12 @@ impl PeerSession {
     pub fn new(id: u64, channels: Vec<PeerChannel>, group: usize, sector_bytes: usize) -> Self {
         assert!((1..=MAX_CHANNELS).contains(&channels.len()), "a session has 1..={MAX_CHANNELS} channels");
         let count = channels.len();
+        // A TCP channel 0 before message (RDMA) channels is the control
+        // channel: the ordered stream rotates over the others only.
+        let control_only = count > 1 && channels[0].wire.is_tcp() && channels[1..].iter().all(|c| !c.wire.is_tcp());
+        let first = usize::from(control_only);
         let channels = channels.into_iter().map(|c| PeerConn::new(c, sector_bytes)).collect();
-        let rotation = Rotation { channels: count, next: 0 };
+        let rotation = Rotation { first, channels: count, next: first };
         Self { id, group, channels, send_rotation: rotation, recv_rotation: rotation }
     }
 
@@ -62,19 +70,15 @@ impl PeerSession {
     }
 
     #[must_use]
+    /// Data channels (a TCP control channel before RDMA ones is not one).
     pub fn channel_count(&self) -> usize {
-        self.channels.len()
+        self.channels.len() - self.send_rotation.first
     }
 
-    /// Each channel as "LOCAL -> REMOTE".
+    /// Each channel as "TRANSPORT [DEVICE PORT GID] LOCAL -> REMOTE".
     #[must_use]
     pub fn channel_addresses(&self) -> Vec<String> {
-        let text =
-            |a: std::io::Result<std::net::SocketAddr>| a.map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-        self.channels
-            .iter()
-            .map(|c| format!("{} -> {}", text(c.stream.local_addr()), text(c.stream.peer_addr())))
-            .collect()
+        self.channels.iter().map(|c| c.wire.describe()).collect()
     }
 
     /// Queues a frame: ordered frames in rotation, the others on channel 0.
@@ -161,6 +165,10 @@ impl PeerSession {
         }
     }
 
+    pub fn poll_done(&mut self, channel: usize) {
+        self.channels[channel].poll_done();
+    }
+
     pub fn recv_done(&mut self, channel: usize, result: i32) {
         self.channels[channel].recv_done(result);
     }
@@ -209,7 +217,26 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _accepted = listener.accept().unwrap();
-        PeerChannel { stream, seal: None }
+        PeerChannel { wire: crate::runtime::wire::Wire::Tcp(stream), seal: None }
+    }
+
+    /// Over RDMA, channel 0 (TCP) is the control channel: ordered frames
+    /// rotate over the message channels only, heartbeats and acknowledgements
+    /// use channel 0, and the data channels are what status counts.
+    #[test]
+    fn a_tcp_control_channel_before_message_channels_carries_no_ordered_frame() {
+        let message = || {
+            let (end, _peer) = crate::runtime::peer_conn_wire::mock::pair(4, 1024);
+            PeerChannel { wire: crate::runtime::wire::Wire::Message(Box::new(end)), seal: None }
+        };
+        let mut session = PeerSession::new(1, vec![loopback_pair(), message(), message()], 0, 512);
+        assert_eq!(session.channel_count(), 2);
+        for lsn in 1..=6 {
+            session.send(OutFrame::new(FrameHeader::new(FrameKind::Barrier, 0, 0, lsn, 0, 0).as_bytes(), None));
+        }
+        session.send(OutFrame::new(FrameHeader::new(FrameKind::Ack, 0, 0, 9, 0, 0).as_bytes(), None));
+        let queued: Vec<usize> = session.channels.iter().map(PeerConn::queued_frames).collect();
+        assert_eq!(queued, vec![1, 3, 3], "channel 0 has only the acknowledgement");
     }
 
     /// Channels sealed with `protection` for `side`, keyed by a fixed

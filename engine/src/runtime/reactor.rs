@@ -72,7 +72,13 @@ pub enum CoreMsg {
         persisted: Sender<Result<(), String>>,
     },
     /// Set a partnership's network constraint on this side; answers once durable.
-    SetChannelPolicy { group: String, network: [u8; 64], encryption: u32, reply: Sender<Result<(), String>> },
+    SetChannelPolicy {
+        group: String,
+        network: [u8; 64],
+        encryption: u32,
+        transport: u32,
+        reply: Sender<Result<(), String>>,
+    },
     /// Change a partnership's mode (`MODE_SYNC` / `MODE_ASYNC`); answers once durable.
     SetMode { group: String, mode: u32, reply: Sender<Result<(), String>> },
     /// Close the group's connections, drain, checkpoint and release its files.
@@ -261,6 +267,7 @@ impl Reactor {
     fn dispatch(&mut self, op: Op, result: i32) {
         match op {
             Op::Wake { .. } => self.arm_wake(),
+            Op::LinkTimeout { .. } => {}
             Op::Timer { .. } => {
                 let now_ms = self.started.elapsed().as_millis() as u64;
                 for group in self.groups.iter_mut().flatten() {
@@ -294,6 +301,7 @@ impl Reactor {
             }
             Op::Send { conn, chunks, .. } => self.conns[conn].send_done(chunks, result),
             Op::PeerRecv { peer, channel } => self.peers[peer].recv_done(channel, result),
+            Op::PeerPoll { peer, channel } => self.peers[peer].poll_done(channel),
             Op::PeerSend { peer, channel, frames, .. } => self.peers[peer].send_done(channel, frames, result),
             Op::LogRead { group, slot, lsn, buf } => self.group(group).log_read_done(slot, lsn, buf, result),
             Op::ChunkRead { group, slot, chunk, buf } => self.group(group).chunk_read_done(slot, chunk, buf, result),
@@ -380,9 +388,9 @@ impl Reactor {
                     };
                     let _ = reply.send(answer);
                 }
-                CoreMsg::SetChannelPolicy { group, network, encryption, reply } => {
+                CoreMsg::SetChannelPolicy { group, network, encryption, transport, reply } => {
                     match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.set_channel_policy(network, encryption, reply),
+                        Some(rt) => rt.set_channel_policy(network, (encryption, transport), reply),
                         None => {
                             let _ = reply.send(Err(format!("group {group} is not served by this core")));
                         }

@@ -113,7 +113,11 @@ impl Reactor {
             return Err(format!("group {group} already has a replication connection"));
         }
         let rt = self.groups[index].as_mut().expect("found");
-        let expected = rt.superblock.partnership.channels as usize;
+        // Over RDMA, channel 0 (TCP, where the TLS handshake ran) carries
+        // only heartbeats and acknowledgements, and the data channels are
+        // the partnership's `channels` queue pairs after it.
+        let over_rdma = rt.superblock.transport == tandem_proto::TRANSPORT_RDMA;
+        let expected = rt.superblock.partnership.channels as usize + usize::from(over_rdma);
         if channels.len() != expected {
             return Err(format!(
                 "group {group}'s partnership has {expected} channel(s) but {} connected",
@@ -122,8 +126,10 @@ impl Reactor {
         }
         let sector = rt.sector_bytes();
         for channel in &channels {
-            let _ = channel.stream.set_nodelay(true);
-            crate::runtime::net::set_socket_buffers(&channel.stream, self.peer_defaults.socket_buffer_bytes);
+            if let crate::runtime::wire::Wire::Tcp(stream) = &channel.wire {
+                let _ = stream.set_nodelay(true);
+                crate::runtime::net::set_socket_buffers(stream, self.peer_defaults.socket_buffer_bytes);
+            }
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;

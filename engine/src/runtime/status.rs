@@ -92,6 +92,9 @@ pub struct PartnershipStatus {
     /// How the channels' frames are protected: aes-128-gcm, sign or none.
     #[serde(default)]
     pub encryption: String,
+    /// The data channels' transport: tcp or rdma.
+    #[serde(default)]
+    pub transport: String,
     /// Frames that failed authentication (each reset its session).
     #[serde(default)]
     pub frames_rejected: u64,

@@ -275,6 +275,10 @@ enum PartnershipCommand {
         /// node of the cluster CA is accepted and its name kept for every reconnection).
         #[arg(long)]
         destination_node: Option<String>,
+        /// The data channels' transport: rdma (RoCE, iWARP or InfiniBand queue pairs, one per
+        /// channel), tcp, or auto (rdma when both nodes have an active RDMA device on the path).
+        #[arg(long, value_parser = ["rdma", "tcp", "auto"], default_value = "auto")]
+        transport: String,
     },
     /// Show the partnerships of this node (or of one group).
     Show {
@@ -483,6 +487,7 @@ fn run(cli: &Cli) -> Result<(), CallError> {
             destination_network,
             encryption,
             destination_node,
+            transport,
         }) => {
             let request = Request::PartnershipCreate {
                 source_group: source_group.clone(),
@@ -495,6 +500,7 @@ fn run(cli: &Cli) -> Result<(), CallError> {
                 destination_network: destination_network.clone(),
                 encryption: encryption.clone(),
                 destination_node: destination_node.clone(),
+                transport: transport.clone(),
             };
             print_message(&call(&cli.api, &request)?);
         }

@@ -1,0 +1,169 @@
+//! Partnership data channels over RDMA (`--transport rdma|tcp|auto`).
+//!
+//! Channel 0 stays the TCP connection where the TLS handshake runs (it then
+//! carries heartbeats and acknowledgements); data channels 1..=N are RC
+//! queue pairs that rdma_cm connects to the destination's RDMA listener on
+//! the replication address and port. A data channel's first message is its
+//! Join handshake line (the same as on TCP, with its proof bound to channel
+//! 0's TLS session); the answer comes back as a message. From then on it
+//! carries sealed frames like a TCP channel, driven by the group's core.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_engine::runtime::wire::Wire;
+use tandem_proto::{TRANSPORT_RDMA, TRANSPORT_TCP};
+use tandem_transport_rdma::wire::RdmaWire;
+use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
+
+use crate::channel_join::JoiningSessions;
+use crate::daemon::Daemon;
+use crate::replication::{Answer, Hello};
+
+/// The superblock's code of a transport's name ("rdma"; anything else is TCP).
+#[must_use]
+pub fn transport_code(name: &str) -> u32 {
+    if name == "rdma" {
+        TRANSPORT_RDMA
+    } else {
+        TRANSPORT_TCP
+    }
+}
+
+/// The channel sizes of this node's configuration (both nodes need the same).
+#[must_use]
+pub fn channel_config(daemon: &Daemon) -> ChannelConfig {
+    let r = &daemon.config.replication;
+    ChannelConfig { message_bytes: r.rdma_message_bytes, window: r.rdma_window, timeout: Duration::from_secs(10) }
+}
+
+/// Whether this side can use RDMA from `local`: the device, port and GID of
+/// the path, or why not with the fix.
+pub fn local_path(local: IpAddr) -> Result<String, String> {
+    let path = tandem_transport_rdma::devices::path_for(local)?;
+    Ok(format!("{} port {} gid {}", path.device, path.port, path.gid))
+}
+
+/// The transport a new partnership uses: `requested` (rdma, tcp or auto)
+/// against this side's path from `local` and the destination's RDMA
+/// listener (`destination_rdma`: ready, or why not).
+pub fn choose(requested: &str, local: IpAddr, destination_rdma: Result<(), String>) -> Result<&'static str, String> {
+    let here = local_path(local);
+    match requested {
+        "tcp" => Ok("tcp"),
+        "auto" => Ok(if here.is_ok() && destination_rdma.is_ok() { "rdma" } else { "tcp" }),
+        "rdma" => {
+            here.map_err(|reason| format!("--transport rdma: this node cannot use RDMA from {local}: {reason}"))?;
+            destination_rdma.map_err(|reason| format!("--transport rdma: the destination cannot: {reason}"))?;
+            Ok("rdma")
+        }
+        other => Err(format!("--transport {other}: use rdma, tcp or auto")),
+    }
+}
+
+/// Opens data channels 1..=`channels` over RDMA to the destination whose
+/// control connection runs from `local` to `remote`, each joining with the
+/// Join line `join(channel)`.
+pub fn connect_channels(
+    daemon: &Daemon,
+    (local, remote): (IpAddr, SocketAddr),
+    channels: u32,
+    join: impl Fn(u32) -> Hello,
+) -> Result<Vec<Wire>, String> {
+    let config = channel_config(daemon);
+    let mut wires = Vec::new();
+    for channel in 1..=channels {
+        let mut rdma = RdmaChannel::connect(remote, config)
+            .map_err(|reason| format!("RDMA data channel {channel} to {remote}: {reason}"))?;
+        let line = serde_json::to_vec(&join(channel)).map_err(|e| e.to_string())?;
+        rdma.send(&line)?;
+        let answer: Answer = serde_json::from_slice(&rdma.recv()?)
+            .map_err(|e| format!("RDMA data channel {channel}: a malformed answer: {e}"))?;
+        if !answer.ok {
+            let reason = answer.error.unwrap_or_default();
+            return Err(format!("RDMA data channel {channel} was refused: {reason}"));
+        }
+        wires.push(Wire::Message(Box::new(RdmaWire::new(rdma, local, remote.to_string()))));
+    }
+    Ok(wires)
+}
+
+/// Listens for RDMA data channels on the replication address when this node
+/// has a path there; records in `daemon.rdma` whether it does and why not.
+pub fn start_listener(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>) {
+    let address = daemon.config.node.replication_listen;
+    let ready = if address.ip().is_unspecified() {
+        tandem_transport_rdma::devices::list().map(|_| ())
+    } else {
+        local_path(address.ip()).map(|_| ())
+    };
+    let listener = ready.and_then(|()| RdmaListener::bind(address, channel_config(daemon)));
+    match listener {
+        Ok(listener) => {
+            tracing::info!(%address, "listening for RDMA data channels");
+            daemon.set_rdma_state(Ok(()));
+            let (daemon, sessions) = (Arc::clone(daemon), Arc::clone(sessions));
+            let spawned = std::thread::Builder::new()
+                .name("tandem-rdma-accept".into())
+                .spawn(move || accept_loop(&daemon, &sessions, &listener));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the RDMA listener thread");
+            }
+        }
+        Err(reason) => {
+            tracing::info!(%address, %reason, "no RDMA listener: partnerships into this node use TCP");
+            daemon.set_rdma_state(Err(reason));
+        }
+    }
+}
+
+fn accept_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, listener: &RdmaListener) {
+    loop {
+        match listener.accept() {
+            Ok(channel) => {
+                let (daemon, sessions) = (Arc::clone(daemon), Arc::clone(sessions));
+                let spawned = std::thread::Builder::new().name("tandem-rdma-join".into()).spawn(move || {
+                    if let Err(reason) = join(&daemon, &sessions, channel) {
+                        tracing::warn!(%reason, "RDMA data channel refused");
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start an RDMA join thread");
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "accepting an RDMA data channel failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// A data channel's Join: checked against its session, answered, added.
+fn join(daemon: &Daemon, sessions: &JoiningSessions, mut channel: RdmaChannel) -> Result<(), String> {
+    let hello: Hello =
+        serde_json::from_slice(&channel.recv()?).map_err(|e| format!("a malformed join over RDMA: {e}"))?;
+    let group = hello.destination_group.clone();
+    let proof = Some(hello.join_proof.as_str());
+    let checked = if hello.channel == 0 {
+        Err("channel 0 is the control connection; it does not join".to_owned())
+    } else {
+        sessions.check(&group, &hello.partnership_id, hello.session, hello.channel, proof)
+    };
+    let reply = Answer {
+        ok: checked.is_ok(),
+        error: checked.as_ref().err().cloned(),
+        destination_node: daemon.config.node.name.clone(),
+        ..Answer::default()
+    };
+    channel.send(&serde_json::to_vec(&reply).map_err(|e| e.to_string())?)?;
+    checked?;
+    let local = daemon.config.node.replication_listen.ip();
+    let wire = Wire::Message(Box::new(RdmaWire::new(channel, local, format!("{} (source)", hello.source_node))));
+    let joined = sessions.add(&group, &hello.partnership_id, hello.session, hello.channel, wire, proof)?;
+    match joined {
+        Some(channels) => daemon.attach_peer(&group, channels, None),
+        None => Ok(()),
+    }
+}
