@@ -168,6 +168,8 @@ pub struct RdmaChannel {
     /// [`Self::send`] waited for a credit, so both ends waiting to send
     /// still grant each other their buffers.
     spilled: VecDeque<Vec<u8>>,
+    /// Work completions of one poll (work request id, status, bytes, opcode).
+    completed: Vec<(u64, u32, u32, u32)>,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
 }
@@ -246,6 +248,7 @@ impl RdmaChannel {
             received: VecDeque::new(),
             taken_of_first: 0,
             spilled: VecDeque::new(),
+            completed: Vec::new(),
             messages_sent: 0,
             credit_messages_sent: 0,
         })
@@ -532,7 +535,9 @@ impl RdmaChannel {
     /// payloads, their buffers posted again) and finished sends. True when
     /// there was any.
     fn poll(&mut self) -> Result<bool, String> {
-        let mut done = Vec::new();
+        // Reused between polls: a busy-polling core allocates nothing here.
+        let mut done = std::mem::take(&mut self.completed);
+        done.clear();
         if let Ok(poller) = self.cq.start_poll() {
             for wc in poller {
                 done.push((wc.wr_id(), wc.status(), wc.byte_len(), wc.opcode()));
@@ -552,6 +557,7 @@ impl RdmaChannel {
             self.take_received(slot, byte_len as usize)?;
         }
         let any = !done.is_empty();
+        self.completed = done;
         self.grant_if_owed()?;
         Ok(any)
     }
