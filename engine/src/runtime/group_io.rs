@@ -298,11 +298,9 @@ impl GroupRt {
                 // The round's volume changes keep their blocks in the
                 // snapshots first, made durable together (one pair of
                 // fdatasyncs for the round, not for each write).
-                Action::Apply(op) => self.snapshots.preserve(
-                    &self.volumes,
-                    (op.volume_index, op.offset, u64::from(op.length)),
-                    None,
-                ),
+                Action::Apply(op) => {
+                    self.snapshots.preserve(&self.volumes, (op.volume_index, op.offset, u64::from(op.length)), None)
+                }
                 _ => {}
             }
         }
