@@ -72,3 +72,26 @@ impl Writer<'_> {
         }
     }
 }
+
+/// A writer on its own thread against `node`'s export `export`, from inside
+/// network namespace 0 of `net` when the nodes run in namespaces; its
+/// writes start after sequence number `first_seq` (writers sharing a model
+/// need distinct ones). The thread returns the last sequence number.
+#[must_use]
+pub fn spawn(
+    net: Option<&std::sync::Arc<crate::netns::NetPair>>,
+    node: &crate::Node,
+    (export, size_bytes): (&str, u64),
+    (first_seq, seed): (u64, u64),
+    model: &std::sync::Arc<Mutex<WriteModel>>,
+    stop: &std::sync::Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let (model, stop, net) = (std::sync::Arc::clone(model), std::sync::Arc::clone(stop), net.cloned());
+    let (host, port, export) = (node.host.clone(), node.nbd_port, export.to_owned());
+    std::thread::spawn(move || {
+        if let Some(net) = &net {
+            net.enter(0);
+        }
+        Writer { host: &host, port, export, size_bytes, model: &model, stop: &stop }.run(first_seq, seed)
+    })
+}

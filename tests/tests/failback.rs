@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tandem_tests::pattern::{WriteModel, BLOCK_BYTES};
 use tandem_tests::run_ok;
-use tandem_tests::writer::Writer;
+use tandem_tests::writer;
 
 const VOLUME_BYTES: u64 = 64 << 20;
 
@@ -38,17 +38,7 @@ fn a_returning_source_is_fenced_lists_what_diverged_and_fails_back_moving_only_d
     // Async: writes acknowledged on node-a may not have reached node-b when it dies.
     let model = Arc::new(Mutex::new(WriteModel::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (model, stop, port, host) = (Arc::clone(&model), Arc::clone(&stop), a.nbd_port, a.host.clone());
-        let net = net.clone();
-        std::thread::spawn(move || {
-            if let Some(net) = &net {
-                net.enter(0);
-            }
-            let export = "rg01/data".to_owned();
-            Writer { host: &host, port, export, size_bytes: VOLUME_BYTES, model: &model, stop: &stop }.run(0, 11)
-        })
-    };
+    let writer = writer::spawn(net.as_ref(), &a, ("rg01/data", VOLUME_BYTES), (0, 11), &model, &stop);
     std::thread::sleep(Duration::from_millis(800));
     // The source's site is lost: its link goes down and it dies.
     if let Some(net) = &net {

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tandem_tests::pattern::{check_acknowledged, WriteModel};
-use tandem_tests::writer::Writer;
+use tandem_tests::writer;
 use tandem_tests::{run_ok, Node};
 
 const LAB_IP: &str = "10.77.0.1";
@@ -77,15 +77,9 @@ fn an_async_partnership_over_rdma_converges() {
 
 /// Writers through NBD until stopped, recording what was acknowledged.
 fn writers(a: &Node, count: usize, model: &Arc<Mutex<WriteModel>>, stop: &Arc<AtomicBool>) -> Vec<JoinHandle<u64>> {
-    (0..count)
-        .map(|seed| {
-            let (model, stop, host, port) = (Arc::clone(model), Arc::clone(stop), a.host.clone(), a.nbd_port);
-            std::thread::spawn(move || {
-                let export = "rg01/data".to_owned();
-                let writer = Writer { host: &host, port, export, size_bytes: VOLUME_BYTES, model: &model, stop: &stop };
-                writer.run(seed as u64 * 1_000_000_000, seed as u64 + 5)
-            })
-        })
+    // Writers share the model: each numbers its writes from its own billion.
+    (0..count as u64)
+        .map(|seed| writer::spawn(None, a, ("rg01/data", VOLUME_BYTES), (seed * 1_000_000_000, seed + 5), model, stop))
         .collect()
 }
 

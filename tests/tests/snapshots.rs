@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tandem_tests::netns::NetPair;
 use tandem_tests::pattern::WriteModel;
-use tandem_tests::writer::Writer;
+use tandem_tests::writer;
 use tandem_tests::{run_ok, Node};
 
 const DATA_BYTES: u64 = 24 << 20;
@@ -32,16 +32,9 @@ impl Load {
             .into_iter()
             .enumerate()
             .map(|(seed, (volume, size_bytes))| {
-                let (stop, host, port, net) = (Arc::clone(&stop), a.host.clone(), a.nbd_port, net.cloned());
-                std::thread::spawn(move || {
-                    if let Some(net) = &net {
-                        net.enter(0);
-                    }
-                    let model = Mutex::new(WriteModel::default());
-                    let export = format!("rg01/{volume}");
-                    let writer = Writer { host: &host, port, export, size_bytes, model: &model, stop: &stop };
-                    writer.run(0, seed as u64 + 11)
-                })
+                let model = Arc::new(Mutex::new(WriteModel::default()));
+                let export = format!("rg01/{volume}");
+                writer::spawn(net, a, (&export, size_bytes), (0, seed as u64 + 11), &model, &stop)
             })
             .collect();
         Self { stop, writers }

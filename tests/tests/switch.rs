@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_tests::pattern::{check_acknowledged, WriteModel};
-use tandem_tests::writer::Writer;
+use tandem_tests::writer;
 use tandem_tests::{run_ok, Node};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,24 +36,7 @@ fn a_planned_switch_under_load_keeps_every_acknowledged_write_and_switches_back(
     // A client writes through node-a's export while the switch happens.
     let model = Arc::new(Mutex::new(WriteModel::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (model, stop, port, host) = (Arc::clone(&model), Arc::clone(&stop), a.nbd_port, a.host.clone());
-        let net = net.clone();
-        std::thread::spawn(move || {
-            if let Some(net) = &net {
-                net.enter(0);
-            }
-            let writer = Writer {
-                host: &host,
-                port,
-                export: "rg01/data".to_owned(),
-                size_bytes: VOLUME_BYTES,
-                model: &model,
-                stop: &stop,
-            };
-            writer.run(0, 7)
-        })
-    };
+    let writer = writer::spawn(net.as_ref(), &a, ("rg01/data", VOLUME_BYTES), (0, 7), &model, &stop);
     std::thread::sleep(Duration::from_millis(700));
     let switched = a.cli_ok(&["partnership", "switch", "--new-source", "node-b/rg02"]);
     assert!(switched.contains("node-b/rg02 is the source now"), "{switched}");

@@ -49,12 +49,13 @@ pub fn local_path(local: IpAddr) -> Result<String, String> {
 /// against this side's path from `local` and the destination's RDMA
 /// listener (`destination_rdma`: ready, or why not).
 pub fn choose(requested: &str, local: IpAddr, destination_rdma: Result<(), String>) -> Result<&'static str, String> {
-    let here = local_path(local);
+    // TCP asks nothing of the RDMA devices (nor loads the verbs library).
     match requested {
         "tcp" => Ok("tcp"),
-        "auto" => Ok(if here.is_ok() && destination_rdma.is_ok() { "rdma" } else { "tcp" }),
+        "auto" => Ok(if destination_rdma.is_ok() && local_path(local).is_ok() { "rdma" } else { "tcp" }),
         "rdma" => {
-            here.map_err(|reason| format!("--transport rdma: this node cannot use RDMA from {local}: {reason}"))?;
+            local_path(local)
+                .map_err(|reason| format!("--transport rdma: this node cannot use RDMA from {local}: {reason}"))?;
             destination_rdma.map_err(|reason| format!("--transport rdma: the destination cannot: {reason}"))?;
             Ok("rdma")
         }
@@ -151,12 +152,7 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut channel: RdmaChannel) -
     } else {
         sessions.check(&group, &hello.partnership_id, hello.session, hello.channel, proof)
     };
-    let reply = Answer {
-        ok: checked.is_ok(),
-        error: checked.as_ref().err().cloned(),
-        destination_node: daemon.config.node.name.clone(),
-        ..Answer::default()
-    };
+    let reply = Answer::join_outcome(&daemon.config.node.name, &checked);
     channel.send(&serde_json::to_vec(&reply).map_err(|e| e.to_string())?)?;
     checked?;
     let local = daemon.config.node.replication_listen.ip();

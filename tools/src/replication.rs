@@ -340,6 +340,19 @@ pub(crate) fn hello_for(
     }
 }
 
+impl Answer {
+    /// Node `node`'s yes to a data channel's Join, or its refusal with the reason.
+    #[must_use]
+    pub fn join_outcome<T>(node: &str, result: &Result<T, String>) -> Self {
+        Self {
+            ok: result.is_ok(),
+            error: result.as_ref().err().cloned(),
+            destination_node: node.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
 fn exchange(stream: &mut (impl Read + Write), hello: &Hello) -> Result<Answer, String> {
     write_line(stream, hello)?;
     let answer: Answer = read_line(stream)?;
@@ -500,29 +513,34 @@ fn join_channels(
     hello: &Hello,
     session: u64,
 ) -> Result<Vec<PeerChannel>, String> {
-    if hello.transport == "rdma" {
-        // Channel 0 (TCP) and the partnership's channels over RDMA after it.
-        let keys = first.session_keys(&hello.encryption, hello.channels + 1)?;
-        let tcp = first.into_tcp();
-        let ends = (tcp.local_addr().map_err(|e| e.to_string())?.ip(), tcp.peer_addr().map_err(|e| e.to_string())?);
-        let join = |channel| {
-            let join_proof = keys.as_ref().map(|k| k.join_proof(session, channel)).unwrap_or_default();
-            Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() }
-        };
-        let mut wires = vec![Wire::Tcp(tcp)];
-        wires.extend(crate::rdma_link::connect_channels(daemon, ends, hello.channels, join)?);
-        return Ok(secure_channel::sealed_channels(wires, keys.as_ref(), Side::Source));
-    }
-    let keys = first.session_keys(&hello.encryption, hello.channels)?;
-    let mut streams = vec![Wire::Tcp(first.into_tcp())];
-    for channel in 1..hello.channels {
-        let mut stream = connect(address, network)?;
+    let count = session_channel_count(hello);
+    let keys = first.session_keys(&hello.encryption, count)?;
+    let join = |channel| {
         let join_proof = keys.as_ref().map(|k| k.join_proof(session, channel)).unwrap_or_default();
-        let join = Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() };
-        exchange(&mut stream, &join).map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
-        streams.push(Wire::Tcp(stream));
+        Hello { action: HelloAction::Join, session, channel, join_proof, ..hello.clone() }
+    };
+    let tcp = first.into_tcp();
+    let mut wires = Vec::with_capacity(count as usize);
+    if hello.transport == "rdma" {
+        let ends = (tcp.local_addr().map_err(|e| e.to_string())?.ip(), tcp.peer_addr().map_err(|e| e.to_string())?);
+        wires.push(Wire::Tcp(tcp));
+        wires.extend(crate::rdma_link::connect_channels(daemon, ends, hello.channels, join)?);
+    } else {
+        wires.push(Wire::Tcp(tcp));
+        for channel in 1..count {
+            let mut stream = connect(address, network)?;
+            exchange(&mut stream, &join(channel))
+                .map_err(|reason| format!("data channel {channel} was refused: {reason}"))?;
+            wires.push(Wire::Tcp(stream));
+        }
     }
-    Ok(secure_channel::sealed_channels(streams, keys.as_ref(), Side::Source))
+    Ok(secure_channel::sealed_channels(wires, keys.as_ref(), Side::Source))
+}
+
+/// Connections of a session: the partnership's channels, and over RDMA the
+/// TCP control channel 0 before them.
+pub(crate) fn session_channel_count(hello: &Hello) -> u32 {
+    hello.channels + u32::from(hello.transport == "rdma")
 }
 
 /// Keeps every source group connected: tries again with a growing backoff.

@@ -132,8 +132,7 @@ fn serve_control(
                 let address = std::net::SocketAddr::new(ip, hello.replication_port).to_string();
                 daemon.remember_source_address(&hello.destination_group, address);
             }
-            // Over RDMA, channel 0 (this connection) comes before the data channels.
-            let count = hello.channels + u32::from(hello.transport == "rdma");
+            let count = crate::replication::session_channel_count(&hello);
             let keys = control.session_keys(&hello.encryption, count)?;
             reply.session = sessions.open(&hello.destination_group, &hello.partnership_id, count, keys);
         }
@@ -185,12 +184,7 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut stream: TcpStream, hell
             let proof = Some(hello.join_proof.as_str());
             sessions.add(group, &hello.partnership_id, hello.session, hello.channel, Wire::Tcp(kept), proof)
         });
-    let reply = Answer {
-        ok: joined.is_ok(),
-        error: joined.as_ref().err().cloned(),
-        destination_node: daemon.config.node.name.clone(),
-        ..Answer::default()
-    };
+    let reply = Answer::join_outcome(&daemon.config.node.name, &joined);
     write_line(&mut stream, &reply)?;
     attach_joined(daemon, group, joined?)
 }

@@ -309,10 +309,7 @@ impl RdmaChannel {
             if let Some(message) = self.spilled.pop_front() {
                 return Ok(message);
             }
-            if let Some(&(slot, length)) = self.received.front() {
-                let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
-                let message = self.memory[start..start + length - self.taken_of_first].to_vec();
-                self.release_first()?;
+            if let Some(message) = self.take_first_message()? {
                 return Ok(message);
             }
             if !self.poll()? && !self.wait_for_completion(deadline)? {
@@ -376,12 +373,6 @@ impl RdmaChannel {
         Ok(copied)
     }
 
-    /// Whether taken messages left grants owed or received bytes wait.
-    #[must_use]
-    pub fn has_received(&self) -> bool {
-        !self.received.is_empty()
-    }
-
     /// Arms the completion queue so that [`Self::completion_fd`] becomes
     /// readable at the next completion. False when completions came
     /// meanwhile (poll again instead of sleeping).
@@ -420,12 +411,20 @@ impl RdmaChannel {
 
     /// Copies every received message out of its buffer (which is granted back).
     fn spill_received(&mut self) -> Result<(), String> {
-        while let Some(&(slot, length)) = self.received.front() {
-            let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
-            self.spilled.push_back(self.memory[start..start + length - self.taken_of_first].to_vec());
-            self.release_first()?;
+        while let Some(message) = self.take_first_message()? {
+            self.spilled.push_back(message);
         }
         self.grant_if_owed()
+    }
+
+    /// What is left of the first received message, copied out; its buffer
+    /// is posted again and granted back.
+    fn take_first_message(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let Some(&(slot, length)) = self.received.front() else { return Ok(None) };
+        let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
+        let message = self.memory[start..start + length - self.taken_of_first].to_vec();
+        self.release_first()?;
+        Ok(Some(message))
     }
 
     /// The first received message was taken whole: its buffer is posted
@@ -494,14 +493,8 @@ impl RdmaChannel {
             }
             std::hint::spin_loop();
         }
-        // SAFETY: the completion queue lives as long as the channel.
-        let cq = unsafe { self.basic_cq.cq() }.as_ptr();
-        // SAFETY: arming a live completion queue for its next completion.
-        if unsafe { rdma_mummy_sys::ibv_req_notify_cq(cq, 0) } != 0 {
-            return Err("cannot arm the completion queue".to_owned());
-        }
         // A completion may have come between the last poll and arming.
-        if self.poll()? {
+        if !self.arm()? {
             return Ok(true);
         }
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
@@ -518,16 +511,7 @@ impl RdmaChannel {
         if ready == 0 {
             return Ok(Instant::now() < deadline);
         }
-        let mut event_cq = std::ptr::null_mut();
-        let mut context = std::ptr::null_mut();
-        // SAFETY: the channel is readable; the event names our queue, and
-        // is acknowledged at once (one event per arming).
-        unsafe {
-            let channel = self.completions.comp_channel().as_ptr();
-            if rdma_mummy_sys::ibv_get_cq_event(channel, &mut event_cq, &mut context) == 0 {
-                rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1);
-            }
-        }
+        self.notified();
         Ok(true)
     }
 

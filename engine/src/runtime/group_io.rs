@@ -295,16 +295,17 @@ impl GroupRt {
                     self.ship(io, group, (lsn, depends_on), position, end_position);
                 }
                 Action::SendRebase { lsn } => self.send_rebase(lsn),
-                // The round's volume changes keep their blocks in the
-                // snapshots first, made durable together (one pair of
-                // fdatasyncs for the round, not for each write).
-                Action::Apply(op) => {
-                    self.snapshots.preserve(&self.volumes, (op.volume_index, op.offset, u64::from(op.length)), None)
-                }
                 _ => {}
             }
         }
-        self.snapshots.commit();
+        // The round's volume changes keep their blocks in the snapshots
+        // first, made durable together (one pair of fdatasyncs for the
+        // round, not for each write).
+        let applies = actions.iter().filter_map(|action| match action {
+            Action::Apply(op) => Some((op.volume_index, op.offset, u64::from(op.length))),
+            _ => None,
+        });
+        self.keep_in_snapshots(applies);
         for action in actions {
             match action {
                 Action::Append(batch) => self.append(io, group, batch),

@@ -32,9 +32,6 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Declare the peer lost when nothing arrived for this long.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
-/// A message channel (RDMA) keeps polling for this long after it last
-/// moved bytes before it sleeps on its completion descriptor.
-pub(super) const BUSY_POLL_BUDGET: Duration = Duration::from_micros(50);
 
 /// The bytes of a frame payload: a range of a shared buffer.
 #[derive(Debug, Clone)]

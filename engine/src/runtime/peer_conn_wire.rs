@@ -7,9 +7,12 @@ use std::time::Instant;
 use io_uring::{opcode, types};
 
 use super::io::{Io, Op};
-use super::peer_conn::{PeerConn, BUSY_POLL_BUDGET};
+use super::peer_conn::PeerConn;
 use super::wire::Wire;
 
+/// A message channel keeps polling for this long after it last moved bytes
+/// before it sleeps on its completion descriptor.
+const BUSY_POLL_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 /// Longest sleep of a message channel on its completion descriptor.
 const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(100);
 

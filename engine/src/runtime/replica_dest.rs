@@ -279,6 +279,7 @@ impl GroupRt {
             self.held_volume_writes.push(held);
             return;
         }
+        self.keep_in_snapshots(std::iter::once((volume_index, offset, u64::from(length))));
         self.volume_writes_in_flight += 1;
         let volume = &self.volumes[usize::from(volume_index)];
         match payload {

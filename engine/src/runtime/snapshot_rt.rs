@@ -68,10 +68,7 @@ impl GroupRt {
             Err(reason) => EventKind::SnapshotFailed { name: name.clone(), lsn: apply.lsn, reason: reason.clone() },
         };
         self.pending_events.push(event);
-        if let Some(index) = self.snapshot_waiters.iter().position(|(id, _)| *id == apply.write_id) {
-            let (_, reply) = self.snapshot_waiters.swap_remove(index);
-            let _ = reply.send(taken.map(|_| apply.lsn));
-        }
+        self.answer_snapshot_waiter(apply.write_id, taken.map(|_| apply.lsn));
         // A snapshot that could not be taken is an event, never a failure
         // of the group: the volumes are whole without it.
         self.volume_writes_in_flight += 1;
@@ -80,14 +77,25 @@ impl GroupRt {
 
     /// A Snapshot record of this source failed before it was applied.
     pub(super) fn snapshot_write_failed(&mut self, id: crate::core::WriteId, reason: String) {
+        self.answer_snapshot_waiter(id, Err(reason));
+    }
+
+    /// Tells whoever asked for the Snapshot record of write `id`.
+    fn answer_snapshot_waiter(&mut self, id: crate::core::WriteId, answer: Result<u64, String>) {
         if let Some(index) = self.snapshot_waiters.iter().position(|(waiting, _)| *waiting == id) {
             let (_, reply) = self.snapshot_waiters.swap_remove(index);
-            let _ = reply.send(Err(reason));
+            let _ = reply.send(answer);
         }
     }
 
-    /// Snapshots that broke since the last look become events.
-    pub(super) fn report_broken_snapshots(&mut self) {
+    /// Before volume changes of `ranges` (volume, offset, length) are
+    /// issued: their blocks go into every snapshot that lacks them, durably
+    /// (see `snapshots.rs`); snapshots that broke doing so become events.
+    pub(super) fn keep_in_snapshots(&mut self, ranges: impl Iterator<Item = (u8, u64, u64)>) {
+        for range in ranges {
+            self.snapshots.preserve(&self.volumes, range, None);
+        }
+        self.snapshots.commit();
         for info in self.snapshots.take_newly_broken() {
             let reason = info.broken.unwrap_or_default();
             self.pending_events.push(EventKind::SnapshotFailed { name: info.name, lsn: info.lsn, reason });

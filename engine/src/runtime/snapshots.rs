@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use super::device::{self, Device};
 
-/// Bytes of a copy-on-write block.
-pub const SNAPSHOT_BLOCK_BYTES: u64 = 64 << 10;
+/// Bytes of a copy-on-write block (the test failover's block size).
+pub const SNAPSHOT_BLOCK_BYTES: u64 = super::test_failover::COW_BLOCK_BYTES;
 /// Snapshots a group keeps at most (each volume write checks every one).
 pub const MAX_SNAPSHOTS_PER_GROUP: usize = 16;
 const JOURNAL_ENTRY_BYTES: usize = 32;
@@ -228,6 +228,7 @@ impl SnapshotSet {
     }
 
     /// Whether some block waits for [`Self::commit`].
+    #[cfg(test)]
     #[must_use]
     pub fn has_uncommitted(&self) -> bool {
         self.snapshots.iter().any(|s| !s.unsynced.is_empty())
@@ -255,11 +256,6 @@ impl SnapshotSet {
         let _ = std::fs::remove_file(snapshot.dir.join("journal"));
         self.deleted.push((snapshot.meta.name, snapshot.meta.lsn));
         Ok(info)
-    }
-
-    /// Deletes every snapshot's files (the group itself is deleted).
-    pub fn remove_all(self) -> io::Result<()> {
-        std::fs::remove_dir_all(&self.root)
     }
 
     fn find(&self, name: &str) -> Result<&Snapshot, String> {
@@ -392,18 +388,13 @@ impl Snapshot {
             return Err(format!("{offset}+{length} is beyond the volume's {size} bytes"));
         }
         let mut out = vec![0u8; length as usize];
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = offset + done as u64;
-            let (block, within) = (at / SNAPSHOT_BLOCK_BYTES, at % SNAPSHOT_BLOCK_BYTES);
-            let take = ((SNAPSHOT_BLOCK_BYTES - within) as usize).min(out.len() - done);
+        for (done, block, within, take) in super::test_failover::block_pieces(offset, out.len()) {
             let target = &mut out[done..done + take];
             let read = match self.slots.get(&(volume, block)) {
                 Some(slot) => self.data.read_exact_at(target, slot * SNAPSHOT_BLOCK_BYTES + within),
-                None => volumes[usize::from(volume)].file.read_exact_at(target, at),
+                None => volumes[usize::from(volume)].file.read_exact_at(target, offset + done as u64),
             };
             read.map_err(|e| format!("read failed: {e}"))?;
-            done += take;
         }
         Ok(out)
     }

@@ -24,6 +24,22 @@ use serde::{Deserialize, Serialize};
 /// Bytes of a copy-on-write block.
 pub const COW_BLOCK_BYTES: u64 = 64 << 10;
 
+/// A range cut at copy-on-write block boundaries: for each piece, where it
+/// starts in the range, its block, its offset in that block and its length.
+pub(super) fn block_pieces(offset: u64, length: usize) -> impl Iterator<Item = (usize, u64, u64, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        (done < length).then(|| {
+            let at = offset + done as u64;
+            let (block, within) = (at / COW_BLOCK_BYTES, at % COW_BLOCK_BYTES);
+            let take = ((COW_BLOCK_BYTES - within) as usize).min(length - done);
+            let piece = (done, block, within, take);
+            done += take;
+            piece
+        })
+    })
+}
+
 /// One request of a test client, run on the group's core.
 #[derive(Debug)]
 pub enum SnapshotOp {
@@ -169,34 +185,25 @@ impl CowSnapshot {
     fn read(&mut self, volume: u8, offset: u64, length: u32) -> Result<Vec<u8>, String> {
         self.check(volume, offset, u64::from(length))?;
         let mut out = vec![0u8; length as usize];
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = offset + done as u64;
-            let (block, within) = (at / COW_BLOCK_BYTES, at % COW_BLOCK_BYTES);
-            let take = ((COW_BLOCK_BYTES - within) as usize).min(out.len() - done);
-            let v = &self.volumes[usize::from(volume)];
+        let v = &self.volumes[usize::from(volume)];
+        for (done, block, within, take) in block_pieces(offset, out.len()) {
+            let target = &mut out[done..done + take];
             let read = match v.slots.get(&block) {
-                Some(slot) => self.file.read_exact_at(&mut out[done..done + take], slot * COW_BLOCK_BYTES + within),
-                None => v.base.read_exact_at(&mut out[done..done + take], at),
+                Some(slot) => self.file.read_exact_at(target, slot * COW_BLOCK_BYTES + within),
+                None => v.base.read_exact_at(target, offset + done as u64),
             };
             read.map_err(|e| format!("read failed: {e}"))?;
-            done += take;
         }
         Ok(out)
     }
 
     fn write(&mut self, volume: u8, offset: u64, data: &[u8]) -> Result<(), String> {
         self.check(volume, offset, data.len() as u64)?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let (block, within) = (at / COW_BLOCK_BYTES, at % COW_BLOCK_BYTES);
-            let take = ((COW_BLOCK_BYTES - within) as usize).min(data.len() - done);
+        for (done, block, within, take) in block_pieces(offset, data.len()) {
             let slot = self.slot_for(volume, block).inspect_err(|reason| self.broken = Some(reason.clone()))?;
             self.file
                 .write_all_at(&data[done..done + take], slot * COW_BLOCK_BYTES + within)
                 .map_err(|e| format!("write failed: {e}"))?;
-            done += take;
         }
         Ok(())
     }

@@ -58,11 +58,6 @@ impl GroupRt {
         if let Some(snapshot) = self.test_failover.as_mut() {
             snapshot.preserve(volume, offset, length);
         }
-        // Consistent snapshots keep the blocks durably before the volume
-        // write is issued (see `snapshots.rs`).
-        self.snapshots.preserve(&self.volumes, (volume, offset, length), None);
-        self.snapshots.commit();
-        self.report_broken_snapshots();
         false
     }
 
