@@ -55,6 +55,9 @@ pub struct ReplSimStats {
     pub snapshots_checked: u64,
     pub spills: u64,
     pub rebases: u64,
+    /// Planned reconnections (a transport change): sync writes completed
+    /// while the link was down under their hold were checked as vouched.
+    pub planned_reconnects: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +107,9 @@ struct World {
     link: Option<Link>,
     next_link_id: u64,
     partitioned_until: usize,
+    /// A planned reconnection holds sync writes until the next link or
+    /// until this step (its timeout).
+    reconnect_hold_until: Option<usize>,
     chunk_reads: Vec<ChunkRead>,
     /// A destination rebase waiting for an idle, empty log.
     pending_rebase: Option<u64>,
@@ -201,6 +207,7 @@ impl World {
             link: None,
             next_link_id: 1,
             partitioned_until: 0,
+            reconnect_hold_until: None,
             chunk_reads: Vec::new(),
             pending_rebase: None,
             rebase_persisting: false,
@@ -343,7 +350,7 @@ impl World {
                     && if self.link.is_some() {
                         self.source.core.copy_acknowledged()
                     } else {
-                        self.peer_config.hold_writes_when_lost
+                        self.peer_config.hold_writes_when_lost || self.reconnect_hold_until.is_some()
                     };
                 for k in self.in_flight.remove(&id).expect("completed write was in flight") {
                     self.busy.remove(&k);
@@ -480,6 +487,7 @@ impl World {
             .peer_connected(durable, next, self.receiver.copy_position())
             .map_err(|e| format!("reconnection refused: {e}"))?;
         self.receiver.connected(next);
+        self.reconnect_hold_until = None;
         self.payloads.clear();
         self.link = Some(Link {
             id: self.next_link_id,
@@ -567,6 +575,7 @@ impl World {
     fn crash_source(&mut self) -> Result<(), String> {
         self.stats.source_crashes += 1;
         self.drop_link();
+        self.reconnect_hold_until = None;
         self.chunk_reads.clear();
         self.source.lose_power(&mut self.rng);
         let floor = self.source.superblock.tail_lsn - 1;
@@ -665,7 +674,23 @@ impl World {
         Ok(())
     }
 
+    /// The link ends for a planned reconnection (the daemon's return to
+    /// RDMA): sync writes wait for the next link, or for the hold's timeout.
+    fn planned_reconnect(&mut self, step: usize) {
+        if self.link.is_none() {
+            return;
+        }
+        self.source.core.hold_writes_for_reconnect(true);
+        self.reconnect_hold_until = Some(step + self.rng.random_range(1..300));
+        self.stats.planned_reconnects += 1;
+        self.drop_link();
+    }
+
     fn step(&mut self, step: usize, phase: Phase) -> Result<(), String> {
+        if self.reconnect_hold_until.is_some_and(|until| step >= until) {
+            self.reconnect_hold_until = None;
+            self.source.core.hold_writes_for_reconnect(false);
+        }
         let roll = self.rng.random_range(0..1000);
         let faults = phase == Phase::Faulty;
         let writes = phase != Phase::Converge;
@@ -677,7 +702,8 @@ impl World {
                 self.drop_link();
                 self.partitioned_until = step + self.rng.random_range(10..500);
             }
-            40..50 if faults => self.duplicate_a_frame(),
+            40..46 if faults => self.duplicate_a_frame(),
+            46..50 if faults => self.planned_reconnect(step),
             50..65 if writes => self.submit_snapshot(),
             65..200 if self.in_flight.len() < 8 && writes => self.submit(),
             200..350 if self.source.pending_count() > 0 => {

@@ -29,6 +29,7 @@ fn partnerships_survive_power_loss_and_network_faults() {
         total.spills += stats.spills;
         total.rebases += stats.rebases;
         total.snapshots_checked += stats.snapshots_checked;
+        total.planned_reconnects += stats.planned_reconnects;
     }
     eprintln!("{seeds} seeds: {total:?}");
     assert!(total.writes_acked > seeds * 20, "writes were acknowledged: {total:?}");
@@ -40,6 +41,7 @@ fn partnerships_survive_power_loss_and_network_faults() {
         total.snapshots_checked > seeds / 2,
         "snapshot records were taken at the same state on both sides: {total:?}"
     );
+    assert!(total.planned_reconnects > seeds / 2, "planned reconnections held sync writes: {total:?}");
     assert!(
         total.spills > seeds / 20 && total.rebases > seeds / 20,
         "full logs spilled into the bitmap and caught up: {total:?}"

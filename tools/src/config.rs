@@ -95,6 +95,12 @@ pub struct ReplicationConfig {
     /// nodes need the same; each channel registers 2 x window x message.
     pub rdma_message_bytes: usize,
     pub rdma_window: u32,
+    /// A partnership over RDMA whose RDMA path is gone (device removed,
+    /// port down, the peer's listener closed): `"tcp"` replicates over TCP
+    /// meanwhile and moves back once the path returns; `"none"` waits for
+    /// RDMA (the destination counts as lost until then). On a destination:
+    /// whether it takes such a source's TCP channels.
+    pub rdma_fallback: String,
 }
 
 impl Default for ReplicationConfig {
@@ -112,6 +118,7 @@ impl Default for ReplicationConfig {
             snapshot_max_bytes: 16 << 30,
             rdma_message_bytes: 64 << 10,
             rdma_window: 32,
+            rdma_fallback: "tcp".to_owned(),
         }
     }
 }
@@ -246,6 +253,12 @@ impl Config {
             return Err(format!(
                 "replication.on_peer_loss = {:?}: use \"continue\" or \"block\"",
                 replication.on_peer_loss
+            ));
+        }
+        if replication.rdma_fallback != "tcp" && replication.rdma_fallback != "none" {
+            return Err(format!(
+                "replication.rdma_fallback = {:?}: use \"tcp\" (replicate over TCP while RDMA is away) or \"none\"",
+                replication.rdma_fallback
             ));
         }
         let chunk = replication.copy_chunk_bytes;

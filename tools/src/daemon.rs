@@ -56,6 +56,9 @@ pub struct Daemon {
     pub tls: Option<tandem_crypto::NodeTls>,
     /// Whether this node listens for RDMA data channels, or why not.
     rdma: Mutex<Result<(), String>>,
+    /// Source groups over RDMA that replicate over TCP meanwhile, and why
+    /// (see rdma_fallback.rs).
+    pub(crate) transport_fallbacks: Mutex<BTreeMap<String, String>>,
 }
 
 /// Loads and checks `[tls]`: the key readable by its owner only, the
@@ -81,7 +84,7 @@ fn load_tls(config: &Config) -> Result<Option<tandem_crypto::NodeTls>, String> {
     tandem_crypto::NodeTls::new(identity).map(Some).map_err(|e| format!("[tls]: {e}"))
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -124,6 +127,7 @@ impl Daemon {
             delegations,
             tls,
             rdma: Mutex::new(Err("the replication listener has not started".to_owned())),
+            transport_fallbacks: Mutex::new(BTreeMap::new()),
         };
         for record in registry::load(&daemon.config.node.state_dir)? {
             daemon.bring_online(record);
@@ -313,8 +317,12 @@ impl Daemon {
             match answer.recv_timeout(CORE_REPLY_TIMEOUT) {
                 Ok(mut statuses) => {
                     let errors = lock(&self.peer_errors);
+                    let fallbacks = lock(&self.transport_fallbacks);
                     for status in &mut statuses {
                         status.core = core.index;
+                        if let Some(p) = status.partnership.as_mut().filter(|_| status.role == "source") {
+                            p.transport_fallback = fallbacks.get(&status.name).cloned();
+                        }
                         let partnership = status.partnership.as_mut().filter(|p| !p.connected);
                         if let (Some(p), Some(error)) = (partnership, errors.get(&status.name)) {
                             p.last_error = Some(error.clone());
@@ -776,12 +784,20 @@ impl Daemon {
         result
     }
 
+    /// Ends a source group's replication session so that it reconnects
+    /// (the transport changes); sync writes wait up to `hold` for the next.
+    pub fn end_session(&self, group: &str, reason: String, hold: std::time::Duration) -> Result<(), String> {
+        let group_name = group.to_owned();
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::EndSession { group: group_name, reason, hold, reply })?
+    }
+
     /// Ends the partnership of `group` on this node.
     pub fn leave_partnership(&self, group: &str) -> Result<(), String> {
         let group_name = group.to_owned();
         self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::LeavePartnership { group: group_name, reply })??;
         self.set_destination_of(group, None);
         lock(&self.peer_errors).remove(group);
+        lock(&self.transport_fallbacks).remove(group);
         Ok(())
     }
 }

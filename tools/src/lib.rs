@@ -23,6 +23,7 @@ pub mod network;
 pub mod partnership_set;
 pub mod partnership_view;
 pub mod probe;
+pub mod rdma_fallback;
 pub mod rdma_link;
 pub mod registry;
 pub mod replication;

@@ -37,7 +37,11 @@ pub fn print_partnership(g: &GroupStatus) {
     let Some(p) = &g.partnership else { return };
     let arrow = if g.role == "source" { "->" } else { "<-" };
     println!("{} ({}) {arrow} {}/{}  {} mode, {}", g.name, g.role, p.peer_node, p.peer_group, p.mode, p.state);
-    let transport = if p.transport == "rdma" { "RDMA; channel 0 is the TCP control connection" } else { "TCP" };
+    let transport = match (&p.transport_fallback, p.transport.as_str()) {
+        (Some(reason), _) => format!("TCP while RDMA is away ({reason}); it moves back once the RDMA path returns"),
+        (None, "rdma") => "RDMA; channel 0 is the TCP control connection".to_owned(),
+        _ => "TCP".to_owned(),
+    };
     println!("  channels      {} of {} connected ({transport})", p.channels_connected, p.channels);
     for (index, addresses) in p.channel_addresses.iter().enumerate() {
         println!("  channel {index:<5} {addresses}");

@@ -8,7 +8,7 @@
 //! 0's TLS session); the answer comes back as a message. From then on it
 //! carries sealed frames like a TCP channel, driven by the group's core.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
 
 use crate::channel_join::JoiningSessions;
 use crate::daemon::Daemon;
-use crate::replication::{Answer, Hello};
+use crate::replication::{Answer, Hello, HelloAction};
 
 /// The superblock's code of a transport's name ("rdma"; anything else is TCP).
 #[must_use]
@@ -90,38 +90,58 @@ pub fn connect_channels(
     Ok(wires)
 }
 
-/// Listens for RDMA data channels on the replication address when this node
-/// has a path there; records in `daemon.rdma` whether it does and why not.
+/// How often a node without an RDMA listener looks for a device again.
+const LISTENER_RETRY: Duration = Duration::from_secs(2);
+
+/// Listens for RDMA data channels on the replication address whenever this
+/// node has a path there, and records in `daemon.rdma` whether it does and
+/// why not. A device removed (`rdma link delete`) ends the listener, whose
+/// removal waits for that, and a device that comes back is listened on again.
 pub fn start_listener(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>) {
+    let first = bind_listener(daemon);
+    let (daemon, sessions) = (Arc::clone(daemon), Arc::clone(sessions));
+    let spawned = std::thread::Builder::new()
+        .name("tandem-rdma-accept".into())
+        .spawn(move || listen_loop(&daemon, &sessions, first));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the RDMA listener thread");
+    }
+}
+
+/// A listener on the replication address, or none (the state says why).
+fn bind_listener(daemon: &Daemon) -> Option<RdmaListener> {
     let address = daemon.config.node.replication_listen;
     let ready = if address.ip().is_unspecified() {
         tandem_transport_rdma::devices::list().map(|_| ())
     } else {
         local_path(address.ip()).map(|_| ())
     };
-    let listener = ready.and_then(|()| RdmaListener::bind(address, channel_config(daemon)));
-    match listener {
+    let bound = ready.and_then(|()| RdmaListener::bind(address, channel_config(daemon)));
+    let was_ready = daemon.rdma_state().is_ok();
+    match bound {
         Ok(listener) => {
             tracing::info!(%address, "listening for RDMA data channels");
             daemon.set_rdma_state(Ok(()));
-            let (daemon, sessions) = (Arc::clone(daemon), Arc::clone(sessions));
-            let spawned = std::thread::Builder::new()
-                .name("tandem-rdma-accept".into())
-                .spawn(move || accept_loop(&daemon, &sessions, &listener));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start the RDMA listener thread");
-            }
+            Some(listener)
         }
         Err(reason) => {
-            tracing::info!(%address, %reason, "no RDMA listener: partnerships into this node use TCP");
+            if was_ready || daemon.rdma_state() != Err(reason.clone()) {
+                tracing::info!(%address, %reason, "no RDMA listener: partnerships into this node use TCP");
+            }
             daemon.set_rdma_state(Err(reason));
+            None
         }
     }
 }
 
-fn accept_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, listener: &RdmaListener) {
+fn listen_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, mut listener: Option<RdmaListener>) {
     loop {
-        match listener.accept() {
+        let Some(bound) = listener.as_ref() else {
+            std::thread::sleep(LISTENER_RETRY);
+            listener = bind_listener(daemon);
+            continue;
+        };
+        match bound.accept() {
             Ok(channel) => {
                 let (daemon, sessions) = (Arc::clone(daemon), Arc::clone(sessions));
                 let spawned = std::thread::Builder::new().name("tandem-rdma-join".into()).spawn(move || {
@@ -132,6 +152,11 @@ fn accept_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, listener: 
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start an RDMA join thread");
                 }
+            }
+            Err(reason) if bound.device_removed() => {
+                tracing::warn!(%reason, "the RDMA listener closed: partnerships into this node use TCP until a device is back");
+                daemon.set_rdma_state(Err(reason));
+                listener = None;
             }
             Err(reason) => {
                 tracing::warn!(%reason, "accepting an RDMA data channel failed");
@@ -145,6 +170,11 @@ fn accept_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, listener: 
 fn join(daemon: &Daemon, sessions: &JoiningSessions, mut channel: RdmaChannel) -> Result<(), String> {
     let hello: Hello =
         serde_json::from_slice(&channel.recv()?).map_err(|e| format!("a malformed join over RDMA: {e}"))?;
+    if matches!(hello.action, HelloAction::Probe) {
+        // A source on its TCP fallback checks that RDMA reaches this node.
+        let reply = Answer::join_outcome(&daemon.config.node.name, &Ok(()));
+        return channel.send(&serde_json::to_vec(&reply).map_err(|e| e.to_string())?);
+    }
     let group = hello.destination_group.clone();
     let proof = Some(hello.join_proof.as_str());
     let checked = if hello.channel == 0 {
@@ -162,4 +192,14 @@ fn join(daemon: &Daemon, sessions: &JoiningSessions, mut channel: RdmaChannel) -
         Some(channels) => daemon.attach_peer(&group, channels, None),
         None => Ok(()),
     }
+}
+
+/// The local address the kernel routes from towards `remote` (no packet
+/// is sent: a UDP socket is only connected).
+pub(crate) fn local_address_towards(remote: SocketAddr) -> Result<SocketAddr, String> {
+    let unspecified: SocketAddr =
+        if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = UdpSocket::bind(unspecified).map_err(|e| e.to_string())?;
+    socket.connect(remote).map_err(|e| format!("no route to {remote}: {e}"))?;
+    socket.local_addr().map_err(|e| e.to_string())
 }

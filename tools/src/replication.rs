@@ -22,6 +22,7 @@ use tandem_engine::runtime::peer_conn::PeerChannel;
 use tandem_engine::runtime::wire::Wire;
 
 use crate::daemon::Daemon;
+use crate::rdma_fallback::{self, ResumeFailure};
 use crate::secure_channel::{self, ControlStream};
 
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -263,7 +264,7 @@ impl CreateRequest {
 }
 
 /// Resolves `HOST[:PORT]` with the default replication port.
-fn resolve(destination: &str) -> Result<std::net::SocketAddr, String> {
+pub(crate) fn resolve(destination: &str) -> Result<std::net::SocketAddr, String> {
     let with_port = if destination.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
         destination.to_owned()
     } else {
@@ -471,12 +472,43 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     ))
 }
 
-/// Reconnects a source group to its destination (one attempt).
+/// Reconnects a source group to its destination (one attempt). A
+/// partnership over RDMA whose RDMA path is gone resumes over TCP when
+/// `replication.rdma_fallback = "tcp"` (see rdma_fallback.rs).
 fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
     let partnership = status.partnership.as_ref().ok_or("no partnership")?;
     let request = CreateRequest::existing(&status.name, partnership);
-    let mut stream = open_control(daemon, &request)?;
-    let hello = hello_for(daemon, status, &request, HelloAction::Resume, &partnership.id);
+    match resume_over(daemon, status, &request) {
+        Ok(()) => {
+            rdma_fallback::restored(daemon, &status.name);
+            Ok(())
+        }
+        Err(ResumeFailure::Rdma(reason)) if rdma_fallback::may_fall_back(daemon, &request) => {
+            let tcp = CreateRequest { transport: "tcp".to_owned(), ..request };
+            resume_over(daemon, status, &tcp)
+                .map_err(|failure| format!("{reason}; and over TCP: {}", failure.into_reason()))?;
+            rdma_fallback::fell_back(daemon, &status.name, reason);
+            Ok(())
+        }
+        Err(failure) => Err(failure.into_reason()),
+    }
+}
+
+/// One resume over `request.transport`; what failed in its RDMA part is
+/// told apart (no path from this node, none into the destination, a queue
+/// pair that did not connect).
+fn resume_over(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest) -> Result<(), ResumeFailure> {
+    let partnership = status.partnership.as_ref().ok_or("no partnership".to_owned())?;
+    let over_rdma = request.transport == "rdma";
+    if over_rdma {
+        // Checked before connecting: the destination is not asked for a
+        // session this node cannot open.
+        let local = crate::rdma_link::local_address_towards(resolve(&request.destination)?)?.ip();
+        crate::rdma_link::local_path(local)
+            .map_err(|reason| ResumeFailure::Rdma(format!("this node cannot use RDMA from {local}: {reason}")))?;
+    }
+    let mut stream = open_control(daemon, request)?;
+    let hello = hello_for(daemon, status, request, HelloAction::Resume, &partnership.id);
     write_line(&mut stream, &hello)?;
     let answer: Answer = read_line(&mut stream)?;
     if !answer.ok {
@@ -484,15 +516,20 @@ fn resume(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> {
         if let Some(after_lsn) = answer.promoted_after_lsn {
             crate::failback::fence(daemon, status, after_lsn, &answer.promoted_generation)?;
         }
-        return Err(reason);
+        return Err(match answer.rdma_unavailable {
+            Some(_) if over_rdma => ResumeFailure::Rdma(reason),
+            _ => ResumeFailure::Other(reason),
+        });
     }
     let channels =
-        join_channels(daemon, stream, (&request.destination, &request.source_network), &hello, answer.session)?;
+        join_channels(daemon, stream, (&request.destination, &request.source_network), &hello, answer.session)
+            .map_err(|reason| if over_rdma { ResumeFailure::Rdma(reason) } else { ResumeFailure::Other(reason) })?;
     daemon.attach_peer(
         &status.name,
         channels,
         Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
-    )
+    )?;
+    Ok(())
 }
 
 pub(crate) fn check_channels(channels: u32) -> Result<(), String> {

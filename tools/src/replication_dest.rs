@@ -120,6 +120,10 @@ fn serve_control(
             Err(reason) => Answer { error: Some(reason.clone()), ..Answer::default() },
         };
         reply.destination_node.clone_from(&daemon.config.node.name);
+        if hello.transport == "rdma" && result.is_err() {
+            // The source may fall back to TCP when this side's RDMA is away.
+            reply.rdma_unavailable = daemon.rdma_state().err();
+        }
         if matches!(hello.action, HelloAction::Resume) && result.is_err() {
             if let Some((after_lsn, generation)) = promoted_out_of(daemon, &hello) {
                 reply.promoted_after_lsn = Some(after_lsn);
@@ -337,16 +341,30 @@ fn destination_step(
             if state.connected {
                 return Err(format!("group {name} already has a connected source"));
             }
-            if partnership.transport != hello.transport {
-                return Err(format!(
-                    "the partnership of {name} runs over {} here but the source resumes over {}",
-                    partnership.transport, hello.transport
-                ));
-            }
+            check_transport(daemon, name, &partnership.transport, &hello.transport)?;
             check_rdma(daemon, hello)?;
             Ok(ok(state.durable_lsn, state.next_lsn, state.copy))
         }
     }
+}
+
+/// A Resume offers the partnership's transport, or TCP for one over RDMA
+/// whose RDMA path is gone when this node's `replication.rdma_fallback`
+/// allows it.
+fn check_transport(daemon: &Daemon, group: &str, kept: &str, offered: &str) -> Result<(), String> {
+    let fallback = kept == "rdma" && offered == "tcp";
+    if kept == offered || fallback && daemon.config.replication.rdma_fallback == "tcp" {
+        return Ok(());
+    }
+    let why = if fallback {
+        format!(
+            "; {} has replication.rdma_fallback = \"none\" and waits for RDMA (set \"tcp\" to take TCP channels meanwhile)",
+            daemon.config.node.name
+        )
+    } else {
+        String::new()
+    };
+    Err(format!("the partnership of {group} runs over {kept} here but the source resumes over {offered}{why}"))
 }
 
 /// A session over RDMA needs this node's RDMA listener.

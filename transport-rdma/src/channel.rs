@@ -30,7 +30,9 @@ use sideway::ibverbs::queue_pair::{
     GenericQueuePair, PostSendGuard, QueuePair, QueuePairState, SetScatterGatherEntry, WorkRequestFlags,
 };
 use sideway::ibverbs::AccessFlags;
-use sideway::rdmacm::communication_manager::{ConnectionParameter, EventChannel, EventType, Identifier, PortSpace};
+use sideway::rdmacm::communication_manager::{EventChannel, Identifier};
+
+use crate::connection::Alarm;
 
 /// Bytes before each message's payload: granted credits (u16), flags
 /// (u16), payload length (u32), little-endian.
@@ -39,6 +41,8 @@ const FLAG_CREDIT_ONLY: u16 = 1;
 /// How long a waiting channel polls its completion queue before it sleeps
 /// on the completion channel: busy while traffic flows, idle when it stops.
 const BUSY_POLL_BUDGET: Duration = Duration::from_micros(50);
+/// How often a connecting channel reads its rdma_cm events while it polls.
+const EVENT_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// IBV_WC_RECV: receive completions have this opcode bit.
 const WC_RECV: u32 = 1 << 7;
 
@@ -70,7 +74,7 @@ impl ChannelConfig {
         2 * u64::from(self.window) * self.slot_bytes() as u64
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.window < 4 || self.window > 4096 {
             return Err(format!("an RDMA channel window of {} buffers: use 4 to 4096", self.window));
         }
@@ -81,72 +85,11 @@ impl ChannelConfig {
     }
 }
 
-/// Waits for the next connection event of `wanted` on `events`; any other
-/// event that means failure ends the wait with its name.
-fn wait_event(
-    events: &Arc<EventChannel>,
-    wanted: EventType,
-    timeout: Duration,
-) -> Result<Option<Arc<Identifier>>, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let event = events.get_cm_event().map_err(|e| format!("rdma_cm: {e}"))?;
-        let (kind, status, id) = (event.event_type(), event.status(), event.cm_id());
-        let _ = event.ack();
-        if kind == wanted {
-            return Ok(id);
-        }
-        match kind {
-            EventType::AddressError
-            | EventType::RouteError
-            | EventType::ConnectError
-            | EventType::Unreachable
-            | EventType::Rejected
-            | EventType::DeviceRemoval => {
-                return Err(format!("rdma_cm: {kind:?} (status {status}) while waiting for {wanted:?}"));
-            }
-            _ if Instant::now() > deadline => return Err(format!("rdma_cm: no {wanted:?} within {timeout:?}")),
-            _ => {}
-        }
-    }
-}
-
-/// Listens for RDMA channels on an address of an RDMA device.
-pub struct RdmaListener {
-    events: Arc<EventChannel>,
-    _id: Arc<Identifier>,
-    config: ChannelConfig,
-}
-
-impl RdmaListener {
-    pub fn bind(address: SocketAddr, config: ChannelConfig) -> Result<Self, String> {
-        config.check()?;
-        let events = EventChannel::new().map_err(|e| format!("rdma_cm event channel: {e}"))?;
-        let id = events.create_id(PortSpace::Tcp).map_err(|e| format!("rdma_cm id: {e}"))?;
-        id.bind_addr(address).map_err(|e| format!("cannot bind RDMA listener to {address}: {e}"))?;
-        id.listen(64).map_err(|e| format!("cannot listen for RDMA on {address}: {e}"))?;
-        Ok(Self { events, _id: id, config })
-    }
-
-    /// The next channel a peer opens.
-    pub fn accept(&self) -> Result<RdmaChannel, String> {
-        let id = wait_event(&self.events, EventType::ConnectRequest, Duration::from_secs(3600))?
-            .ok_or("a connection request without its id")?;
-        let mut channel = RdmaChannel::new(Arc::clone(&self.events), id, self.config)?;
-        channel.make_ready()?;
-        channel.post_all_receives()?;
-        let mut param = ConnectionParameter::default();
-        param.setup_qp_number(channel.qp.qp_number());
-        channel.id.accept(param).map_err(|e| format!("rdma_cm accept: {e}"))?;
-        wait_event(&self.events, EventType::Established, self.config.timeout)?;
-        Ok(channel)
-    }
-}
-
 /// One end of a connected channel.
 pub struct RdmaChannel {
-    /// Kept open while the channel's rdma_cm id lives on it.
-    _events: Arc<EventChannel>,
+    /// Kept open while the channel's rdma_cm id lives on it (a channel that
+    /// connected reads its events there; an accepted one shares its listener's).
+    events: Arc<EventChannel>,
     id: Arc<Identifier>,
     qp: GenericQueuePair,
     cq: GenericCompletionQueue,
@@ -170,6 +113,10 @@ pub struct RdmaChannel {
     spilled: VecDeque<Vec<u8>>,
     /// Work completions of one poll (work request id, status, bytes, opcode).
     completed: Vec<(u64, u32, u32, u32)>,
+    /// What rdma_cm said of the channel (a disconnect, its device removed).
+    alarm: Alarm,
+    watch_own_events: bool,
+    next_event_check: Instant,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
 }
@@ -178,25 +125,12 @@ impl RdmaChannel {
     /// Opens a channel to a listener at `address`.
     pub fn connect(address: SocketAddr, config: ChannelConfig) -> Result<Self, String> {
         config.check()?;
-        let events = EventChannel::new().map_err(|e| format!("rdma_cm event channel: {e}"))?;
-        let id = events.create_id(PortSpace::Tcp).map_err(|e| format!("rdma_cm id: {e}"))?;
-        id.resolve_addr(None, address, config.timeout)
-            .map_err(|e| format!("cannot resolve {address} to an RDMA device: {e}"))?;
-        wait_event(&events, EventType::AddressResolved, config.timeout)?;
-        id.resolve_route(config.timeout).map_err(|e| format!("cannot resolve a route to {address}: {e}"))?;
-        wait_event(&events, EventType::RouteResolved, config.timeout)?;
-        let mut channel = Self::new(Arc::clone(&events), id, config)?;
-        let mut param = ConnectionParameter::default();
-        param.setup_qp_number(channel.qp.qp_number());
-        channel.id.connect(param).map_err(|e| format!("rdma_cm connect to {address}: {e}"))?;
-        wait_event(&events, EventType::ConnectResponse, config.timeout)?;
-        channel.make_ready()?;
-        channel.post_all_receives()?;
-        channel.id.establish().map_err(|e| format!("rdma_cm establish: {e}"))?;
-        Ok(channel)
+        crate::connection::connect(address, config)
     }
 
-    fn new(events: Arc<EventChannel>, id: Arc<Identifier>, config: ChannelConfig) -> Result<Self, String> {
+    pub(crate) fn new(events: Arc<EventChannel>, id: Arc<Identifier>, config: ChannelConfig) -> Result<Self, String> {
+        let alarm = Alarm::default();
+        id.setup_context(alarm.clone());
         let context = id.get_device_context().ok_or("the rdma_cm id has no device")?;
         let pd = context.alloc_pd().map_err(|e| format!("cannot allocate a protection domain: {e}"))?;
         let depth = config.window * 2 + 1;
@@ -232,7 +166,7 @@ impl RdmaChannel {
         let mr = unsafe { pd.reg_mr(memory.as_ptr() as usize, bytes, AccessFlags::LocalWrite) }
             .map_err(|e| format!("cannot register {bytes} bytes for RDMA: {e} (see `ulimit -l`)"))?;
         Ok(Self {
-            _events: events,
+            events,
             id,
             qp,
             cq,
@@ -249,13 +183,30 @@ impl RdmaChannel {
             taken_of_first: 0,
             spilled: VecDeque::new(),
             completed: Vec::new(),
+            alarm,
+            watch_own_events: false,
+            next_event_check: Instant::now(),
             messages_sent: 0,
             credit_messages_sent: 0,
         })
     }
 
+    pub(crate) fn id(&self) -> &Arc<Identifier> {
+        &self.id
+    }
+
+    pub(crate) fn qp_number(&self) -> u32 {
+        self.qp.qp_number()
+    }
+
+    /// The channel reads its own (non-blocking) rdma_cm event channel at its
+    /// polls, at most every [`EVENT_CHECK_INTERVAL`].
+    pub(crate) fn watch_own_events(&mut self) {
+        self.watch_own_events = true;
+    }
+
     /// The queue pair through INIT, RTR and RTS with rdma_cm's attributes.
-    fn make_ready(&mut self) -> Result<(), String> {
+    pub(crate) fn make_ready(&mut self) -> Result<(), String> {
         for state in [QueuePairState::Init, QueuePairState::ReadyToReceive, QueuePairState::ReadyToSend] {
             let attr = self.id.get_qp_attr(state).map_err(|e| format!("queue pair attributes for {state:?}: {e}"))?;
             self.qp.modify(&attr).map_err(|e| format!("queue pair to {state:?}: {e}"))?;
@@ -267,7 +218,7 @@ impl RdmaChannel {
         self.memory.as_ptr() as u64 + u64::from(slot) * self.config.slot_bytes() as u64
     }
 
-    fn post_all_receives(&mut self) -> Result<(), String> {
+    pub(crate) fn post_all_receives(&mut self) -> Result<(), String> {
         (0..self.config.window).try_for_each(|slot| self.post_receive(slot))
     }
 
@@ -519,6 +470,7 @@ impl RdmaChannel {
     /// payloads, their buffers posted again) and finished sends. True when
     /// there was any.
     fn poll(&mut self) -> Result<bool, String> {
+        self.check_connection()?;
         // Reused between polls: a busy-polling core allocates nothing here.
         let mut done = std::mem::take(&mut self.completed);
         done.clear();
@@ -529,7 +481,10 @@ impl RdmaChannel {
         }
         for &(wr_id, status, byte_len, opcode) in &done {
             if status != 0 {
-                return Err(format!("work request {wr_id} completed with status {status}: the channel is broken"));
+                let meaning = completion_status_meaning(status);
+                return Err(format!(
+                    "RDMA work request {wr_id} completed with status {status} ({meaning}): the channel is closed"
+                ));
             }
             let slot = wr_id as u32;
             if opcode & WC_RECV == 0 {
@@ -544,6 +499,19 @@ impl RdmaChannel {
         self.completed = done;
         self.grant_if_owed()?;
         Ok(any)
+    }
+
+    /// Fails once rdma_cm said the channel ended (its own events are read
+    /// here, now and then, for a channel that connected).
+    fn check_connection(&mut self) -> Result<(), String> {
+        if self.watch_own_events {
+            let now = Instant::now();
+            if now >= self.next_event_check {
+                self.next_event_check = now + EVENT_CHECK_INTERVAL;
+                crate::connection::drain_events(&self.events);
+            }
+        }
+        self.alarm.check()
     }
 
     fn take_received(&mut self, slot: u32, byte_len: usize) -> Result<(), String> {
@@ -567,6 +535,18 @@ impl RdmaChannel {
             self.owed += 1;
         }
         Ok(())
+    }
+}
+
+/// What an error status of a work completion (`ibv_wc_status`) means.
+fn completion_status_meaning(status: u32) -> &'static str {
+    match status {
+        4 => "a local protection error",
+        5 => "flushed: the queue pair went to the error state, after a disconnect or a failure on the path",
+        10 => "the peer refused the remote access",
+        12 => "the transport retry count was exceeded: the peer or the path stopped answering",
+        13 => "the receiver-not-ready retry count was exceeded",
+        _ => "an error of the device or the path",
     }
 }
 

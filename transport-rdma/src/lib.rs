@@ -11,8 +11,10 @@
 //! (docs/ARCHITECTURE.md, "RDMA").
 
 pub mod channel;
+pub mod connection;
 pub mod devices;
 pub mod memlock;
 pub mod wire;
 
-pub use channel::{ChannelConfig, RdmaChannel, RdmaListener};
+pub use channel::{ChannelConfig, RdmaChannel};
+pub use connection::RdmaListener;

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tandem_transport_rdma::channel::{ChannelConfig, RdmaChannel, RdmaListener};
+use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
 
 const LAB_IP: &str = "10.77.0.1";
 

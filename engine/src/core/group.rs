@@ -825,7 +825,7 @@ impl GroupCore {
         }
     }
 
-    fn complete_and_settle(&mut self) {
+    pub(super) fn complete_and_settle(&mut self) {
         if self.failed.is_some() {
             self.fail_placed();
             return;

@@ -64,6 +64,13 @@ pub enum EventKind {
         peer: String,
         now: String,
     },
+    /// A partnership over RDMA lost its RDMA path and replicates over TCP
+    /// (`replication.rdma_fallback = "tcp"`).
+    TransportFallback {
+        reason: String,
+    },
+    /// The RDMA path is back: the partnership replicates over RDMA again.
+    TransportRestored,
     /// A peer was refused before any group was named (TLS or policy).
     PeerRefused {
         peer: String,
@@ -169,6 +176,8 @@ impl EventKind {
             Self::DestinationAttached { .. } => 2004,
             Self::ModeChanged { .. } => 2005,
             Self::PartnershipSwitched { .. } => 2006,
+            Self::TransportFallback { .. } => 2007,
+            Self::TransportRestored => 2008,
             Self::GroupPromoted { .. } => 7001,
             Self::PeerPromoted { .. } => 7002,
             Self::TestFailoverStarted { .. } => 7003,
@@ -209,6 +218,7 @@ impl EventKind {
             | Self::GroupPromoted { .. }
             | Self::PeerPromoted { .. }
             | Self::SnapshotFailed { .. }
+            | Self::TransportFallback { .. }
             | Self::VerifyStopped { .. } => "warning",
             Self::VerifyCompleted { out_of_sync_ranges, repaired_bytes, out_of_sync_bytes, .. }
                 if *out_of_sync_ranges > 0 && repaired_bytes < out_of_sync_bytes =>
@@ -251,6 +261,10 @@ impl EventKind {
             Self::PartnershipSwitched { peer, now } => {
                 format!("planned switch: this group is now the {now} of the partnership with {peer}")
             }
+            Self::TransportFallback { reason } => {
+                format!("the RDMA path is gone ({reason}): replicating over TCP until it is back")
+            }
+            Self::TransportRestored => "the RDMA path is back: replicating over RDMA again".to_owned(),
             Self::PeerRefused { peer, reason } => format!("replication peer {peer} refused: {reason}"),
             Self::FrameRejected { peer, reason } => format!("replication channel from {peer} reset: {reason}"),
             Self::PeerConnected { peer_durable_lsn, current_lsn } => format!(

@@ -105,6 +105,10 @@ pub enum CoreMsg {
     /// Fence a source whose destination was promoted after `after_lsn`
     /// (`None` lifts it); answers once durable.
     SetFence { group: String, after_lsn: Option<u64>, reply: Sender<Result<(), String>> },
+    /// End a source group's replication session so that it reconnects
+    /// (its transport changes); sync writes wait for the next session for
+    /// at most `hold` rather than complete on this log alone.
+    EndSession { group: String, reason: String, hold: Duration, reply: Sender<Result<(), String>> },
     /// Disconnect every client of a group (a planned switch: its exports
     /// turn read-only first, so clients come back read-only).
     CloseClients { group: String, reason: String, reply: Sender<Result<(), String>> },
@@ -272,6 +276,7 @@ impl Reactor {
                 let now_ms = self.started.elapsed().as_millis() as u64;
                 for group in self.groups.iter_mut().flatten() {
                     group.core.handle(Event::Tick { now_ms });
+                    group.end_reconnect_hold_when_due();
                 }
                 self.tick_peers();
                 self.report_events();
@@ -462,6 +467,9 @@ impl Reactor {
                             let _ = reply.send(Err(format!("group {group} is not served by this core")));
                         }
                     }
+                }
+                CoreMsg::EndSession { group, reason, hold, reply } => {
+                    let _ = reply.send(self.end_session(&group, &reason, hold));
                 }
                 CoreMsg::CloseClients { group, reason, reply } => {
                     let answer = match self.find_group(&group) {

@@ -115,8 +115,9 @@ impl Reactor {
         let rt = self.groups[index].as_mut().expect("found");
         // Over RDMA, channel 0 (TCP, where the TLS handshake ran) carries
         // only heartbeats and acknowledgements, and the data channels are
-        // the partnership's `channels` queue pairs after it.
-        let over_rdma = rt.superblock.transport == tandem_proto::TRANSPORT_RDMA;
+        // the partnership's `channels` queue pairs after it. A partnership
+        // over RDMA may run over TCP channels meanwhile (its fallback).
+        let over_rdma = channels.iter().any(|c| !c.wire.is_tcp());
         let expected = rt.superblock.partnership.channels as usize + usize::from(over_rdma);
         if channels.len() != expected {
             return Err(format!(
@@ -141,6 +142,7 @@ impl Reactor {
                     }
                 })?;
                 let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
+                rt.reconnect_hold_until = None;
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
                 link.last_error = None;
@@ -153,6 +155,22 @@ impl Reactor {
             _ => return Err(format!("group {group} does not have that role in a partnership")),
         }
         tracing::info!(group, "replication connection up");
+        Ok(())
+    }
+
+    /// Closes a source group's session for a planned reconnection; sync
+    /// writes wait for the next one for at most `hold`.
+    pub(super) fn end_session(&mut self, group: &str, reason: &str, hold: std::time::Duration) -> Result<(), String> {
+        let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
+        let rt = self.groups[index].as_mut().expect("found");
+        if rt.source.as_ref().is_none_or(|link| link.conn.is_none()) {
+            return Err(format!("group {group} is not a connected replication source"));
+        }
+        if !hold.is_zero() {
+            rt.core.hold_writes_for_reconnect(true);
+            rt.reconnect_hold_until = Some(Instant::now() + hold);
+        }
+        self.close_group_peers(index, reason);
         Ok(())
     }
 

@@ -95,6 +95,10 @@ pub struct PartnershipStatus {
     /// The data channels' transport: tcp or rdma.
     #[serde(default)]
     pub transport: String,
+    /// A source whose partnership is over RDMA but runs over TCP now
+    /// (`replication.rdma_fallback = "tcp"`): why RDMA is away.
+    #[serde(default)]
+    pub transport_fallback: Option<String>,
     /// Frames that failed authentication (each reset its session).
     #[serde(default)]
     pub frames_rejected: u64,

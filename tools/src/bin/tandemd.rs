@@ -75,6 +75,11 @@ fn run(args: &DaemonArgs) -> Result<(), String> {
         .name("tandem-repl-connect".into())
         .spawn(move || tandem_tools::replication::run_connector(connector_daemon))
         .map_err(|e| e.to_string())?;
+    let fallback_daemon = Arc::clone(&daemon);
+    std::thread::Builder::new()
+        .name("tandem-rdma-return".into())
+        .spawn(move || tandem_tools::rdma_fallback::run_return_checks(fallback_daemon))
+        .map_err(|e| e.to_string())?;
     // Under systemd (Type=notify) the unit is started once every listener is
     // up and every group is open; elsewhere NOTIFY_SOCKET is unset and this
     // does nothing.
