@@ -169,10 +169,37 @@ fn wait_fallen_back(a: &Node) -> serde_json::Value {
     fallen
 }
 
-fn stop_writers(stop: &AtomicBool, load: Vec<JoinHandle<u64>>) {
-    stop.store(true, Ordering::Relaxed);
-    for writer in load {
-        writer.join().unwrap();
+/// A sync pair over RDMA, in sync, with a verifying writer running.
+struct LoadedPair {
+    a: Node,
+    b: Node,
+    model: Arc<Mutex<WriteModel>>,
+    stop: Arc<AtomicBool>,
+    load: Vec<JoinHandle<u64>>,
+}
+
+impl LoadedPair {
+    fn start(replication_toml: &str) -> Self {
+        let (a, b) = lab_pair(replication_toml, "sync");
+        a.wait_in_sync("rg01", SYNC_TIMEOUT);
+        let model = Arc::new(Mutex::new(WriteModel::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = writers(&a, 1, &model, &stop);
+        std::thread::sleep(Duration::from_secs(2));
+        Self { a, b, model, stop, load }
+    }
+
+    /// Stops the writer; once in sync, every acknowledged write is on the
+    /// destination and the volumes are equal.
+    fn finish(self) -> (Node, Node) {
+        self.stop.store(true, Ordering::Relaxed);
+        for writer in self.load {
+            writer.join().unwrap();
+        }
+        self.a.wait_in_sync("rg01", SYNC_TIMEOUT);
+        check_acknowledged(&self.b.path("rg02-data.img"), &self.model);
+        assert_eq!(md5(&self.a.path("rg01-data.img")), md5(&self.b.path("rg02-data.img")));
+        (self.a, self.b)
     }
 }
 
@@ -219,28 +246,21 @@ fn lift_memlock_limit(node: &Node) {
 #[test]
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn a_destination_without_rdma_gets_tcp_until_rdma_is_back() {
-    let (a, mut b) = lab_pair("", "sync");
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    let model = Arc::new(Mutex::new(WriteModel::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = writers(&a, 1, &model, &stop);
-    std::thread::sleep(Duration::from_secs(2));
-    restart_without_rdma_listener(&mut b);
-    let fallen = wait_fallen_back(&a);
+    let mut pair = LoadedPair::start("");
+    restart_without_rdma_listener(&mut pair.b);
+    let a = &pair.a;
+    let fallen = wait_fallen_back(a);
     assert!(fallen["transport_fallback"].as_str().unwrap().contains("locked memory"), "{fallen:#}");
     let shown = a.cli_ok(&["partnership", "show"]);
     assert!(shown.contains("TCP while RDMA is away"), "{shown}");
     std::thread::sleep(Duration::from_secs(3));
     let lifted = Instant::now();
-    lift_memlock_limit(&b);
-    wait_partnership(&a, "back on RDMA", |p| p["connected"] == true && p["transport_fallback"].is_null());
+    lift_memlock_limit(&pair.b);
+    wait_partnership(a, "back on RDMA", |p| p["connected"] == true && p["transport_fallback"].is_null());
     let returned_after = lifted.elapsed();
-    assert_rdma_channels(&a, "rg01");
+    assert_rdma_channels(a, "rg01");
     std::thread::sleep(Duration::from_secs(2));
-    stop_writers(&stop, load);
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    check_acknowledged(&b.path("rg02-data.img"), &model);
-    assert_eq!(md5(&a.path("rg01-data.img")), md5(&b.path("rg02-data.img")));
+    let (a, _b) = pair.finish();
     a.wait_for_events(&[2007, 2008], Duration::from_secs(10));
     assert!(a.log().contains("the RDMA path is back: reconnecting over RDMA"), "{}", a.log());
     eprintln!("back on RDMA {returned_after:?} after the destination's listener could start");
@@ -257,20 +277,12 @@ fn a_destination_without_rdma_gets_tcp_until_rdma_is_back() {
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn removing_the_rdma_device_falls_back_to_tcp() {
     let _device = LabDevice;
-    let (mut a, mut b) = lab_pair("", "sync");
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    let model = Arc::new(Mutex::new(WriteModel::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = writers(&a, 1, &model, &stop);
-    std::thread::sleep(Duration::from_secs(3));
+    let pair = LoadedPair::start("");
     let mut deletion = lab_command("rdma", &["link", "delete", "rxe0"]).spawn().unwrap();
-    let fallen = wait_fallen_back(&a);
+    let fallen = wait_fallen_back(&pair.a);
     assert!(fallen["transport_fallback"].as_str().unwrap().contains("no RDMA devices"), "{fallen:#}");
     std::thread::sleep(Duration::from_secs(3));
-    stop_writers(&stop, load);
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    check_acknowledged(&b.path("rg02-data.img"), &model);
-    assert_eq!(md5(&a.path("rg01-data.img")), md5(&b.path("rg02-data.img")));
+    let (mut a, mut b) = pair.finish();
     a.wait_for_events(&[2007], Duration::from_secs(10));
     a.kill9();
     b.kill9();
@@ -293,25 +305,18 @@ fn removing_the_rdma_device_falls_back_to_tcp() {
 #[test]
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn without_fallback_the_partnership_waits_for_rdma() {
-    let (a, mut b) = lab_pair("rdma_fallback = \"none\"\n", "sync");
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    let model = Arc::new(Mutex::new(WriteModel::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = writers(&a, 1, &model, &stop);
-    std::thread::sleep(Duration::from_secs(2));
-    restart_without_rdma_listener(&mut b);
-    let waiting = wait_partnership(&a, "waiting for RDMA", |p| {
+    let mut pair = LoadedPair::start("rdma_fallback = \"none\"\n");
+    restart_without_rdma_listener(&mut pair.b);
+    let (a, b) = (&pair.a, &pair.b);
+    let waiting = wait_partnership(a, "waiting for RDMA", |p| {
         p["connected"] == false && p["last_error"].as_str().is_some_and(|e| e.contains("takes no RDMA data channels"))
     });
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(a.partnership("rg01")["connected"], false, "no TCP session: {waiting:#}");
-    lift_memlock_limit(&b);
-    wait_partnership(&a, "back on RDMA", |p| p["connected"] == true);
-    assert_rdma_channels(&a, "rg01");
-    stop_writers(&stop, load);
-    a.wait_in_sync("rg01", SYNC_TIMEOUT);
-    check_acknowledged(&b.path("rg02-data.img"), &model);
-    assert_eq!(md5(&a.path("rg01-data.img")), md5(&b.path("rg02-data.img")));
+    lift_memlock_limit(b);
+    wait_partnership(a, "back on RDMA", |p| p["connected"] == true);
+    assert_rdma_channels(a, "rg01");
+    let (a, _b) = pair.finish();
     let events = a.cli_ok(&["events", "--json"]);
     assert!(!events.contains("\"id\": 2007"), "no fallback: {events}");
 }

@@ -372,5 +372,11 @@ mod tests {
         assert!(config.validate().unwrap_err().contains("CPU 4096"));
         config.node.cores = vec![];
         assert!(config.validate().unwrap_err().contains("at least one CPU"));
+        let mut config: Config =
+            toml::from_str("[node]\nname = \"a\"\n[replication]\nrdma_fallback = \"udp\"\n").unwrap();
+        let refused = config.validate().unwrap_err();
+        assert!(refused.contains("replication.rdma_fallback = \"udp\"") && refused.contains("\"none\""), "{refused}");
+        config.replication.rdma_fallback = "none".to_owned();
+        config.validate().unwrap();
     }
 }
