@@ -79,6 +79,9 @@ pub fn run_return_checks(daemon: Arc<Daemon>) {
         std::thread::sleep(Duration::from_secs(1));
         let fallen: Vec<String> = lock(&daemon.transport_fallbacks).keys().cloned().collect();
         checked.retain(|group, _| fallen.contains(group));
+        if fallen.is_empty() {
+            continue;
+        }
         for status in daemon.status().into_iter().filter(|s| fallen.contains(&s.name)) {
             let due = checked.get(&status.name).is_none_or(|at| at.elapsed() >= RETURN_CHECK_INTERVAL);
             let connected = status.partnership.as_ref().is_some_and(|p| p.connected);
