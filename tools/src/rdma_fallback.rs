@@ -83,6 +83,11 @@ pub fn run_return_checks(daemon: Arc<Daemon>) {
             continue;
         }
         for status in daemon.status().into_iter().filter(|s| fallen.contains(&s.name)) {
+            if status.role != "source" {
+                // A planned switch made it a destination: its source decides.
+                lock(&daemon.transport_fallbacks).remove(&status.name);
+                continue;
+            }
             let due = checked.get(&status.name).is_none_or(|at| at.elapsed() >= RETURN_CHECK_INTERVAL);
             let connected = status.partnership.as_ref().is_some_and(|p| p.connected);
             if !due || !connected || daemon.is_changing(&status.name) {
