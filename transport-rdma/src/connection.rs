@@ -222,3 +222,26 @@ impl RdmaListener {
         Some(pending.swap_remove(at).0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sideway::rdmacm::communication_manager::EventType;
+
+    use super::Alarm;
+
+    /// A channel's alarm names what rdma_cm said; a removal is not hidden
+    /// by a disconnect that follows it, and events of other kinds leave it.
+    #[test]
+    fn an_alarm_keeps_the_gravest_event() {
+        let alarm = Alarm::default();
+        alarm.raise(&EventType::Established);
+        alarm.check().unwrap();
+        let seen_by_the_channel = alarm.clone();
+        alarm.raise(&EventType::Disconnected);
+        assert!(seen_by_the_channel.check().unwrap_err().contains("disconnected"));
+        alarm.raise(&EventType::DeviceRemoval);
+        alarm.raise(&EventType::Disconnected);
+        let error = seen_by_the_channel.check().unwrap_err();
+        assert!(error.contains("device is being removed"), "{error}");
+    }
+}
