@@ -251,6 +251,11 @@ fn a_destination_without_rdma_gets_tcp_until_rdma_is_back() {
     let a = &pair.a;
     let fallen = wait_fallen_back(a);
     assert!(fallen["transport_fallback"].as_str().unwrap().contains("locked memory"), "{fallen:#}");
+    let destination = pair.b.partnership("rg02");
+    assert!(
+        destination["transport_fallback"].as_str().is_some_and(|r| r.contains("resumed over TCP")),
+        "{destination:#}"
+    );
     let shown = a.cli_ok(&["partnership", "show"]);
     assert!(shown.contains("TCP while RDMA is away"), "{shown}");
     std::thread::sleep(Duration::from_secs(3));

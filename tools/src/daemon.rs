@@ -320,8 +320,12 @@ impl Daemon {
                     let fallbacks = lock(&self.transport_fallbacks);
                     for status in &mut statuses {
                         status.core = core.index;
-                        if let Some(p) = status.partnership.as_mut().filter(|_| status.role == "source") {
-                            p.transport_fallback = fallbacks.get(&status.name).cloned();
+                        if let Some(p) = status.partnership.as_mut() {
+                            p.transport_fallback = if status.role == "source" {
+                                fallbacks.get(&status.name).cloned()
+                            } else {
+                                crate::rdma_fallback::seen_by_destination(p)
+                            };
                         }
                         let partnership = status.partnership.as_mut().filter(|p| !p.connected);
                         if let (Some(p), Some(error)) = (partnership, errors.get(&status.name)) {

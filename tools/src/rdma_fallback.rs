@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_engine::runtime::events::EventKind;
-use tandem_engine::runtime::status::GroupStatus;
+use tandem_engine::runtime::status::{GroupStatus, PartnershipStatus};
 use tandem_transport_rdma::RdmaChannel;
 
 use crate::daemon::{lock, Daemon};
@@ -68,6 +68,15 @@ pub fn restored(daemon: &Daemon, group: &str) {
         tracing::info!(group, "the RDMA path is back: replicating over RDMA again");
         daemon.events.record(group, EventKind::TransportRestored);
     }
+}
+
+/// On a destination: why a partnership over RDMA runs over TCP channels
+/// now (its source fell back), or nothing.
+#[must_use]
+pub fn seen_by_destination(p: &PartnershipStatus) -> Option<String> {
+    let over_tcp = p.channel_addresses.iter().all(|channel| !channel.starts_with("rdma "));
+    (p.transport == "rdma" && p.connected && over_tcp)
+        .then(|| "the source resumed over TCP: its RDMA path was away (it moves back by itself)".to_owned())
 }
 
 /// Looks, every [`RETURN_CHECK_INTERVAL`], for the RDMA path of each
