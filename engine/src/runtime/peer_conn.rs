@@ -428,6 +428,33 @@ impl PeerConn {
         self.recv_done(bytes.len() as i32);
     }
 
+    /// Receives from a message wire straight into the part still missing
+    /// of the payload being gathered (the record's O_DIRECT-aligned buffer)
+    /// rather than through the receive buffer: one copy less. `None` when
+    /// the bytes must go to `rbuf` (no payload is being gathered, bytes are
+    /// buffered before it, or only its tag is missing).
+    pub(super) fn poll_into_gather(&mut self) -> Option<Result<usize, String>> {
+        if self.rstart != self.rend {
+            return None;
+        }
+        let Wire::Message(wire) = &mut self.wire else { return None };
+        let room = match self.gather.as_mut()? {
+            Gather::Record { buf, at, end, .. } => &mut buf[*at..*end],
+            Gather::Control { buf, at, .. } => &mut buf[*at..],
+        };
+        (!room.is_empty()).then(|| wire.poll_into(room))
+    }
+
+    /// `count` bytes landed through [`Self::poll_into_gather`]: the frame is
+    /// delivered once complete.
+    pub(super) fn gathered_directly(&mut self, count: usize) {
+        match self.gather.as_mut().expect("bytes were gathered into a frame") {
+            Gather::Record { at, .. } | Gather::Control { at, .. } => *at += count,
+        }
+        self.received_bytes(0);
+        self.bytes_received += count as u64;
+    }
+
     fn parse(&mut self) -> Result<(), String> {
         loop {
             if self.gather.is_some() {

@@ -71,6 +71,17 @@ impl PeerConn {
     fn move_message_bytes(&mut self) -> Result<bool, String> {
         let mut moved = false;
         while self.has_room() && !self.closing {
+            // A payload being gathered takes the bytes straight from the
+            // wire's buffer into the record's aligned buffer.
+            if let Some(received) = self.poll_into_gather() {
+                let count = received?;
+                if count == 0 {
+                    break;
+                }
+                moved = true;
+                self.gathered_directly(count);
+                continue;
+            }
             let Wire::Message(wire) = &mut self.wire else { unreachable!("a message channel") };
             let count = wire.poll_into(&mut self.rbuf[self.rend..])?;
             if count == 0 {
@@ -209,43 +220,51 @@ mod tests {
     use crate::runtime::peer_conn::{InFrame, OutFrame, PeerChannel, SharedBytes};
 
     /// Frames larger than a message, under a window of two messages: the
-    /// byte stream is cut into messages and put back together, every frame
-    /// arrives whole and in order, and flow control never loses a byte.
+    /// byte stream is cut into messages and put back together (payloads
+    /// straight into their records' buffers), every frame arrives whole and
+    /// in order, and flow control never loses a byte; in clear, signed and
+    /// encrypted (the payload's tag follows the payload gathered in place).
     #[test]
     fn frames_cross_a_message_wire_cut_into_small_messages() {
-        let (a, b) = pair(2, 100);
-        let conn = |wire| PeerConn::new(PeerChannel { wire: Wire::Message(Box::new(wire)), seal: None }, 512);
-        let (mut sender, mut receiver) = (conn(a), conn(b));
-        let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
-        for lsn in 1..=20u64 {
-            let payload: Vec<u8> = (0..512 * (1 + lsn as usize % 3)).map(|i| (i as u64 * lsn) as u8).collect();
-            let header = RecordHeader::write(stamp, lsn, 0, lsn * 4096, &payload);
-            let mut buf = AlignedBuf::zeroed(512 + payload.len());
-            buf[512..].copy_from_slice(&payload);
-            let len = payload.len();
-            sender.send(OutFrame::new(
-                header.as_bytes(),
-                Some(SharedBytes { buf: std::rc::Rc::new(buf), start: 512, len }),
-            ));
-            sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
-        }
-        for _ in 0..10_000 {
-            let sent = sender.move_message_bytes().unwrap();
-            let received = receiver.move_message_bytes().unwrap();
-            if !sent && !received {
-                break;
+        use tandem_crypto::{ChannelSeal, Protection, Side};
+        for protection in [None, Some(Protection::Sign), Some(Protection::Encrypt)] {
+            let (a, b) = pair(2, 100);
+            let seal = |side| protection.map(|p| ChannelSeal::new(p, &[1; 16], &[2; 16], side, 1));
+            let (to_b, to_a) =
+                (seal(Side::Source), protection.map(|p| ChannelSeal::new(p, &[2; 16], &[1; 16], Side::Destination, 1)));
+            let conn = |wire, seal| PeerConn::new(PeerChannel { wire: Wire::Message(Box::new(wire)), seal }, 512);
+            let (mut sender, mut receiver) = (conn(a, to_b), conn(b, to_a));
+            let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+            for lsn in 1..=20u64 {
+                let payload: Vec<u8> = (0..512 * (1 + lsn as usize % 3)).map(|i| (i as u64 * lsn) as u8).collect();
+                let header = RecordHeader::write(stamp, lsn, 0, lsn * 4096, &payload);
+                let mut buf = AlignedBuf::zeroed(512 + payload.len());
+                buf[512..].copy_from_slice(&payload);
+                let len = payload.len();
+                sender.send(OutFrame::new(
+                    header.as_bytes(),
+                    Some(SharedBytes { buf: std::rc::Rc::new(buf), start: 512, len }),
+                ));
+                sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
             }
-        }
-        assert_eq!(sender.queued_bytes, 0, "everything went out");
-        let mut records = 0;
-        while let Some(frame) = receiver.take_received() {
-            if let InFrame::Record { header, buf } = frame {
-                records += 1;
-                assert_eq!(header.lsn, records, "in order");
-                let buf = buf.expect("a write carries its payload");
-                header.verify_payload(&buf[512..512 + header.payload_bytes() as usize]).unwrap();
+            for _ in 0..10_000 {
+                let sent = sender.move_message_bytes().unwrap();
+                let received = receiver.move_message_bytes().unwrap();
+                if !sent && !received {
+                    break;
+                }
             }
+            assert_eq!(sender.queued_bytes, 0, "{protection:?}: everything went out");
+            let mut records = 0;
+            while let Some(frame) = receiver.take_received() {
+                if let InFrame::Record { header, buf } = frame {
+                    records += 1;
+                    assert_eq!(header.lsn, records, "{protection:?}: in order");
+                    let buf = buf.expect("a write carries its payload");
+                    header.verify_payload(&buf[512..512 + header.payload_bytes() as usize]).unwrap();
+                }
+            }
+            assert_eq!(records, 20, "{protection:?}");
         }
-        assert_eq!(records, 20);
     }
 }
