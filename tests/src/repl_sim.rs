@@ -108,8 +108,11 @@ struct World {
     next_link_id: u64,
     partitioned_until: usize,
     /// A planned reconnection holds sync writes until the next link or
-    /// until this step (its timeout).
-    reconnect_hold_until: Option<usize>,
+    /// until this step, when the source's clock is moved to the hold's end
+    /// (its millisecond).
+    reconnect_hold_until: Option<(usize, u64)>,
+    /// The source's clock (`Event::Tick`): it moves only to end holds.
+    source_clock_ms: u64,
     chunk_reads: Vec<ChunkRead>,
     /// A destination rebase waiting for an idle, empty log.
     pending_rebase: Option<u64>,
@@ -208,6 +211,7 @@ impl World {
             next_link_id: 1,
             partitioned_until: 0,
             reconnect_hold_until: None,
+            source_clock_ms: 0,
             chunk_reads: Vec::new(),
             pending_rebase: None,
             rebase_persisting: false,
@@ -680,16 +684,20 @@ impl World {
         if self.link.is_none() {
             return;
         }
-        self.source.core.hold_writes_for_reconnect(true);
-        self.reconnect_hold_until = Some(step + self.rng.random_range(1..300));
+        let hold_steps = self.rng.random_range(1..300);
+        // A source restarted after a crash starts its clock at 0.
+        self.source.core.handle(Event::Tick { now_ms: self.source_clock_ms });
+        self.source.core.hold_writes_for_reconnect(hold_steps as u64);
+        self.reconnect_hold_until = Some((step + hold_steps, self.source_clock_ms + hold_steps as u64));
         self.stats.planned_reconnects += 1;
         self.drop_link();
     }
 
     fn step(&mut self, step: usize, phase: Phase) -> Result<(), String> {
-        if self.reconnect_hold_until.is_some_and(|until| step >= until) {
+        if let Some((_, until_ms)) = self.reconnect_hold_until.filter(|&(until, _)| step >= until) {
             self.reconnect_hold_until = None;
-            self.source.core.hold_writes_for_reconnect(false);
+            self.source_clock_ms = until_ms;
+            self.source.core.handle(Event::Tick { now_ms: until_ms });
         }
         let roll = self.rng.random_range(0..1000);
         let faults = phase == Phase::Faulty;

@@ -825,7 +825,7 @@ impl GroupCore {
         }
     }
 
-    pub(super) fn complete_and_settle(&mut self) {
+    fn complete_and_settle(&mut self) {
         if self.failed.is_some() {
             self.fail_placed();
             return;

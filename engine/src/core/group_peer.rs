@@ -171,9 +171,9 @@ pub(super) struct Shipper {
     pub copy_in_flight: std::collections::VecDeque<(u64, u64)>,
     /// The destination's applied LSN (its volumes hold every record up to it).
     pub applied_lsn: u64,
-    /// Sync writes wait for the destination while it is away (a planned
-    /// reconnection; see `hold_writes_for_reconnect`).
-    pub reconnect_hold: bool,
+    /// Until then (`now_ms`) sync writes wait for the destination while it
+    /// is away (a planned reconnection; see `hold_writes_for_reconnect`).
+    pub reconnect_hold_until_ms: Option<u64>,
     /// The verify pass in progress, whether its mismatches are repaired, and
     /// the chunks waiting to be sent again.
     pub verify: Option<super::verify::VerifyPass>,
@@ -259,7 +259,7 @@ impl GroupCore {
             awaiting_rebase: None,
             copy_in_flight: std::collections::VecDeque::new(),
             applied_lsn: 0,
-            reconnect_hold: false,
+            reconnect_hold_until_ms: None,
             verify: None,
             verify_repair: false,
             repairs: std::collections::VecDeque::new(),
@@ -309,7 +309,7 @@ impl GroupCore {
         let durable_lsn = self.durable_lsn;
         let shipper = self.shipper.as_mut().expect("connected without a partnership");
         shipper.connected = true;
-        shipper.reconnect_hold = false;
+        shipper.reconnect_hold_until_ms = None;
         shipper.fence = None;
         shipper.copy_in_flight.clear();
         shipper.catch_up_target_lsn = durable_lsn;
@@ -422,23 +422,20 @@ impl GroupCore {
         })
     }
 
-    /// Changes the mode of the partnership while it runs: from async to
-    /// sync, writes acknowledged from now on wait for the destination too;
-    /// from sync to async, writes waiting for it are acknowledged at once.
-    /// A planned reconnection (its transport changes): while `hold`, sync
-    /// writes wait for the destination while the session is down, whatever
-    /// `hold_writes_when_lost` says, so none completes on this log alone;
-    /// false returns to the policy and answers what it allows. A new
-    /// connection ends the hold.
-    pub fn hold_writes_for_reconnect(&mut self, hold: bool) {
+    /// A planned reconnection (its transport changes): for `hold_ms` from
+    /// now, sync writes wait for the destination while the session is down,
+    /// whatever `hold_writes_when_lost` says, so none completes on this log
+    /// alone; then the policy applies again. A new connection ends the hold.
+    pub fn hold_writes_for_reconnect(&mut self, hold_ms: u64) {
+        let until_ms = self.now_ms.saturating_add(hold_ms);
         if let Some(shipper) = self.shipper.as_mut() {
-            shipper.reconnect_hold = hold;
-        }
-        if !hold {
-            self.complete_and_settle();
+            shipper.reconnect_hold_until_ms = Some(until_ms);
         }
     }
 
+    /// Changes the mode of the partnership while it runs: from async to
+    /// sync, writes acknowledged from now on wait for the destination too;
+    /// from sync to async, writes waiting for it are acknowledged at once.
     pub fn set_mode(&mut self, mode: ReplicationMode) {
         if let Some(shipper) = self.shipper.as_mut() {
             shipper.config.mode = mode;
@@ -498,7 +495,8 @@ impl GroupCore {
             && if shipper.connected {
                 shipper.copy_acked == CopyPosition::Done
             } else {
-                shipper.config.hold_writes_when_lost || shipper.reconnect_hold
+                shipper.config.hold_writes_when_lost
+                    || shipper.reconnect_hold_until_ms.is_some_and(|until| self.now_ms < until)
             };
         if gated {
             self.durable_lsn.min(self.peer_durable_lsn().unwrap_or(0))

@@ -140,8 +140,6 @@ pub struct GroupRt {
     pub destination: Option<super::replica_dest::DestinationLink>,
     /// The replication connection must be closed (set by IO failures).
     pub close_peer: bool,
-    /// A planned reconnection holds sync writes until then at most.
-    pub reconnect_hold_until: Option<Instant>,
     pub copy_bytes_read: u64,
     pub copy_bytes_skipped: u64,
     /// When this process read the first chunk of the initial copy.
@@ -205,7 +203,6 @@ impl GroupRt {
             source: None,
             destination: None,
             close_peer: false,
-            reconnect_hold_until: None,
             copy_bytes_read: 0,
             copy_bytes_skipped: 0,
             copy_started_at: None,

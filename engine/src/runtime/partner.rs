@@ -238,15 +238,6 @@ impl GroupRt {
         self.persist_then_reply(reply);
     }
 
-    /// A planned reconnection that did not come back within its hold:
-    /// sync writes follow the peer-loss policy again.
-    pub fn end_reconnect_hold_when_due(&mut self) {
-        if self.reconnect_hold_until.is_some_and(|until| std::time::Instant::now() >= until) {
-            self.reconnect_hold_until = None;
-            self.core.hold_writes_for_reconnect(false);
-        }
-    }
-
     pub fn persist_partnership(&mut self, reply: Sender<Result<(), String>>) {
         self.persist_then_reply(reply);
     }

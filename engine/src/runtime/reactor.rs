@@ -276,7 +276,6 @@ impl Reactor {
                 let now_ms = self.started.elapsed().as_millis() as u64;
                 for group in self.groups.iter_mut().flatten() {
                     group.core.handle(Event::Tick { now_ms });
-                    group.end_reconnect_hold_when_due();
                 }
                 self.tick_peers();
                 self.report_events();

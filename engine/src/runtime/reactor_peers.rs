@@ -142,7 +142,6 @@ impl Reactor {
                     }
                 })?;
                 let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
-                rt.reconnect_hold_until = None;
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
                 link.last_error = None;
@@ -166,10 +165,7 @@ impl Reactor {
         if rt.source.as_ref().is_none_or(|link| link.conn.is_none()) {
             return Err(format!("group {group} is not a connected replication source"));
         }
-        if !hold.is_zero() {
-            rt.core.hold_writes_for_reconnect(true);
-            rt.reconnect_hold_until = Some(Instant::now() + hold);
-        }
+        rt.core.hold_writes_for_reconnect(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
         self.close_group_peers(index, reason);
         Ok(())
     }
