@@ -122,7 +122,7 @@ fn probe_rdma_path(daemon: &Daemon, status: &GroupStatus) -> Result<(), String> 
     let partnership = status.partnership.as_ref().ok_or("no partnership")?;
     let remote = resolve(&partnership.peer_address)?;
     let local = crate::rdma_link::local_address_towards(remote)?;
-    crate::rdma_link::local_path(local.ip())?;
+    crate::rdma_link::path_from(local.ip())?;
     let mut channel = RdmaChannel::connect(remote, crate::rdma_link::channel_config(daemon))?;
     let request = CreateRequest::existing(&status.name, partnership);
     let hello = hello_for(daemon, status, &request, HelloAction::Probe, &partnership.id);

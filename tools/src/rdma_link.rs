@@ -45,6 +45,12 @@ pub fn local_path(local: IpAddr) -> Result<String, String> {
     Ok(format!("{} port {} gid {}", path.device, path.port, path.gid))
 }
 
+/// Whether this node can use RDMA from `local`; why not as this node's
+/// operator reads it (the device, port or GID missing, and the fix).
+pub fn path_from(local: IpAddr) -> Result<String, String> {
+    local_path(local).map_err(|reason| format!("this node cannot use RDMA from {local}: {reason}"))
+}
+
 /// The transport a new partnership uses: `requested` (rdma, tcp or auto)
 /// against this side's path from `local` and the destination's RDMA
 /// listener (`destination_rdma`: ready, or why not).
@@ -54,8 +60,7 @@ pub fn choose(requested: &str, local: IpAddr, destination_rdma: Result<(), Strin
         "tcp" => Ok("tcp"),
         "auto" => Ok(if destination_rdma.is_ok() && local_path(local).is_ok() { "rdma" } else { "tcp" }),
         "rdma" => {
-            local_path(local)
-                .map_err(|reason| format!("--transport rdma: this node cannot use RDMA from {local}: {reason}"))?;
+            path_from(local).map_err(|reason| format!("--transport rdma: {reason}"))?;
             destination_rdma.map_err(|reason| format!("--transport rdma: the destination cannot: {reason}"))?;
             Ok("rdma")
         }
@@ -117,7 +122,6 @@ fn bind_listener(daemon: &Daemon) -> Option<RdmaListener> {
         local_path(address.ip()).map(|_| ())
     };
     let bound = ready.and_then(|()| RdmaListener::bind(address, channel_config(daemon)));
-    let was_ready = daemon.rdma_state().is_ok();
     match bound {
         Ok(listener) => {
             tracing::info!(%address, "listening for RDMA data channels");
@@ -125,7 +129,8 @@ fn bind_listener(daemon: &Daemon) -> Option<RdmaListener> {
             Some(listener)
         }
         Err(reason) => {
-            if was_ready || daemon.rdma_state() != Err(reason.clone()) {
+            // Logged once per reason: the retries every 2 s stay quiet.
+            if daemon.rdma_state() != Err(reason.clone()) {
                 tracing::info!(%address, %reason, "no RDMA listener: partnerships into this node use TCP");
             }
             daemon.set_rdma_state(Err(reason));
@@ -136,7 +141,7 @@ fn bind_listener(daemon: &Daemon) -> Option<RdmaListener> {
 
 fn listen_loop(daemon: &Arc<Daemon>, sessions: &Arc<JoiningSessions>, mut listener: Option<RdmaListener>) {
     loop {
-        let Some(bound) = listener.as_ref() else {
+        let Some(bound) = listener.as_mut() else {
             std::thread::sleep(LISTENER_RETRY);
             listener = bind_listener(daemon);
             continue;

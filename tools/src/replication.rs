@@ -504,8 +504,7 @@ fn resume_over(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest) -
         // Checked before connecting: the destination is not asked for a
         // session this node cannot open.
         let local = crate::rdma_link::local_address_towards(resolve(&request.destination)?)?.ip();
-        crate::rdma_link::local_path(local)
-            .map_err(|reason| ResumeFailure::Rdma(format!("this node cannot use RDMA from {local}: {reason}")))?;
+        crate::rdma_link::path_from(local).map_err(ResumeFailure::Rdma)?;
     }
     let mut stream = open_control(daemon, request)?;
     let hello = hello_for(daemon, status, request, HelloAction::Resume, &partnership.id);

@@ -23,7 +23,7 @@ fn main() {
     let size: usize = args[3].parse().expect("SIZE in bytes");
     let amount: u64 = args[4].parse().expect("COUNT or SECONDS");
     let config = ChannelConfig { message_bytes: size, window: 32, timeout: Duration::from_secs(20) };
-    let listener = RdmaListener::bind(address, config).unwrap_or_else(|e| panic!("{e}"));
+    let mut listener = RdmaListener::bind(address, config).unwrap_or_else(|e| panic!("{e}"));
     let pattern = args[1].clone();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap_or_else(|e| panic!("{e}"));

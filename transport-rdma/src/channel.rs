@@ -115,8 +115,8 @@ pub struct RdmaChannel {
     completed: Vec<(u64, u32, u32, u32)>,
     /// What rdma_cm said of the channel (a disconnect, its device removed).
     alarm: Alarm,
-    watch_own_events: bool,
-    next_event_check: Instant,
+    /// A channel that connected reads its own events: when it does next.
+    next_event_check: Option<Instant>,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
 }
@@ -184,8 +184,7 @@ impl RdmaChannel {
             spilled: VecDeque::new(),
             completed: Vec::new(),
             alarm,
-            watch_own_events: false,
-            next_event_check: Instant::now(),
+            next_event_check: None,
             messages_sent: 0,
             credit_messages_sent: 0,
         })
@@ -202,7 +201,7 @@ impl RdmaChannel {
     /// The channel reads its own (non-blocking) rdma_cm event channel at its
     /// polls, at most every [`EVENT_CHECK_INTERVAL`].
     pub(crate) fn watch_own_events(&mut self) {
-        self.watch_own_events = true;
+        self.next_event_check = Some(Instant::now());
     }
 
     /// The queue pair through INIT, RTR and RTS with rdma_cm's attributes.
@@ -504,10 +503,10 @@ impl RdmaChannel {
     /// Fails once rdma_cm said the channel ended (its own events are read
     /// here, now and then, for a channel that connected).
     fn check_connection(&mut self) -> Result<(), String> {
-        if self.watch_own_events {
+        if let Some(next) = self.next_event_check {
             let now = Instant::now();
-            if now >= self.next_event_check {
-                self.next_event_check = now + EVENT_CHECK_INTERVAL;
+            if now >= next {
+                self.next_event_check = Some(now + EVENT_CHECK_INTERVAL);
                 crate::connection::drain_events(&self.events);
             }
         }

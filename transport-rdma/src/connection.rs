@@ -12,8 +12,8 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sideway::rdmacm::communication_manager::{ConnectionParameter, EventChannel, EventType, Identifier, PortSpace};
@@ -147,8 +147,8 @@ pub struct RdmaListener {
     id: Arc<Identifier>,
     config: ChannelConfig,
     /// Accepted, not yet established (their Established event is awaited).
-    pending: Mutex<Vec<(RdmaChannel, Instant)>>,
-    device_removed: AtomicBool,
+    pending: Vec<(RdmaChannel, Instant)>,
+    device_removed: bool,
 }
 
 impl RdmaListener {
@@ -158,18 +158,18 @@ impl RdmaListener {
         let id = events.create_id(PortSpace::Tcp).map_err(|e| format!("rdma_cm id: {e}"))?;
         id.bind_addr(address).map_err(|e| format!("cannot bind RDMA listener to {address}: {e}"))?;
         id.listen(64).map_err(|e| format!("cannot listen for RDMA on {address}: {e}"))?;
-        Ok(Self { events, id, config, pending: Mutex::new(Vec::new()), device_removed: AtomicBool::new(false) })
+        Ok(Self { events, id, config, pending: Vec::new(), device_removed: false })
     }
 
     /// True once the listener's device was removed: drop it (the removal
     /// waits for that) and bind again when a device is back.
     pub fn device_removed(&self) -> bool {
-        self.device_removed.load(Ordering::Acquire)
+        self.device_removed
     }
 
     /// The next channel a peer opens. Meanwhile the events of channels
     /// accepted earlier go to their alarms.
-    pub fn accept(&self) -> Result<RdmaChannel, String> {
+    pub fn accept(&mut self) -> Result<RdmaChannel, String> {
         loop {
             let event = self.events.get_cm_event().map_err(|e| format!("rdma_cm: {e}"))?;
             let (kind, id) = (event.event_type(), event.cm_id());
@@ -177,8 +177,8 @@ impl RdmaListener {
             let Some(id) = id else { continue };
             if Arc::ptr_eq(&id, &self.id) {
                 if kind == EventType::DeviceRemoval {
-                    self.device_removed.store(true, Ordering::Release);
-                    self.pending.lock().expect("one accept thread").clear();
+                    self.device_removed = true;
+                    self.pending.clear();
                     return Err("the RDMA device of the listener is being removed".to_owned());
                 }
                 continue;
@@ -202,24 +202,23 @@ impl RdmaListener {
 
     /// Answers a connect request: a channel with its receives posted,
     /// pending until rdma_cm says it is established.
-    fn answer(&self, id: Arc<Identifier>) -> Result<(), String> {
+    fn answer(&mut self, id: Arc<Identifier>) -> Result<(), String> {
         let mut channel = RdmaChannel::new(Arc::clone(&self.events), id, self.config)?;
         channel.make_ready()?;
         channel.post_all_receives()?;
         let mut param = ConnectionParameter::default();
         param.setup_qp_number(channel.qp_number());
         channel.id().accept(param).map_err(|e| format!("rdma_cm accept: {e}"))?;
-        let mut pending = self.pending.lock().expect("one accept thread");
         // A peer that never completes its connection is forgotten.
-        pending.retain(|(_, since)| since.elapsed() < self.config.timeout);
-        pending.push((channel, Instant::now()));
+        let timeout = self.config.timeout;
+        self.pending.retain(|(_, since)| since.elapsed() < timeout);
+        self.pending.push((channel, Instant::now()));
         Ok(())
     }
 
-    fn take_pending(&self, id: &Arc<Identifier>) -> Option<RdmaChannel> {
-        let mut pending = self.pending.lock().expect("one accept thread");
-        let at = pending.iter().position(|(channel, _)| Arc::ptr_eq(channel.id(), id))?;
-        Some(pending.swap_remove(at).0)
+    fn take_pending(&mut self, id: &Arc<Identifier>) -> Option<RdmaChannel> {
+        let at = self.pending.iter().position(|(channel, _)| Arc::ptr_eq(channel.id(), id))?;
+        Some(self.pending.swap_remove(at).0)
     }
 }
 

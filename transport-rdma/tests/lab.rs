@@ -37,7 +37,7 @@ fn the_lab_address_has_a_roce_path() {
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn messages_echo_in_order_with_their_content() {
     let config = ChannelConfig { message_bytes: 16 << 10, window: 16, timeout: Duration::from_secs(20) };
-    let listener = RdmaListener::bind(address(18_601), config).unwrap();
+    let mut listener = RdmaListener::bind(address(18_601), config).unwrap();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap();
         for _ in 0..500 {
@@ -63,7 +63,7 @@ fn messages_echo_in_order_with_their_content() {
 fn a_tiny_window_under_two_way_load_never_stalls() {
     let config = ChannelConfig { message_bytes: 4096, window: 4, timeout: Duration::from_secs(5) };
     let count = 3000u32;
-    let listener = RdmaListener::bind(address(18_602), config).unwrap();
+    let mut listener = RdmaListener::bind(address(18_602), config).unwrap();
     let exchange = move |mut channel: RdmaChannel| {
         // Send and receive interleaved: grants ride on data both ways.
         let (mut sent, mut received) = (0u32, 0u32);
@@ -102,7 +102,7 @@ fn thread_cpu() -> Duration {
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn an_idle_channel_sleeps_until_a_message_comes() {
     let config = ChannelConfig { message_bytes: 4096, window: 8, timeout: Duration::from_secs(20) };
-    let listener = RdmaListener::bind(address(18_603), config).unwrap();
+    let mut listener = RdmaListener::bind(address(18_603), config).unwrap();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap();
         std::thread::sleep(Duration::from_secs(3));

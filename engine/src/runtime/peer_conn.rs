@@ -386,6 +386,12 @@ impl PeerConn {
     /// `count` bytes arrived at `rend`: parses every complete frame.
     pub(super) fn received_bytes(&mut self, count: usize) {
         self.rend += count;
+        self.take_received_bytes(count);
+    }
+
+    /// `count` bytes arrived (in `rbuf`, or straight into the payload being
+    /// gathered): parses every complete frame and compacts `rbuf`.
+    fn take_received_bytes(&mut self, count: usize) {
         self.bytes_received += count as u64;
         self.last_recv = Instant::now();
         if let Err(reason) = self.parse() {
@@ -451,8 +457,7 @@ impl PeerConn {
         match self.gather.as_mut().expect("bytes were gathered into a frame") {
             Gather::Record { at, .. } | Gather::Control { at, .. } => *at += count,
         }
-        self.received_bytes(0);
-        self.bytes_received += count as u64;
+        self.take_received_bytes(count);
     }
 
     fn parse(&mut self) -> Result<(), String> {
