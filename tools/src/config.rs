@@ -101,6 +101,16 @@ pub struct ReplicationConfig {
     /// RDMA (the destination counts as lost until then). On a destination:
     /// whether it takes such a source's TCP channels.
     pub rdma_fallback: String,
+    /// RDMA: payloads of at least this many bytes are not copied into
+    /// messages; the peer's adapter reads them with RDMA READ from the
+    /// buffer the local log writes, into the one its log writes (0: copy
+    /// every payload).
+    pub rdma_zero_copy_threshold_bytes: usize,
+    /// RDMA: memory registered once (with every RDMA channel, so it counts
+    /// against the memory-lock limit once per channel) from which buffers of
+    /// at least the threshold come; used up, buffers come from the heap and
+    /// are copied.
+    pub rdma_arena_bytes: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -119,6 +129,8 @@ impl Default for ReplicationConfig {
             rdma_message_bytes: 64 << 10,
             rdma_window: 32,
             rdma_fallback: "tcp".to_owned(),
+            rdma_zero_copy_threshold_bytes: 16 << 10,
+            rdma_arena_bytes: 64 << 20,
         }
     }
 }
@@ -299,6 +311,25 @@ impl Config {
                 replication.rdma_message_bytes
             ));
         }
+        if replication.rdma_zero_copy_threshold_bytes != 0
+            && !(4096..=tandem_engine::runtime::arena::MAX_BUFFER_BYTES)
+                .contains(&replication.rdma_zero_copy_threshold_bytes)
+        {
+            return Err(format!(
+                "replication.rdma_zero_copy_threshold_bytes = {}: use 4096 (4 KiB) to {} (4 MiB and a sector), \
+                 or 0 to copy every payload",
+                replication.rdma_zero_copy_threshold_bytes,
+                tandem_engine::runtime::arena::MAX_BUFFER_BYTES
+            ));
+        }
+        if replication.rdma_zero_copy_threshold_bytes != 0
+            && !(8 << 20..=64 << 30).contains(&replication.rdma_arena_bytes)
+        {
+            return Err(format!(
+                "replication.rdma_arena_bytes = {}: use 8388608 (8 MiB) to 68719476736 (64 GiB)",
+                replication.rdma_arena_bytes
+            ));
+        }
         if !(64 << 10..=256 << 20).contains(&replication.socket_buffer_bytes) {
             return Err(format!(
                 "replication.socket_buffer_bytes = {}: use 65536 (64 KiB) to 268435456 (256 MiB)",
@@ -378,5 +409,17 @@ mod tests {
         assert!(refused.contains("replication.rdma_fallback = \"udp\"") && refused.contains("\"none\""), "{refused}");
         config.replication.rdma_fallback = "none".to_owned();
         config.validate().unwrap();
+        config.replication.rdma_zero_copy_threshold_bytes = 1000;
+        let refused = config.validate().unwrap_err();
+        assert!(
+            refused.contains("rdma_zero_copy_threshold_bytes = 1000: use 4096") && refused.contains("or 0"),
+            "{refused}"
+        );
+        config.replication.rdma_zero_copy_threshold_bytes = 0;
+        config.replication.rdma_arena_bytes = 1 << 20;
+        config.validate().expect("no arena is needed without zero copy");
+        config.replication.rdma_zero_copy_threshold_bytes = 65536;
+        let refused = config.validate().unwrap_err();
+        assert!(refused.contains("rdma_arena_bytes = 1048576: use 8388608 (8 MiB)"), "{refused}");
     }
 }

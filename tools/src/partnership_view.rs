@@ -134,6 +134,13 @@ pub fn print_partnership(g: &GroupStatus) {
         );
     }
     println!("  traffic       {} sent, {} received", format_size(p.bytes_sent), format_size(p.bytes_received));
+    if p.zero_copy_bytes_sent + p.zero_copy_bytes_received > 0 {
+        println!(
+            "  zero copy     {} read by the peer from this node's buffers, {} read from the peer's (RDMA READ)",
+            format_size(p.zero_copy_bytes_sent),
+            format_size(p.zero_copy_bytes_received)
+        );
+    }
     if g.role == "source" {
         println!("  read back     {} record(s) shipped from the log (not from memory)", p.records_read_back);
     }

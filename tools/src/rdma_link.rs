@@ -15,7 +15,7 @@ use std::time::Duration;
 use tandem_engine::runtime::wire::Wire;
 use tandem_proto::{TRANSPORT_RDMA, TRANSPORT_TCP};
 use tandem_transport_rdma::wire::RdmaWire;
-use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
+use tandem_transport_rdma::{ChannelConfig, LendRegion, RdmaChannel, RdmaListener};
 
 use crate::channel_join::JoiningSessions;
 use crate::daemon::Daemon;
@@ -31,11 +31,58 @@ pub fn transport_code(name: &str) -> u32 {
     }
 }
 
-/// The channel sizes of this node's configuration (both nodes need the same).
+/// The channel sizes of this node's configuration (both nodes need the same)
+/// and the region it lends large payloads from.
 #[must_use]
 pub fn channel_config(daemon: &Daemon) -> ChannelConfig {
     let r = &daemon.config.replication;
-    ChannelConfig { message_bytes: r.rdma_message_bytes, window: r.rdma_window, timeout: Duration::from_secs(10) }
+    let mut config = ChannelConfig {
+        message_bytes: r.rdma_message_bytes,
+        window: r.rdma_window,
+        timeout: Duration::from_secs(10),
+        lend: lending_region(r.rdma_zero_copy_threshold_bytes, r.rdma_arena_bytes),
+    };
+    // Every channel registers the arena again: a memory-lock limit that
+    // holds the message buffers but not the arena turns zero copy off
+    // rather than RDMA (payloads are copied, as below the threshold).
+    if let Some(region) = config.lend {
+        if let Err(reason) = tandem_transport_rdma::memlock::check(config.registered_bytes()) {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    %reason,
+                    arena_bytes = region.bytes,
+                    "RDMA zero copy is off: the memory-lock limit cannot hold the registered arena as well \
+                     (each RDMA channel registers it); payloads are copied"
+                );
+            }
+            config.lend = None;
+        }
+    }
+    config
+}
+
+/// The registered arena, installed at the first RDMA channel of the process
+/// (from then on, large direct-IO buffers come from it), as the region the
+/// channels lend from; `None` when zero copy is off or the arena could not
+/// be mapped (payloads are copied then, and the log says why).
+fn lending_region(threshold_bytes: usize, arena_bytes: usize) -> Option<LendRegion> {
+    if threshold_bytes == 0 {
+        return None;
+    }
+    static INSTALLED: std::sync::OnceLock<Result<(usize, usize), String>> = std::sync::OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let arena = tandem_engine::runtime::arena::install(arena_bytes, threshold_bytes)?;
+        tracing::info!(arena_bytes, threshold_bytes, "RDMA zero copy: payloads of the threshold and more are lent");
+        Ok(arena.region())
+    });
+    match installed {
+        Ok((address, bytes)) => Some(LendRegion { address: *address, bytes: *bytes, threshold_bytes }),
+        Err(reason) => {
+            tracing::warn!(%reason, "RDMA zero copy is off: every payload is copied");
+            None
+        }
+    }
 }
 
 /// Whether this side can use RDMA from `local`: the device, port and GID of

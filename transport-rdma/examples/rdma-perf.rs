@@ -3,6 +3,7 @@
 //!
 //!   rdma-perf ping-pong ADDRESS:PORT SIZE COUNT   # round trip of SIZE-byte messages
 //!   rdma-perf stream ADDRESS:PORT SIZE SECONDS    # one-way bandwidth of SIZE-byte messages
+//!   rdma-perf stream-lent ADDRESS:PORT SIZE SECONDS  # the same payloads lent (RDMA READ), not copied
 //!
 //! Both ends run in this process (two threads), each busy-polling the
 //! non-blocking stream API the replication core uses (`try_send`,
@@ -11,32 +12,44 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
+use tandem_transport_rdma::{ChannelConfig, LendRegion, RdmaChannel, RdmaListener};
+
+/// Payload buffers the lending sender rotates through.
+const LENT_BUFFERS: usize = 32;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 5 {
-        eprintln!("usage: rdma-perf ping-pong|stream ADDRESS:PORT SIZE COUNT|SECONDS");
+        eprintln!("usage: rdma-perf ping-pong|stream|stream-lent ADDRESS:PORT SIZE COUNT|SECONDS");
         std::process::exit(2);
     }
     let address: SocketAddr = args[2].parse().expect("ADDRESS:PORT");
     let size: usize = args[3].parse().expect("SIZE in bytes");
     let amount: u64 = args[4].parse().expect("COUNT or SECONDS");
-    let config = ChannelConfig { message_bytes: size, window: 32, timeout: Duration::from_secs(20) };
-    let mut listener = RdmaListener::bind(address, config).unwrap_or_else(|e| panic!("{e}"));
+    let lent = args[1] == "stream-lent";
+    let config = ChannelConfig { message_bytes: size, window: 32, timeout: Duration::from_secs(20), lend: None };
+    // Lending: descriptors are small messages; each end lends from (and
+    // reads into) a region of its own.
+    let (server_memory, server_region) = region(size, 1);
+    let (client_memory, client_region) = region(size, LENT_BUFFERS);
+    let server_config =
+        if lent { ChannelConfig { message_bytes: 4096, lend: Some(server_region), ..config } } else { config };
+    let client_config = if lent { ChannelConfig { lend: Some(client_region), ..server_config } } else { config };
+    let mut listener = RdmaListener::bind(address, server_config).unwrap_or_else(|e| panic!("{e}"));
     let pattern = args[1].clone();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap_or_else(|e| panic!("{e}"));
-        if pattern == "ping-pong" {
-            echo(&mut channel, size, amount);
-        } else {
-            sink(&mut channel, Duration::from_secs(amount + 5));
+        match pattern.as_str() {
+            "ping-pong" => echo(&mut channel, size, amount),
+            "stream-lent" => sink(&mut channel, server_memory, Duration::from_secs(amount + 5)),
+            _ => sink(&mut channel, &mut vec![0u8; 1 << 20], Duration::from_secs(amount + 5)),
         }
     });
-    let mut client = RdmaChannel::connect(address, config).unwrap_or_else(|e| panic!("{e}"));
+    let mut client = RdmaChannel::connect(address, client_config).unwrap_or_else(|e| panic!("{e}"));
     match args[1].as_str() {
         "ping-pong" => ping_pong(&mut client, size, amount),
         "stream" => stream(&mut client, size, Duration::from_secs(amount)),
+        "stream-lent" => stream_lent(&mut client, client_memory, size, Duration::from_secs(amount)),
         other => panic!("unknown pattern {other}"),
     }
     drop(client);
@@ -71,34 +84,92 @@ fn echo(channel: &mut RdmaChannel, size: usize, count: u64) {
 }
 
 fn ping_pong(channel: &mut RdmaChannel, size: usize, count: u64) {
-    let message: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    assert!(size >= 8, "ping-pong messages carry an 8-byte sequence number");
+    let mut message: Vec<u8> = (0..size).map(|i| i as u8).collect();
     let mut back = vec![0u8; size];
     let warmup = count / 10;
     let mut samples = Vec::with_capacity(count as usize);
+    let mut started = Instant::now();
     for n in 0..count + warmup {
-        let started = Instant::now();
+        // Each message carries its number, which the echo must bring back.
+        message[..8].copy_from_slice(&n.to_le_bytes());
         send_all(channel, &message);
         receive_all(channel, &mut back);
+        let now = Instant::now();
         if n >= warmup {
-            samples.push(started.elapsed().as_secs_f64() * 1e6);
+            samples.push((now - started).as_secs_f64() * 1e6);
         }
-        assert_eq!(back, message, "the echo carries the message");
+        started = now;
+        assert_eq!(back[..8], message[..8], "the echo of message {n} carries its number");
     }
+    assert_eq!(back, message, "the echo carries the message");
     samples.sort_by(f64::total_cmp);
     let average = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
-        "rdma channel ping-pong {size} B: round trip avg {average:.2} us, p50 {:.2} us, p99 {:.2} us ({count} round trips)",
+        "rdma channel ping-pong {size} B: round trip avg {average:.2} us, p50 {:.2} us, p99 {:.2} us, min {:.2} us ({count} round trips); \
+         its 4 copies of {size} B (into and out of the slots, both ends) take {:.2} us on this CPU",
         samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100]
+        samples[samples.len() * 99 / 100],
+        samples[0],
+        copy_cost_us(size) * 4.0
     );
 }
 
-/// Takes what arrives for `duration` (a peer's disconnect does not break
-/// this side's queue pair: it would poll forever).
-fn sink(channel: &mut RdmaChannel, duration: Duration) {
-    let mut buf = vec![0u8; 1 << 20];
+/// What copying `size` bytes costs here, in microseconds (the emulated
+/// guest copies far slower than hardware, which weighs on the ratio).
+fn copy_cost_us(size: usize) -> f64 {
+    let from = vec![5u8; size];
+    let mut to = vec![0u8; size];
+    let rounds = 2000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        to.copy_from_slice(std::hint::black_box(&from));
+        std::hint::black_box(&mut to);
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
+/// `count` buffers of `size` bytes in memory that lives as long as the process.
+fn region(size: usize, count: usize) -> (&'static mut [u8], LendRegion) {
+    let memory: &'static mut [u8] = Box::leak(vec![7u8; size * count].into_boxed_slice());
+    let region = LendRegion { address: memory.as_ptr() as usize, bytes: memory.len(), threshold_bytes: size };
+    (memory, region)
+}
+
+/// Takes what arrives into `buf` for `duration` (a peer's disconnect does
+/// not break this side's queue pair: it would poll forever).
+fn sink(channel: &mut RdmaChannel, buf: &mut [u8], duration: Duration) {
     let deadline = Instant::now() + duration;
-    while Instant::now() < deadline && channel.poll_into(&mut buf).is_ok() {}
+    while Instant::now() < deadline && channel.poll_into(buf).is_ok() {}
+}
+
+/// Lends `size`-byte payloads from [`LENT_BUFFERS`] buffers in turn (a
+/// buffer is used again once its payload was released) for `duration`.
+fn stream_lent(channel: &mut RdmaChannel, memory: &mut [u8], size: usize, duration: Duration) {
+    let mut free: Vec<usize> = (0..LENT_BUFFERS).collect();
+    let mut lent = std::collections::HashMap::new();
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    while started.elapsed() < duration {
+        channel.poll_into(&mut []).unwrap_or_else(|e| panic!("{e}"));
+        while let Some(token) = channel.take_released() {
+            free.push(lent.remove(&token).expect("a token lent"));
+        }
+        let Some(&buffer) = free.last() else { continue };
+        let (count, token) =
+            channel.try_send_or_lend(&[&memory[buffer * size..][..size]]).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(token) = token {
+            free.pop();
+            lent.insert(token, buffer);
+            bytes += count as u64;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "rdma channel stream-lent {size} B: {:.1} MB/s ({:.0} payloads/s read by the peer's adapter, no copy)",
+        bytes as f64 / seconds / 1e6,
+        bytes as f64 / size as f64 / seconds
+    );
 }
 
 fn stream(channel: &mut RdmaChannel, size: usize, duration: Duration) {

@@ -4,7 +4,9 @@
 //! Flow control is by credits, as SMB Direct does it: each side posts
 //! `window` receive buffers and starts with `window` credits (buffers of the
 //! peer it may fill). Every message carries the credits its sender grants
-//! back (buffers it reposted since its last message). A data message needs
+//! back (buffers it reposted since its last message) in the SEND's
+//! immediate data, so a message of N payload bytes is N bytes on the wire
+//! (a 4 KiB message fills four 1 KiB RoCE packets, not five). A data message needs
 //! two credits, so one always stays for a credit-only message: two sides
 //! that both ran out while owing each other grants can still tell each
 //! other. A credit-only message is sent when half the window is owed and
@@ -34,10 +36,23 @@ use sideway::rdmacm::communication_manager::{EventChannel, Identifier};
 
 use crate::connection::Alarm;
 
-/// Bytes before each message's payload: granted credits (u16), flags
-/// (u16), payload length (u32), little-endian.
-pub const HEADER_BYTES: usize = 8;
+mod blocking;
+mod lend;
+use crate::ChannelConfig;
+use lend::{Descriptor, Lending, READ_WR_ID};
+
+/// A message's immediate data (sent in network byte order): the credits
+/// it grants in the low 16 bits, flags in the high 16. Its length is the
+/// completion's byte count.
 const FLAG_CREDIT_ONLY: u16 = 1;
+/// The message is a descriptor of a lent payload (`lend.rs`).
+const FLAG_LEND: u16 = 2;
+/// The message gives back tokens of lent payloads read.
+const FLAG_RELEASE: u16 = 4;
+/// IBV_WC_WITH_IMM: the completion carries immediate data.
+const WC_WITH_IMM: u32 = 2;
+/// Work completions taken per ibv_poll_cq call.
+const POLL_BATCH: usize = 16;
 /// How long a waiting channel polls its completion queue before it sleeps
 /// on the completion channel: busy while traffic flows, idle when it stops.
 const BUSY_POLL_BUDGET: Duration = Duration::from_micros(50);
@@ -46,45 +61,6 @@ const EVENT_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// IBV_WC_RECV: receive completions have this opcode bit.
 const WC_RECV: u32 = 1 << 7;
 
-/// Sizes and limits of a channel (both ends must use the same).
-#[derive(Debug, Clone, Copy)]
-pub struct ChannelConfig {
-    /// Largest payload of one message.
-    pub message_bytes: usize,
-    /// Receive buffers posted, and so credits granted at the start (≥ 4).
-    pub window: u32,
-    /// Longest wait for a credit, a message or a connection event.
-    pub timeout: Duration,
-}
-
-impl Default for ChannelConfig {
-    fn default() -> Self {
-        Self { message_bytes: 64 << 10, window: 32, timeout: Duration::from_secs(10) }
-    }
-}
-
-impl ChannelConfig {
-    fn slot_bytes(&self) -> usize {
-        HEADER_BYTES + self.message_bytes
-    }
-
-    /// Registered bytes of one channel: `window` receive and send slots.
-    #[must_use]
-    pub fn registered_bytes(&self) -> u64 {
-        2 * u64::from(self.window) * self.slot_bytes() as u64
-    }
-
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if self.window < 4 || self.window > 4096 {
-            return Err(format!("an RDMA channel window of {} buffers: use 4 to 4096", self.window));
-        }
-        if self.message_bytes == 0 || self.message_bytes > 16 << 20 {
-            return Err(format!("RDMA messages of {} bytes: use 1 byte to 16 MiB", self.message_bytes));
-        }
-        crate::memlock::check(self.registered_bytes())
-    }
-}
-
 /// One end of a connected channel.
 pub struct RdmaChannel {
     /// Kept open while the channel's rdma_cm id lives on it (a channel that
@@ -92,10 +68,9 @@ pub struct RdmaChannel {
     events: Arc<EventChannel>,
     id: Arc<Identifier>,
     qp: GenericQueuePair,
-    cq: GenericCompletionQueue,
     basic_cq: Arc<BasicCompletionQueue>,
     completions: Arc<CompletionChannel>,
-    _pd: Arc<ProtectionDomain>,
+    pd: Arc<ProtectionDomain>,
     mr: Arc<MemoryRegion>,
     /// `window` receive slots, then `window` send slots.
     memory: Box<[u8]>,
@@ -103,22 +78,40 @@ pub struct RdmaChannel {
     credits: u32,
     owed: u32,
     free_send: Vec<u32>,
-    /// Received messages not yet taken: their slot and length, and how much
-    /// of the first one was taken already.
-    received: VecDeque<(u32, usize)>,
+    /// Send slots posted and not yet known complete, in posting order. Only
+    /// some sends ask for a completion (see [`Self::completion_wanted`]); on
+    /// a reliable connection one completion means every earlier send is done.
+    sending: VecDeque<u32>,
+    /// Sends posted since the last one that asked for a completion.
+    unsignaled_run: u32,
+    /// Received messages not yet taken, and how much of the first one (of
+    /// its payload, or of the payload it lends) was taken already.
+    received: VecDeque<Received>,
     taken_of_first: usize,
     /// Blocking use only: messages copied out of their buffers while
     /// [`Self::send`] waited for a credit, so both ends waiting to send
     /// still grant each other their buffers.
     spilled: VecDeque<Vec<u8>>,
-    /// Work completions of one poll (work request id, status, bytes, opcode).
-    completed: Vec<(u64, u32, u32, u32)>,
+    /// Work completions of one poll, reused (a busy-polling core allocates
+    /// nothing per poll).
+    completed: Vec<rdma_mummy_sys::ibv_wc>,
     /// What rdma_cm said of the channel (a disconnect, its device removed).
     alarm: Alarm,
     /// A channel that connected reads its own events: when it does next.
     next_event_check: Option<Instant>,
+    /// Payloads lent and read (`lend.rs`).
+    lending: Lending,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
+}
+
+/// A received message waiting in its receive slot.
+#[derive(Clone, Copy)]
+struct Received {
+    slot: u32,
+    length: usize,
+    /// The payload the message lends, to be read in its place.
+    lent: Option<Descriptor>,
 }
 
 impl RdmaChannel {
@@ -133,7 +126,8 @@ impl RdmaChannel {
         id.setup_context(alarm.clone());
         let context = id.get_device_context().ok_or("the rdma_cm id has no device")?;
         let pd = context.alloc_pd().map_err(|e| format!("cannot allocate a protection domain: {e}"))?;
-        let depth = config.window * 2 + 1;
+        // Every slot's completion, and the read of a lent payload.
+        let depth = config.window * 2 + 2;
         let completions =
             context.create_comp_channel().map_err(|e| format!("cannot create a completion channel: {e}"))?;
         completions.set_nonblocking(true).map_err(|e| format!("completion channel: {e}"))?;
@@ -146,7 +140,7 @@ impl RdmaChannel {
         let cq = GenericCompletionQueue::from(Arc::clone(&basic_cq));
         let qp = pd
             .create_qp_builder()
-            .setup_max_send_wr(config.window)
+            .setup_max_send_wr(config.window + 1)
             .setup_max_recv_wr(config.window)
             .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
@@ -165,29 +159,64 @@ impl RdmaChannel {
         // the boxed slice never moves its heap allocation).
         let mr = unsafe { pd.reg_mr(memory.as_ptr() as usize, bytes, AccessFlags::LocalWrite) }
             .map_err(|e| format!("cannot register {bytes} bytes for RDMA: {e} (see `ulimit -l`)"))?;
+        let mut lending = Lending::default();
+        if let Some(region) = config.lend {
+            let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead;
+            // SAFETY: the lending region (the engine's arena) is mapped for
+            // the life of the process.
+            let registered = unsafe { pd.reg_mr(region.address, region.bytes, access) }.map_err(|e| {
+                format!(
+                    "cannot register the {} bytes of the lending region for RDMA: {e} (see `ulimit -l`)",
+                    region.bytes
+                )
+            })?;
+            lending.region = Some(registered);
+        }
         Ok(Self {
             events,
             id,
             qp,
-            cq,
             basic_cq,
             completions,
-            _pd: pd,
+            pd,
             mr,
             memory,
             config,
             credits: config.window,
             owed: 0,
             free_send: (0..config.window).collect(),
+            sending: VecDeque::with_capacity(config.window as usize),
+            unsignaled_run: 0,
             received: VecDeque::new(),
             taken_of_first: 0,
             spilled: VecDeque::new(),
-            completed: Vec::new(),
+            // SAFETY: ibv_wc is plain data; all zeroes is a valid value.
+            completed: vec![unsafe { std::mem::zeroed() }; POLL_BATCH],
             alarm,
             next_event_check: None,
+            lending,
             messages_sent: 0,
             credit_messages_sent: 0,
         })
+    }
+
+    /// Credits, slots and lending of the channel, for the message of a stall.
+    #[must_use]
+    pub fn flow_control_state(&self) -> String {
+        let lending = &self.lending;
+        format!(
+            "credits {}, owed {}, free send slots {}, sends in flight {}, messages waiting {}, \
+             lent unread {}, releases waiting {} in and {} out, read in flight {:?}",
+            self.credits,
+            self.owed,
+            self.free_send.len(),
+            self.sending.len(),
+            self.received.len(),
+            lending.outstanding,
+            lending.released.len(),
+            lending.to_release.len(),
+            lending.reading.as_ref().map(|read| if read.done { "done" } else { "posted" })
+        )
     }
 
     pub(crate) fn id(&self) -> &Arc<Identifier> {
@@ -214,7 +243,7 @@ impl RdmaChannel {
     }
 
     fn slot_addr(&self, slot: u32) -> u64 {
-        self.memory.as_ptr() as u64 + u64::from(slot) * self.config.slot_bytes() as u64
+        self.memory.as_ptr() as u64 + u64::from(slot) * self.config.message_bytes as u64
     }
 
     pub(crate) fn post_all_receives(&mut self) -> Result<(), String> {
@@ -222,50 +251,13 @@ impl RdmaChannel {
     }
 
     fn post_receive(&mut self, slot: u32) -> Result<(), String> {
-        let (lkey, addr, length) = (self.mr.lkey(), self.slot_addr(slot), self.config.slot_bytes() as u32);
+        let (lkey, addr, length) = (self.mr.lkey(), self.slot_addr(slot), self.config.message_bytes as u32);
         let mut guard = self.qp.start_post_recv();
         let handle = guard.construct_wr(u64::from(slot));
         // SAFETY: the slot lies in the registered region and is not used
         // until its receive completes.
         unsafe { handle.setup_sge(lkey, addr, length) };
         guard.post().map_err(|e| format!("posting a receive failed: {e}"))
-    }
-
-    /// Sends one message of at most `message_bytes`, waiting for a credit.
-    pub fn send(&mut self, payload: &[u8]) -> Result<(), String> {
-        if payload.len() > self.config.message_bytes {
-            return Err(format!(
-                "a message of {} bytes exceeds the channel's {}",
-                payload.len(),
-                self.config.message_bytes
-            ));
-        }
-        let deadline = Instant::now() + self.config.timeout;
-        while self.credits < 2 || self.free_send.is_empty() {
-            self.spill_received()?;
-            if !self.poll()? && !self.wait_for_completion(deadline)? {
-                return Err(format!("no credit from the peer for {:?} (it stopped reading)", self.config.timeout));
-            }
-        }
-        self.post_message(payload, 0)?;
-        self.messages_sent += 1;
-        Ok(())
-    }
-
-    /// The next message (its payload), waiting for it.
-    pub fn recv(&mut self) -> Result<Vec<u8>, String> {
-        let deadline = Instant::now() + self.config.timeout;
-        loop {
-            if let Some(message) = self.spilled.pop_front() {
-                return Ok(message);
-            }
-            if let Some(message) = self.take_first_message()? {
-                return Ok(message);
-            }
-            if !self.poll()? && !self.wait_for_completion(deadline)? {
-                return Err(format!("no message from the peer for {:?}", self.config.timeout));
-            }
-        }
     }
 
     /// Copies as much of `parts` (one after the other) as one message
@@ -281,7 +273,7 @@ impl RdmaChannel {
             return Ok(0);
         }
         let slot = *self.free_send.last().expect("checked");
-        let mut at = (self.config.window + slot) as usize * self.config.slot_bytes() + HEADER_BYTES;
+        let mut at = (self.config.window + slot) as usize * self.config.message_bytes;
         let mut left = length;
         for part in parts {
             let take = part.len().min(left);
@@ -303,12 +295,19 @@ impl RdmaChannel {
     pub fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
         self.poll()?;
         let mut copied = 0;
-        while let Some(&(slot, length)) = self.received.front() {
+        while let Some(&Received { slot, length, lent }) = self.received.front() {
+            if let Some(descriptor) = lent {
+                // A lent payload is handed over alone, once read.
+                if copied == 0 {
+                    copied = self.read_lent(descriptor, into)?;
+                }
+                break;
+            }
             let take = (length - self.taken_of_first).min(into.len() - copied);
             if take == 0 {
                 break;
             }
-            let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
+            let start = slot as usize * self.config.message_bytes + self.taken_of_first;
             into[copied..copied + take].copy_from_slice(&self.memory[start..start + take]);
             copied += take;
             self.taken_of_first += take;
@@ -317,7 +316,9 @@ impl RdmaChannel {
             }
         }
         if copied > 0 {
-            // Grants for the buffers just freed go out without waiting for data.
+            // Grants for the buffers just freed (and releases of payloads
+            // read) go out without waiting for data.
+            self.send_releases()?;
             self.grant_if_owed()?;
         }
         Ok(copied)
@@ -359,28 +360,10 @@ impl RdmaChannel {
         let _ = self.id.disconnect();
     }
 
-    /// Copies every received message out of its buffer (which is granted back).
-    fn spill_received(&mut self) -> Result<(), String> {
-        while let Some(message) = self.take_first_message()? {
-            self.spilled.push_back(message);
-        }
-        self.grant_if_owed()
-    }
-
-    /// What is left of the first received message, copied out; its buffer
-    /// is posted again and granted back.
-    fn take_first_message(&mut self) -> Result<Option<Vec<u8>>, String> {
-        let Some(&(slot, length)) = self.received.front() else { return Ok(None) };
-        let start = slot as usize * self.config.slot_bytes() + HEADER_BYTES + self.taken_of_first;
-        let message = self.memory[start..start + length - self.taken_of_first].to_vec();
-        self.release_first()?;
-        Ok(Some(message))
-    }
-
     /// The first received message was taken whole: its buffer is posted
     /// again and granted back.
     fn release_first(&mut self) -> Result<(), String> {
-        let (slot, _) = self.received.pop_front().expect("a message to release");
+        let slot = self.received.pop_front().expect("a message to release").slot;
         self.taken_of_first = 0;
         self.post_receive(slot)?;
         self.owed += 1;
@@ -397,31 +380,50 @@ impl RdmaChannel {
 
     fn post_message(&mut self, payload: &[u8], flags: u16) -> Result<(), String> {
         let slot = *self.free_send.last().expect("a free send slot");
-        let start = (self.config.window + slot) as usize * self.config.slot_bytes() + HEADER_BYTES;
+        let start = (self.config.window + slot) as usize * self.config.message_bytes;
         self.memory[start..start + payload.len()].copy_from_slice(payload);
         self.post_slot(payload.len(), flags)
     }
 
     /// Posts the last free send slot, whose payload (`length` bytes) is in
-    /// place, with its header: the grant owed and the flags.
+    /// place, with the grant owed and the flags as immediate data.
     fn post_slot(&mut self, length: usize, flags: u16) -> Result<(), String> {
         assert!(self.credits >= 1, "a message is sent only into a buffer the peer granted");
         let slot = self.free_send.pop().expect("a free send slot");
         let grant = u16::try_from(self.owed).expect("the window is at most 4096");
-        let start = (self.config.window + slot) as usize * self.config.slot_bytes();
-        let buf = &mut self.memory[start..start + HEADER_BYTES];
-        buf[..2].copy_from_slice(&grant.to_le_bytes());
-        buf[2..4].copy_from_slice(&flags.to_le_bytes());
-        buf[4..8].copy_from_slice(&(length as u32).to_le_bytes());
+        let immediate = (u32::from(grant) | u32::from(flags) << 16).to_be();
         self.owed = 0;
         self.credits -= 1;
         let (lkey, addr) = (self.mr.lkey(), self.slot_addr(self.config.window + slot));
+        let wr_flags = self.completion_wanted();
+        self.sending.push_back(slot);
         let mut guard = self.qp.start_post_send();
-        let handle = guard.construct_wr(u64::from(self.config.window + slot), WorkRequestFlags::Signaled).setup_send();
-        // SAFETY: the send slot lies in the registered region and stays
-        // untouched until its completion returns it to `free_send`.
-        unsafe { handle.setup_sge(lkey, addr, (HEADER_BYTES + length) as u32) };
+        let handle = guard.construct_wr(u64::from(self.config.window + slot), wr_flags).setup_send_imm(immediate);
+        if length > 0 {
+            // SAFETY: the send slot lies in the registered region and stays
+            // untouched until a completion (its own or a later send's)
+            // returns it to `free_send`.
+            unsafe { handle.setup_sge(lkey, addr, length as u32) };
+        }
+        // A credit-only message has no scatter/gather entry: zero bytes and
+        // its immediate data.
         guard.post().map_err(|e| format!("posting a send failed: {e}"))
+    }
+
+    /// Whether the send being posted (its slot already taken from
+    /// `free_send`) asks for a completion: every quarter window, and every
+    /// send once half the slots are in flight, so that a sender short of
+    /// slots always has a completion coming that frees them. Fewer
+    /// completions are less work for the device and the poller (perftest's
+    /// latency tests ask for one in 100).
+    fn completion_wanted(&mut self) -> WorkRequestFlags {
+        self.unsignaled_run += 1;
+        if self.unsignaled_run >= self.config.window / 4 || self.free_send.len() < self.config.window as usize / 2 {
+            self.unsignaled_run = 0;
+            WorkRequestFlags::Signaled
+        } else {
+            WorkRequestFlags::none()
+        }
     }
 
     /// The completion channel's descriptor: readable when a completion
@@ -432,72 +434,76 @@ impl RdmaChannel {
         std::os::fd::AsRawFd::as_raw_fd(&*self.completions)
     }
 
-    /// Waits for the next completion until `deadline`: polls for a short
-    /// budget, then arms the completion queue and sleeps on the channel.
-    /// False when the deadline passed.
-    fn wait_for_completion(&mut self, deadline: Instant) -> Result<bool, String> {
-        let busy_until = Instant::now() + BUSY_POLL_BUDGET;
-        while Instant::now() < busy_until {
-            if self.poll()? {
-                return Ok(true);
-            }
-            std::hint::spin_loop();
-        }
-        // A completion may have come between the last poll and arming.
-        if !self.arm()? {
-            return Ok(true);
-        }
-        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
-        let mut pollfd = libc::pollfd { fd: self.completion_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
-        if ready < 0 {
-            let error = std::io::Error::last_os_error();
-            return match error.kind() {
-                std::io::ErrorKind::Interrupted => Ok(true),
-                _ => Err(format!("waiting on the completion channel failed: {error}")),
-            };
-        }
-        if ready == 0 {
-            return Ok(Instant::now() < deadline);
-        }
-        self.notified();
-        Ok(true)
-    }
-
     /// Takes every completion: received messages (their grants, their
     /// payloads, their buffers posted again) and finished sends. True when
     /// there was any.
     fn poll(&mut self) -> Result<bool, String> {
         self.check_connection()?;
-        // Reused between polls: a busy-polling core allocates nothing here.
-        let mut done = std::mem::take(&mut self.completed);
-        done.clear();
-        if let Ok(poller) = self.cq.start_poll() {
-            for wc in poller {
-                done.push((wc.wr_id(), wc.status(), wc.byte_len(), wc.opcode()));
+        let mut any = false;
+        loop {
+            let count = self.poll_batch()?;
+            any |= count > 0;
+            for index in 0..count {
+                self.take_completion(index)?;
+            }
+            if count < POLL_BATCH {
+                break;
             }
         }
-        for &(wr_id, status, byte_len, opcode) in &done {
-            if status != 0 {
-                let meaning = completion_status_meaning(status);
-                return Err(format!(
-                    "RDMA work request {wr_id} completed with status {status} ({meaning}): the channel is closed"
-                ));
-            }
-            let slot = wr_id as u32;
-            if opcode & WC_RECV == 0 {
-                assert!(slot >= self.config.window, "send completion {wr_id} (opcode {opcode}) names a send slot");
-                self.free_send.push(slot - self.config.window);
-                continue;
-            }
-            assert!(slot < self.config.window, "receive completion {wr_id} names a receive slot");
-            self.take_received(slot, byte_len as usize)?;
-        }
-        let any = !done.is_empty();
-        self.completed = done;
+        self.send_releases()?;
         self.grant_if_owed()?;
         Ok(any)
+    }
+
+    /// Fills `completed` with up to [`POLL_BATCH`] work completions; how many.
+    fn poll_batch(&mut self) -> Result<usize, String> {
+        // SAFETY: the completion queue lives as long as the channel, and
+        // `completed` holds POLL_BATCH entries for the call to fill.
+        let count = unsafe {
+            rdma_mummy_sys::ibv_poll_cq(self.basic_cq.cq().as_ptr(), POLL_BATCH as i32, self.completed.as_mut_ptr())
+        };
+        usize::try_from(count).map_err(|_| format!("polling the completion queue failed (error {count})"))
+    }
+
+    /// One work completion of the last batch: a finished send frees its
+    /// slot; a received message is taken (its grant, its payload).
+    fn take_completion(&mut self, index: usize) -> Result<(), String> {
+        let wc = self.completed[index];
+        let (wr_id, status, byte_len, opcode) = (wc.wr_id, wc.status, wc.byte_len, wc.opcode);
+        if status != 0 {
+            let meaning = completion_status_meaning(status);
+            return Err(format!(
+                "RDMA work request {wr_id} completed with status {status} ({meaning}): the channel is closed"
+            ));
+        }
+        let slot = wr_id as u32;
+        if wr_id == READ_WR_ID {
+            self.read_completed();
+            return Ok(());
+        }
+        if opcode & WC_RECV == 0 {
+            assert!(slot >= self.config.window, "send completion {wr_id} (opcode {opcode}) names a send slot");
+            self.sends_completed_through(slot - self.config.window);
+            return Ok(());
+        }
+        assert!(slot < self.config.window, "receive completion {wr_id} names a receive slot");
+        if wc.wc_flags & WC_WITH_IMM == 0 {
+            return Err(format!("a message of {byte_len} bytes without immediate data: the channel is reset"));
+        }
+        // SAFETY: the completion carries immediate data (checked above).
+        let immediate = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+        self.take_received(slot, byte_len as usize, immediate)
+    }
+
+    /// A send completed: it and every send posted before it free their slots.
+    fn sends_completed_through(&mut self, slot: u32) {
+        assert!(self.sending.contains(&slot), "send completion for slot {slot}, which is not in flight");
+        while let Some(done) = self.sending.pop_front() {
+            self.free_send.push(done);
+            if done == slot {
+                break;
+            }
+        }
     }
 
     /// Fails once rdma_cm said the channel ended (its own events are read
@@ -513,26 +519,33 @@ impl RdmaChannel {
         self.alarm.check()
     }
 
-    fn take_received(&mut self, slot: u32, byte_len: usize) -> Result<(), String> {
-        let start = slot as usize * self.config.slot_bytes();
-        let header = &self.memory[start..start + HEADER_BYTES];
-        let grant = u16::from_le_bytes([header[0], header[1]]);
-        let flags = u16::from_le_bytes([header[2], header[3]]);
-        let length = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
-        if length > self.config.message_bytes || HEADER_BYTES + length != byte_len {
-            return Err(format!("a malformed message ({byte_len} bytes, header says {length}): the channel is reset"));
+    fn take_received(&mut self, slot: u32, length: usize, immediate: u32) -> Result<(), String> {
+        let grant = immediate as u16;
+        let flags = (immediate >> 16) as u16;
+        if length > self.config.message_bytes {
+            return Err(format!(
+                "a message of {length} bytes exceeds the channel's {}: the channel is reset",
+                self.config.message_bytes
+            ));
         }
         self.credits += u32::from(grant);
         if self.credits > self.config.window {
             return Err(format!("the peer granted {} credits for a window of {}", self.credits, self.config.window));
         }
-        if flags & FLAG_CREDIT_ONLY == 0 && length > 0 {
-            // Kept in its buffer until taken: the grant waits for the reader.
-            self.received.push_back((slot, length));
-        } else {
-            self.post_receive(slot)?;
-            self.owed += 1;
+        let start = slot as usize * self.config.message_bytes;
+        if flags & FLAG_RELEASE != 0 {
+            self.take_release_message(start, length)?;
+        } else if flags & FLAG_CREDIT_ONLY == 0 && length > 0 {
+            // Kept in its buffer until taken (a lent payload: until read):
+            // the grant waits for the reader.
+            let lent = (flags & FLAG_LEND != 0)
+                .then(|| Descriptor::decode(&self.memory[start..start + length]))
+                .transpose()?;
+            self.received.push_back(Received { slot, length, lent });
+            return Ok(());
         }
+        self.post_receive(slot)?;
+        self.owed += 1;
         Ok(())
     }
 }

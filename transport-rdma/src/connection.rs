@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use sideway::rdmacm::communication_manager::{ConnectionParameter, EventChannel, EventType, Identifier, PortSpace};
 
-use crate::channel::{ChannelConfig, RdmaChannel};
+use crate::channel::RdmaChannel;
+use crate::ChannelConfig;
 
 const ALARM_DISCONNECTED: u8 = 1;
 const ALARM_DEVICE_REMOVED: u8 = 2;

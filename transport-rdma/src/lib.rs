@@ -11,10 +11,13 @@
 //! (docs/ARCHITECTURE.md, "RDMA").
 
 pub mod channel;
+mod config;
+
 pub mod connection;
 pub mod devices;
 pub mod memlock;
 pub mod wire;
 
-pub use channel::{ChannelConfig, RdmaChannel};
+pub use channel::RdmaChannel;
+pub use config::{ChannelConfig, LendRegion};
 pub use connection::RdmaListener;

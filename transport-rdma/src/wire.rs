@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use tandem_engine::runtime::wire::MessageWire;
+use tandem_engine::runtime::wire::{MessageWire, Sent};
 
 use crate::channel::RdmaChannel;
 
@@ -33,8 +33,17 @@ impl RdmaWire {
 }
 
 impl MessageWire for RdmaWire {
-    fn try_send(&mut self, parts: &[&[u8]]) -> Result<usize, String> {
-        self.channel.try_send(parts)
+    fn try_send(&mut self, parts: &[&[u8]]) -> Result<Sent, String> {
+        let (bytes, lent) = self.channel.try_send_or_lend(parts)?;
+        Ok(Sent { bytes, lent })
+    }
+
+    fn take_released(&mut self) -> Option<u64> {
+        self.channel.take_released()
+    }
+
+    fn lent_and_read_bytes(&self) -> (u64, u64) {
+        self.channel.lent_and_read_bytes()
     }
 
     fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {

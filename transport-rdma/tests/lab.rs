@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tandem_transport_rdma::{ChannelConfig, RdmaChannel, RdmaListener};
+use tandem_transport_rdma::{ChannelConfig, LendRegion, RdmaChannel, RdmaListener};
 
 const LAB_IP: &str = "10.77.0.1";
 
@@ -36,7 +36,7 @@ fn the_lab_address_has_a_roce_path() {
 #[test]
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn messages_echo_in_order_with_their_content() {
-    let config = ChannelConfig { message_bytes: 16 << 10, window: 16, timeout: Duration::from_secs(20) };
+    let config = ChannelConfig { message_bytes: 16 << 10, window: 16, timeout: Duration::from_secs(20), lend: None };
     let mut listener = RdmaListener::bind(address(18_601), config).unwrap();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap();
@@ -61,7 +61,7 @@ fn messages_echo_in_order_with_their_content() {
 #[test]
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn a_tiny_window_under_two_way_load_never_stalls() {
-    let config = ChannelConfig { message_bytes: 4096, window: 4, timeout: Duration::from_secs(5) };
+    let config = ChannelConfig { message_bytes: 4096, window: 4, timeout: Duration::from_secs(5), lend: None };
     let count = 3000u32;
     let mut listener = RdmaListener::bind(address(18_602), config).unwrap();
     let exchange = move |mut channel: RdmaChannel| {
@@ -87,6 +87,171 @@ fn a_tiny_window_under_two_way_load_never_stalls() {
     eprintln!("credit-only messages: client {client_credit_messages}, server {server_credit_messages}");
 }
 
+/// One way, through the non-blocking stream API a core uses, with a window
+/// wide enough that most sends ask for no completion of their own: every
+/// byte arrives in order and the sender never runs out of slots for good.
+#[test]
+#[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
+fn a_stream_of_mostly_unsignaled_sends_arrives_whole() {
+    let config = ChannelConfig { message_bytes: 4096, window: 32, timeout: Duration::from_secs(20), lend: None };
+    let total_bytes = 24usize << 20;
+    let pattern = |at: usize| (at % 251) as u8;
+    let mut listener = RdmaListener::bind(address(18_604), config).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut channel = listener.accept().unwrap();
+        let mut buf = vec![0u8; 10_000];
+        let mut received = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while received < total_bytes {
+            assert!(std::time::Instant::now() < deadline, "stalled at byte {received}");
+            let count = channel.poll_into(&mut buf).unwrap();
+            for (i, byte) in buf[..count].iter().enumerate() {
+                assert_eq!(*byte, pattern(received + i), "byte {}", received + i);
+            }
+            received += count;
+        }
+    });
+    let mut client = RdmaChannel::connect(address(18_604), config).unwrap();
+    let source: Vec<u8> = (0..total_bytes).map(pattern).collect();
+    let (mut sent, mut part) = (0, 1usize);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while sent < total_bytes {
+        assert!(std::time::Instant::now() < deadline, "no slot or credit after byte {sent}");
+        // Parts of varying sizes: messages from a few bytes to a whole slot.
+        part = (part * 7 + 13) % 9000 + 1;
+        let end = (sent + part).min(total_bytes);
+        sent += client.try_send(&[&source[sent..end]]).unwrap();
+        client.poll_into(&mut []).unwrap();
+    }
+    server.join().unwrap();
+    assert!(client.messages_sent > 6000, "{} messages", client.messages_sent);
+}
+
+/// Frames of a header and a payload of 1 to 70 KiB: payloads of 16 KiB and
+/// more that lie in the sender's lending region travel as descriptors the
+/// receiver reads with RDMA READ. The receiver gets the same byte stream,
+/// in order, whether it reads into a buffer of its own region or into any
+/// other buffer (registered for the read), and every lent payload is
+/// released back to the sender.
+#[test]
+#[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
+fn lent_payloads_are_read_in_order_and_released() {
+    for (port, receiver_has_region) in [(18_605, false), (18_606, true)] {
+        lend_and_read(port, receiver_has_region);
+    }
+}
+
+const LEND_SLOT_BYTES: usize = 80 << 10;
+
+/// A region of `slots` lending slots, alive for the whole test process.
+fn leaked_region(slots: usize) -> (&'static mut [u8], LendRegion) {
+    let memory: &'static mut [u8] = Box::leak(vec![0u8; slots * LEND_SLOT_BYTES].into_boxed_slice());
+    let region = LendRegion { address: memory.as_ptr() as usize, bytes: memory.len(), threshold_bytes: 16 << 10 };
+    (memory, region)
+}
+
+fn frame_payload_bytes(n: u32) -> usize {
+    1 + (n as usize * 7_919) % (70 << 10)
+}
+
+fn lend_and_read(port: u16, receiver_has_region: bool) {
+    let frames = 300u32;
+    let base = ChannelConfig { message_bytes: 4096, window: 8, timeout: Duration::from_secs(20), lend: None };
+    let (receiver_memory, receiver_region) = leaked_region(1);
+    let receiver_config = ChannelConfig { lend: receiver_has_region.then_some(receiver_region), ..base };
+    let mut listener = RdmaListener::bind(address(port), receiver_config).unwrap();
+    let all_released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver_may_go = std::sync::Arc::clone(&all_released);
+    let receiver = std::thread::spawn(move || {
+        let mut channel = listener.accept().unwrap();
+        let mut heap = vec![0u8; LEND_SLOT_BYTES];
+        let buffer: &mut [u8] = if receiver_has_region { receiver_memory } else { &mut heap };
+        for n in 0..frames {
+            let mut header = [0u8; 8];
+            read_exact(&mut channel, &mut header);
+            assert_eq!(u32::from_le_bytes(header[..4].try_into().unwrap()), n, "frame order");
+            let length = u32::from_le_bytes(header[4..].try_into().unwrap()) as usize;
+            assert_eq!(length, frame_payload_bytes(n));
+            read_exact(&mut channel, &mut buffer[..length]);
+            assert!(buffer[..length].iter().all(|&b| b == (n % 251) as u8), "payload of frame {n}");
+        }
+        let read = channel.lent_and_read_bytes().1;
+        // The last releases go out as credits allow: the channel stays
+        // until the sender has them all.
+        while !receiver_may_go.load(std::sync::atomic::Ordering::Acquire) {
+            channel.poll_into(&mut []).unwrap();
+        }
+        read
+    });
+    let (sender_memory, sender_region) = leaked_region(16);
+    let mut sender = RdmaChannel::connect(address(port), ChannelConfig { lend: Some(sender_region), ..base }).unwrap();
+    let mut free_slots: Vec<usize> = (0..16).collect();
+    let mut lent_slots = std::collections::HashMap::new();
+    let mut expected_lent = 0u64;
+    for n in 0..frames {
+        let length = frame_payload_bytes(n);
+        while free_slots.is_empty() {
+            sender.poll_into(&mut []).unwrap();
+            while let Some(token) = sender.take_released() {
+                free_slots.push(lent_slots.remove(&token).expect("a token that was lent"));
+            }
+        }
+        let slot = free_slots.pop().unwrap();
+        let payload = &mut sender_memory[slot * LEND_SLOT_BYTES..][..length];
+        payload.fill((n % 251) as u8);
+        let mut header = [0u8; 8];
+        header[..4].copy_from_slice(&n.to_le_bytes());
+        header[4..].copy_from_slice(&(length as u32).to_le_bytes());
+        let (mut sent, mut lent) = (0, None);
+        let started = std::time::Instant::now();
+        while sent < 8 + length {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "sender stuck at frame {n}: {}",
+                sender.flow_control_state()
+            );
+            let parts: [&[u8]; 2] = if sent < 8 { [&header[sent..], payload] } else { [&payload[sent - 8..], &[]] };
+            let (count, token) = sender.try_send_or_lend(&parts).unwrap();
+            sent += count;
+            lent = lent.or(token);
+            sender.poll_into(&mut []).unwrap();
+        }
+        match lent {
+            Some(token) => {
+                expected_lent += length as u64;
+                lent_slots.insert(token, slot);
+            }
+            None => free_slots.push(slot),
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !lent_slots.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{} lent payloads never released", lent_slots.len());
+        sender.poll_into(&mut []).unwrap();
+        while let Some(token) = sender.take_released() {
+            lent_slots.remove(&token);
+        }
+    }
+    all_released.store(true, std::sync::atomic::Ordering::Release);
+    assert_eq!(receiver.join().unwrap(), expected_lent, "the receiver read every lent byte");
+    assert_eq!(sender.lent_and_read_bytes().0, expected_lent);
+    assert!(expected_lent > 0);
+}
+
+fn read_exact(channel: &mut RdmaChannel, into: &mut [u8]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut got = 0;
+    while got < into.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled after {got} of {} bytes: {}",
+            into.len(),
+            channel.flow_control_state()
+        );
+        got += channel.poll_into(&mut into[got..]).unwrap();
+    }
+}
+
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut usage = unsafe { std::mem::zeroed::<libc::rusage>() };
@@ -101,7 +266,7 @@ fn thread_cpu() -> Duration {
 #[test]
 #[ignore = "needs an RDMA device: runs in the soft-RoCE lab"]
 fn an_idle_channel_sleeps_until_a_message_comes() {
-    let config = ChannelConfig { message_bytes: 4096, window: 8, timeout: Duration::from_secs(20) };
+    let config = ChannelConfig { message_bytes: 4096, window: 8, timeout: Duration::from_secs(20), lend: None };
     let mut listener = RdmaListener::bind(address(18_603), config).unwrap();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap();

@@ -1,7 +1,8 @@
 //! Buffers aligned for O_DIRECT. A buffer is zeroed when handed out, so
 //! padding sectors of log records never carry stale memory to disk.
 //!
-//! Freed buffers go back to a pool of the freeing thread (bounded, by size)
+//! Large buffers come from the registered arena when one is installed
+//! (`arena.rs`, for RDMA). Other freed buffers go back to a pool of the freeing thread (bounded, by size)
 //! and are reused: allocating and freeing a fresh 68 KiB buffer for every
 //! 64 KiB write made the allocator return pages to the kernel and fault them
 //! in again: page faults and page clearing were 8 % of the CPU of a 64 KiB
@@ -60,6 +61,11 @@ impl AlignedBuf {
     pub fn zeroed(len: usize) -> Self {
         assert!(len > 0, "empty aligned buffer");
         let capacity = Self::capacity_for(len);
+        if let Some(ptr) = super::arena::installed().and_then(|arena| arena.take(capacity)) {
+            // SAFETY: an arena buffer of at least `capacity` >= len bytes, owned by nobody else.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+            return Self { ptr, len };
+        }
         let reused = POOL
             .try_with(|pool| {
                 let mut pool = pool.borrow_mut();
@@ -126,6 +132,10 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         let capacity = Self::capacity_for(self.len);
         let ptr = self.ptr;
+        if let Some(arena) = super::arena::installed().filter(|arena| arena.owns(ptr)) {
+            arena.give_back(ptr, capacity);
+            return;
+        }
         let pooled = POOL
             .try_with(|pool| {
                 let mut pool = pool.borrow_mut();
@@ -164,6 +174,26 @@ mod tests {
         assert_eq!(second.as_ptr() as usize, address, "the freed allocation of the same capacity is reused");
         assert!(second.iter().all(|&b| b == 0), "no byte of the previous use shows");
         assert_eq!(second.len(), 11 * 1024);
+    }
+
+    /// With the registered arena installed, large buffers come from it, are
+    /// zeroed like any other, and go back to it when dropped (from any
+    /// thread); small ones stay on the heap.
+    #[test]
+    fn large_buffers_come_from_the_arena_once_installed() {
+        let arena = super::super::arena::install(8 << 20, 16 << 10)
+            .or_else(|_| super::super::arena::installed().ok_or("no arena"))
+            .unwrap();
+        let mut large = AlignedBuf::zeroed(68 << 10);
+        assert!(arena.contains(&large), "a 68 KiB buffer lies in the arena");
+        large.fill(0xCD);
+        let address = large.as_ptr() as usize;
+        std::thread::spawn(move || drop(large)).join().unwrap();
+        let again = AlignedBuf::zeroed(66 << 10);
+        assert_eq!(again.as_ptr() as usize, address, "the same class's freed buffer comes back");
+        assert!(again.iter().all(|&b| b == 0), "zeroed again");
+        let small = AlignedBuf::zeroed(8 << 10);
+        assert!(!arena.contains(&small), "below the threshold: the heap");
     }
 
     #[test]

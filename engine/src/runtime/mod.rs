@@ -1,6 +1,7 @@
 //! The runtime: threads pinned to cores, one io_uring per core, executing the
 //! actions of the sans-IO core against real files and sockets.
 
+pub mod arena;
 pub mod buf;
 mod compare_dest;
 pub mod compare_source;

@@ -86,6 +86,15 @@ impl OutFrame {
         }
     }
 
+    /// The buffer of the payload, when byte `at` of the frame (in wire
+    /// order) lies in it.
+    pub(super) fn payload_buffer_at(&self, at: usize) -> Option<Rc<AlignedBuf>> {
+        let [header, header_tag, payload, _] = self.segments();
+        let start = header.len() + header_tag.len();
+        let shared = self.payload.as_ref()?;
+        (at >= start && at < start + payload.len()).then(|| Rc::clone(&shared.buf))
+    }
+
     /// The bytes not sent yet, in wire order.
     pub(super) fn unsent(&self) -> Vec<&[u8]> {
         let mut skip = self.sent;
@@ -193,6 +202,10 @@ pub struct PeerConn {
     /// posting a send to its completion (the kernel took the bytes), in us.
     send_posted: Option<Instant>,
     pub send_latency_us_avg: f64,
+    /// Message wires: buffers of payloads lent to the peer (read by its
+    /// adapter from where they are), kept until the peer releases their
+    /// token. Declared after `wire`, so they outlive the queue pair.
+    pub(super) lent: Vec<(u64, Rc<AlignedBuf>)>,
 }
 
 impl PeerConn {
@@ -231,6 +244,7 @@ impl PeerConn {
             frames_received: 0,
             send_posted: None,
             send_latency_us_avg: 0.0,
+            lent: Vec::new(),
         }
     }
 

@@ -69,7 +69,7 @@ impl PeerConn {
     /// Received bytes into the buffer (parsed), queued frames out; true when
     /// any byte moved.
     fn move_message_bytes(&mut self) -> Result<bool, String> {
-        let mut moved = false;
+        let mut moved = self.take_releases();
         while self.has_room() && !self.closing {
             // A payload being gathered takes the bytes straight from the
             // wire's buffer into the record's aligned buffer.
@@ -98,7 +98,12 @@ impl PeerConn {
         let mut moved = false;
         while let Some(frame) = self.queue.front_mut() {
             let Wire::Message(wire) = &mut self.wire else { unreachable!("a message channel") };
-            let count = wire.try_send(&frame.unsent())?;
+            let sent = wire.try_send(&frame.unsent())?;
+            if let Some(token) = sent.lent {
+                let buffer = frame.payload_buffer_at(frame.sent).expect("only a frame's payload is ever lent");
+                self.lent.push((token, buffer));
+            }
+            let count = sent.bytes;
             if count == 0 {
                 break;
             }
@@ -113,6 +118,18 @@ impl PeerConn {
             }
         }
         Ok(moved)
+    }
+
+    /// Lets go of the buffers of lent payloads the peer has read; true when any.
+    fn take_releases(&mut self) -> bool {
+        let Wire::Message(wire) = &mut self.wire else { return false };
+        let mut any = false;
+        while let Some(token) = wire.take_released() {
+            let at = self.lent.iter().position(|(lent, _)| *lent == token);
+            self.lent.swap_remove(at.expect("the peer releases only what was lent"));
+            any = true;
+        }
+        any
     }
 
     /// Completion of a message channel's poll (or of its immediate return).
@@ -132,47 +149,130 @@ pub(super) mod mock {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
-    use crate::runtime::wire::MessageWire;
+    use crate::runtime::wire::{MessageWire, Sent};
 
-    type Queue = Arc<Mutex<VecDeque<Vec<u8>>>>;
+    /// A message, or a part lent in its place (its bytes copied here at
+    /// once, handed over only at the second poll that asks for them, as a
+    /// read that takes time).
+    enum Message {
+        Bytes(Vec<u8>),
+        Lent { bytes: Vec<u8>, token: u64 },
+    }
+
+    type Queue<T> = Arc<Mutex<VecDeque<T>>>;
 
     pub struct MockMessageWire {
-        outgoing: Queue,
-        incoming: Queue,
+        outgoing: Queue<Message>,
+        incoming: Queue<Message>,
+        /// Tokens this end released to its peer, and the peer's to this end.
+        releases_out: Queue<u64>,
+        releases_in: Queue<u64>,
         taken_of_first: usize,
         window: usize,
         message_bytes: usize,
+        /// Parts of at least this many bytes are lent (0: never).
+        lend_threshold: usize,
+        next_token: u64,
+        /// The buffer a lent part is being "read" into.
+        reading_into: Option<usize>,
+        lent_bytes: u64,
+        read_bytes: u64,
     }
 
     #[must_use]
     pub fn pair(window: usize, message_bytes: usize) -> (MockMessageWire, MockMessageWire) {
+        lending_pair(window, message_bytes, 0)
+    }
+
+    #[must_use]
+    pub fn lending_pair(
+        window: usize,
+        message_bytes: usize,
+        lend_threshold: usize,
+    ) -> (MockMessageWire, MockMessageWire) {
         let (a_to_b, b_to_a) = (Queue::default(), Queue::default());
-        let end = |outgoing: &Queue, incoming: &Queue| MockMessageWire {
-            outgoing: Arc::clone(outgoing),
-            incoming: Arc::clone(incoming),
-            taken_of_first: 0,
-            window,
-            message_bytes,
+        let (released_by_a, released_by_b) = (Queue::default(), Queue::default());
+        let end = |outgoing: &Queue<Message>, incoming: &Queue<Message>, out: &Queue<u64>, into: &Queue<u64>| {
+            MockMessageWire {
+                outgoing: Arc::clone(outgoing),
+                incoming: Arc::clone(incoming),
+                releases_out: Arc::clone(out),
+                releases_in: Arc::clone(into),
+                taken_of_first: 0,
+                window,
+                message_bytes,
+                lend_threshold,
+                next_token: 0,
+                reading_into: None,
+                lent_bytes: 0,
+                read_bytes: 0,
+            }
         };
-        (end(&a_to_b, &b_to_a), end(&b_to_a, &a_to_b))
+        (end(&a_to_b, &b_to_a, &released_by_a, &released_by_b), end(&b_to_a, &a_to_b, &released_by_b, &released_by_a))
+    }
+
+    impl MockMessageWire {
+        /// Hands over a lent part at the second poll into the same buffer.
+        fn read_lent(&mut self, into: &mut [u8]) -> usize {
+            let mut incoming = self.incoming.lock().unwrap();
+            let Some(Message::Lent { bytes, token }) = incoming.front() else { unreachable!("a lent part first") };
+            let Some(target) = self.reading_into else {
+                self.reading_into = Some(into.as_ptr() as usize);
+                return 0;
+            };
+            assert_eq!(target, into.as_ptr() as usize, "the reader passes the same buffer until the read is done");
+            let take = (bytes.len() - self.taken_of_first).min(into.len());
+            into[..take].copy_from_slice(&bytes[self.taken_of_first..self.taken_of_first + take]);
+            self.taken_of_first += take;
+            self.reading_into = None;
+            self.read_bytes += take as u64;
+            if self.taken_of_first == bytes.len() {
+                self.releases_out.lock().unwrap().push_back(*token);
+                incoming.pop_front();
+                self.taken_of_first = 0;
+            }
+            take
+        }
     }
 
     impl MessageWire for MockMessageWire {
-        fn try_send(&mut self, parts: &[&[u8]]) -> Result<usize, String> {
+        fn try_send(&mut self, parts: &[&[u8]]) -> Result<Sent, String> {
             let mut outgoing = self.outgoing.lock().unwrap();
             if outgoing.len() >= self.window {
-                return Ok(0);
+                return Ok(Sent::default());
             }
-            let message: Vec<u8> = parts.concat().into_iter().take(self.message_bytes).collect();
-            let count = message.len();
-            outgoing.push_back(message);
-            Ok(count)
+            if self.lend_threshold > 0 && parts.first().is_some_and(|part| part.len() >= self.lend_threshold) {
+                let token = self.next_token;
+                self.next_token += 1;
+                self.lent_bytes += parts[0].len() as u64;
+                outgoing.push_back(Message::Lent { bytes: parts[0].to_vec(), token });
+                return Ok(Sent { bytes: parts[0].len(), lent: Some(token) });
+            }
+            let lendable = parts.iter().position(|part| self.lend_threshold > 0 && part.len() >= self.lend_threshold);
+            let message: Vec<u8> =
+                parts[..lendable.unwrap_or(parts.len())].concat().into_iter().take(self.message_bytes).collect();
+            let bytes = message.len();
+            if bytes > 0 {
+                outgoing.push_back(Message::Bytes(message));
+            }
+            Ok(Sent { bytes, lent: None })
+        }
+
+        fn take_released(&mut self) -> Option<u64> {
+            self.releases_in.lock().unwrap().pop_front()
+        }
+
+        fn lent_and_read_bytes(&self) -> (u64, u64) {
+            (self.lent_bytes, self.read_bytes)
         }
 
         fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
+            if matches!(self.incoming.lock().unwrap().front(), Some(Message::Lent { .. })) {
+                return Ok(self.read_lent(into));
+            }
             let mut incoming = self.incoming.lock().unwrap();
             let mut copied = 0;
-            while let Some(first) = incoming.front() {
+            while let Some(Message::Bytes(first)) = incoming.front() {
                 let take = (first.len() - self.taken_of_first).min(into.len() - copied);
                 if take == 0 {
                     break;
@@ -214,7 +314,9 @@ pub(super) mod mock {
 mod tests {
     use tandem_proto::{FrameHeader, FrameKind, RecordHeader, RecordStamp};
 
-    use super::mock::pair;
+    use tandem_crypto::{ChannelSeal, Protection, Side};
+
+    use super::mock::{lending_pair, pair, MockMessageWire};
     use super::*;
     use crate::runtime::buf::AlignedBuf;
     use crate::runtime::peer_conn::{InFrame, OutFrame, PeerChannel, SharedBytes};
@@ -226,9 +328,29 @@ mod tests {
     /// encrypted (the payload's tag follows the payload gathered in place).
     #[test]
     fn frames_cross_a_message_wire_cut_into_small_messages() {
-        use tandem_crypto::{ChannelSeal, Protection, Side};
         for protection in [None, Some(Protection::Sign), Some(Protection::Encrypt)] {
-            let (a, b) = pair(2, 100);
+            let most_lent = exchange_records(pair(2, 100), protection);
+            assert_eq!(most_lent, 0, "{protection:?}: nothing is lent below a threshold");
+        }
+    }
+
+    /// Payloads of 1 KiB and more are lent (mock: read at the second poll):
+    /// the sender keeps their buffers until the receiver released them, the
+    /// receiver gets them in order, in place, sealed or not.
+    #[test]
+    fn lent_payloads_are_kept_until_released_and_arrive_in_order() {
+        for protection in [None, Some(Protection::Sign), Some(Protection::Encrypt)] {
+            let most_lent = exchange_records(lending_pair(2, 100, 1024), protection);
+            assert!(most_lent > 0, "{protection:?}: payloads were lent");
+        }
+    }
+
+    /// Sends 20 records (512 to 1536 bytes of payload) and heartbeats from
+    /// one end of the pair to the other, checks every record arrived in
+    /// order and whole; returns the most lent buffers the sender held at once.
+    fn exchange_records(wires: (MockMessageWire, MockMessageWire), protection: Option<Protection>) -> usize {
+        {
+            let (a, b) = wires;
             let seal = |side| protection.map(|p| ChannelSeal::new(p, &[1; 16], &[2; 16], side, 1));
             let (to_b, to_a) =
                 (seal(Side::Source), protection.map(|p| ChannelSeal::new(p, &[2; 16], &[1; 16], Side::Destination, 1)));
@@ -247,14 +369,17 @@ mod tests {
                 ));
                 sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
             }
+            let mut most_lent = 0;
             for _ in 0..10_000 {
                 let sent = sender.move_message_bytes().unwrap();
+                most_lent = most_lent.max(sender.lent.len());
                 let received = receiver.move_message_bytes().unwrap();
                 if !sent && !received {
                     break;
                 }
             }
             assert_eq!(sender.queued_bytes, 0, "{protection:?}: everything went out");
+            assert!(sender.lent.is_empty(), "{protection:?}: every lent buffer was released");
             let mut records = 0;
             while let Some(frame) = receiver.take_received() {
                 if let InFrame::Record { header, buf } = frame {
@@ -265,6 +390,10 @@ mod tests {
                 }
             }
             assert_eq!(records, 20, "{protection:?}");
+            let Wire::Message(wire) = &sender.wire else { unreachable!("a message wire") };
+            let Wire::Message(peer) = &receiver.wire else { unreachable!("a message wire") };
+            assert_eq!(wire.lent_and_read_bytes().0, peer.lent_and_read_bytes().1, "{protection:?}");
+            most_lent
         }
     }
 }

@@ -18,6 +18,7 @@ use tandem_proto::FrameHeader;
 
 use super::io::Io;
 use super::peer_conn::{InFrame, OutFrame, PeerChannel, PeerConn};
+use super::wire::Wire;
 
 /// Most data channels a partnership may have (the superblock allows 16).
 pub const MAX_CHANNELS: usize = 16;
@@ -180,6 +181,19 @@ impl PeerSession {
     #[must_use]
     pub fn bytes_sent(&self) -> u64 {
         self.channels.iter().map(|c| c.bytes_sent).sum()
+    }
+
+    /// Payload bytes the peer read from this side's buffers, and this side
+    /// from the peer's, without a copy (RDMA READ).
+    #[must_use]
+    pub fn zero_copy_bytes(&self) -> (u64, u64) {
+        self.channels
+            .iter()
+            .filter_map(|c| match &c.wire {
+                Wire::Message(wire) => Some(wire.lent_and_read_bytes()),
+                Wire::Tcp(_) => None,
+            })
+            .fold((0, 0), |(lent, read), (l, r)| (lent + l, read + r))
     }
 
     #[must_use]

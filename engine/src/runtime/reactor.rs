@@ -519,6 +519,9 @@ impl Reactor {
                 for (_, peer) in self.peers.iter().filter(|(_, p)| p.group == index) {
                     partnership.bytes_sent += peer.bytes_sent();
                     partnership.bytes_received += peer.bytes_received();
+                    let (lent, read) = peer.zero_copy_bytes();
+                    partnership.zero_copy_bytes_sent += lent;
+                    partnership.zero_copy_bytes_received += read;
                     partnership.channels_connected = peer.channel_count() as u32;
                     partnership.channel_addresses = peer.channel_addresses();
                     let (sent, received, send_latency_us_avg) = peer.frame_counts();

@@ -147,6 +147,14 @@ pub struct PartnershipStatus {
     pub bitmap_spills: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// RDMA: payload bytes the peer's adapter read straight from this
+    /// node's buffers (RDMA READ, no copy), and bytes this node read so
+    /// from the peer's; the rest of `bytes_sent` / `bytes_received` was
+    /// copied through message buffers.
+    #[serde(default)]
+    pub zero_copy_bytes_sent: u64,
+    #[serde(default)]
+    pub zero_copy_bytes_received: u64,
     /// Source: average time from shipping a record to the destination's
     /// durable acknowledgement (network round trip plus its log write).
     pub ack_round_trip_us_avg: f64,

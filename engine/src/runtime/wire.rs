@@ -7,13 +7,32 @@
 use std::net::TcpStream;
 use std::os::fd::RawFd;
 
+/// What a message wire took of the parts offered to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Bytes taken (0: flow control allows nothing yet).
+    pub bytes: usize,
+    /// The first part was lent rather than copied (it lies in the registered
+    /// arena, `arena.rs`): the peer reads it from where it is, so its buffer
+    /// must stay alive and unchanged until [`MessageWire::take_released`]
+    /// returns this token.
+    pub lent: Option<u64>,
+}
+
 /// A reliable, ordered, flow-controlled channel that carries a byte stream
 /// as messages and reports its completions on a file descriptor.
 pub trait MessageWire: Send {
-    /// Takes as much of `parts` (one after the other) as it can send now;
-    /// 0 when flow control allows nothing yet.
-    fn try_send(&mut self, parts: &[&[u8]]) -> Result<usize, String>;
+    /// Takes as much of `parts` (one after the other) as it can send now.
+    fn try_send(&mut self, parts: &[&[u8]]) -> Result<Sent, String>;
+    /// The token of a lent part the peer has read (its buffer may go).
+    fn take_released(&mut self) -> Option<u64>;
+    /// Payload bytes lent to the peer, and read from it, so far.
+    fn lent_and_read_bytes(&self) -> (u64, u64);
     /// Takes completions and copies received bytes into `into`; 0 when none.
+    /// Bytes the peer lent are read into `into` by the transport itself:
+    /// 0 until that read completed, so the caller passes the same `into`
+    /// again, and keeps its memory alive until then or until the wire is
+    /// dropped.
     fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String>;
     /// Arms the descriptor for the next completion; false when one came
     /// meanwhile (poll again rather than sleep).

@@ -1,0 +1,256 @@
+//! Large payloads lent instead of copied. A part of the byte stream that
+//! lies in the channel's lending region (the engine's registered arena) and
+//! is at least the threshold travels as a descriptor message: its address,
+//! length, the region's remote key and a token. The receiving channel, when
+//! its reader asks for those bytes, has its adapter read them with one RDMA
+//! READ straight into the reader's buffer (the destination's O_DIRECT record
+//! buffer, which comes from its own arena; any other buffer is registered
+//! for that read), hands them over once the read completed, then gives the
+//! token back in a release message. The sender keeps the lent buffer until
+//! that release: the reader's adapter may read it until then.
+//!
+//! Descriptors sit in the ordered stream like any message, so the bytes
+//! after one are taken only once it was read: order holds without any
+//! sequence number. One read is in flight per channel (the stream is taken
+//! in order), and rdma_cm's default of one outstanding read each way fits.
+
+use std::sync::Arc;
+
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::queue_pair::{PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags};
+use sideway::ibverbs::AccessFlags;
+
+use super::{RdmaChannel, FLAG_LEND, FLAG_RELEASE};
+
+/// Bytes of a descriptor message: address, length, remote key, token.
+pub(super) const DESCRIPTOR_BYTES: usize = 24;
+/// Work request id of the read in flight (slots use 0 .. 2 x window).
+pub(super) const READ_WR_ID: u64 = u64::MAX;
+
+/// A payload the peer lent: where to read it, and the token to give back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Descriptor {
+    pub address: u64,
+    pub bytes: u32,
+    pub rkey: u32,
+    pub token: u64,
+}
+
+impl Descriptor {
+    fn encode(&self) -> [u8; DESCRIPTOR_BYTES] {
+        let mut bytes = [0u8; DESCRIPTOR_BYTES];
+        bytes[..8].copy_from_slice(&self.address.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.bytes.to_le_bytes());
+        bytes[12..16].copy_from_slice(&self.rkey.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.token.to_le_bytes());
+        bytes
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() != DESCRIPTOR_BYTES {
+            return Err(format!(
+                "a lent-payload descriptor of {} bytes (it has {DESCRIPTOR_BYTES}): the channel is reset",
+                bytes.len()
+            ));
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let long = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let descriptor = Self { address: long(0), bytes: word(8), rkey: word(12), token: long(16) };
+        if descriptor.bytes == 0 {
+            return Err("a lent payload of 0 bytes: the channel is reset".to_owned());
+        }
+        Ok(descriptor)
+    }
+}
+
+/// The read in flight into the reader's buffer.
+pub(super) struct Read {
+    target: usize,
+    bytes: usize,
+    pub done: bool,
+    /// The reader's buffer registered for this read when it lies outside
+    /// the lending region.
+    _registered: Option<Arc<MemoryRegion>>,
+}
+
+/// What a channel lends and reads.
+#[derive(Default)]
+pub(super) struct Lending {
+    /// The lending region registered with the channel (readable by the peer).
+    pub region: Option<Arc<MemoryRegion>>,
+    next_token: u64,
+    /// Payloads lent that the peer has not read yet.
+    pub outstanding: usize,
+    /// Tokens the peer released, for the sender's owner to take.
+    pub released: std::collections::VecDeque<u64>,
+    /// Tokens of payloads read here, to give back.
+    pub to_release: Vec<u64>,
+    pub reading: Option<Read>,
+    pub bytes_lent: u64,
+    pub bytes_read: u64,
+}
+
+impl RdmaChannel {
+    /// Like [`Self::try_send`], but a part that lies in the lending region
+    /// and reaches its threshold is lent: a descriptor goes out in its place
+    /// and the token comes back (the caller keeps the part's buffer until
+    /// [`Self::take_released`] returns that token). Bytes before such a part
+    /// go out first, by copy.
+    pub fn try_send_or_lend(&mut self, parts: &[&[u8]]) -> Result<(usize, Option<u64>), String> {
+        let Some(region) = self.config.lend else { return Ok((self.try_send(parts)?, None)) };
+        match parts.iter().position(|part| region.lends(part)) {
+            None => Ok((self.try_send(parts)?, None)),
+            Some(0) => Ok(self.lend(parts[0])?.map_or((0, None), |token| (parts[0].len(), Some(token)))),
+            Some(lendable) => Ok((self.try_send(&parts[..lendable])?, None)),
+        }
+    }
+
+    /// The next token of a lent payload the peer has read.
+    pub fn take_released(&mut self) -> Option<u64> {
+        self.lending.released.pop_front()
+    }
+
+    /// Payload bytes this channel lent, and read from its peer, so far.
+    #[must_use]
+    pub fn lent_and_read_bytes(&self) -> (u64, u64) {
+        (self.lending.bytes_lent, self.lending.bytes_read)
+    }
+
+    /// Sends a descriptor of `part`; `None` when no credit or slot is free
+    /// now, or the window's worth of lent payloads awaits release.
+    fn lend(&mut self, part: &[u8]) -> Result<Option<u64>, String> {
+        let window = self.config.window as usize;
+        if self.credits < 2 || self.free_send.is_empty() || self.lending.outstanding >= window {
+            return Ok(None);
+        }
+        let region = self.lending.region.as_ref().expect("a channel with a lending region registered it");
+        let token = self.lending.next_token;
+        let descriptor = Descriptor {
+            address: part.as_ptr() as u64,
+            bytes: u32::try_from(part.len()).map_err(|_| format!("a lent part of {} bytes", part.len()))?,
+            rkey: region.rkey(),
+            token,
+        };
+        self.lending.next_token += 1;
+        self.lending.outstanding += 1;
+        self.lending.bytes_lent += part.len() as u64;
+        self.post_message(&descriptor.encode(), FLAG_LEND)?;
+        self.messages_sent += 1;
+        Ok(Some(token))
+    }
+
+    /// The stream reached a lent payload: reads it into `into` (which the
+    /// caller passes again, unchanged, until bytes come back), then hands
+    /// the bytes over; 0 while the read is in flight.
+    pub(super) fn read_lent(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<usize, String> {
+        let remaining = descriptor.bytes as usize - self.taken_of_first;
+        let Some(read) = self.lending.reading.as_ref() else {
+            let bytes = into.len().min(remaining);
+            if bytes > 0 {
+                self.post_read(descriptor, &mut into[..bytes])?;
+            }
+            return Ok(0);
+        };
+        if read.target != into.as_ptr() as usize || read.bytes > into.len() {
+            return Err(format!(
+                "the reader moved the buffer of a lent payload being read ({} bytes at {:#x}, now {} at {:p})",
+                read.bytes,
+                read.target,
+                into.len(),
+                into.as_ptr()
+            ));
+        }
+        if !read.done {
+            return Ok(0);
+        }
+        let bytes = read.bytes;
+        self.lending.reading = None;
+        self.lending.bytes_read += bytes as u64;
+        self.taken_of_first += bytes;
+        if self.taken_of_first == descriptor.bytes as usize {
+            self.lending.to_release.push(descriptor.token);
+            self.release_first()?;
+        }
+        Ok(bytes)
+    }
+
+    fn post_read(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<(), String> {
+        let target = into.as_ptr() as usize;
+        let in_region = self
+            .config
+            .lend
+            .is_some_and(|region| target >= region.address && target + into.len() <= region.address + region.bytes);
+        let (lkey, registered) = if in_region {
+            (self.lending.region.as_ref().expect("registered").lkey(), None)
+        } else {
+            // SAFETY: the caller keeps `into` alive and unmoved until the
+            // read completes or the channel (and this region with it) is gone.
+            let region = unsafe { self.pd.reg_mr(target, into.len(), AccessFlags::LocalWrite) }
+                .map_err(|e| format!("cannot register {} bytes to read a lent payload into: {e}", into.len()))?;
+            (region.lkey(), Some(region))
+        };
+        let remote = descriptor.address + self.taken_of_first as u64;
+        let mut guard = self.qp.start_post_send();
+        let handle = guard.construct_wr(READ_WR_ID, WorkRequestFlags::Signaled).setup_read(descriptor.rkey, remote);
+        // SAFETY: `into` is registered (above) and stays untouched by the
+        // caller until the read's completion hands it back.
+        unsafe { handle.setup_sge(lkey, target as u64, into.len() as u32) };
+        guard.post().map_err(|e| format!("posting the read of a lent payload failed: {e}"))?;
+        self.lending.reading = Some(Read { target, bytes: into.len(), done: false, _registered: registered });
+        Ok(())
+    }
+
+    /// The read in flight completed.
+    pub(super) fn read_completed(&mut self) {
+        self.lending.reading.as_mut().expect("a read completion for the read in flight").done = true;
+    }
+
+    /// Tokens in a release message from the peer (`length` bytes at `start`
+    /// of the channel's memory).
+    pub(super) fn take_release_message(&mut self, start: usize, length: usize) -> Result<(), String> {
+        if length == 0 || !length.is_multiple_of(8) {
+            return Err(format!("a release message of {length} bytes: the channel is reset"));
+        }
+        let count = length / 8;
+        if count > self.lending.outstanding {
+            return Err(format!(
+                "the peer released {count} lent payloads of {} outstanding: the channel is reset",
+                self.lending.outstanding
+            ));
+        }
+        self.lending.outstanding -= count;
+        for token in self.memory[start..start + length].chunks_exact(8) {
+            self.lending.released.push_back(u64::from_le_bytes(token.try_into().expect("8 bytes")));
+        }
+        Ok(())
+    }
+
+    /// Gives back the tokens of payloads read here, as one message (two
+    /// credits needed, as for data: one stays for a grant).
+    pub(super) fn send_releases(&mut self) -> Result<(), String> {
+        if self.lending.to_release.is_empty() || self.credits < 2 || self.free_send.is_empty() {
+            return Ok(());
+        }
+        let count = self.lending.to_release.len().min(self.config.message_bytes / 8);
+        let slot = *self.free_send.last().expect("checked");
+        let start = (self.config.window + slot) as usize * self.config.message_bytes;
+        for (at, token) in self.lending.to_release.drain(..count).enumerate() {
+            self.memory[start + at * 8..start + at * 8 + 8].copy_from_slice(&token.to_le_bytes());
+        }
+        self.post_slot(count * 8, FLAG_RELEASE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_descriptor_round_trips_and_bad_ones_are_refused() {
+        let descriptor = Descriptor { address: 0x7f00_1234_5000, bytes: 65_536, rkey: 0xabcd, token: 42 };
+        assert_eq!(Descriptor::decode(&descriptor.encode()).unwrap(), descriptor);
+        assert!(Descriptor::decode(&descriptor.encode()[..20]).unwrap_err().contains("20 bytes"));
+        let empty = Descriptor { bytes: 0, ..descriptor };
+        assert!(Descriptor::decode(&empty.encode()).unwrap_err().contains("0 bytes"));
+    }
+}
