@@ -103,13 +103,15 @@ pub struct ReplicationConfig {
     pub rdma_fallback: String,
     /// RDMA: payloads of at least this many bytes are not copied into
     /// messages; the peer's adapter reads them with RDMA READ from the
-    /// buffer the local log writes, into the one its log writes (0: copy
-    /// every payload).
+    /// buffer the local log writes, into the one its log writes. Smaller
+    /// ones (of 2 KiB or more) are sent from where they lie by the local
+    /// adapter, and copied only out of the receive buffer. 0: copy every
+    /// payload.
     pub rdma_zero_copy_threshold_bytes: usize,
     /// RDMA: memory registered once (with every RDMA channel, so it counts
-    /// against the memory-lock limit once per channel) from which buffers of
-    /// at least the threshold come; used up, buffers come from the heap and
-    /// are copied.
+    /// against the memory-lock limit once per channel) from which
+    /// direct-IO buffers of 4 KiB and more come; used up, buffers come from
+    /// the heap and are copied.
     pub rdma_arena_bytes: usize,
 }
 

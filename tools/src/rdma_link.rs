@@ -63,8 +63,8 @@ pub fn channel_config(daemon: &Daemon) -> ChannelConfig {
 }
 
 /// The registered arena, installed at the first RDMA channel of the process
-/// (from then on, large direct-IO buffers come from it), as the region the
-/// channels lend from; `None` when zero copy is off or the arena could not
+/// (from then on, direct-IO buffers of 4 KiB and more come from it), as the
+/// region the channels send from without copies; `None` when zero copy is off or the arena could not
 /// be mapped (payloads are copied then, and the log says why).
 fn lending_region(threshold_bytes: usize, arena_bytes: usize) -> Option<LendRegion> {
     if threshold_bytes == 0 {
@@ -72,7 +72,9 @@ fn lending_region(threshold_bytes: usize, arena_bytes: usize) -> Option<LendRegi
     }
     static INSTALLED: std::sync::OnceLock<Result<(usize, usize), String>> = std::sync::OnceLock::new();
     let installed = INSTALLED.get_or_init(|| {
-        let arena = tandem_engine::runtime::arena::install(arena_bytes, threshold_bytes)?;
+        // Buffers from 4 KiB up come from the arena: those below the
+        // threshold are sent by gathering them where they lie.
+        let arena = tandem_engine::runtime::arena::install(arena_bytes, 4096)?;
         tracing::info!(arena_bytes, threshold_bytes, "RDMA zero copy: payloads of the threshold and more are lent");
         Ok(arena.region())
     });

@@ -1,7 +1,9 @@
 //! Measures the RDMA channel the way perftest measures verbs, for the
 //! side-by-side in `scripts/bench-rdma` (run in the soft-RoCE lab guest):
 //!
-//!   rdma-perf ping-pong ADDRESS:PORT SIZE COUNT   # round trip of SIZE-byte messages
+//!   rdma-perf ping-pong ADDRESS:PORT SIZE COUNT   # round trip of SIZE-byte messages sent from
+//!                                                 # registered memory (as the core sends arena buffers)
+//!   rdma-perf ping-pong-copied ADDRESS:PORT SIZE COUNT  # the same, copied into send slots
 //!   rdma-perf stream ADDRESS:PORT SIZE SECONDS    # one-way bandwidth of SIZE-byte messages
 //!   rdma-perf stream-lent ADDRESS:PORT SIZE SECONDS  # the same payloads lent (RDMA READ), not copied
 //!
@@ -20,34 +22,48 @@ const LENT_BUFFERS: usize = 32;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 5 {
-        eprintln!("usage: rdma-perf ping-pong|stream|stream-lent ADDRESS:PORT SIZE COUNT|SECONDS");
+        eprintln!("usage: rdma-perf ping-pong|ping-pong-copied|stream|stream-lent ADDRESS:PORT SIZE COUNT|SECONDS");
         std::process::exit(2);
     }
     let address: SocketAddr = args[2].parse().expect("ADDRESS:PORT");
     let size: usize = args[3].parse().expect("SIZE in bytes");
     let amount: u64 = args[4].parse().expect("COUNT or SECONDS");
-    let lent = args[1] == "stream-lent";
     let config = ChannelConfig { message_bytes: size, window: 32, timeout: Duration::from_secs(20), lend: None };
-    // Lending: descriptors are small messages; each end lends from (and
-    // reads into) a region of its own.
+    // Each end sends from (and receives into) a region of its own: lent
+    // payloads are read by the peer's adapter (descriptors are small
+    // messages); a registered ping-pong message is gathered by the local
+    // adapter (never lent: the threshold is out of reach).
     let (server_memory, server_region) = region(size, 1);
     let (client_memory, client_region) = region(size, LENT_BUFFERS);
-    let server_config =
-        if lent { ChannelConfig { message_bytes: 4096, lend: Some(server_region), ..config } } else { config };
-    let client_config = if lent { ChannelConfig { lend: Some(client_region), ..server_config } } else { config };
+    let (server_config, client_config) = match args[1].as_str() {
+        "stream-lent" => {
+            let server = ChannelConfig { message_bytes: 4096, lend: Some(server_region), ..config };
+            (server, ChannelConfig { lend: Some(client_region), ..server })
+        }
+        "ping-pong" => {
+            let never_lent = |region: LendRegion| Some(LendRegion { threshold_bytes: usize::MAX, ..region });
+            (
+                ChannelConfig { lend: never_lent(server_region), ..config },
+                ChannelConfig { lend: never_lent(client_region), ..config },
+            )
+        }
+        _ => (config, config),
+    };
     let mut listener = RdmaListener::bind(address, server_config).unwrap_or_else(|e| panic!("{e}"));
     let pattern = args[1].clone();
     let server = std::thread::spawn(move || {
         let mut channel = listener.accept().unwrap_or_else(|e| panic!("{e}"));
         match pattern.as_str() {
-            "ping-pong" => echo(&mut channel, size, amount),
+            "ping-pong" => echo(&mut channel, &mut server_memory[..size], amount),
+            "ping-pong-copied" => echo(&mut channel, &mut vec![0u8; size], amount),
             "stream-lent" => sink(&mut channel, server_memory, Duration::from_secs(amount + 5)),
             _ => sink(&mut channel, &mut vec![0u8; 1 << 20], Duration::from_secs(amount + 5)),
         }
     });
     let mut client = RdmaChannel::connect(address, client_config).unwrap_or_else(|e| panic!("{e}"));
     match args[1].as_str() {
-        "ping-pong" => ping_pong(&mut client, size, amount),
+        "ping-pong" => ping_pong(&mut client, &mut client_memory[..size], amount, 2),
+        "ping-pong-copied" => ping_pong(&mut client, &mut vec![0u8; size], amount, 4),
         "stream" => stream(&mut client, size, Duration::from_secs(amount)),
         "stream-lent" => stream_lent(&mut client, client_memory, size, Duration::from_secs(amount)),
         other => panic!("unknown pattern {other}"),
@@ -56,14 +72,31 @@ fn main() {
     let _ = server.join();
 }
 
-/// Sends `bytes` whole, polling until flow control takes it.
-fn send_all(channel: &mut RdmaChannel, bytes: &[u8]) {
-    let mut sent = 0;
+/// Sends `bytes` whole, polling until flow control takes it. From a
+/// channel's registered region they are gathered by the adapter, not
+/// copied: the token to wait for before `bytes` change.
+fn send_all(channel: &mut RdmaChannel, bytes: &[u8]) -> Option<u64> {
+    let (mut sent, mut token) = (0, None);
     while sent < bytes.len() {
-        sent += channel.try_send(&[&bytes[sent..]]).unwrap_or_else(|e| panic!("{e}"));
+        let (count, lent) = channel.try_send_or_lend(&[&bytes[sent..]]).unwrap_or_else(|e| panic!("{e}"));
+        sent += count;
+        token = token.or(lent);
         if sent < bytes.len() {
             channel.poll_into(&mut []).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+    token
+}
+
+/// Polls until the send of `token` (if any) completed.
+fn wait_released(channel: &mut RdmaChannel, token: Option<u64>) {
+    let Some(token) = token else { return };
+    loop {
+        if let Some(released) = channel.take_released() {
+            assert_eq!(released, token, "one send in flight");
+            return;
+        }
+        channel.poll_into(&mut []).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
@@ -75,17 +108,20 @@ fn receive_all(channel: &mut RdmaChannel, into: &mut [u8]) {
     }
 }
 
-fn echo(channel: &mut RdmaChannel, size: usize, count: u64) {
-    let mut buf = vec![0u8; size];
+fn echo(channel: &mut RdmaChannel, buf: &mut [u8], count: u64) {
     for _ in 0..count + count / 10 {
-        receive_all(channel, &mut buf);
-        send_all(channel, &buf);
+        receive_all(channel, buf);
+        let token = send_all(channel, buf);
+        wait_released(channel, token);
     }
 }
 
-fn ping_pong(channel: &mut RdmaChannel, size: usize, count: u64) {
+/// `copies`: of the message per round trip (out of receive slots, and into
+/// send slots unless the message is registered).
+fn ping_pong(channel: &mut RdmaChannel, message: &mut [u8], count: u64, copies: u32) {
+    let size = message.len();
     assert!(size >= 8, "ping-pong messages carry an 8-byte sequence number");
-    let mut message: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    message.iter_mut().enumerate().for_each(|(i, byte)| *byte = i as u8);
     let mut back = vec![0u8; size];
     let warmup = count / 10;
     let mut samples = Vec::with_capacity(count as usize);
@@ -93,7 +129,7 @@ fn ping_pong(channel: &mut RdmaChannel, size: usize, count: u64) {
     for n in 0..count + warmup {
         // Each message carries its number, which the echo must bring back.
         message[..8].copy_from_slice(&n.to_le_bytes());
-        send_all(channel, &message);
+        let token = send_all(channel, message);
         receive_all(channel, &mut back);
         let now = Instant::now();
         if n >= warmup {
@@ -101,17 +137,18 @@ fn ping_pong(channel: &mut RdmaChannel, size: usize, count: u64) {
         }
         started = now;
         assert_eq!(back[..8], message[..8], "the echo of message {n} carries its number");
+        wait_released(channel, token);
     }
     assert_eq!(back, message, "the echo carries the message");
     samples.sort_by(f64::total_cmp);
     let average = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
         "rdma channel ping-pong {size} B: round trip avg {average:.2} us, p50 {:.2} us, p99 {:.2} us, min {:.2} us ({count} round trips); \
-         its 4 copies of {size} B (into and out of the slots, both ends) take {:.2} us on this CPU",
+         its {copies} copies of {size} B take {:.2} us on this CPU",
         samples[samples.len() / 2],
         samples[samples.len() * 99 / 100],
         samples[0],
-        copy_cost_us(size) * 4.0
+        copy_cost_us(size) * f64::from(copies)
     );
 }
 
@@ -164,12 +201,14 @@ fn stream_lent(channel: &mut RdmaChannel, memory: &mut [u8], size: usize, durati
             bytes += count as u64;
         }
     }
+    print_rate("stream-lent", size, bytes, started, "payloads/s read by the peer's adapter, no copy");
+}
+
+/// "rdma channel PATTERN SIZE B: MB/s (N UNIT)" for `bytes` since `started`.
+fn print_rate(pattern: &str, size: usize, bytes: u64, started: Instant, unit: &str) {
     let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "rdma channel stream-lent {size} B: {:.1} MB/s ({:.0} payloads/s read by the peer's adapter, no copy)",
-        bytes as f64 / seconds / 1e6,
-        bytes as f64 / size as f64 / seconds
-    );
+    let (rate, count) = (bytes as f64 / seconds / 1e6, bytes as f64 / size as f64 / seconds);
+    println!("rdma channel {pattern} {size} B: {rate:.1} MB/s ({count:.0} {unit})");
 }
 
 fn stream(channel: &mut RdmaChannel, size: usize, duration: Duration) {
@@ -180,10 +219,5 @@ fn stream(channel: &mut RdmaChannel, size: usize, duration: Duration) {
         send_all(channel, &message);
         bytes += size as u64;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "rdma channel stream {size} B: {:.1} MB/s ({:.0} messages/s)",
-        bytes as f64 / seconds / 1e6,
-        bytes as f64 / size as f64 / seconds
-    );
+    print_rate("stream", size, bytes, started, "messages/s");
 }

@@ -142,7 +142,8 @@ impl RdmaChannel {
             .create_qp_builder()
             .setup_max_send_wr(config.window + 1)
             .setup_max_recv_wr(config.window)
-            .setup_max_send_sge(1)
+            // A gathered send: slot bytes, the caller's part, slot bytes.
+            .setup_max_send_sge(3)
             .setup_max_recv_sge(1)
             .setup_send_cq(cq.clone())
             .setup_recv_cq(cq.clone())
@@ -159,7 +160,7 @@ impl RdmaChannel {
         // the boxed slice never moves its heap allocation).
         let mr = unsafe { pd.reg_mr(memory.as_ptr() as usize, bytes, AccessFlags::LocalWrite) }
             .map_err(|e| format!("cannot register {bytes} bytes for RDMA: {e} (see `ulimit -l`)"))?;
-        let mut lending = Lending::default();
+        let mut lending = Lending::new(config.window as usize);
         if let Some(region) = config.lend {
             let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead;
             // SAFETY: the lending region (the engine's arena) is mapped for
@@ -388,6 +389,19 @@ impl RdmaChannel {
     /// Posts the last free send slot, whose payload (`length` bytes) is in
     /// place, with the grant owed and the flags as immediate data.
     fn post_slot(&mut self, length: usize, flags: u16) -> Result<(), String> {
+        self.post_slot_gathering(&[(0, length)], None, flags).map(|_| ())
+    }
+
+    /// Posts the last free send slot as one message: the ranges of the slot
+    /// (`(offset, length)`, in order) with `gathered` (a registered part of
+    /// the caller's, sent from where it lies) after the first range. Returns
+    /// the slot.
+    fn post_slot_gathering(
+        &mut self,
+        ranges: &[(usize, usize)],
+        gathered: Option<rdma_mummy_sys::ibv_sge>,
+        flags: u16,
+    ) -> Result<u32, String> {
         assert!(self.credits >= 1, "a message is sent only into a buffer the peer granted");
         let slot = self.free_send.pop().expect("a free send slot");
         let grant = u16::try_from(self.owed).expect("the window is at most 4096");
@@ -395,19 +409,33 @@ impl RdmaChannel {
         self.owed = 0;
         self.credits -= 1;
         let (lkey, addr) = (self.mr.lkey(), self.slot_addr(self.config.window + slot));
-        let wr_flags = self.completion_wanted();
+        // A gathered part's owner waits for this send's own completion.
+        let wr_flags = self.completion_wanted(gathered.is_some());
         self.sending.push_back(slot);
-        let mut guard = self.qp.start_post_send();
-        let handle = guard.construct_wr(u64::from(self.config.window + slot), wr_flags).setup_send_imm(immediate);
-        if length > 0 {
-            // SAFETY: the send slot lies in the registered region and stays
-            // untouched until a completion (its own or a later send's)
-            // returns it to `free_send`.
-            unsafe { handle.setup_sge(lkey, addr, length as u32) };
-        }
         // A credit-only message has no scatter/gather entry: zero bytes and
         // its immediate data.
-        guard.post().map_err(|e| format!("posting a send failed: {e}"))
+        let slot_sge = |&(offset, length): &(usize, usize)| rdma_mummy_sys::ibv_sge {
+            addr: addr + offset as u64,
+            length: length as u32,
+            lkey,
+        };
+        let mut sges = [slot_sge(&(0, 0)); 3];
+        let mut count = 0;
+        let (first, rest) = ranges.split_first().expect("a range of the slot");
+        let entries = std::iter::once(slot_sge(first)).chain(gathered).chain(rest.iter().map(slot_sge));
+        for sge in entries.filter(|sge| sge.length > 0) {
+            sges[count] = sge;
+            count += 1;
+        }
+        let mut guard = self.qp.start_post_send();
+        let handle = guard.construct_wr(u64::from(self.config.window + slot), wr_flags).setup_send_imm(immediate);
+        // SAFETY: the send slot lies in the registered region and stays
+        // untouched until a completion (its own or a later send's) returns
+        // it to `free_send`; a gathered part lies in the registered lending
+        // region and its owner keeps it until that completion releases it.
+        unsafe { handle.setup_sge_list(&sges[..count]) };
+        guard.post().map_err(|e| format!("posting a send failed: {e}"))?;
+        Ok(slot)
     }
 
     /// Whether the send being posted (its slot already taken from
@@ -416,9 +444,12 @@ impl RdmaChannel {
     /// slots always has a completion coming that frees them. Fewer
     /// completions are less work for the device and the poller (perftest's
     /// latency tests ask for one in 100).
-    fn completion_wanted(&mut self) -> WorkRequestFlags {
+    fn completion_wanted(&mut self, always: bool) -> WorkRequestFlags {
         self.unsignaled_run += 1;
-        if self.unsignaled_run >= self.config.window / 4 || self.free_send.len() < self.config.window as usize / 2 {
+        if always
+            || self.unsignaled_run >= self.config.window / 4
+            || self.free_send.len() < self.config.window as usize / 2
+        {
             self.unsignaled_run = 0;
             WorkRequestFlags::Signaled
         } else {
@@ -500,6 +531,7 @@ impl RdmaChannel {
         assert!(self.sending.contains(&slot), "send completion for slot {slot}, which is not in flight");
         while let Some(done) = self.sending.pop_front() {
             self.free_send.push(done);
+            self.send_completed(done);
             if done == slot {
                 break;
             }

@@ -17,9 +17,11 @@ pub struct ChannelConfig {
     pub lend: Option<LendRegion>,
 }
 
-/// A registered region whose bytes a channel lends to its peer: a part of
-/// at least `threshold_bytes` that lies in it travels as a descriptor the
-/// peer reads with RDMA READ, not through a send slot.
+/// A registered region whose bytes a channel sends without copying them: a
+/// part of at least `threshold_bytes` that lies in it is lent (it travels
+/// as a descriptor the peer reads with RDMA READ); a smaller one (of 2 KiB
+/// or more) goes out by the adapter gathering it from where it is, in the
+/// same SEND as the bytes around it.
 #[derive(Debug, Clone, Copy)]
 pub struct LendRegion {
     pub address: usize,
@@ -28,11 +30,11 @@ pub struct LendRegion {
 }
 
 impl LendRegion {
-    /// Whether `part` is large enough to lend and lies wholly in the region.
+    /// Whether `part` lies wholly in the region.
     #[must_use]
-    pub fn lends(&self, part: &[u8]) -> bool {
+    pub fn contains(&self, part: &[u8]) -> bool {
         let start = part.as_ptr() as usize;
-        part.len() >= self.threshold_bytes && start >= self.address && start + part.len() <= self.address + self.bytes
+        start >= self.address && start + part.len() <= self.address + self.bytes
     }
 }
 

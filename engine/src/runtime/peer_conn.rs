@@ -86,13 +86,13 @@ impl OutFrame {
         }
     }
 
-    /// The buffer of the payload, when byte `at` of the frame (in wire
-    /// order) lies in it.
-    pub(super) fn payload_buffer_at(&self, at: usize) -> Option<Rc<AlignedBuf>> {
+    /// The buffer of the payload, when bytes `sent .. sent + count` of the
+    /// frame (in wire order) cover all of it that was not sent before.
+    pub(super) fn payload_buffer_within(&self, sent: usize, count: usize) -> Option<Rc<AlignedBuf>> {
         let [header, header_tag, payload, _] = self.segments();
-        let start = header.len() + header_tag.len();
+        let end = header.len() + header_tag.len() + payload.len();
         let shared = self.payload.as_ref()?;
-        (at >= start && at < start + payload.len()).then(|| Rc::clone(&shared.buf))
+        (!payload.is_empty() && sent < end && sent + count >= end).then(|| Rc::clone(&shared.buf))
     }
 
     /// The bytes not sent yet, in wire order.

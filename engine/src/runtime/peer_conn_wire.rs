@@ -100,8 +100,10 @@ impl PeerConn {
             let Wire::Message(wire) = &mut self.wire else { unreachable!("a message channel") };
             let sent = wire.try_send(&frame.unsent())?;
             if let Some(token) = sent.lent {
-                let buffer = frame.payload_buffer_at(frame.sent).expect("only a frame's payload is ever lent");
-                self.lent.push((token, buffer));
+                // Only a payload lies in the registered arena (headers and
+                // tags live in the frame): the wire took the rest of it.
+                let buffer = frame.payload_buffer_within(frame.sent, sent.bytes);
+                self.lent.push((token, buffer.expect("only a frame's payload is ever lent")));
             }
             let count = sent.bytes;
             if count == 0 {

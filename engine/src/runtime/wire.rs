@@ -12,10 +12,10 @@ use std::os::fd::RawFd;
 pub struct Sent {
     /// Bytes taken (0: flow control allows nothing yet).
     pub bytes: usize,
-    /// The first part was lent rather than copied (it lies in the registered
-    /// arena, `arena.rs`): the peer reads it from where it is, so its buffer
-    /// must stay alive and unchanged until [`MessageWire::take_released`]
-    /// returns this token.
+    /// A part was sent from where it lies rather than copied (it lies in the
+    /// registered arena, `arena.rs`): the adapter, or the peer's, reads it
+    /// there, so its buffer must stay alive and unchanged until
+    /// [`MessageWire::take_released`] returns this token.
     pub lent: Option<u64>,
 }
 

@@ -26,6 +26,9 @@ use super::{RdmaChannel, FLAG_LEND, FLAG_RELEASE};
 pub(super) const DESCRIPTOR_BYTES: usize = 24;
 /// Work request id of the read in flight (slots use 0 .. 2 x window).
 pub(super) const READ_WR_ID: u64 = u64::MAX;
+/// Smaller parts in the region are copied: a copy of a few hundred bytes
+/// costs less than the adapter's extra scatter/gather entry.
+const GATHER_MIN_BYTES: usize = 2048;
 
 /// A payload the peer lent: where to read it, and the token to give back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +89,17 @@ pub(super) struct Lending {
     /// Tokens of payloads read here, to give back.
     pub to_release: Vec<u64>,
     pub reading: Option<Read>,
+    /// Per send slot: the token of the caller's part its message gathers,
+    /// released when the send completes.
+    pub gathered: Vec<Option<u64>>,
     pub bytes_lent: u64,
     pub bytes_read: u64,
+}
+
+impl Lending {
+    pub(super) fn new(send_slots: usize) -> Self {
+        Self { gathered: vec![None; send_slots], ..Self::default() }
+    }
 }
 
 impl RdmaChannel {
@@ -96,12 +108,75 @@ impl RdmaChannel {
     /// and the token comes back (the caller keeps the part's buffer until
     /// [`Self::take_released`] returns that token). Bytes before such a part
     /// go out first, by copy.
+    ///
+    /// A smaller part in the region (of [`GATHER_MIN_BYTES`] or more) is not
+    /// copied either: the adapter gathers it from where it lies, between
+    /// the bytes before and after it (copied into the send slot), and its
+    /// token comes back once that send completed.
     pub fn try_send_or_lend(&mut self, parts: &[&[u8]]) -> Result<(usize, Option<u64>), String> {
         let Some(region) = self.config.lend else { return Ok((self.try_send(parts)?, None)) };
-        match parts.iter().position(|part| region.lends(part)) {
-            None => Ok((self.try_send(parts)?, None)),
-            Some(0) => Ok(self.lend(parts[0])?.map_or((0, None), |token| (parts[0].len(), Some(token)))),
-            Some(lendable) => Ok((self.try_send(&parts[..lendable])?, None)),
+        let registered = parts.iter().position(|part| part.len() >= GATHER_MIN_BYTES && region.contains(part));
+        let Some(at) = registered else { return Ok((self.try_send(parts)?, None)) };
+        if parts[at].len() >= region.threshold_bytes {
+            return match at {
+                0 => Ok(self.lend(parts[0])?.map_or((0, None), |token| (parts[0].len(), Some(token)))),
+                _ => Ok((self.try_send(&parts[..at])?, None)),
+            };
+        }
+        if parts[at].len() > self.config.message_bytes {
+            // Larger than a message, smaller than the threshold: copied.
+            return Ok((self.try_send(parts)?, None));
+        }
+        let before: usize = parts[..at].iter().map(|part| part.len()).sum();
+        if before + parts[at].len() > self.config.message_bytes {
+            // The bytes before it fill messages of their own first.
+            return Ok((self.try_send(&parts[..at])?, None));
+        }
+        self.send_gathering(&parts[..at], parts[at], &parts[at + 1..])
+    }
+
+    /// One message: `before` and as much of `after` as fits copied into a
+    /// send slot, `part` gathered from the lending region between them.
+    fn send_gathering(
+        &mut self,
+        before: &[&[u8]],
+        part: &[u8],
+        after: &[&[u8]],
+    ) -> Result<(usize, Option<u64>), String> {
+        if self.credits < 2 || self.free_send.is_empty() {
+            return Ok((0, None));
+        }
+        let slot = *self.free_send.last().expect("checked");
+        let start = (self.config.window + slot) as usize * self.config.message_bytes;
+        let before_bytes = self.copy_into_slot(start, before, usize::MAX);
+        let room = self.config.message_bytes - before_bytes - part.len();
+        let after_bytes = self.copy_into_slot(start + before_bytes, after, room);
+        let lkey = self.lending.region.as_ref().expect("a channel with a lending region registered it").lkey();
+        let sge = rdma_mummy_sys::ibv_sge { addr: part.as_ptr() as u64, length: part.len() as u32, lkey };
+        let slot = self.post_slot_gathering(&[(0, before_bytes), (before_bytes, after_bytes)], Some(sge), 0)?;
+        let token = self.lending.next_token;
+        self.lending.next_token += 1;
+        self.lending.gathered[slot as usize] = Some(token);
+        self.messages_sent += 1;
+        Ok((before_bytes + part.len() + after_bytes, Some(token)))
+    }
+
+    /// Copies `parts`, one after the other, to `at` in the channel's memory,
+    /// at most `room` bytes; how many.
+    fn copy_into_slot(&mut self, mut at: usize, parts: &[&[u8]], room: usize) -> usize {
+        let mut copied = 0;
+        for part in parts {
+            let take = part.len().min(room - copied);
+            self.memory[at..at + take].copy_from_slice(&part[..take]);
+            (at, copied) = (at + take, copied + take);
+        }
+        copied
+    }
+
+    /// Send slot `slot` completed: the part its message gathered is released.
+    pub(super) fn send_completed(&mut self, slot: u32) {
+        if let Some(token) = self.lending.gathered.get_mut(slot as usize).and_then(Option::take) {
+            self.lending.released.push_back(token);
         }
     }
 
