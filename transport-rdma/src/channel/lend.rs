@@ -33,10 +33,10 @@ const GATHER_MIN_BYTES: usize = 2048;
 /// A payload the peer lent: where to read it, and the token to give back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Descriptor {
-    pub address: u64,
-    pub bytes: u32,
-    pub rkey: u32,
-    pub token: u64,
+    pub(super) address: u64,
+    pub(super) bytes: u32,
+    pub(super) rkey: u32,
+    pub(super) token: u64,
 }
 
 impl Descriptor {
@@ -70,7 +70,7 @@ impl Descriptor {
 pub(super) struct Read {
     target: usize,
     bytes: usize,
-    pub done: bool,
+    pub(super) done: bool,
     /// The reader's buffer registered for this read when it lies outside
     /// the lending region.
     _registered: Option<Arc<MemoryRegion>>,
@@ -80,20 +80,20 @@ pub(super) struct Read {
 #[derive(Default)]
 pub(super) struct Lending {
     /// The lending region registered with the channel (readable by the peer).
-    pub region: Option<Arc<MemoryRegion>>,
+    pub(super) region: Option<Arc<MemoryRegion>>,
     next_token: u64,
     /// Payloads lent that the peer has not read yet.
-    pub outstanding: usize,
+    pub(super) outstanding: usize,
     /// Tokens the peer released, for the sender's owner to take.
-    pub released: std::collections::VecDeque<u64>,
+    pub(super) released: std::collections::VecDeque<u64>,
     /// Tokens of payloads read here, to give back.
-    pub to_release: Vec<u64>,
-    pub reading: Option<Read>,
+    pub(super) to_release: Vec<u64>,
+    pub(super) reading: Option<Read>,
     /// Per send slot: the token of the caller's part its message gathers,
     /// released when the send completes.
-    pub gathered: Vec<Option<u64>>,
-    pub bytes_lent: u64,
-    pub bytes_read: u64,
+    pub(super) gathered: Vec<Option<u64>>,
+    pub(super) bytes_lent: u64,
+    pub(super) bytes_read: u64,
 }
 
 impl Lending {
@@ -115,6 +115,8 @@ impl RdmaChannel {
     /// token comes back once that send completed.
     pub fn try_send_or_lend(&mut self, parts: &[&[u8]]) -> Result<(usize, Option<u64>), String> {
         let Some(region) = self.config.lend else { return Ok((self.try_send(parts)?, None)) };
+        // Empty parts in front would leave nothing to send before a lendable one.
+        let parts = &parts[parts.iter().take_while(|part| part.is_empty()).count()..];
         let registered = parts.iter().position(|part| part.len() >= GATHER_MIN_BYTES && region.contains(part));
         let Some(at) = registered else { return Ok((self.try_send(parts)?, None)) };
         if parts[at].len() >= region.threshold_bytes {
