@@ -274,17 +274,8 @@ impl RdmaChannel {
             return Ok(0);
         }
         let slot = *self.free_send.last().expect("checked");
-        let mut at = (self.config.window + slot) as usize * self.config.message_bytes;
-        let mut left = length;
-        for part in parts {
-            let take = part.len().min(left);
-            self.memory[at..at + take].copy_from_slice(&part[..take]);
-            at += take;
-            left -= take;
-            if left == 0 {
-                break;
-            }
-        }
+        let start = (self.config.window + slot) as usize * self.config.message_bytes;
+        self.copy_into_slot(start, parts, length);
         self.post_slot(length, 0)?;
         self.messages_sent += 1;
         Ok(length)
@@ -377,6 +368,18 @@ impl RdmaChannel {
             self.credit_messages_sent += 1;
         }
         Ok(())
+    }
+
+    /// Copies `parts`, one after the other, to `at` in the channel's memory,
+    /// at most `room` bytes; how many.
+    pub(super) fn copy_into_slot(&mut self, mut at: usize, parts: &[&[u8]], room: usize) -> usize {
+        let mut copied = 0;
+        for part in parts {
+            let take = part.len().min(room - copied);
+            self.memory[at..at + take].copy_from_slice(&part[..take]);
+            (at, copied) = (at + take, copied + take);
+        }
+        copied
     }
 
     fn post_message(&mut self, payload: &[u8], flags: u16) -> Result<(), String> {

@@ -163,18 +163,6 @@ impl RdmaChannel {
         Ok((before_bytes + part.len() + after_bytes, Some(token)))
     }
 
-    /// Copies `parts`, one after the other, to `at` in the channel's memory,
-    /// at most `room` bytes; how many.
-    fn copy_into_slot(&mut self, mut at: usize, parts: &[&[u8]], room: usize) -> usize {
-        let mut copied = 0;
-        for part in parts {
-            let take = part.len().min(room - copied);
-            self.memory[at..at + take].copy_from_slice(&part[..take]);
-            (at, copied) = (at + take, copied + take);
-        }
-        copied
-    }
-
     /// Send slot `slot` completed: the part its message gathered is released.
     pub(super) fn send_completed(&mut self, slot: u32) {
         if let Some(token) = self.lending.gathered.get_mut(slot as usize).and_then(Option::take) {
@@ -253,11 +241,7 @@ impl RdmaChannel {
 
     fn post_read(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<(), String> {
         let target = into.as_ptr() as usize;
-        let in_region = self
-            .config
-            .lend
-            .is_some_and(|region| target >= region.address && target + into.len() <= region.address + region.bytes);
-        let (lkey, registered) = if in_region {
+        let (lkey, registered) = if self.config.lend.is_some_and(|region| region.contains(into)) {
             (self.lending.region.as_ref().expect("registered").lkey(), None)
         } else {
             // SAFETY: the caller keeps `into` alive and unmoved until the
