@@ -116,7 +116,11 @@ impl GroupCore {
         let durable = self.durable_lsn;
         let mut up_to = None;
         for record in retention.records().take_while(|r| r.lsn <= durable) {
-            bitmap.mark(record.volume_index, record.offset, u64::from(record.length));
+            // A record that changes no blocks (a snapshot point) still marks
+            // the region at its offset: a reconnection tells records that
+            // left the log for the bitmap by a bitmap that is not clean, and
+            // refuses a destination behind the log's floor otherwise.
+            bitmap.mark(record.volume_index, record.offset, u64::from(record.length).max(1));
             up_to = Some(record.lsn);
         }
         if let Some(lsn) = up_to {
