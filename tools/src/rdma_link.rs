@@ -64,8 +64,9 @@ pub fn channel_config(daemon: &Daemon) -> ChannelConfig {
 
 /// The registered arena, installed at the first RDMA channel of the process
 /// (from then on, direct-IO buffers of 4 KiB and more come from it), as the
-/// region the channels send from without copies; `None` when zero copy is off or the arena could not
-/// be mapped (payloads are copied then, and the log says why).
+/// region the channels send from without copies; `None` when zero copy is
+/// off or the arena could not be mapped (payloads are copied then, and the
+/// log says why).
 fn lending_region(threshold_bytes: usize, arena_bytes: usize) -> Option<LendRegion> {
     if threshold_bytes == 0 {
         return None;

@@ -243,8 +243,22 @@ impl RdmaChannel {
         Ok(())
     }
 
+    /// Where slot `slot` starts in the channel's memory (receive slots
+    /// 0 .. window, then send slots window .. 2 x window).
+    fn slot_start(&self, slot: u32) -> usize {
+        slot as usize * self.config.message_bytes
+    }
+
     fn slot_addr(&self, slot: u32) -> u64 {
-        self.memory.as_ptr() as u64 + u64::from(slot) * self.config.message_bytes as u64
+        self.memory.as_ptr() as u64 + self.slot_start(slot) as u64
+    }
+
+    /// Where the send slot of the next data message starts, when one may
+    /// go now: a send slot is free and two credits are left (one always
+    /// stays for a credit-only message).
+    fn data_slot_start(&self) -> Option<usize> {
+        let slot = *self.free_send.last()?;
+        (self.credits >= 2).then(|| self.slot_start(self.config.window + slot))
     }
 
     pub(crate) fn post_all_receives(&mut self) -> Result<(), String> {
@@ -265,16 +279,12 @@ impl RdmaChannel {
     /// holds into a send slot and posts it; 0 when no credit or slot is
     /// free now (completions and grants arrive through [`Self::poll_into`]).
     pub fn try_send(&mut self, parts: &[&[u8]]) -> Result<usize, String> {
-        if self.credits < 2 || self.free_send.is_empty() {
-            return Ok(0);
-        }
+        let Some(start) = self.data_slot_start() else { return Ok(0) };
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let length = total.min(self.config.message_bytes);
         if length == 0 {
             return Ok(0);
         }
-        let slot = *self.free_send.last().expect("checked");
-        let start = (self.config.window + slot) as usize * self.config.message_bytes;
         self.copy_into_slot(start, parts, length);
         self.post_slot(length, 0)?;
         self.messages_sent += 1;
@@ -299,7 +309,7 @@ impl RdmaChannel {
             if take == 0 {
                 break;
             }
-            let start = slot as usize * self.config.message_bytes + self.taken_of_first;
+            let start = self.slot_start(slot) + self.taken_of_first;
             into[copied..copied + take].copy_from_slice(&self.memory[start..start + take]);
             copied += take;
             self.taken_of_first += take;
@@ -384,8 +394,8 @@ impl RdmaChannel {
 
     fn post_message(&mut self, payload: &[u8], flags: u16) -> Result<(), String> {
         let slot = *self.free_send.last().expect("a free send slot");
-        let start = (self.config.window + slot) as usize * self.config.message_bytes;
-        self.memory[start..start + payload.len()].copy_from_slice(payload);
+        let start = self.slot_start(self.config.window + slot);
+        self.copy_into_slot(start, &[payload], payload.len());
         self.post_slot(payload.len(), flags)
     }
 
@@ -567,7 +577,7 @@ impl RdmaChannel {
         if self.credits > self.config.window {
             return Err(format!("the peer granted {} credits for a window of {}", self.credits, self.config.window));
         }
-        let start = slot as usize * self.config.message_bytes;
+        let start = self.slot_start(slot);
         if flags & FLAG_RELEASE != 0 {
             self.take_release_message(start, length)?;
         } else if flags & FLAG_CREDIT_ONLY == 0 && length > 0 {

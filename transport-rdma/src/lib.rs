@@ -12,7 +12,6 @@
 
 pub mod channel;
 mod config;
-
 pub mod connection;
 pub mod devices;
 pub mod memlock;

@@ -2,8 +2,8 @@
 //! padding sectors of log records never carry stale memory to disk.
 //!
 //! Large buffers come from the registered arena when one is installed
-//! (`arena.rs`, for RDMA). Other freed buffers go back to a pool of the freeing thread (bounded, by size)
-//! and are reused: allocating and freeing a fresh 68 KiB buffer for every
+//! (`arena.rs`, for RDMA). Other freed buffers go back to a pool of the
+//! freeing thread (bounded, by size) and are reused: allocating and freeing a fresh 68 KiB buffer for every
 //! 64 KiB write made the allocator return pages to the kernel and fault them
 //! in again: page faults and page clearing were 8 % of the CPU of a 64 KiB
 //! QD32 replicated run; with the pool a 64 KiB QD32 run on a standalone group

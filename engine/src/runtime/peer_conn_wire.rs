@@ -351,51 +351,49 @@ mod tests {
     /// one end of the pair to the other, checks every record arrived in
     /// order and whole; returns the most lent buffers the sender held at once.
     fn exchange_records(wires: (MockMessageWire, MockMessageWire), protection: Option<Protection>) -> usize {
-        {
-            let (a, b) = wires;
-            let seal = |side| protection.map(|p| ChannelSeal::new(p, &[1; 16], &[2; 16], side, 1));
-            let (to_b, to_a) =
-                (seal(Side::Source), protection.map(|p| ChannelSeal::new(p, &[2; 16], &[1; 16], Side::Destination, 1)));
-            let conn = |wire, seal| PeerConn::new(PeerChannel { wire: Wire::Message(Box::new(wire)), seal }, 512);
-            let (mut sender, mut receiver) = (conn(a, to_b), conn(b, to_a));
-            let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
-            for lsn in 1..=20u64 {
-                let payload: Vec<u8> = (0..512 * (1 + lsn as usize % 3)).map(|i| (i as u64 * lsn) as u8).collect();
-                let header = RecordHeader::write(stamp, lsn, 0, lsn * 4096, &payload);
-                let mut buf = AlignedBuf::zeroed(512 + payload.len());
-                buf[512..].copy_from_slice(&payload);
-                let len = payload.len();
-                sender.send(OutFrame::new(
-                    header.as_bytes(),
-                    Some(SharedBytes { buf: std::rc::Rc::new(buf), start: 512, len }),
-                ));
-                sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
-            }
-            let mut most_lent = 0;
-            for _ in 0..10_000 {
-                let sent = sender.move_message_bytes().unwrap();
-                most_lent = most_lent.max(sender.lent.len());
-                let received = receiver.move_message_bytes().unwrap();
-                if !sent && !received {
-                    break;
-                }
-            }
-            assert_eq!(sender.queued_bytes, 0, "{protection:?}: everything went out");
-            assert!(sender.lent.is_empty(), "{protection:?}: every lent buffer was released");
-            let mut records = 0;
-            while let Some(frame) = receiver.take_received() {
-                if let InFrame::Record { header, buf } = frame {
-                    records += 1;
-                    assert_eq!(header.lsn, records, "{protection:?}: in order");
-                    let buf = buf.expect("a write carries its payload");
-                    header.verify_payload(&buf[512..512 + header.payload_bytes() as usize]).unwrap();
-                }
-            }
-            assert_eq!(records, 20, "{protection:?}");
-            let Wire::Message(wire) = &sender.wire else { unreachable!("a message wire") };
-            let Wire::Message(peer) = &receiver.wire else { unreachable!("a message wire") };
-            assert_eq!(wire.lent_and_read_bytes().0, peer.lent_and_read_bytes().1, "{protection:?}");
-            most_lent
+        let (a, b) = wires;
+        let seal = |side| protection.map(|p| ChannelSeal::new(p, &[1; 16], &[2; 16], side, 1));
+        let (to_b, to_a) =
+            (seal(Side::Source), protection.map(|p| ChannelSeal::new(p, &[2; 16], &[1; 16], Side::Destination, 1)));
+        let conn = |wire, seal| PeerConn::new(PeerChannel { wire: Wire::Message(Box::new(wire)), seal }, 512);
+        let (mut sender, mut receiver) = (conn(a, to_b), conn(b, to_a));
+        let stamp = RecordStamp { group_id: 1, epoch: 1, generation_tag: 1 };
+        for lsn in 1..=20u64 {
+            let payload: Vec<u8> = (0..512 * (1 + lsn as usize % 3)).map(|i| (i as u64 * lsn) as u8).collect();
+            let header = RecordHeader::write(stamp, lsn, 0, lsn * 4096, &payload);
+            let mut buf = AlignedBuf::zeroed(512 + payload.len());
+            buf[512..].copy_from_slice(&payload);
+            let len = payload.len();
+            sender.send(OutFrame::new(
+                header.as_bytes(),
+                Some(SharedBytes { buf: std::rc::Rc::new(buf), start: 512, len }),
+            ));
+            sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
         }
+        let mut most_lent = 0;
+        for _ in 0..10_000 {
+            let sent = sender.move_message_bytes().unwrap();
+            most_lent = most_lent.max(sender.lent.len());
+            let received = receiver.move_message_bytes().unwrap();
+            if !sent && !received {
+                break;
+            }
+        }
+        assert_eq!(sender.queued_bytes, 0, "{protection:?}: everything went out");
+        assert!(sender.lent.is_empty(), "{protection:?}: every lent buffer was released");
+        let mut records = 0;
+        while let Some(frame) = receiver.take_received() {
+            if let InFrame::Record { header, buf } = frame {
+                records += 1;
+                assert_eq!(header.lsn, records, "{protection:?}: in order");
+                let buf = buf.expect("a write carries its payload");
+                header.verify_payload(&buf[512..512 + header.payload_bytes() as usize]).unwrap();
+            }
+        }
+        assert_eq!(records, 20, "{protection:?}");
+        let Wire::Message(wire) = &sender.wire else { unreachable!("a message wire") };
+        let Wire::Message(peer) = &receiver.wire else { unreachable!("a message wire") };
+        assert_eq!(wire.lent_and_read_bytes().0, peer.lent_and_read_bytes().1, "{protection:?}");
+        most_lent
     }
 }

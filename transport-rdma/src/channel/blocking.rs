@@ -17,7 +17,7 @@ impl RdmaChannel {
             ));
         }
         let deadline = Instant::now() + self.config.timeout;
-        while self.credits < 2 || self.free_send.is_empty() {
+        while self.data_slot_start().is_none() {
             self.spill_received()?;
             if !self.poll()? && !self.wait_for_completion(deadline)? {
                 return Err(format!("no credit from the peer for {:?} (it stopped reading)", self.config.timeout));
@@ -59,7 +59,7 @@ impl RdmaChannel {
         if lent.is_some() {
             return Err("the peer lent a payload to a blocking receive: the channel is reset".to_owned());
         }
-        let start = slot as usize * self.config.message_bytes + self.taken_of_first;
+        let start = self.slot_start(slot) + self.taken_of_first;
         let message = self.memory[start..start + length - self.taken_of_first].to_vec();
         self.release_first()?;
         Ok(Some(message))

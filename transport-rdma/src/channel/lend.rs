@@ -145,11 +145,7 @@ impl RdmaChannel {
         part: &[u8],
         after: &[&[u8]],
     ) -> Result<(usize, Option<u64>), String> {
-        if self.credits < 2 || self.free_send.is_empty() {
-            return Ok((0, None));
-        }
-        let slot = *self.free_send.last().expect("checked");
-        let start = (self.config.window + slot) as usize * self.config.message_bytes;
+        let Some(start) = self.data_slot_start() else { return Ok((0, None)) };
         let before_bytes = self.copy_into_slot(start, before, usize::MAX);
         let room = self.config.message_bytes - before_bytes - part.len();
         let after_bytes = self.copy_into_slot(start + before_bytes, after, room);
@@ -185,7 +181,7 @@ impl RdmaChannel {
     /// now, or the window's worth of lent payloads awaits release.
     fn lend(&mut self, part: &[u8]) -> Result<Option<u64>, String> {
         let window = self.config.window as usize;
-        if self.credits < 2 || self.free_send.is_empty() || self.lending.outstanding >= window {
+        if self.data_slot_start().is_none() || self.lending.outstanding >= window {
             return Ok(None);
         }
         let region = self.lending.region.as_ref().expect("a channel with a lending region registered it");
@@ -289,12 +285,11 @@ impl RdmaChannel {
     /// Gives back the tokens of payloads read here, as one message (two
     /// credits needed, as for data: one stays for a grant).
     pub(super) fn send_releases(&mut self) -> Result<(), String> {
-        if self.lending.to_release.is_empty() || self.credits < 2 || self.free_send.is_empty() {
+        if self.lending.to_release.is_empty() {
             return Ok(());
         }
+        let Some(start) = self.data_slot_start() else { return Ok(()) };
         let count = self.lending.to_release.len().min(self.config.message_bytes / 8);
-        let slot = *self.free_send.last().expect("checked");
-        let start = (self.config.window + slot) as usize * self.config.message_bytes;
         for (at, token) in self.lending.to_release.drain(..count).enumerate() {
             self.memory[start + at * 8..start + at * 8 + 8].copy_from_slice(&token.to_le_bytes());
         }
