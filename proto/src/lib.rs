@@ -26,8 +26,8 @@ pub use superblock::{
     SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION, TRANSPORT_RDMA, TRANSPORT_TCP,
 };
 pub use wire::{
-    header_is_ordered, FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST,
-    COPY_FLAG_REPAIR, FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
+    header_is_ordered, FrameDecodeError, FrameHeader, FrameKind, ACK_FLAG_COPY_DONE, ACK_FLAG_REBASED,
+    COMPARE_FLAG_ON_REQUEST, COPY_FLAG_REPAIR, FRAME_MAGIC, MAX_COPY_PAYLOAD_BYTES, WIRE_VERSION,
 };
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

@@ -132,6 +132,7 @@ const RESERVED_BYTES: usize = SUPERBLOCK_SLOT_BYTES
     - 64
     - 8
     - 40
+    - 16
     - 16;
 
 /// Where the group's dirty-region bitmap lives: at the end of the log device,
@@ -241,6 +242,16 @@ pub struct Superblock {
     pub fence: u32,
     pub fence_reserved: u32,
     pub fenced_after_lsn: u64,
+    /// A source that may have lost records its destination holds: 1 when it
+    /// opened (recovered) since its destination last connected, and
+    /// `recovered_lsn` is the lowest LSN such an open recovered to. Records
+    /// up to it are the same on both sides; after it, the destination's may
+    /// be ones this log lost (shipped while their append was in flight). Zero:
+    /// every record the destination holds is in this log. Taken from the
+    /// reserved area.
+    pub recovered_since_connect: u32,
+    pub recovered_reserved: u32,
+    pub recovered_lsn: u64,
     /// Zero; room for later fields.
     pub reserved: [u8; RESERVED_BYTES],
     /// xxh3-128 of every preceding byte of the slot.

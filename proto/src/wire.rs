@@ -26,6 +26,10 @@ pub const COMPARE_FLAG_ON_REQUEST: u8 = 0x01;
 pub const COPY_FLAG_REPAIR: u8 = 0x02;
 /// Ack flag: the destination's initial copy is complete and durable.
 pub const ACK_FLAG_COPY_DONE: u8 = 0x01;
+/// Ack flag: the destination performed the rebase its connection began
+/// with; a source waiting for that ignores acknowledgements without it
+/// (they describe the log before the rebase).
+pub const ACK_FLAG_REBASED: u8 = 0x02;
 
 /// Whether the 64-byte frame header `header` (record or frame) belongs to
 /// the session's ordered stream (see [`FrameKind::is_ordered`]); records do.

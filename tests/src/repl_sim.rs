@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_engine::core::{
-    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode, WriteOp,
-    WriteRequest,
+    CopyPosition, DirtyBitmap, Event, Incoming, PeerConfig, Receiver, ReceiverAction, ReplicationMode,
+    UnconfirmedRecords, WriteOp, WriteRequest,
 };
 use tandem_proto::{RecordHeader, RecordKind};
 
@@ -58,16 +58,40 @@ pub struct ReplSimStats {
     /// Planned reconnections (a transport change): sync writes completed
     /// while the link was down under their hold were checked as vouched.
     pub planned_reconnects: u64,
+    /// Reconnections that found the destination holding records after the
+    /// LSN the source recovered to (shipped in parallel with their append,
+    /// then lost in the source's power loss).
+    pub diverged_reconnects: u64,
 }
 
 #[derive(Debug, Clone)]
 enum Frame {
-    Record { header: RecordHeader, payload: Vec<u8> },
-    Copy { volume: u8, offset: u64, length: u32, data: Option<Vec<u8>> },
+    Record {
+        header: RecordHeader,
+        payload: Vec<u8>,
+    },
+    Copy {
+        volume: u8,
+        offset: u64,
+        length: u32,
+        data: Option<Vec<u8>>,
+    },
     CopyDone,
-    Rebase { lsn: u64 },
-    Barrier { lsn: u64 },
-    Ack { lsn: u64, copy: CopyPosition },
+    Rebase {
+        lsn: u64,
+    },
+    Barrier {
+        lsn: u64,
+    },
+    Ack {
+        lsn: u64,
+        copy: CopyPosition,
+        rebased: bool,
+    },
+    /// The source's progress heartbeat: its announced durable LSN.
+    Heartbeat {
+        lsn: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +142,11 @@ struct World {
     pending_rebase: Option<u64>,
     /// A rebase done, waiting for the checkpoint that makes it durable.
     rebase_persisting: bool,
+    /// The source's superblock: the lowest LSN it recovered to since it
+    /// was last connected (records after it may differ on the destination).
+    recovered_lsn: Option<u64>,
+    /// The destination's records its source has not announced durable.
+    unconfirmed: UnconfirmedRecords,
     /// The source volumes before any record, and every record shipped (all
     /// durable at the source, so they survive its power losses).
     initial: Vec<Vec<u8>>,
@@ -214,6 +243,8 @@ impl World {
             source_clock_ms: 0,
             chunk_reads: Vec::new(),
             pending_rebase: None,
+            recovered_lsn: None,
+            unconfirmed: UnconfirmedRecords::default(),
             rebase_persisting: false,
             initial,
             history: BTreeMap::new(),
@@ -250,7 +281,9 @@ impl World {
     /// The destination took its snapshot `lsn`: it holds exactly the
     /// source's records before it, as the source's snapshot does.
     fn check_destination_snapshot(&mut self, lsn: u64, volumes: &[Vec<u8>]) -> Result<(), String> {
-        if self.receiver.copy_to_persist() != CopyPosition::Done {
+        // After the LSN the source recovered to, the destination may hold
+        // records the source lost (until the reconnection's rebase).
+        if self.receiver.copy_to_persist() != CopyPosition::Done || self.recovered_lsn.is_some_and(|r| lsn > r) {
             return Ok(());
         }
         let expected = self.state_at(lsn - 1);
@@ -304,6 +337,21 @@ impl World {
     }
 
     /// Runs both nodes and the receiver until nothing new comes out.
+    /// The source's progress heartbeat; once connected (and its
+    /// destination continues after the LSN it recovered to), the source
+    /// forgets that LSN and announces its durable LSN in full.
+    fn send_heartbeat(&mut self) {
+        if self.link.is_none() {
+            return;
+        }
+        if !self.source.core.rebase_pending() {
+            self.recovered_lsn = None;
+        }
+        let durable = self.source.core.snapshot().durable_lsn;
+        let lsn = self.recovered_lsn.map_or(durable, |recovered| durable.min(recovered));
+        self.send_to_destination(Frame::Heartbeat { lsn });
+    }
+
     fn settle(&mut self) -> Result<(), String> {
         for _ in 0..64 {
             let mut progressed = false;
@@ -336,7 +384,8 @@ impl World {
                 let core = &self.destination.core;
                 if let Some((lsn, _, copy)) = self.receiver.ack(core.snapshot().durable_lsn, core.applied_prefix_lsn())
                 {
-                    link.to_source.push_back(Frame::Ack { lsn, copy });
+                    let rebased = self.receiver.rebased_on_connection();
+                    link.to_source.push_back(Frame::Ack { lsn, copy, rebased });
                 }
             }
             if !progressed {
@@ -372,7 +421,7 @@ impl World {
                     link.barrier_lsn = depends_on;
                     link.to_destination.push_back(Frame::Barrier { lsn: depends_on });
                 }
-                // Shipped records are durable here: the log must still hold them.
+                // Shipped records are in the log or in an append in flight.
                 let (header, payload) = self.source.read_record(lsn, position, end_position)?;
                 self.history.insert(lsn, (header, payload.clone()));
                 self.stats.records_shipped += 1;
@@ -422,6 +471,8 @@ impl World {
                         Some(id) => self.payloads.remove(&id).expect("payload of a queued frame"),
                         None => vec![0u8; length as usize],
                     };
+                    let changed_bytes = if matches!(op, WriteOp::Snapshot { .. }) { 0 } else { u64::from(length) };
+                    self.unconfirmed.taken(lsn, (volume_index, offset, changed_bytes));
                     let id = self.next_destination_write;
                     self.next_destination_write += 1;
                     self.destination.writes.insert(id, (volume_index, offset, bytes));
@@ -464,6 +515,7 @@ impl World {
         }
         self.pending_rebase = None;
         self.destination.rebase(lsn);
+        self.unconfirmed.rebased(lsn);
         self.receiver.rebase_performed();
         // As in the daemon, the receiver goes on once a checkpoint after the
         // rebase is durable; acknowledgements may leave in between.
@@ -486,9 +538,16 @@ impl World {
     fn connect(&mut self) -> Result<(), String> {
         let snapshot = self.destination.core.snapshot();
         let (durable, next) = (snapshot.durable_lsn, self.destination.core.last_taken_lsn() + 1);
+        // As the daemon's Resume: the destination lists what it holds after
+        // the LSN the source recovered to (few ranges, to widen them).
+        let diverged =
+            self.recovered_lsn.filter(|&lsn| next - 1 > lsn).map(|lsn| (lsn, self.unconfirmed.held_after(lsn, 2)));
+        if diverged.is_some() {
+            self.stats.diverged_reconnects += 1;
+        }
         self.source
             .core
-            .peer_connected(durable, next, self.receiver.copy_position())
+            .peer_connected(durable, next, self.receiver.copy_position(), diverged)
             .map_err(|e| format!("reconnection refused: {e}"))?;
         self.receiver.connected(next);
         self.reconnect_hold_until = None;
@@ -513,6 +572,10 @@ impl World {
             id
         };
         let incoming = match frame {
+            Frame::Heartbeat { lsn } => {
+                self.unconfirmed.source_durable(lsn);
+                return;
+            }
             Frame::Record { header, payload: data } => {
                 let payload_id = header.record_kind().has_payload().then(|| payload(data));
                 Incoming::Record { header, payload_id }
@@ -530,7 +593,11 @@ impl World {
 
     fn deliver_to_source(&mut self) -> Result<(), String> {
         let Some(frame) = self.link.as_mut().and_then(|l| l.to_source.pop_front()) else { return Ok(()) };
-        let Frame::Ack { lsn, copy } = frame else { unreachable!("only acks travel to the source") };
+        let Frame::Ack { lsn, copy, rebased } = frame else { unreachable!("only acks travel to the source") };
+        if self.source.core.rebase_pending() && !rebased {
+            // As the daemon: it describes the log before the rebase.
+            return Ok(());
+        }
         let current = self.source.core.snapshot().current_lsn;
         if lsn > current {
             return Err(format!("the destination acknowledged LSN {lsn} beyond the source's {current}"));
@@ -583,7 +650,8 @@ impl World {
         self.chunk_reads.clear();
         self.source.lose_power(&mut self.rng);
         let floor = self.source.superblock.tail_lsn - 1;
-        self.source.recover(Some(floor))?;
+        let outcome = self.source.recover(Some(floor))?;
+        self.recovered_lsn = Some(self.recovered_lsn.map_or(outcome.last_lsn, |lsn| lsn.min(outcome.last_lsn)));
         let mut config = self.peer_config.clone();
         config.copy_complete = self.source.superblock.copy == Some(CopyPosition::Done);
         self.source.core.attach_peer(config);
@@ -605,14 +673,27 @@ impl World {
         self.stats.destination_crashes += 1;
         self.drop_link();
         self.destination.lose_power(&mut self.rng);
+        let checkpoint_lsn = self.destination.superblock.checkpoint_lsn;
         let outcome = self.destination.recover(None)?;
+        self.unconfirmed = UnconfirmedRecords::new(
+            checkpoint_lsn,
+            outcome
+                .scanned
+                .iter()
+                .filter(|r| r.lsn > checkpoint_lsn)
+                .map(|r| (r.lsn, (r.volume_index, r.offset, u64::from(r.length)))),
+        );
         self.destination.core.set_apply_after_durable(true);
         let copy = self.destination.superblock.copy.unwrap_or(CopyPosition::At { volume_index: 0, offset: 0 });
         self.receiver = Receiver::new(volume_sizes(), copy);
         self.payloads.clear();
         self.pending_rebase = None;
         self.rebase_persisting = false;
-        if copy == CopyPosition::Done {
+        // Records after the LSN the source recovered to may be ones it lost:
+        // the destination is the source's state only up to there, until the
+        // reconnection copies those ranges again.
+        let diverged = self.recovered_lsn.is_some_and(|lsn| outcome.last_lsn > lsn);
+        if copy == CopyPosition::Done && !diverged {
             self.check_prefix(outcome.last_lsn)?;
             if self.mode == ReplicationMode::Sync {
                 for volume in 0..VOLUMES as u8 {
@@ -725,6 +806,7 @@ impl World {
             500..650 => self.deliver_to_destination(),
             650..800 => self.deliver_to_source()?,
             800..900 => self.complete_chunk_read()?,
+            900..940 => self.send_heartbeat(),
             _ => {
                 if self.link.is_none() && step >= self.partitioned_until {
                     self.connect()?;

@@ -354,12 +354,23 @@ impl SimNode {
     }
 
     /// Reads record `position..end_position` back from the log, checked.
+    /// Reads record `lsn` as the runtime has it: from the log, or from the
+    /// append still in flight (a record ships in parallel with its append).
     pub fn read_record(&self, lsn: u64, position: u64, end_position: u64) -> Result<(RecordHeader, Vec<u8>), String> {
         let at = (position % self.log.len() as u64) as usize;
         let len = (end_position - position) as usize;
-        let bytes = &self.log[at..at + len];
+        let mut bytes = self.log[at..at + len].to_vec();
+        for pending in &self.pending {
+            if let Pending::LogSegment { ring_offset, bytes: segment, .. } = pending {
+                let start = at.max(*ring_offset);
+                let end = (at + len).min(ring_offset + segment.len());
+                if start < end {
+                    bytes[start - at..end - at].copy_from_slice(&segment[start - ring_offset..end - ring_offset]);
+                }
+            }
+        }
         let header =
-            RecordHeader::decode(bytes).map_err(|e| format!("LSN {lsn} at {position} is gone from the log: {e}"))?;
+            RecordHeader::decode(&bytes).map_err(|e| format!("LSN {lsn} at {position} is gone from the log: {e}"))?;
         let payload = bytes[SECTOR..SECTOR + header.payload_bytes() as usize].to_vec();
         if header.lsn != lsn || header.verify_payload(&payload).is_err() {
             return Err(format!("LSN {lsn} at {position} was overwritten in the log (found LSN {})", header.lsn));

@@ -30,6 +30,7 @@ fn partnerships_survive_power_loss_and_network_faults() {
         total.rebases += stats.rebases;
         total.snapshots_checked += stats.snapshots_checked;
         total.planned_reconnects += stats.planned_reconnects;
+        total.diverged_reconnects += stats.diverged_reconnects;
     }
     eprintln!("{seeds} seeds: {total:?}");
     assert!(total.writes_acked > seeds * 20, "writes were acknowledged: {total:?}");
@@ -42,6 +43,10 @@ fn partnerships_survive_power_loss_and_network_faults() {
         "snapshot records were taken at the same state on both sides: {total:?}"
     );
     assert!(total.planned_reconnects > seeds / 2, "planned reconnections held sync writes: {total:?}");
+    assert!(
+        total.diverged_reconnects > seeds / 20,
+        "sources lost records their destination held (shipped in parallel with the append) and caught up: {total:?}"
+    );
     assert!(
         total.spills > seeds / 20 && total.rebases > seeds / 20,
         "full logs spilled into the bitmap and caught up: {total:?}"

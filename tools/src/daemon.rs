@@ -755,10 +755,18 @@ impl Daemon {
         }
     }
 
-    /// What a destination group holds.
-    pub fn destination_state(&self, group: &str) -> Result<Option<tandem_engine::runtime::DestinationState>, String> {
+    /// What a destination group holds (and after `recovered_lsn`, if given).
+    pub fn destination_state(
+        &self,
+        group: &str,
+        recovered_lsn: Option<u64>,
+    ) -> Result<Option<tandem_engine::runtime::DestinationState>, String> {
         let group_name = group.to_owned();
-        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::DestinationState { group: group_name, reply })
+        self.ask(group, CORE_REPLY_TIMEOUT, |reply| CoreMsg::DestinationState {
+            group: group_name,
+            recovered_lsn,
+            reply,
+        })
     }
 
     /// Hands a replication connection to the group's core.
@@ -766,7 +774,7 @@ impl Daemon {
         &self,
         group: &str,
         channels: Vec<tandem_engine::runtime::peer_conn::PeerChannel>,
-        source_view: Option<(u64, u64, tandem_engine::core::CopyPosition)>,
+        source_view: Option<tandem_engine::runtime::SourceView>,
     ) -> Result<(), String> {
         // The handshake's timeouts end where the core's heartbeats take over.
         for channel in &channels {

@@ -15,6 +15,7 @@ use tandem_engine::core::CopyPosition;
 use tandem_engine::runtime::events::EventKind;
 use tandem_engine::runtime::peer_session::MAX_CHANNELS;
 use tandem_engine::runtime::status::GroupStatus;
+use tandem_engine::runtime::SourceView;
 use tandem_proto::{fixed_str, PartnershipEntry, MODE_ASYNC, MODE_SYNC, WIRE_VERSION};
 
 use tandem_crypto::Side;
@@ -81,6 +82,11 @@ pub struct Hello {
     pub volume_sizes_bytes: Vec<u64>,
     pub log_sector_bytes: u32,
     pub baseline_lsn: u64,
+    /// Resume: this source opened (recovered its log) since it was last
+    /// connected, and the lowest LSN it recovered to; records after it that
+    /// the destination holds may be ones this source lost.
+    #[serde(default)]
+    pub recovered_lsn: Option<u64>,
     /// Join: the session the destination named in its answer, and the
     /// channel (1..channels) this connection becomes.
     #[serde(default)]
@@ -140,6 +146,7 @@ impl Hello {
             volume_sizes_bytes: Vec::new(),
             log_sector_bytes: 0,
             baseline_lsn: 0,
+            recovered_lsn: None,
             session: 0,
             channel: 0,
             measure_devices,
@@ -185,6 +192,10 @@ pub struct Answer {
     /// it listens for them).
     #[serde(default)]
     pub rdma_unavailable: Option<String>,
+    /// Resume from a source that recovered up to `Hello::recovered_lsn`:
+    /// what this destination holds after that LSN (`None`: nothing).
+    #[serde(default)]
+    pub held_after: Option<tandem_engine::core::HeldAfter>,
 }
 
 pub(crate) fn write_line<T: Serialize>(stream: &mut impl Write, value: &T) -> Result<(), String> {
@@ -328,6 +339,7 @@ pub(crate) fn hello_for(
         volume_sizes_bytes: status.volumes.iter().map(|v| v.size_bytes).collect(),
         log_sector_bytes: status.log_sector_bytes,
         baseline_lsn: 0,
+        recovered_lsn: status.partnership.as_ref().and_then(|p| p.recovered_lsn),
         session: 0,
         channel: 0,
         measure_devices: false,
@@ -451,7 +463,12 @@ pub fn create(daemon: &Daemon, request: &CreateRequest) -> Result<String, String
     daemon.attach_peer(
         &request.source_group,
         channels,
-        Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
+        Some(SourceView {
+            durable_lsn: answer.durable_lsn,
+            next_lsn: answer.next_lsn,
+            copy: copy_position(answer.copy_at),
+            diverged: None,
+        }),
     )?;
     let peer = format!("{}/{}", checked.destination_node, request.destination_group);
     daemon.events.record(&request.source_group, EventKind::PartnershipCreated { peer, mode: request.mode.clone() });
@@ -526,7 +543,12 @@ fn resume_over(daemon: &Daemon, status: &GroupStatus, request: &CreateRequest) -
     daemon.attach_peer(
         &status.name,
         channels,
-        Some((answer.durable_lsn, answer.next_lsn, copy_position(answer.copy_at))),
+        Some(SourceView {
+            durable_lsn: answer.durable_lsn,
+            next_lsn: answer.next_lsn,
+            copy: copy_position(answer.copy_at),
+            diverged: hello.recovered_lsn.zip(answer.held_after),
+        }),
     )?;
     Ok(())
 }

@@ -308,7 +308,7 @@ fn destination_step(
             Ok(Answer { ok: true, ..Answer::default() })
         }
         HelloAction::Resume | HelloAction::Remove | HelloAction::SetMode | HelloAction::Switch => {
-            let state = daemon.destination_state(name)?.ok_or_else(|| {
+            let state = daemon.destination_state(name, hello.recovered_lsn)?.ok_or_else(|| {
                 format!("group {name} on {} is not a replication destination; remove the partnership on the source and create it again", daemon.config.node.name)
             })?;
             if hex(&state.partnership_id) != hello.partnership_id {
@@ -343,7 +343,7 @@ fn destination_step(
             }
             check_transport(daemon, name, &partnership.transport, &hello.transport)?;
             check_rdma(daemon, hello)?;
-            Ok(ok(state.durable_lsn, state.next_lsn, state.copy))
+            Ok(Answer { held_after: state.held_after, ..ok(state.durable_lsn, state.next_lsn, state.copy) })
         }
     }
 }

@@ -72,7 +72,7 @@ impl GroupCore {
         }
     }
 
-    fn request_bitmap_write(&mut self, spilled_up_to_lsn: Option<u64>) {
+    pub(super) fn request_bitmap_write(&mut self, spilled_up_to_lsn: Option<u64>) {
         if self.bitmap_write_in_flight {
             // The next write carries this change; a spill waits for its own.
             self.bitmap_write_again = true;

@@ -2,12 +2,11 @@
 //! records to ship and when, the initial block copy interleaved with them in
 //! one ordered stream, and the acknowledgement rule of sync mode.
 //!
-//! Records are shipped once they are durable in the local log (not in parallel
-//! with the append). So the destination never holds a record the source could
-//! lose in a torn tail, and its log is always a prefix of the source's chain:
-//! reconnection after a crash of either side needs no rollback. The price is
-//! latency in sync mode (local append, then the network and the remote append,
-//! one after the other); docs/ARCHITECTURE.md records this choice.
+//! Records are shipped as soon as their append is issued, in parallel with it:
+//! in sync mode the network and the destination's append take no time of their
+//! own beyond the local append. The destination may therefore hold records a
+//! crash of the source loses; the reconnection after it repairs that (see
+//! `peer_connected` and `core::unconfirmed`).
 //!
 //! The copy reads the source volumes chunk by chunk. A chunk is read under a
 //! fence: writes placed before it that overlap the chunk are applied first,
@@ -18,6 +17,7 @@
 
 use super::{Action, ApplyOp, GroupCore};
 use crate::core::bitmap::DirtyBitmap;
+use crate::core::unconfirmed::HeldAfter;
 
 /// When a client write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +200,17 @@ impl Shipper {
         }
     }
 
+    /// The destination's log continues after `lsn`, and the copy starts
+    /// over (the bitmap's regions, or every region before a first complete copy).
+    fn start_rebase(&mut self, lsn: u64) {
+        self.rebase_to = Some(lsn);
+        self.awaiting_rebase = Some(lsn);
+        self.next_ship_lsn = lsn + 1;
+        self.copy = CopyPosition::At { volume_index: 0, offset: 0 };
+        self.copy_acked = self.copy;
+        self.copy_done_sent = false;
+    }
+
     pub(super) fn pass(&self) -> CopyPass {
         if self.copy_ever_completed {
             CopyPass::Bitmap
@@ -276,26 +287,32 @@ impl GroupCore {
 
     /// The destination is connected, holds every record up to
     /// `peer_durable_lsn` durably (and up to `next_lsn - 1` on its way to its
-    /// log) and the copy up to `copy`. Refused (with the reason) when this log
-    /// no longer holds what the destination lacks, or when the destination
-    /// claims records this source never wrote.
-    pub fn peer_connected(&mut self, peer_durable_lsn: u64, next_lsn: u64, copy: CopyPosition) -> Result<(), String> {
+    /// log) and the copy up to `copy`. `diverged`: this source recovered only
+    /// up to LSN S since the destination was last connected, and the
+    /// destination holds records after S (shipped while their append here was
+    /// in flight, then lost in a crash), whose ranges it lists. Refused (with
+    /// the reason) when this log no longer holds what the destination lacks,
+    /// or when the destination claims records this source never wrote.
+    pub fn peer_connected(
+        &mut self,
+        peer_durable_lsn: u64,
+        next_lsn: u64,
+        copy: CopyPosition,
+        diverged: Option<(u64, HeldAfter)>,
+    ) -> Result<(), String> {
+        if let Some((recovered_lsn, held)) = diverged {
+            return self.peer_connected_diverged(peer_durable_lsn, recovered_lsn, &held);
+        }
         let last_lsn = self.next_lsn - 1;
-        if next_lsn <= peer_durable_lsn || next_lsn - 1 > self.durable_lsn {
+        if next_lsn <= peer_durable_lsn || next_lsn - 1 > last_lsn {
             return Err(format!(
                 "the destination continues at LSN {next_lsn} with LSN {peer_durable_lsn} durable, but this source \
-                 has LSN {} durable; its log does not follow this group (remove and re-create the partnership)",
-                self.durable_lsn
+                 has written only up to LSN {last_lsn}; its log does not follow this group (remove and re-create the \
+                 partnership)"
             ));
         }
         let retention = self.retention.as_mut().expect("connected without a partnership");
         let floor = retention.peer_durable_lsn();
-        if peer_durable_lsn > last_lsn {
-            return Err(format!(
-                "the destination holds records up to LSN {peer_durable_lsn} but this source has written only up to \
-                 LSN {last_lsn}; its log does not follow this group (remove and re-create the partnership)"
-            ));
-        }
         let bitmap_dirty = self.bitmap.as_ref().is_some_and(|b| !b.is_clean());
         if peer_durable_lsn < floor && !bitmap_dirty {
             return Err(format!(
@@ -305,25 +322,13 @@ impl GroupCore {
             ));
         }
         retention.peer_durable(peer_durable_lsn);
-        self.cancel_spill();
-        let durable_lsn = self.durable_lsn;
+        self.connected_at(peer_durable_lsn);
         let shipper = self.shipper.as_mut().expect("connected without a partnership");
-        shipper.connected = true;
-        shipper.reconnect_hold_until_ms = None;
-        shipper.fence = None;
-        shipper.copy_in_flight.clear();
-        shipper.catch_up_target_lsn = durable_lsn;
-        shipper.acked_lsn = peer_durable_lsn;
         if peer_durable_lsn < floor {
             // Records up to the floor left the log for the bitmap: the
             // destination continues after the floor and copies the marked
             // regions (or everything, if it never had a complete copy).
-            shipper.rebase_to = Some(floor);
-            shipper.awaiting_rebase = Some(floor);
-            shipper.next_ship_lsn = floor + 1;
-            shipper.copy = CopyPosition::At { volume_index: 0, offset: 0 };
-            shipper.copy_acked = shipper.copy;
-            shipper.copy_done_sent = false;
+            shipper.start_rebase(floor);
             return Ok(());
         }
         shipper.rebase_to = None;
@@ -337,6 +342,81 @@ impl GroupCore {
             self.clear_bitmap();
         }
         Ok(())
+    }
+
+    /// Reconnection after this source lost records the destination holds
+    /// (see `peer_connected`): their ranges go into the bitmap (every
+    /// region when the destination cannot list them), the destination's log
+    /// continues once the bitmap is durable, after the recovered LSN or the
+    /// destination's durable LSN, whichever is lower (what it took beyond
+    /// that may not survive its own crash; this log ships it again), or
+    /// after the retention floor if that is later; and the bitmap catch-up
+    /// copies the regions.
+    fn peer_connected_diverged(
+        &mut self,
+        peer_durable_lsn: u64,
+        recovered_lsn: u64,
+        held: &HeldAfter,
+    ) -> Result<(), String> {
+        let last_lsn = self.next_lsn - 1;
+        assert!(recovered_lsn <= last_lsn, "recovered LSN {recovered_lsn} is after the last placed {last_lsn}");
+        let shipper = self.shipper.as_ref().expect("connected without a partnership");
+        let volume_sizes = shipper.config.volume_sizes_bytes.clone();
+        match self.bitmap.as_mut() {
+            Some(bitmap) => match held {
+                HeldAfter::Ranges(ranges) => {
+                    for &(volume_index, offset, length) in ranges {
+                        let Some(&size) = volume_sizes.get(usize::from(volume_index)) else {
+                            return Err(format!(
+                                "the destination reported records in volume {volume_index}, but this group has {} \
+                                 volumes; its log does not follow this group (remove and re-create the partnership)",
+                                volume_sizes.len()
+                            ));
+                        };
+                        // Ranges come widened to aligned blocks: the last
+                        // one may reach past the end of its volume.
+                        if offset < size {
+                            bitmap.mark(volume_index, offset, length.min(size - offset));
+                        }
+                    }
+                }
+                HeldAfter::Unknown => {
+                    for (volume_index, size) in (0u8..).zip(&volume_sizes) {
+                        bitmap.mark(volume_index, 0, *size);
+                    }
+                }
+            },
+            // Without a bitmap only a copy that starts over can help, and
+            // only the initial copy starts over from the first block.
+            None if shipper.pass() == CopyPass::Bitmap => {
+                return Err(format!(
+                    "the destination holds records after LSN {recovered_lsn}, which this source lost in a crash, \
+                     and this group's log has no dirty-region bitmap to copy them again; remove and re-create the \
+                     partnership"
+                ))
+            }
+            None => {}
+        }
+        self.request_bitmap_write(None);
+        let retention = self.retention.as_mut().expect("connected without a partnership");
+        let rebase_lsn = retention.peer_durable_lsn().max(recovered_lsn.min(peer_durable_lsn));
+        retention.peer_durable(rebase_lsn);
+        self.connected_at(rebase_lsn);
+        self.shipper.as_mut().expect("checked above").start_rebase(rebase_lsn);
+        Ok(())
+    }
+
+    /// The connection state every reconnection starts from.
+    fn connected_at(&mut self, peer_durable_lsn: u64) {
+        self.cancel_spill();
+        let durable_lsn = self.durable_lsn;
+        let shipper = self.shipper.as_mut().expect("connected without a partnership");
+        shipper.connected = true;
+        shipper.reconnect_hold_until_ms = None;
+        shipper.fence = None;
+        shipper.copy_in_flight.clear();
+        shipper.catch_up_target_lsn = durable_lsn;
+        shipper.acked_lsn = peer_durable_lsn;
     }
 
     /// The connection to the destination is gone; a chunk being read is
@@ -396,6 +476,12 @@ impl GroupCore {
         if let Some(shipper) = self.shipper.as_mut() {
             shipper.applied_lsn = shipper.applied_lsn.max(lsn);
         }
+    }
+
+    /// True while the destination has yet to continue its log after a rebase.
+    #[must_use]
+    pub fn rebase_pending(&self) -> bool {
+        self.shipper.as_ref().is_some_and(|s| s.rebase_to.is_some() || s.awaiting_rebase.is_some())
     }
 
     /// The destination's last acknowledged applied LSN.
@@ -512,11 +598,19 @@ impl GroupCore {
         if !shipper.connected || self.failed.is_some() {
             return;
         }
+        if shipper.rebase_to.is_some() && (self.bitmap_write_in_flight || self.bitmap_write_again) {
+            // The regions a rebase leaves to the copy are durable in the
+            // bitmap before the destination forgets its records.
+            return;
+        }
         if let Some(lsn) = shipper.rebase_to.take() {
             self.actions.push(Action::SendRebase { lsn });
         }
         let retention = self.retention.as_ref().expect("a shipper has retention");
-        let ship_limit = shipper.fence.map_or(self.durable_lsn, |f| f.after_lsn.min(self.durable_lsn));
+        // A record ships once its append is issued (placed records are in a
+        // batch on its way to the log), in parallel with that append.
+        let placed_lsn = self.next_lsn - 1;
+        let ship_limit = shipper.fence.map_or(placed_lsn, |f| f.after_lsn.min(placed_lsn));
         let first_unacked = retention.records().next().map(|r| r.position);
         while shipper.next_ship_lsn <= ship_limit {
             let record = *retention.get(shipper.next_ship_lsn).expect("unacknowledged records are retained");
@@ -565,7 +659,7 @@ impl GroupCore {
                         // Issue its read at once when nothing holds it back.
                         self.advance_copy();
                     }
-                    None if !shipper.copy_done_sent && shipper.next_ship_lsn > self.durable_lsn => {
+                    None if !shipper.copy_done_sent && shipper.next_ship_lsn == next_lsn => {
                         shipper.copy_done_sent = true;
                         shipper.copy = CopyPosition::Done;
                         self.actions.push(Action::SendCopyDone { after_lsn: shipper.next_ship_lsn - 1 });

@@ -9,6 +9,7 @@ pub mod receiver;
 pub mod recovery;
 pub mod retention;
 pub mod ring;
+pub mod unconfirmed;
 
 pub use bitmap::DirtyBitmap;
 pub use group::peer::{CopyPosition, CopyStart, PeerConfig, ReplicationMode, ReplicationState};
@@ -20,3 +21,4 @@ pub use receiver::{Incoming, Receiver, ReceiverAction};
 pub use recovery::{replay, HeaderVerdict, ReplayOutcome, ScanStart, ScanStop, ScannedRecord, Scanner};
 pub use retention::Retention;
 pub use ring::{LogRing, Placement};
+pub use unconfirmed::{HeldAfter, UnconfirmedRecords, VolumeRange};

@@ -125,6 +125,12 @@ pub struct Receiver {
     acked: Option<(u64, u64, CopyPosition)>,
     /// The last barrier of the stream.
     barrier_lsn: u64,
+    /// Something of this connection's stream was taken: a rebase may move
+    /// the stream back only as the first frame of a connection (the source
+    /// lost records this log holds; see `core::unconfirmed`).
+    taken_on_connection: bool,
+    /// A rebase of this connection is durable: acknowledgements say so.
+    rebased_on_connection: bool,
 }
 
 impl Receiver {
@@ -143,6 +149,8 @@ impl Receiver {
             rebase_in_flight: false,
             acked: None,
             barrier_lsn: 0,
+            taken_on_connection: false,
+            rebased_on_connection: false,
         }
     }
 
@@ -156,6 +164,15 @@ impl Receiver {
         self.rebase_in_flight = false;
         self.verify_in_flight = false;
         self.barrier_lsn = 0;
+        self.taken_on_connection = false;
+        self.rebased_on_connection = false;
+    }
+
+    /// True once a rebase taken on this connection is durable (its
+    /// acknowledgements carry `ACK_FLAG_REBASED`).
+    #[must_use]
+    pub fn rebased_on_connection(&self) -> bool {
+        self.rebased_on_connection
     }
 
     /// The copy position to report to a connecting source: complete only
@@ -245,10 +262,13 @@ impl Receiver {
                     continue;
                 }
                 Incoming::Rebase { .. } if unapplied => break,
-                Incoming::Rebase { lsn } if lsn + 1 < self.next_lsn => ReceiverAction::Refuse(format!(
-                    "a rebase to LSN {lsn} would move the stream back (this log continues at LSN {})",
-                    self.next_lsn
-                )),
+                Incoming::Rebase { lsn } if lsn + 1 < self.next_lsn && self.taken_on_connection => {
+                    ReceiverAction::Refuse(format!(
+                        "a rebase to LSN {lsn} would move the stream back (this log continues at LSN {}) after \
+                         records of the same connection",
+                        self.next_lsn
+                    ))
+                }
                 Incoming::Rebase { lsn } => {
                     self.rebase_in_flight = true;
                     self.next_lsn = lsn + 1;
@@ -258,6 +278,7 @@ impl Receiver {
                 }
             };
             self.queue.pop_front();
+            self.taken_on_connection = true;
             let refused = matches!(action, ReceiverAction::Refuse(_));
             actions.push(action);
             if refused {
@@ -348,6 +369,7 @@ impl Receiver {
     /// The rebase is durable: frames after it may be taken.
     pub fn rebased(&mut self) {
         self.rebase_in_flight = false;
+        self.rebased_on_connection = true;
     }
 
     /// A copy write finished (`end` from its action).

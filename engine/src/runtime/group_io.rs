@@ -166,6 +166,12 @@ pub struct GroupRt {
     meta_version: u64,
     pub(super) observer: super::group_events::Observer,
     persist_waiters: Vec<(u64, crossbeam_channel::Sender<Result<(), String>>)>,
+    /// A source that opened since its destination was last connected: the
+    /// durable LSN it announces stays at most the LSN it recovered to, until
+    /// the superblock of this metadata version (which forgets that LSN) is
+    /// durable. The destination lists its records after what it heard, so
+    /// it can always name those after the recovered LSN (`core::unconfirmed`).
+    announce_cap: Option<(u64, u64)>,
     batches: HashMap<u64, BatchIo>,
     checkpoint: Option<CheckpointIo>,
     pub counters: super::counters::GroupCounters,
@@ -220,12 +226,14 @@ impl GroupRt {
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
+            announce_cap: (sb.role == tandem_proto::ROLE_SOURCE && sb.recovered_since_connect == 1)
+                .then_some((sb.recovered_lsn, u64::MAX)),
             batches: HashMap::new(),
             checkpoint: None,
             counters: super::counters::GroupCounters::new(sb.volumes().len()),
             bytes_written: 0,
         };
-        rt.restore_partnership(peer_defaults);
+        rt.restore_partnership(peer_defaults, open.unconfirmed);
         rt
     }
 
@@ -269,8 +277,10 @@ impl GroupRt {
     }
 
     /// Runs the core and executes its actions; returns the writes to answer.
-    /// Ship actions run first: a record shipped from memory takes its buffer
-    /// before the completion of its write (in the same batch) releases it.
+    /// Appends run first (a record ships from memory in parallel with its
+    /// append, which writes its header into the buffer it still owns alone),
+    /// then ships: a record shipped from memory takes its buffer before the
+    /// completion of its write (in the same batch) releases it.
     pub fn pump(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) {
         // Carrying out actions can give the core more to do at once (a copy
         // chunk that needs no IO lets the next one start): a few rounds here
@@ -284,9 +294,13 @@ impl GroupRt {
 
     /// One round of actions; false when there were none.
     fn pump_once(&mut self, io: &mut Io, group: usize, completions: &mut Vec<Completion>) -> bool {
-        let actions = self.core.take_actions();
+        let mut actions = self.core.take_actions();
         if actions.is_empty() {
             return false;
+        }
+        for action in actions.extract_if(.., |action| matches!(action, Action::Append(_))) {
+            let Action::Append(batch) = action else { unreachable!("extracted appends only") };
+            self.append(io, group, batch);
         }
         // The stream's order: a rebase comes before the records after it.
         for action in &actions {
@@ -308,7 +322,7 @@ impl GroupRt {
         self.keep_in_snapshots(applies);
         for action in actions {
             match action {
-                Action::Append(batch) => self.append(io, group, batch),
+                Action::Append(_) => unreachable!("appends ran first"),
                 Action::Apply(op) => {
                     if let Some(write) = self.writes.get_mut(&op.write_id) {
                         write.volume_write = VolumeWrite::InFlight;
@@ -353,6 +367,26 @@ impl GroupRt {
         self.core.handle(Event::VolumesChangedOutsideLog);
         self.core.handle(Event::CheckpointRequested);
         self.meta_version
+    }
+
+    /// The durable LSN this source announces to its destination.
+    #[must_use]
+    pub fn announced_durable_lsn(&self) -> u64 {
+        let durable_lsn = self.core.snapshot().durable_lsn;
+        self.announce_cap.map_or(durable_lsn, |(lsn, _)| durable_lsn.min(lsn))
+    }
+
+    /// Once connected again (and the destination's log continues where this
+    /// one recovered to, after a rebase if it held more), the LSN recovered
+    /// to is forgotten: records shipped from now on are this log's.
+    pub fn forget_recovered_lsn(&mut self) {
+        let connected = self.source.as_ref().is_some_and(|link| link.conn.is_some());
+        if self.superblock.recovered_since_connect == 0 || !connected || self.core.rebase_pending() {
+            return;
+        }
+        self.superblock.recovered_since_connect = 0;
+        let version = self.persist_soon();
+        self.announce_cap = Some((self.superblock.recovered_lsn, version));
     }
 
     /// Like `persist_soon`, answering `reply` once the superblock is durable.
@@ -624,6 +658,9 @@ impl GroupRt {
             }
         }
         let version = checkpoint.meta_version;
+        if result.is_ok() && self.announce_cap.is_some_and(|(_, cleared_in)| cleared_in <= version) {
+            self.announce_cap = None;
+        }
         let reply_now: Vec<_> =
             self.persist_waiters.iter().filter(|(v, _)| *v <= version).map(|(_, r)| r.clone()).collect();
         self.persist_waiters.retain(|(v, _)| *v > version);

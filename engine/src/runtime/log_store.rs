@@ -55,6 +55,9 @@ pub struct OpenGroup {
     /// A source's records kept in the log for its destination (from the
     /// tail on); empty for other groups, whose log is empty after open.
     pub retained: Vec<crate::core::ScannedRecord>,
+    /// The records replayed after the last checkpoint (a destination's
+    /// source may have lost some of them).
+    pub unconfirmed: crate::core::UnconfirmedRecords,
     /// The group's consistent snapshots (`tandem group snapshot`).
     pub snapshots: super::snapshots::SnapshotSet,
 }
@@ -321,7 +324,17 @@ pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::
     let root = snapshot_settings.root_of(&superblock);
     let mut snapshots =
         super::snapshots::SnapshotSet::open(root, snapshot_settings.max_bytes, superblock.checkpoint_lsn)?;
+    let checkpoint_before_lsn = superblock.checkpoint_lsn;
     let (mut recovery, end_position, scanned) = replay(&log, &superblock, &volumes, &mut snapshots)?;
+    // A destination lists what it replayed: its source may have lost some
+    // of it (see core::unconfirmed).
+    let unconfirmed = crate::core::UnconfirmedRecords::new(
+        checkpoint_before_lsn,
+        scanned
+            .iter()
+            .filter(|r| r.lsn > checkpoint_before_lsn)
+            .map(|r| (r.lsn, (r.volume_index, r.offset, u64::from(r.length)))),
+    );
     snapshots.replay_done();
     for volume in &volumes {
         device::fdatasync(&volume.file)?;
@@ -329,6 +342,14 @@ pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::
     // A source keeps every record from the tail for its destination (which
     // says at reconnection what it already holds); any other log is empty now.
     let retained = if superblock.role == ROLE_SOURCE {
+        // Its destination may hold records shipped while their append was in
+        // flight and lost now: the lowest LSN recovered since it was last
+        // connected tells the destination where the two logs may differ.
+        let lsn = recovery.last_lsn;
+        if superblock.recovered_since_connect == 0 || lsn < superblock.recovered_lsn {
+            superblock.recovered_lsn = lsn;
+        }
+        superblock.recovered_since_connect = 1;
         scanned
     } else {
         superblock.tail_position = end_position;
@@ -349,6 +370,7 @@ pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::
         recovery,
         head_position: end_position,
         retained,
+        unconfirmed,
         snapshots,
     })
 }

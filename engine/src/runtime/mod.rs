@@ -32,5 +32,5 @@ mod test_failover_rt;
 pub mod verify_source;
 pub mod wire;
 
-pub use partner::{DestinationState, PeerDefaults, DEFAULT_VERIFY_RATE_BYTES_PER_S};
+pub use partner::{DestinationState, PeerDefaults, SourceView, DEFAULT_VERIFY_RATE_BYTES_PER_S};
 pub use reactor::{CoreHandle, CoreMsg};

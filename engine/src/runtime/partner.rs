@@ -2,6 +2,7 @@
 //! destination, connecting, and removal. Each persists the superblock's role
 //! and partnership through a checkpoint before it is answered.
 
+use crate::core::{HeldAfter, UnconfirmedRecords};
 use crossbeam_channel::Sender;
 use tandem_proto::{PartnershipEntry, ROLE_DESTINATION, ROLE_SOURCE, ROLE_STANDALONE};
 
@@ -40,8 +41,23 @@ impl Default for PeerDefaults {
     }
 }
 
+/// Most ranges a destination reports as held beyond its source's
+/// recovered LSN (wider ranges beyond that; see `UnconfirmedRecords`).
+pub const MAX_HELD_RANGES: usize = 256;
+
+/// What a source learned from its destination's answer when it resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceView {
+    pub durable_lsn: u64,
+    pub next_lsn: u64,
+    pub copy: CopyPosition,
+    /// The LSN this source said it recovered to, and what the destination
+    /// holds after it (see `GroupCore::peer_connected`).
+    pub diverged: Option<(u64, HeldAfter)>,
+}
+
 /// What a destination reports when its source connects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestinationState {
     pub partnership_id: [u8; 16],
     pub durable_lsn: u64,
@@ -50,6 +66,9 @@ pub struct DestinationState {
     pub next_lsn: u64,
     pub copy: CopyPosition,
     pub connected: bool,
+    /// Asked with the LSN its source recovered to: what it holds after it
+    /// (`None` when it holds nothing after it).
+    pub held_after: Option<HeldAfter>,
 }
 
 impl GroupRt {
@@ -71,7 +90,7 @@ impl GroupRt {
     }
 
     /// Sets up the links a group's superblock calls for (at start-up).
-    pub(super) fn restore_partnership(&mut self, defaults: PeerDefaults) {
+    pub(super) fn restore_partnership(&mut self, defaults: PeerDefaults, unconfirmed: UnconfirmedRecords) {
         match self.superblock.role {
             ROLE_SOURCE => {
                 self.core.attach_peer(self.peer_config(defaults));
@@ -87,7 +106,7 @@ impl GroupRt {
             ROLE_DESTINATION => {
                 let copy = CopyPosition::from_entry(&self.superblock.partnership);
                 let sizes = self.volumes.iter().map(|v| v.size_bytes).collect();
-                self.destination = Some(DestinationLink::new(sizes, copy));
+                self.destination = Some(DestinationLink::new(sizes, copy, unconfirmed));
                 self.core.set_apply_after_durable(true);
             }
             _ => {}
@@ -101,6 +120,7 @@ impl GroupRt {
             return Err(format!("group {} is already in a partnership", self.name));
         }
         self.superblock.role = ROLE_SOURCE;
+        self.superblock.recovered_since_connect = 0;
         self.superblock.partnership = entry;
         // A promoted group replicating again (failback) is no longer waiting
         // for its old source to return.
@@ -156,6 +176,7 @@ impl GroupRt {
         assert!(self.ready_to_become_destination(), "checked by the caller");
         self.superblock.role = ROLE_DESTINATION;
         self.superblock.partnership = entry;
+        self.superblock.recovered_since_connect = 0;
         // A fenced old source failing back: the resync overwrites what
         // diverged; a promoted group whose old source won a split brain.
         self.superblock.fence = 0;
@@ -173,7 +194,7 @@ impl GroupRt {
         } else {
             CopyPosition::At { volume_index: 0, offset: 0 }
         };
-        self.destination = Some(DestinationLink::new(sizes, copy));
+        self.destination = Some(DestinationLink::new(sizes, copy, UnconfirmedRecords::new(baseline_lsn, [])));
         self.core.set_apply_after_durable(true);
     }
 
@@ -191,16 +212,21 @@ impl GroupRt {
         self.destination = None;
     }
 
-    /// What this destination tells a connecting source.
+    /// What this destination tells a connecting source that recovered up
+    /// to `recovered_lsn` (if it opened since it was last connected).
     #[must_use]
-    pub fn destination_state(&self) -> Option<DestinationState> {
+    pub fn destination_state(&self, recovered_lsn: Option<u64>) -> Option<DestinationState> {
         let link = self.destination.as_ref()?;
+        let last_taken_lsn = self.core.last_taken_lsn();
         Some(DestinationState {
             partnership_id: self.superblock.partnership.id,
             durable_lsn: self.core.snapshot().durable_lsn,
-            next_lsn: self.core.last_taken_lsn() + 1,
+            next_lsn: last_taken_lsn + 1,
             copy: link.receiver.copy_position(),
             connected: link.conn.is_some(),
+            held_after: recovered_lsn
+                .filter(|&lsn| last_taken_lsn > lsn)
+                .map(|lsn| link.unconfirmed.held_after(lsn, MAX_HELD_RANGES)),
         })
     }
 
@@ -267,6 +293,8 @@ impl GroupRt {
             frames_rejected: self.frames_rejected,
             diverged: Vec::new(),
             diverged_records: 0,
+            recovered_lsn: (self.superblock.role == ROLE_SOURCE && self.superblock.recovered_since_connect == 1)
+                .then_some(self.superblock.recovered_lsn),
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),

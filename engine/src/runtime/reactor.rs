@@ -20,7 +20,7 @@ use super::partner::{DestinationState, PeerDefaults};
 use super::peer_session::PeerSession;
 use super::session::BlockSession;
 use super::status::GroupStatus;
-use crate::core::{CopyPosition, Event, GroupConfig};
+use crate::core::{Event, GroupConfig};
 use tandem_proto::PartnershipEntry;
 
 const TICK: Duration = Duration::from_millis(100);
@@ -37,7 +37,9 @@ pub enum CoreMsg {
     /// continues after `baseline_lsn`; answers once durable.
     BecomeDestination { group: String, entry: PartnershipEntry, baseline_lsn: u64, reply: Sender<Result<(), String>> },
     /// What a destination group holds, for a connecting source.
-    DestinationState { group: String, reply: Sender<Option<DestinationState>> },
+    /// What a destination holds, for a source that recovered up to
+    /// `recovered_lsn` since it was last connected.
+    DestinationState { group: String, recovered_lsn: Option<u64>, reply: Sender<Option<DestinationState>> },
     /// Serve the replication connection of a group (either side); a source
     /// checks the destination's state first.
     AttachPeer {
@@ -45,7 +47,7 @@ pub enum CoreMsg {
         /// The session's data channels, in channel order.
         channels: Vec<super::peer_conn::PeerChannel>,
         /// The destination's durable LSN, next LSN and copy position.
-        source_view: Option<(u64, u64, CopyPosition)>,
+        source_view: Option<crate::runtime::SourceView>,
         reply: Sender<Result<(), String>>,
     },
     /// End a group's partnership on this node; answers once durable.
@@ -363,8 +365,9 @@ impl Reactor {
                 CoreMsg::BecomeDestination { group, entry, baseline_lsn, reply } => {
                     self.become_destination(group, entry, baseline_lsn, reply);
                 }
-                CoreMsg::DestinationState { group, reply } => {
-                    let state = self.find_group(&group).and_then(|i| self.groups[i].as_ref()?.destination_state());
+                CoreMsg::DestinationState { group, recovered_lsn, reply } => {
+                    let state =
+                        self.find_group(&group).and_then(|i| self.groups[i].as_ref()?.destination_state(recovered_lsn));
                     let _ = reply.send(state);
                 }
                 CoreMsg::AttachPeer { group, channels, source_view, reply } => {

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
-use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE};
+use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE, ACK_FLAG_REBASED};
 
 use super::Reactor;
 use crate::core::CopyPosition;
@@ -106,7 +106,7 @@ impl Reactor {
         &mut self,
         group: &str,
         channels: Vec<PeerChannel>,
-        source_view: Option<(u64, u64, CopyPosition)>,
+        source_view: Option<crate::runtime::SourceView>,
     ) -> Result<(), String> {
         let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
         if self.peers.iter().any(|(_, p)| p.group == index && !p.closing()) {
@@ -135,12 +135,14 @@ impl Reactor {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         match (source_view, rt.source.as_mut(), rt.destination.as_mut()) {
-            (Some((durable_lsn, next_lsn, copy)), Some(_), None) => {
-                rt.core.peer_connected(durable_lsn, next_lsn, copy).inspect_err(|reason| {
-                    if let Some(link) = rt.source.as_mut() {
-                        link.last_error = Some(reason.clone());
-                    }
-                })?;
+            (Some(view), Some(_), None) => {
+                rt.core.peer_connected(view.durable_lsn, view.next_lsn, view.copy, view.diverged).inspect_err(
+                    |reason| {
+                        if let Some(link) = rt.source.as_mut() {
+                            link.last_error = Some(reason.clone());
+                        }
+                    },
+                )?;
                 let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
@@ -201,6 +203,10 @@ impl Reactor {
                 let header = *header;
                 match header.frame_kind() {
                     FrameKind::Heartbeat => {}
+                    FrameKind::Ack if rt.core.rebase_pending() && header.flags & ACK_FLAG_REBASED == 0 => {
+                        // It describes the destination's log before the
+                        // rebase this connection began with.
+                    }
                     FrameKind::Ack => {
                         let current = rt.core.snapshot().current_lsn;
                         if header.lsn > current {
@@ -307,8 +313,12 @@ impl Reactor {
 
     pub(super) fn tick_peers(&mut self) {
         let now = Instant::now();
+        for group in self.groups.iter_mut().flatten() {
+            group.forget_recovered_lsn();
+        }
         for (_, peer) in &mut self.peers {
-            let durable = self.groups[peer.group].as_ref().map_or(0, |g| g.core.snapshot().durable_lsn);
+            let durable =
+                self.groups[peer.group].as_ref().map_or(0, crate::runtime::reactor::GroupRt::announced_durable_lsn);
             peer.tick(now, &FrameHeader::new(FrameKind::Heartbeat, 0, 0, durable, 0, 0));
         }
     }

@@ -9,7 +9,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
-use tandem_proto::{FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE, COMPARE_FLAG_ON_REQUEST, COPY_FLAG_REPAIR};
+use tandem_proto::{
+    FrameHeader, FrameKind, RecordKind, ACK_FLAG_COPY_DONE, ACK_FLAG_REBASED, COMPARE_FLAG_ON_REQUEST, COPY_FLAG_REPAIR,
+};
 
 use super::buf::AlignedBuf;
 use super::compare_dest::DigestStream;
@@ -19,7 +21,7 @@ use super::log_store::fallocate_mode;
 use super::peer_conn::{InFrame, OutFrame};
 use super::peer_session::PeerSession;
 use crate::core::compare::Chunk;
-use crate::core::{CopyPosition, Event, Incoming, Receiver, ReceiverAction};
+use crate::core::{CopyPosition, Event, Incoming, Receiver, ReceiverAction, UnconfirmedRecords, WriteOp};
 
 /// Marks a write that came from the source: it has no client to answer.
 pub const REPLICATED_WRITE_CONN: usize = usize::MAX;
@@ -32,8 +34,10 @@ pub struct DestinationLink {
     /// The connection from the source (reactor key and id), when connected.
     pub conn: Option<(usize, u64)>,
     pub receiver: Receiver,
-    /// The last durable LSN the source reported (heartbeats, records).
+    /// The last durable LSN the source reported (its progress heartbeats).
     pub source_durable_lsn: u64,
+    /// Records taken that the source has not yet reported durable.
+    pub unconfirmed: UnconfirmedRecords,
     /// When anything last arrived from the source (the time bound of the
     /// RPO of a promotion: its writes after that are unknown here).
     pub last_heard: Option<std::time::Instant>,
@@ -54,11 +58,12 @@ pub struct DestinationLink {
 
 impl DestinationLink {
     #[must_use]
-    pub fn new(volume_sizes_bytes: Vec<u64>, copy_persisted: CopyPosition) -> Self {
+    pub fn new(volume_sizes_bytes: Vec<u64>, copy_persisted: CopyPosition, unconfirmed: UnconfirmedRecords) -> Self {
         Self {
             conn: None,
             receiver: Receiver::new(volume_sizes_bytes, copy_persisted),
             source_durable_lsn: 0,
+            unconfirmed,
             last_heard: None,
             pending_rebase: None,
             rebase_persisting: None,
@@ -126,6 +131,7 @@ impl GroupRt {
         self.core.rebase(lsn, self.superblock.epoch);
         let version = self.persist_soon();
         let link = self.destination.as_mut().expect("checked");
+        link.unconfirmed.rebased(lsn);
         link.receiver.rebase_performed();
         link.pending_rebase = None;
         link.rebase_persisting = Some(version);
@@ -140,10 +146,7 @@ impl GroupRt {
             let Some(frame) = conn.take_received() else { break };
             link.last_heard = Some(std::time::Instant::now());
             let incoming = match frame {
-                InFrame::Record { header, buf } => {
-                    link.source_durable_lsn = link.source_durable_lsn.max(header.lsn);
-                    Incoming::Record { header, payload_id: link.keep(buf) }
-                }
+                InFrame::Record { header, buf } => Incoming::Record { header, payload_id: link.keep(buf) },
                 InFrame::Control { header, payload } => match header.frame_kind() {
                     FrameKind::CopyData | FrameKind::CopyZero if header.flags & COPY_FLAG_REPAIR != 0 => {
                         Incoming::Repair {
@@ -212,6 +215,7 @@ impl GroupRt {
                     FrameKind::Barrier => Incoming::Barrier { lsn: header.lsn },
                     FrameKind::Heartbeat => {
                         link.source_durable_lsn = link.source_durable_lsn.max(header.lsn);
+                        link.unconfirmed.source_durable(header.lsn);
                         continue;
                     }
                     FrameKind::Ack => {
@@ -228,6 +232,8 @@ impl GroupRt {
             match action {
                 ReceiverAction::Submit { lsn, volume_index, offset, length, op, payload_id, depends_on } => {
                     let link = self.destination.as_mut().expect("destination link");
+                    let changed_bytes = if matches!(op, WriteOp::Snapshot { .. }) { 0 } else { u64::from(length) };
+                    link.unconfirmed.taken(lsn, (volume_index, offset, changed_bytes));
                     let buf = payload_id.and_then(|id| link.payloads.remove(&id));
                     let payload_bytes = buf.as_ref().map_or(0, |_| length as usize);
                     let pending = PendingWrite {
@@ -330,10 +336,11 @@ impl GroupRt {
         let applied_lsn = self.core.applied_prefix_lsn();
         let link = self.destination.as_mut()?;
         let (lsn, applied_lsn, copy) = link.receiver.ack(durable_lsn, applied_lsn)?;
+        let rebased = if link.receiver.rebased_on_connection() { ACK_FLAG_REBASED } else { 0 };
         let mut header = match copy {
-            CopyPosition::Done => FrameHeader::new(FrameKind::Ack, ACK_FLAG_COPY_DONE, 0, lsn, 0, 0),
+            CopyPosition::Done => FrameHeader::new(FrameKind::Ack, ACK_FLAG_COPY_DONE | rebased, 0, lsn, 0, 0),
             CopyPosition::At { volume_index, offset } => {
-                FrameHeader::new(FrameKind::Ack, 0, volume_index, lsn, offset, 0)
+                FrameHeader::new(FrameKind::Ack, rebased, volume_index, lsn, offset, 0)
             }
         };
         header.aux = applied_lsn;

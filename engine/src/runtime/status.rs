@@ -109,6 +109,10 @@ pub struct PartnershipStatus {
     pub diverged: Vec<super::failback::DivergedRange>,
     #[serde(default)]
     pub diverged_records: u64,
+    /// A source that opened since its destination was last connected: the
+    /// lowest LSN its log recovered to (see `GroupCore::peer_connected`).
+    #[serde(default)]
+    pub recovered_lsn: Option<u64>,
     /// Each connected channel as "LOCAL -> REMOTE".
     #[serde(default)]
     pub channel_addresses: Vec<String>,
