@@ -108,6 +108,17 @@ pub enum EventKind {
     BitmapCatchUpCompleted {
         elapsed_ms: u64,
     },
+    /// At reconnection the destination held records after `recovered_lsn`
+    /// that this source lost in a crash (shipped while their local append
+    /// was in flight, so never acknowledged): their ranges (every region
+    /// when the destination could not list them) are marked in the bitmap
+    /// and copied from this source again.
+    LostRecordsRecopied {
+        recovered_lsn: u64,
+        ranges: u64,
+        bytes: u64,
+        every_region: bool,
+    },
     RpoExceeded {
         rpo_ms: u64,
         target_rpo_ms: u64,
@@ -194,6 +205,7 @@ impl EventKind {
             Self::CatchUpCompleted { .. } => 4003,
             Self::BitmapSpill { .. } => 4004,
             Self::BitmapCatchUpCompleted { .. } => 4005,
+            Self::LostRecordsRecopied { .. } => 4006,
             Self::RpoExceeded { .. } => 5001,
             Self::RpoWithinTarget { .. } => 5002,
             Self::VerifyStarted { .. } => 6001,
@@ -214,6 +226,7 @@ impl EventKind {
             | Self::RpoExceeded { .. }
             | Self::PartnershipRefused { .. }
             | Self::BitmapSpill { .. }
+            | Self::LostRecordsRecopied { .. }
             | Self::OutOfSync { .. }
             | Self::GroupPromoted { .. }
             | Self::PeerPromoted { .. }
@@ -278,6 +291,16 @@ impl EventKind {
             ),
             Self::BitmapCatchUpCompleted { elapsed_ms } => {
                 format!("bitmap catch-up completed in {elapsed_ms} ms: the destination holds every marked region")
+            }
+            Self::LostRecordsRecopied { recovered_lsn, ranges, bytes, every_region } => {
+                let what = if *every_region {
+                    "it could not list them, so every region is copied again".to_owned()
+                } else {
+                    format!("{ranges} range(s), {bytes} bytes, marked in the dirty-region bitmap and copied again")
+                };
+                format!(
+                    "the destination held records after LSN {recovered_lsn} that this source lost in its crash (shipped while their local write was in flight, never acknowledged to a client): {what}"
+                )
             }
             Self::RpoExceeded { rpo_ms, target_rpo_ms, bytes_behind } => format!(
                 "RPO {rpo_ms} ms exceeds the target of {target_rpo_ms} ms ({bytes_behind} bytes behind)"

@@ -53,10 +53,18 @@ impl GroupRt {
 
     /// What this fenced source holds beyond the promoted side: merged ranges
     /// (at most [`MAX_LISTED_RANGES`]) and the number of its records after
-    /// the promotion LSN.
+    /// the promotion LSN (or after the LSN it recovered to, if lower).
     #[must_use]
     pub fn diverged(&self) -> (Vec<DivergedRange>, u64) {
-        let Some(after_lsn) = self.fenced_after_lsn() else { return (Vec::new(), 0) };
+        let Some(fenced_after_lsn) = self.fenced_after_lsn() else { return (Vec::new(), 0) };
+        // A crash since the destination was last connected may have lost
+        // records it holds (they ship while their append here is in flight):
+        // what this log holds after the recovered LSN was written again here
+        // and differs from the promoted side too.
+        let after_lsn = match self.superblock.recovered_since_connect {
+            0 => fenced_after_lsn,
+            _ => fenced_after_lsn.min(self.superblock.recovered_lsn),
+        };
         let mut raw: Vec<(u8, u64, u64)> = Vec::new();
         let mut records = 0;
         for record in self.core.retained().filter(|r| r.lsn > after_lsn) {

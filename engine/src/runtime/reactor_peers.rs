@@ -136,6 +136,7 @@ impl Reactor {
         self.next_conn_id += 1;
         match (source_view, rt.source.as_mut(), rt.destination.as_mut()) {
             (Some(view), Some(_), None) => {
+                let lost_records = view.diverged.as_ref().and_then(|(lsn, held)| lost_records_event(*lsn, held));
                 rt.core.peer_connected(view.durable_lsn, view.next_lsn, view.copy, view.diverged).inspect_err(
                     |reason| {
                         if let Some(link) = rt.source.as_mut() {
@@ -143,6 +144,7 @@ impl Reactor {
                         }
                     },
                 )?;
+                rt.pending_events.extend(lost_records);
                 let key = self.peers.insert(PeerSession::new(id, channels, index, sector));
                 let link = rt.source.as_mut().expect("checked");
                 link.conn = Some((key, id));
@@ -330,4 +332,15 @@ impl Reactor {
             }
         }
     }
+}
+
+/// The event of a reconnection that found the destination holding records
+/// this source lost after `recovered_lsn` (none when it holds none).
+fn lost_records_event(recovered_lsn: u64, held: &crate::core::HeldAfter) -> Option<crate::runtime::events::EventKind> {
+    let (ranges, bytes, every_region) = match held {
+        crate::core::HeldAfter::Ranges(ranges) if ranges.is_empty() => return None,
+        crate::core::HeldAfter::Ranges(ranges) => (ranges.len() as u64, ranges.iter().map(|r| r.2).sum(), false),
+        crate::core::HeldAfter::Unknown => (0, 0, true),
+    };
+    Some(crate::runtime::events::EventKind::LostRecordsRecopied { recovered_lsn, ranges, bytes, every_region })
 }
