@@ -99,6 +99,9 @@ pub struct RdmaChannel {
     alarm: Alarm,
     /// A channel that connected reads its own events: when it does next.
     next_event_check: Option<Instant>,
+    /// Why the channel ended, kept while the messages that arrived before
+    /// the end are still being taken.
+    ended: Option<String>,
     /// Payloads lent and read (`lend.rs`).
     lending: Lending,
     pub messages_sent: u64,
@@ -195,6 +198,7 @@ impl RdmaChannel {
             completed: vec![unsafe { std::mem::zeroed() }; POLL_BATCH],
             alarm,
             next_event_check: None,
+            ended: None,
             lending,
             messages_sent: 0,
             credit_messages_sent: 0,
@@ -482,21 +486,35 @@ impl RdmaChannel {
     /// payloads, their buffers posted again) and finished sends. True when
     /// there was any.
     fn poll(&mut self) -> Result<bool, String> {
-        self.check_connection()?;
+        if let Some(reason) = &self.ended {
+            return Err(reason.clone());
+        }
         let mut any = false;
-        loop {
-            let count = self.poll_batch()?;
-            any |= count > 0;
-            for index in 0..count {
-                self.take_completion(index)?;
-            }
-            if count < POLL_BATCH {
-                break;
-            }
+        if let Err(reason) = self.take_completions(&mut any).and_then(|()| self.check_connection()) {
+            // A peer may close right after its last send: what arrived
+            // before the end is delivered first, and the next poll reports
+            // the end.
+            self.ended = Some(reason.clone());
+            return if any { Ok(true) } else { Err(reason) };
         }
         self.send_releases()?;
         self.grant_if_owed()?;
         Ok(any)
+    }
+
+    /// Takes every work completion waiting in the queue; `any` says whether
+    /// there was one.
+    fn take_completions(&mut self, any: &mut bool) -> Result<(), String> {
+        loop {
+            let count = self.poll_batch()?;
+            *any |= count > 0;
+            for index in 0..count {
+                self.take_completion(index)?;
+            }
+            if count < POLL_BATCH {
+                return Ok(());
+            }
+        }
     }
 
     /// Fills `completed` with up to [`POLL_BATCH`] work completions; how many.

@@ -78,12 +78,14 @@ fn a_tiny_window_under_two_way_load_never_stalls() {
                 received += 1;
             }
         }
-        channel.credit_messages_sent
+        // Kept open until both ends took everything: a closed queue pair
+        // flushes the sends it has not transmitted yet.
+        (channel.credit_messages_sent, channel)
     };
     let server = std::thread::spawn(move || exchange(listener.accept().unwrap()));
     let client = RdmaChannel::connect(address(18_602), config).unwrap();
-    let client_credit_messages = exchange(client);
-    let server_credit_messages = server.join().unwrap();
+    let (client_credit_messages, _client) = exchange(client);
+    let (server_credit_messages, _server) = server.join().unwrap();
     eprintln!("credit-only messages: client {client_credit_messages}, server {server_credit_messages}");
 }
 
