@@ -251,9 +251,14 @@ impl Config {
         if self.node.cores.is_empty() {
             return Err("node.cores must list at least one CPU, e.g. cores = [0]".to_owned());
         }
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        if let Some(cpu) = self.node.cores.iter().find(|&&c| c >= cpus) {
-            return Err(format!("node.cores names CPU {cpu}, but this machine has CPUs 0 to {}", cpus - 1));
+        let allowed = allowed_cpus();
+        if let Some(cpu) = self.node.cores.iter().find(|c| !allowed.contains(c)) {
+            let list: Vec<String> = allowed.iter().map(usize::to_string).collect();
+            return Err(format!(
+                "node.cores names CPU {cpu}, but this process may run only on CPUs {} (the machine's, less any \
+                 taskset, systemd CPUAffinity= or cpuset limit); list cores among those",
+                list.join(", ")
+            ));
         }
         let engine = &self.engine;
         if engine.max_inflight_appends == 0 || engine.max_batch_records < 2 || engine.max_batch_records > 1024 {
@@ -346,6 +351,15 @@ impl Config {
     }
 }
 
+/// The CPUs this process may run on (its affinity mask), in order.
+#[must_use]
+pub fn allowed_cpus() -> Vec<usize> {
+    match core_affinity::get_core_ids() {
+        Some(ids) if !ids.is_empty() => ids.into_iter().map(|core| core.id).collect(),
+        _ => (0..std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +389,22 @@ mod tests {
         let explicit_text =
             format!("{explicit:?}").replace("metrics_listen: Some(127.0.0.1:9445)", "metrics_listen: None");
         assert_eq!(format!("{commented:?}"), explicit_text);
+    }
+
+    #[test]
+    fn cores_outside_the_affinity_mask_are_refused_with_the_allowed_list() {
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        let outside = allowed.iter().max().unwrap() + 1;
+        let text = format!("[node]\nname = \"n\"\ncores = [{}]\n", allowed[0]);
+        Config::parse_text(&text).expect("a core of the mask is accepted");
+        let refused = Config::parse_text(&format!("[node]\nname = \"n\"\ncores = [{outside}]\n")).unwrap_err();
+        let list: Vec<String> = allowed.iter().map(usize::to_string).collect();
+        assert!(
+            refused
+                .contains(&format!("names CPU {outside}, but this process may run only on CPUs {}", list.join(", "))),
+            "{refused}"
+        );
     }
 
     #[test]

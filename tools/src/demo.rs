@@ -42,14 +42,15 @@ impl DemoNode {
         std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
         let (nbd_port, replication_port) = (free_port()?, free_port()?);
         let api = home.join("api.sock");
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let cpus = crate::config::allowed_cpus();
+        let cores: Vec<String> = cpus.iter().take(2).map(usize::to_string).collect();
         // Each node gets a certificate of the demo's own cluster CA: the
         // partnership runs over mutual TLS with AES-128-GCM frames.
         let tls = home.join("tls");
         tandem_crypto::identity::issue(&dir.join("ca"), name, &tls, 1)?;
         let config = format!(
             "[node]\nname = \"{name}\"\ncores = [{}]\nstate_dir = \"{}\"\napi_socket = \"{}\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\nreplication_listen = \"127.0.0.1:{replication_port}\"\nlog_level = \"warn\"\n\n[tls]\nca = \"{3}/ca.pem\"\ncert = \"{3}/node.pem\"\nkey = \"{3}/node.key\"\n",
-            if cpus > 1 { "0, 1" } else { "0" },
+            cores.join(", "),
             home.join("state").display(),
             api.display(),
             tls.display()

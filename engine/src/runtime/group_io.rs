@@ -569,7 +569,7 @@ impl GroupRt {
                     .build()
             }
         };
-        io.submit(op, |_| entry);
+        io.submit_last(op, |_| entry);
     }
 
     /// Completion of a volume change; resubmits the rest of a short write.

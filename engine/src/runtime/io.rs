@@ -103,6 +103,9 @@ pub fn msghdr_for(iovecs: &[libc::iovec]) -> Box<libc::msghdr> {
 pub struct Io {
     pub ring: IoUring,
     pub ops: Slab<Op>,
+    /// Entries held back to the end of the loop's round (see
+    /// [`Self::submit_last`]).
+    last: Vec<squeue::Entry>,
 }
 
 // SAFETY: the raw pointers inside ops (iovecs, msghdr) point into heap memory
@@ -113,7 +116,7 @@ unsafe impl Send for Io {}
 impl Io {
     /// A ring with `entries` submission slots.
     pub fn new(entries: u32) -> std::io::Result<Self> {
-        Ok(Self { ring: IoUring::builder().build(entries)?, ops: Slab::with_capacity(1024) })
+        Ok(Self { ring: IoUring::builder().build(entries)?, ops: Slab::with_capacity(1024), last: Vec::new() })
     }
 
     /// Stores `op` and submits the entry built from it (the builder receives
@@ -122,6 +125,26 @@ impl Io {
         let key = self.ops.insert(op);
         let entry = build(&mut self.ops[key]).user_data(key as u64);
         self.push(&entry);
+    }
+
+    /// Like [`Self::submit`], but the entry enters the submission queue only
+    /// at the end of the loop's round ([`Self::push_last`]), after the
+    /// replies to clients and the frames to peers of the same round. The
+    /// kernel runs a round's entries in order, and submitting a volume
+    /// write (a block-layer dispatch and a doorbell) takes tens of
+    /// microseconds that a client's reply should not wait behind: a volume
+    /// write is off the latency path.
+    pub fn submit_last(&mut self, op: Op, build: impl FnOnce(&mut Op) -> squeue::Entry) {
+        let key = self.ops.insert(op);
+        self.last.push(build(&mut self.ops[key]).user_data(key as u64));
+    }
+
+    /// Puts the entries held back by [`Self::submit_last`] into the
+    /// submission queue; the loop calls it before it submits and waits.
+    pub fn push_last(&mut self) {
+        for entry in std::mem::take(&mut self.last) {
+            self.push(&entry);
+        }
     }
 
     /// Like [`Self::submit`], with a timeout linked to the entry: it

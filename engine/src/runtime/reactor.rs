@@ -237,6 +237,7 @@ impl Reactor {
             if self.shutting_down && self.groups.iter().all(Option::is_none) {
                 break;
             }
+            self.io.push_last();
             match self.io.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
