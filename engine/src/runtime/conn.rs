@@ -277,7 +277,8 @@ impl Conn {
                 self.assert_in_range(offset, length);
                 let sector = group.sector_bytes();
                 let padded = tandem_proto::align_up(u64::from(length), sector as u64) as usize;
-                let buf = AlignedBuf::zeroed(sector + padded);
+                // The payload is received into the buffer after its header sector.
+                let buf = AlignedBuf::zeroed_around(sector + padded, sector..sector + length as usize);
                 let started = Instant::now();
                 self.pending_bytes += length as usize;
                 self.gather =

@@ -494,7 +494,7 @@ impl PeerConn {
                     }
                     let sector = self.sector_bytes;
                     let padded = tandem_proto::align_up(payload as u64, sector as u64) as usize;
-                    let buf = AlignedBuf::zeroed(sector + padded);
+                    let buf = AlignedBuf::zeroed_around(sector + padded, sector..sector + payload);
                     self.gather = Some(Gather::Record { header, buf, at: sector, end: sector + payload });
                 }
                 FRAME_MAGIC => {
