@@ -291,6 +291,13 @@ impl Superblock {
         bytemuck::bytes_of(self)
     }
 
+    /// The lowest LSN this log recovered to since its destination was last
+    /// connected, when it opened since then (see `recovered_since_connect`).
+    #[must_use]
+    pub fn recovered_lsn_since_connect(&self) -> Option<u64> {
+        (self.recovered_since_connect != 0).then_some(self.recovered_lsn)
+    }
+
     /// Which slot (0 or 1) this copy belongs in.
     #[must_use]
     pub fn slot(&self) -> usize {

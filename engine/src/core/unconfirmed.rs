@@ -101,20 +101,22 @@ impl UnconfirmedRecords {
         }
         let ranges: Vec<VolumeRange> =
             self.records.iter().filter(|(record_lsn, _)| *record_lsn > lsn).map(|(_, range)| *range).collect();
-        let mut merged = merge(&ranges, 1);
+        let mut merged = merge_ranges(&ranges, 1);
         let mut block_bytes = 64 << 10;
         // Each volume keeps at least one range, however wide.
         let volumes = merged.iter().map(|r| r.0).collect::<std::collections::BTreeSet<u8>>().len();
         while merged.len() > max_ranges.max(volumes) {
-            merged = merge(&merged, block_bytes);
+            merged = merge_ranges(&merged, block_bytes);
             block_bytes *= 2;
         }
         HeldAfter::Ranges(merged)
     }
 }
 
-/// The ranges widened to multiples of `block_bytes`, sorted and merged.
-fn merge(ranges: &[VolumeRange], block_bytes: u64) -> Vec<VolumeRange> {
+/// The ranges widened to multiples of `block_bytes` (1: as they are),
+/// sorted, and those that overlap or touch in one volume merged.
+#[must_use]
+pub fn merge_ranges(ranges: &[VolumeRange], block_bytes: u64) -> Vec<VolumeRange> {
     let mut widened: Vec<VolumeRange> = ranges
         .iter()
         .map(|&(volume, offset, length)| {

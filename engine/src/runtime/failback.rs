@@ -61,10 +61,8 @@ impl GroupRt {
         // records it holds (they ship while their append here is in flight):
         // what this log holds after the recovered LSN was written again here
         // and differs from the promoted side too.
-        let after_lsn = match self.superblock.recovered_since_connect {
-            0 => fenced_after_lsn,
-            _ => fenced_after_lsn.min(self.superblock.recovered_lsn),
-        };
+        let after_lsn =
+            self.superblock.recovered_lsn_since_connect().map_or(fenced_after_lsn, |lsn| lsn.min(fenced_after_lsn));
         let mut raw: Vec<(u8, u64, u64)> = Vec::new();
         let mut records = 0;
         for record in self.core.retained().filter(|r| r.lsn > after_lsn) {
@@ -74,22 +72,15 @@ impl GroupRt {
             }
         }
         raw.extend(self.core.bitmap_regions());
-        raw.sort_unstable();
         let names = self.volume_names();
-        let mut merged: Vec<DivergedRange> = Vec::new();
-        for (volume_index, offset, length) in raw {
-            if let Some(last) = merged.last_mut().filter(|l| l.volume_index == volume_index) {
-                if offset <= last.offset + last.length {
-                    last.length = last.length.max(offset + length - last.offset);
-                    continue;
-                }
-            }
-            if merged.len() == MAX_LISTED_RANGES {
-                break;
-            }
-            let volume = names.get(usize::from(volume_index)).cloned().unwrap_or_default();
-            merged.push(DivergedRange { volume_index, volume, offset, length });
-        }
+        let merged = crate::core::unconfirmed::merge_ranges(&raw, 1)
+            .into_iter()
+            .take(MAX_LISTED_RANGES)
+            .map(|(volume_index, offset, length)| {
+                let volume = names.get(usize::from(volume_index)).cloned().unwrap_or_default();
+                DivergedRange { volume_index, volume, offset, length }
+            })
+            .collect();
         (merged, records)
     }
 }

@@ -226,8 +226,10 @@ impl GroupRt {
             meta_version: 0,
             observer: super::group_events::Observer::default(),
             persist_waiters: Vec::new(),
-            announce_cap: (sb.role == tandem_proto::ROLE_SOURCE && sb.recovered_since_connect == 1)
-                .then_some((sb.recovered_lsn, u64::MAX)),
+            announce_cap: sb
+                .recovered_lsn_since_connect()
+                .filter(|_| sb.role == tandem_proto::ROLE_SOURCE)
+                .map(|lsn| (lsn, u64::MAX)),
             batches: HashMap::new(),
             checkpoint: None,
             counters: super::counters::GroupCounters::new(sb.volumes().len()),
@@ -381,7 +383,7 @@ impl GroupRt {
     /// to is forgotten: records shipped from now on are this log's.
     pub fn forget_recovered_lsn(&mut self) {
         let connected = self.source.as_ref().is_some_and(|link| link.conn.is_some());
-        if self.superblock.recovered_since_connect == 0 || !connected || self.core.rebase_pending() {
+        if self.superblock.recovered_lsn_since_connect().is_none() || !connected || self.core.rebase_pending() {
             return;
         }
         self.superblock.recovered_since_connect = 0;

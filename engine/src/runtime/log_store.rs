@@ -10,7 +10,8 @@ use bytemuck::Zeroable;
 use rand::Rng;
 use tandem_proto::{
     fixed_str, GenerationEntry, RecordHeader, RecordKind, Superblock, VolumeEntry, FLAG_NO_HOLE, MAX_VOLUMES,
-    RING_OFFSET_BYTES, ROLE_SOURCE, ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES, SUPERBLOCK_VERSION,
+    RING_OFFSET_BYTES, ROLE_DESTINATION, ROLE_SOURCE, ROLE_STANDALONE, SUPERBLOCK_MAGIC, SUPERBLOCK_SLOT_BYTES,
+    SUPERBLOCK_VERSION,
 };
 
 use super::buf::AlignedBuf;
@@ -327,14 +328,18 @@ pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::
     let checkpoint_before_lsn = superblock.checkpoint_lsn;
     let (mut recovery, end_position, scanned) = replay(&log, &superblock, &volumes, &mut snapshots)?;
     // A destination lists what it replayed: its source may have lost some
-    // of it (see core::unconfirmed).
-    let unconfirmed = crate::core::UnconfirmedRecords::new(
-        checkpoint_before_lsn,
-        scanned
-            .iter()
-            .filter(|r| r.lsn > checkpoint_before_lsn)
-            .map(|r| (r.lsn, (r.volume_index, r.offset, u64::from(r.length)))),
-    );
+    // of it (see core::unconfirmed). No other role uses the list.
+    let unconfirmed = if superblock.role == ROLE_DESTINATION {
+        crate::core::UnconfirmedRecords::new(
+            checkpoint_before_lsn,
+            scanned
+                .iter()
+                .filter(|r| r.lsn > checkpoint_before_lsn)
+                .map(|r| (r.lsn, (r.volume_index, r.offset, u64::from(r.length)))),
+        )
+    } else {
+        crate::core::UnconfirmedRecords::default()
+    };
     snapshots.replay_done();
     for volume in &volumes {
         device::fdatasync(&volume.file)?;
@@ -345,10 +350,8 @@ pub fn open_group(log_path: &Path, snapshot_settings: &SnapshotSettings) -> io::
         // Its destination may hold records shipped while their append was in
         // flight and lost now: the lowest LSN recovered since it was last
         // connected tells the destination where the two logs may differ.
-        let lsn = recovery.last_lsn;
-        if superblock.recovered_since_connect == 0 || lsn < superblock.recovered_lsn {
-            superblock.recovered_lsn = lsn;
-        }
+        superblock.recovered_lsn =
+            superblock.recovered_lsn_since_connect().map_or(recovery.last_lsn, |lsn| lsn.min(recovery.last_lsn));
         superblock.recovered_since_connect = 1;
         scanned
     } else {

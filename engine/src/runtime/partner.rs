@@ -293,8 +293,10 @@ impl GroupRt {
             frames_rejected: self.frames_rejected,
             diverged: Vec::new(),
             diverged_records: 0,
-            recovered_lsn: (self.superblock.role == ROLE_SOURCE && self.superblock.recovered_since_connect == 1)
-                .then_some(self.superblock.recovered_lsn),
+            recovered_lsn: self
+                .superblock
+                .recovered_lsn_since_connect()
+                .filter(|_| self.superblock.role == ROLE_SOURCE),
             peer_node: text(&p.peer_node),
             peer_group: text(&p.peer_group),
             peer_address: text(&p.peer_address),

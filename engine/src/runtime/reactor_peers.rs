@@ -7,7 +7,7 @@ use crossbeam_channel::Sender;
 use tandem_proto::{FrameHeader, FrameKind, PartnershipEntry, ACK_FLAG_COPY_DONE, ACK_FLAG_REBASED};
 
 use super::Reactor;
-use crate::core::CopyPosition;
+use crate::core::{CopyPosition, HeldAfter};
 use crate::runtime::events::EventKind;
 use crate::runtime::peer_conn::{InFrame, PeerChannel};
 use crate::runtime::peer_session::PeerSession;
@@ -336,11 +336,11 @@ impl Reactor {
 
 /// The event of a reconnection that found the destination holding records
 /// this source lost after `recovered_lsn` (none when it holds none).
-fn lost_records_event(recovered_lsn: u64, held: &crate::core::HeldAfter) -> Option<crate::runtime::events::EventKind> {
+fn lost_records_event(recovered_lsn: u64, held: &HeldAfter) -> Option<EventKind> {
     let (ranges, bytes, every_region) = match held {
-        crate::core::HeldAfter::Ranges(ranges) if ranges.is_empty() => return None,
-        crate::core::HeldAfter::Ranges(ranges) => (ranges.len() as u64, ranges.iter().map(|r| r.2).sum(), false),
-        crate::core::HeldAfter::Unknown => (0, 0, true),
+        HeldAfter::Ranges(ranges) if ranges.is_empty() => return None,
+        HeldAfter::Ranges(ranges) => (ranges.len() as u64, ranges.iter().map(|r| r.2).sum(), false),
+        HeldAfter::Unknown => (0, 0, true),
     };
-    Some(crate::runtime::events::EventKind::LostRecordsRecopied { recovered_lsn, ranges, bytes, every_region })
+    Some(EventKind::LostRecordsRecopied { recovered_lsn, ranges, bytes, every_region })
 }
