@@ -7,9 +7,15 @@
 //!   rdma-perf stream ADDRESS:PORT SIZE SECONDS    # one-way bandwidth of SIZE-byte messages
 //!   rdma-perf stream-lent ADDRESS:PORT SIZE SECONDS  # the same payloads lent (RDMA READ), not copied
 //!
-//! Both ends run in this process (two threads), each busy-polling the
+//! Both ends run in this process (two threads), each driving the
 //! non-blocking stream API the replication core uses (`try_send`,
-//! `poll_into`), as ib_send_lat and ib_write_bw busy-poll.
+//! `poll_into`, and for lent payloads `poll_into_landing` into buffers in
+//! turn, as a destination core lets record payloads land). Ping-pong
+//! busy-polls, as ib_send_lat does; the streams wait as a core does: a
+//! side that can move nothing polls for a short budget, then sleeps on its
+//! completion channel (two sides busy-polling for good would take both
+//! CPUs of a small machine from the soft-RoCE driver's own work, where
+//! ib_write_bw's receiving side does not run at all).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -18,6 +24,8 @@ use tandem_transport_rdma::{ChannelConfig, LendRegion, RdmaChannel, RdmaListener
 
 /// Payload buffers the lending sender rotates through.
 const LENT_BUFFERS: usize = 32;
+/// Buffers the receiver of lent payloads lets them land in, in turn.
+const LANDING_BUFFERS: usize = 16;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,7 +41,7 @@ fn main() {
     // payloads are read by the peer's adapter (descriptors are small
     // messages); a registered ping-pong message is gathered by the local
     // adapter (never lent: the threshold is out of reach).
-    let (server_memory, server_region) = region(size, 1);
+    let (server_memory, server_region) = region(size, LANDING_BUFFERS);
     let (client_memory, client_region) = region(size, LENT_BUFFERS);
     let (server_config, client_config) = match args[1].as_str() {
         "stream-lent" => {
@@ -56,7 +64,7 @@ fn main() {
         match pattern.as_str() {
             "ping-pong" => echo(&mut channel, &mut server_memory[..size], amount),
             "ping-pong-copied" => echo(&mut channel, &mut vec![0u8; size], amount),
-            "stream-lent" => sink(&mut channel, server_memory, Duration::from_secs(amount + 5)),
+            "stream-lent" => sink_landing(&mut channel, server_memory, size, Duration::from_secs(amount + 5)),
             _ => sink(&mut channel, &mut vec![0u8; 1 << 20], Duration::from_secs(amount + 5)),
         }
     });
@@ -177,7 +185,51 @@ fn region(size: usize, count: usize) -> (&'static mut [u8], LendRegion) {
 /// not break this side's queue pair: it would poll forever).
 fn sink(channel: &mut RdmaChannel, buf: &mut [u8], duration: Duration) {
     let deadline = Instant::now() + duration;
-    while Instant::now() < deadline && channel.poll_into(buf).is_ok() {}
+    while Instant::now() < deadline {
+        match channel.poll_into(buf) {
+            Ok(0) => {
+                if channel.wait_for_completion(deadline).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Takes lent `size`-byte payloads as they land, into [`LANDING_BUFFERS`]
+/// buffers in turn (a buffer is used again once the stream landed past the
+/// payload it took), for `duration`.
+fn sink_landing(channel: &mut RdmaChannel, memory: &mut [u8], size: usize, duration: Duration) {
+    let deadline = Instant::now() + duration;
+    let mut ends = std::collections::VecDeque::new();
+    let mut taken = 0u64;
+    while Instant::now() < deadline {
+        while ends.front().is_some_and(|&end| end <= channel.landed_through()) {
+            ends.pop_front();
+        }
+        if ends.len() == LANDING_BUFFERS {
+            if channel.wait_for_completion(deadline).is_err() {
+                return;
+            }
+            continue;
+        }
+        let buffer = (taken / size as u64) as usize % LANDING_BUFFERS;
+        match channel.poll_into_landing(&mut memory[buffer * size..][..size]) {
+            Ok(0) => {
+                if channel.wait_for_completion(deadline).is_err() {
+                    return;
+                }
+            }
+            Ok(count) => {
+                assert_eq!(count, size, "a lent payload lands whole");
+                taken += count as u64;
+                ends.push_back(taken);
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Lends `size`-byte payloads from [`LENT_BUFFERS`] buffers in turn (a
@@ -192,13 +244,21 @@ fn stream_lent(channel: &mut RdmaChannel, memory: &mut [u8], size: usize, durati
         while let Some(token) = channel.take_released() {
             free.push(lent.remove(&token).expect("a token lent"));
         }
-        let Some(&buffer) = free.last() else { continue };
-        let (count, token) =
-            channel.try_send_or_lend(&[&memory[buffer * size..][..size]]).unwrap_or_else(|e| panic!("{e}"));
-        if let Some(token) = token {
-            free.pop();
-            lent.insert(token, buffer);
-            bytes += count as u64;
+        let lent_now = match free.last() {
+            Some(&buffer) => {
+                let (count, token) =
+                    channel.try_send_or_lend(&[&memory[buffer * size..][..size]]).unwrap_or_else(|e| panic!("{e}"));
+                if let Some(token) = token {
+                    free.pop();
+                    lent.insert(token, buffer);
+                    bytes += count as u64;
+                }
+                token.is_some()
+            }
+            None => false,
+        };
+        if !lent_now {
+            channel.wait_for_completion(started + duration).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     print_rate("stream-lent", size, bytes, started, "payloads/s read by the peer's adapter, no copy");
@@ -215,9 +275,13 @@ fn stream(channel: &mut RdmaChannel, size: usize, duration: Duration) {
     let message = vec![7u8; size];
     let started = Instant::now();
     let mut bytes = 0u64;
-    while started.elapsed() < duration {
-        send_all(channel, &message);
-        bytes += size as u64;
+    let deadline = started + duration;
+    while Instant::now() < deadline {
+        let count = channel.try_send(&[&message]).unwrap_or_else(|e| panic!("{e}"));
+        bytes += count as u64;
+        if count == 0 {
+            channel.wait_for_completion(deadline).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
     print_rate("stream", size, bytes, started, "messages/s");
 }

@@ -39,7 +39,7 @@ use crate::connection::Alarm;
 mod blocking;
 mod lend;
 use crate::ChannelConfig;
-use lend::{Descriptor, Lending, READ_WR_ID};
+use lend::{Descriptor, Lending, READS_AHEAD, READ_WR_ID};
 
 /// A message's immediate data (sent in network byte order): the credits
 /// it grants in the low 16 bits, flags in the high 16. Its length is the
@@ -104,6 +104,9 @@ pub struct RdmaChannel {
     ended: Option<String>,
     /// Payloads lent and read (`lend.rs`).
     lending: Lending,
+    /// Bytes of the stream handed to the reader so far (copied, or being
+    /// read into its buffer: see [`Self::poll_into_landing`]).
+    pub(super) taken_bytes: u64,
     pub messages_sent: u64,
     pub credit_messages_sent: u64,
 }
@@ -129,8 +132,8 @@ impl RdmaChannel {
         id.setup_context(alarm.clone());
         let context = id.get_device_context().ok_or("the rdma_cm id has no device")?;
         let pd = context.alloc_pd().map_err(|e| format!("cannot allocate a protection domain: {e}"))?;
-        // Every slot's completion, and the read of a lent payload.
-        let depth = config.window * 2 + 2;
+        // Every slot's completion, and the reads of lent payloads.
+        let depth = config.window * 2 + 2 + READS_AHEAD as u32;
         let completions =
             context.create_comp_channel().map_err(|e| format!("cannot create a completion channel: {e}"))?;
         completions.set_nonblocking(true).map_err(|e| format!("completion channel: {e}"))?;
@@ -143,7 +146,7 @@ impl RdmaChannel {
         let cq = GenericCompletionQueue::from(Arc::clone(&basic_cq));
         let qp = pd
             .create_qp_builder()
-            .setup_max_send_wr(config.window + 1)
+            .setup_max_send_wr(config.window + 1 + READS_AHEAD as u32)
             .setup_max_recv_wr(config.window)
             // A gathered send: slot bytes, the caller's part, slot bytes.
             .setup_max_send_sge(3)
@@ -200,6 +203,7 @@ impl RdmaChannel {
             next_event_check: None,
             ended: None,
             lending,
+            taken_bytes: 0,
             messages_sent: 0,
             credit_messages_sent: 0,
         })
@@ -211,7 +215,7 @@ impl RdmaChannel {
         let lending = &self.lending;
         format!(
             "credits {}, owed {}, free send slots {}, sends in flight {}, messages waiting {}, \
-             lent unread {}, releases waiting {} in and {} out, read in flight {:?}",
+             lent unread {}, releases waiting {} in and {} out, reads in flight {}",
             self.credits,
             self.owed,
             self.free_send.len(),
@@ -220,7 +224,7 @@ impl RdmaChannel {
             lending.outstanding,
             lending.released.len(),
             lending.to_release.len(),
-            lending.reading.as_ref().map(|read| if read.done { "done" } else { "posted" })
+            lending.reads.iter().filter(|read| !read.done).count()
         )
     }
 
@@ -299,13 +303,22 @@ impl RdmaChannel {
     /// the other, as a stream) into `into`; returns how many. A message's
     /// buffer is posted again (and so granted) once it is taken whole.
     pub fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
+        self.poll_stream(into, false)
+    }
+
+    pub(super) fn poll_stream(&mut self, into: &mut [u8], landing: bool) -> Result<usize, String> {
         self.poll()?;
         let mut copied = 0;
         while let Some(&Received { slot, length, lent }) = self.received.front() {
             if let Some(descriptor) = lent {
-                // A lent payload is handed over alone, once read.
+                // A lent payload is handed over alone, once read (or once
+                // its landing read is posted).
                 if copied == 0 {
-                    copied = self.read_lent(descriptor, into)?;
+                    copied = if landing {
+                        self.read_lent_landing(descriptor, into)?
+                    } else {
+                        self.read_lent(descriptor, into)?
+                    };
                 }
                 break;
             }
@@ -321,6 +334,7 @@ impl RdmaChannel {
                 self.release_first()?;
             }
         }
+        self.taken_bytes += copied as u64;
         if copied > 0 {
             // Grants for the buffers just freed (and releases of payloads
             // read) go out without waiting for data.

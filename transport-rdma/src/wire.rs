@@ -50,6 +50,14 @@ impl MessageWire for RdmaWire {
         self.channel.poll_into(into)
     }
 
+    fn poll_into_landing(&mut self, into: &mut [u8]) -> Result<usize, String> {
+        self.channel.poll_into_landing(into)
+    }
+
+    fn landed_through(&self) -> u64 {
+        self.channel.landed_through()
+    }
+
     fn arm(&mut self) -> Result<bool, String> {
         self.channel.arm()
     }

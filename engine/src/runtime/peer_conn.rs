@@ -17,6 +17,7 @@ use tandem_proto::{FrameHeader, RecordHeader, FRAME_MAGIC, RECORD_HEADER_BYTES, 
 
 use super::buf::AlignedBuf;
 use super::io::{msghdr_for, Io, Op};
+use super::peer_conn_wire::Landing;
 use super::wire::Wire;
 use crate::core::group::errno_text;
 
@@ -137,14 +138,14 @@ pub enum InFrame {
 }
 
 impl InFrame {
-    fn payload_bytes(&self) -> usize {
+    pub(super) fn payload_bytes(&self) -> usize {
         match self {
             Self::Record { buf, .. } | Self::Control { payload: buf, .. } => buf.as_ref().map_or(0, |b| b.len()),
         }
     }
 }
 
-enum Gather {
+pub(super) enum Gather {
     Record { header: RecordHeader, buf: AlignedBuf, at: usize, end: usize },
     Control { header: FrameHeader, buf: AlignedBuf, at: usize },
 }
@@ -189,7 +190,14 @@ pub struct PeerConn {
     pub(super) queue: VecDeque<OutFrame>,
     pub queued_bytes: usize,
     pub received: VecDeque<InFrame>,
-    received_bytes_pending: usize,
+    /// Message wires: frames whose payload may still be landing in their
+    /// buffers (`MessageWire::poll_into_landing`), and every frame parsed
+    /// behind one, each with the stream offset it ends at; they move to
+    /// `received` in order as the wire's bytes land (`peer_conn_wire.rs`).
+    pub(super) landing: VecDeque<(u64, Landing)>,
+    /// Bytes taken from the wire so far (the offsets of `landing`).
+    pub(super) stream_taken: u64,
+    pub(super) received_bytes_pending: usize,
     last_recv: Instant,
     pub(super) last_send: Instant,
     /// When this channel last carried a heartbeat (see [`PROGRESS_INTERVAL`]).
@@ -214,6 +222,11 @@ impl PeerConn {
         let PeerChannel { wire, seal } = channel;
         let peer = wire.peer();
         let now = Instant::now();
+        // Offsets of `landing` are the wire's: from where it stands now.
+        let stream_taken = match &wire {
+            Wire::Message(wire) => wire.landed_through(),
+            Wire::Tcp(_) => 0,
+        };
         Self {
             wire,
             peer,
@@ -234,6 +247,8 @@ impl PeerConn {
             queue: VecDeque::new(),
             queued_bytes: 0,
             received: VecDeque::new(),
+            landing: VecDeque::new(),
+            stream_taken,
             received_bytes_pending: 0,
             last_recv: now,
             last_send: now,
@@ -328,7 +343,8 @@ impl PeerConn {
 
     /// Whether received frames leave room to take more bytes.
     pub(super) fn has_room(&self) -> bool {
-        let room = self.received.len() < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
+        let frames = self.received.len() + self.landing.len();
+        let room = frames < MAX_RECEIVED_FRAMES && self.received_bytes_pending < (64 << 20);
         room && self.rend < self.rbuf.len()
     }
 
@@ -407,6 +423,7 @@ impl PeerConn {
     /// gathered): parses every complete frame and compacts `rbuf`.
     fn take_received_bytes(&mut self, count: usize) {
         self.bytes_received += count as u64;
+        self.stream_taken += count as u64;
         self.last_recv = Instant::now();
         if let Err(reason) = self.parse() {
             self.close(&reason);
@@ -462,7 +479,10 @@ impl PeerConn {
             Gather::Record { buf, at, end, .. } => &mut buf[*at..*end],
             Gather::Control { buf, at, .. } => &mut buf[*at..],
         };
-        (!room.is_empty()).then(|| wire.poll_into(room))
+        // A payload read by the adapter may land later (frames wait for it
+        // in `landing`), except on a sealed channel, which opens it at once.
+        let landing = self.seal.is_none();
+        (!room.is_empty()).then(|| if landing { wire.poll_into_landing(room) } else { wire.poll_into(room) })
     }
 
     /// `count` bytes landed through [`Self::poll_into_gather`]: the frame is
@@ -555,6 +575,12 @@ impl PeerConn {
             return Ok(false);
         }
         let mut gathered = self.gather.take().expect("checked");
+        if self.still_landing() {
+            // Verified once its bytes are there (a landing read is never
+            // used on a sealed channel: opening needs the bytes).
+            self.hold_landing(Landing::Gathered(gathered));
+            return Ok(true);
+        }
         if let Some(sealed) = self.sealed_gather.take() {
             let payload = match &mut gathered {
                 Gather::Record { buf, end, .. } => &mut buf[self.sector_bytes..*end],
@@ -564,19 +590,25 @@ impl PeerConn {
             let opened = seal.open_payload(sealed.sequence, &sealed.header, payload, &sealed.tag);
             opened.map_err(|e| self.reject(&e))?;
         }
+        let frame = self.verified(gathered)?;
+        self.deliver(frame);
+        Ok(true)
+    }
+
+    /// A gathered frame whose payload matches its checksum.
+    pub(super) fn verified(&self, gathered: Gather) -> Result<InFrame, String> {
         match gathered {
             Gather::Record { header, buf, end, .. } => {
                 header
                     .verify_payload(&buf[self.sector_bytes..end])
                     .map_err(|e| format!("record frame LSN {}: {e}", header.lsn))?;
-                self.deliver(InFrame::Record { header, buf: Some(buf) });
+                Ok(InFrame::Record { header, buf: Some(buf) })
             }
             Gather::Control { header, buf, .. } => {
                 header.verify_payload(&buf).map_err(|e| format!("copy frame at {}: {e}", header.offset))?;
-                self.deliver(InFrame::Control { header, payload: Some(buf) });
+                Ok(InFrame::Control { header, payload: Some(buf) })
             }
         }
-        Ok(true)
     }
 
     /// On a sealed channel, gathers the payload's tag; true once complete
@@ -593,8 +625,13 @@ impl PeerConn {
 
     fn deliver(&mut self, frame: InFrame) {
         self.sealed_gather = None;
-        self.frames_received += 1;
-        self.received_bytes_pending += frame.payload_bytes();
-        self.received.push_back(frame);
+        if self.landing.is_empty() {
+            self.frames_received += 1;
+            self.received_bytes_pending += frame.payload_bytes();
+            self.received.push_back(frame);
+        } else {
+            // Behind a frame still landing, in order.
+            self.hold_landing(Landing::Frame(frame));
+        }
     }
 }

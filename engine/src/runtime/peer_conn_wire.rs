@@ -7,7 +7,7 @@ use std::time::Instant;
 use io_uring::{opcode, types};
 
 use super::io::{Io, Op};
-use super::peer_conn::PeerConn;
+use super::peer_conn::{Gather, InFrame, PeerConn};
 use super::wire::Wire;
 
 /// A message channel keeps polling for this long after it last moved bytes
@@ -15,6 +15,24 @@ use super::wire::Wire;
 const BUSY_POLL_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 /// Longest sleep of a message channel on its completion descriptor.
 const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A frame parsed from a message wire, held until the bytes before its end
+/// landed (see `PeerConn::landing`).
+pub(super) enum Landing {
+    /// Its payload is being read into its buffer: verified once there.
+    Gathered(Gather),
+    /// A frame parsed behind one still landing.
+    Frame(InFrame),
+}
+
+impl Landing {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Self::Gathered(Gather::Record { buf, .. } | Gather::Control { buf, .. }) => buf.len(),
+            Self::Frame(frame) => frame.payload_bytes(),
+        }
+    }
+}
 
 impl PeerConn {
     /// A message channel: receives and sends what flow control allows now,
@@ -90,7 +108,40 @@ impl PeerConn {
             moved = true;
             self.received_bytes(count);
         }
-        Ok(self.send_queued()? || moved)
+        let landed = self.release_landed()?;
+        Ok(self.send_queued()? || moved || landed)
+    }
+
+    /// Whether bytes taken from the wire have yet to land (a landing read
+    /// is in flight).
+    pub(super) fn still_landing(&self) -> bool {
+        matches!(&self.wire, Wire::Message(wire) if wire.landed_through() < self.stream_taken)
+    }
+
+    /// Holds a parsed frame until the bytes taken so far landed.
+    pub(super) fn hold_landing(&mut self, held: Landing) {
+        self.frames_received += 1;
+        self.received_bytes_pending += held.payload_bytes();
+        self.landing.push_back((self.stream_taken, held));
+    }
+
+    /// Held frames whose bytes landed go to `received`, in order (a payload
+    /// is verified now); true when any did.
+    fn release_landed(&mut self) -> Result<bool, String> {
+        let Wire::Message(wire) = &self.wire else { return Ok(false) };
+        let landed = wire.landed_through();
+        assert!(landed <= self.stream_taken, "the wire landed {landed} bytes of the {} taken", self.stream_taken);
+        let mut any = false;
+        while self.landing.front().is_some_and(|(end, _)| *end <= landed) {
+            let (_, held) = self.landing.pop_front().expect("checked");
+            let frame = match held {
+                Landing::Gathered(gathered) => self.verified(gathered)?,
+                Landing::Frame(frame) => frame,
+            };
+            self.received.push_back(frame);
+            any = true;
+        }
+        Ok(any)
     }
 
     /// Queued frames out as far as flow control allows; true when any byte went.
@@ -163,6 +214,9 @@ pub(super) mod mock {
 
     type Queue<T> = Arc<Mutex<VecDeque<T>>>;
 
+    /// Polls a landing read of the mock takes to complete.
+    const LANDING_POLLS: u64 = 3;
+
     pub struct MockMessageWire {
         outgoing: Queue<Message>,
         incoming: Queue<Message>,
@@ -179,6 +233,14 @@ pub(super) mod mock {
         reading_into: Option<usize>,
         lent_bytes: u64,
         read_bytes: u64,
+        /// Landing reads posted: target address, the bytes it gets, the
+        /// token, where it starts in the stream. They land in order, each
+        /// at the [`LANDING_POLLS`]th poll after the one that posted it.
+        landing: VecDeque<(usize, Vec<u8>, u64, u64)>,
+        polls: u64,
+        landing_due: VecDeque<u64>,
+        /// Stream bytes handed to the reader.
+        taken: u64,
     }
 
     #[must_use]
@@ -208,12 +270,57 @@ pub(super) mod mock {
                 reading_into: None,
                 lent_bytes: 0,
                 read_bytes: 0,
+                landing: VecDeque::new(),
+                polls: 0,
+                landing_due: VecDeque::new(),
+                taken: 0,
             }
         };
         (end(&a_to_b, &b_to_a, &released_by_a, &released_by_b), end(&b_to_a, &a_to_b, &released_by_b, &released_by_a))
     }
 
     impl MockMessageWire {
+        /// A poll: the landing reads due complete, their bytes written to
+        /// their targets, their tokens released.
+        fn land_due(&mut self) {
+            self.polls += 1;
+            while self.landing_due.front().is_some_and(|&due| due <= self.polls) {
+                self.landing_due.pop_front();
+                self.land_one();
+            }
+        }
+
+        fn land_one(&mut self) {
+            let Some((target, bytes, token, _)) = self.landing.pop_front() else { return };
+            // SAFETY: the reader keeps the target alive and untouched until
+            // it landed or the wire is dropped (the `poll_into_landing` contract).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), target as *mut u8, bytes.len()) };
+            self.read_bytes += bytes.len() as u64;
+            self.releases_out.lock().unwrap().push_back(token);
+        }
+
+        fn copy_into(&mut self, into: &mut [u8]) -> usize {
+            if matches!(self.incoming.lock().unwrap().front(), Some(Message::Lent { .. })) {
+                return self.read_lent(into);
+            }
+            let mut incoming = self.incoming.lock().unwrap();
+            let mut copied = 0;
+            while let Some(Message::Bytes(first)) = incoming.front() {
+                let take = (first.len() - self.taken_of_first).min(into.len() - copied);
+                if take == 0 {
+                    break;
+                }
+                into[copied..copied + take].copy_from_slice(&first[self.taken_of_first..self.taken_of_first + take]);
+                copied += take;
+                self.taken_of_first += take;
+                if self.taken_of_first == first.len() {
+                    incoming.pop_front();
+                    self.taken_of_first = 0;
+                }
+            }
+            copied
+        }
+
         /// Hands over a lent part at the second poll into the same buffer.
         fn read_lent(&mut self, into: &mut [u8]) -> usize {
             let mut incoming = self.incoming.lock().unwrap();
@@ -269,25 +376,34 @@ pub(super) mod mock {
         }
 
         fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
-            if matches!(self.incoming.lock().unwrap().front(), Some(Message::Lent { .. })) {
-                return Ok(self.read_lent(into));
-            }
-            let mut incoming = self.incoming.lock().unwrap();
-            let mut copied = 0;
-            while let Some(Message::Bytes(first)) = incoming.front() {
-                let take = (first.len() - self.taken_of_first).min(into.len() - copied);
-                if take == 0 {
-                    break;
-                }
-                into[copied..copied + take].copy_from_slice(&first[self.taken_of_first..self.taken_of_first + take]);
-                copied += take;
-                self.taken_of_first += take;
-                if self.taken_of_first == first.len() {
-                    incoming.pop_front();
-                    self.taken_of_first = 0;
-                }
-            }
+            self.land_due();
+            let copied = self.copy_into(into);
+            self.taken += copied as u64;
             Ok(copied)
+        }
+
+        fn poll_into_landing(&mut self, into: &mut [u8]) -> Result<usize, String> {
+            self.land_due();
+            let mut incoming = self.incoming.lock().unwrap();
+            if let Some(Message::Lent { bytes, token }) = incoming.front() {
+                if self.taken_of_first == 0 && self.reading_into.is_none() && into.len() >= bytes.len() {
+                    let (bytes, token) = (bytes.clone(), *token);
+                    incoming.pop_front();
+                    let count = bytes.len();
+                    self.landing.push_back((into.as_mut_ptr() as usize, bytes, token, self.taken));
+                    self.landing_due.push_back(self.polls + LANDING_POLLS);
+                    self.taken += count as u64;
+                    return Ok(count);
+                }
+            }
+            drop(incoming);
+            let copied = self.copy_into(into);
+            self.taken += copied as u64;
+            Ok(copied)
+        }
+
+        fn landed_through(&self) -> u64 {
+            self.landing.front().map_or(self.taken, |&(_, _, _, at)| at)
         }
 
         fn arm(&mut self) -> Result<bool, String> {
@@ -331,26 +447,31 @@ mod tests {
     #[test]
     fn frames_cross_a_message_wire_cut_into_small_messages() {
         for protection in [None, Some(Protection::Sign), Some(Protection::Encrypt)] {
-            let most_lent = exchange_records(pair(2, 100), protection);
+            let (most_lent, most_held) = exchange_records(pair(2, 100), protection);
             assert_eq!(most_lent, 0, "{protection:?}: nothing is lent below a threshold");
+            assert_eq!(most_held, 0, "{protection:?}: nothing waits for a read");
         }
     }
 
-    /// Payloads of 1 KiB and more are lent (mock: read at the second poll):
-    /// the sender keeps their buffers until the receiver released them, the
-    /// receiver gets them in order, in place, sealed or not.
+    /// Payloads of 1 KiB and more are lent (mock: read at the second poll,
+    /// or, taken as landing, at the next poll): the sender keeps their
+    /// buffers until the receiver released them, the receiver gets them in
+    /// order, in place, sealed or not. In clear they land behind the stream:
+    /// the frames after one wait for it.
     #[test]
     fn lent_payloads_are_kept_until_released_and_arrive_in_order() {
         for protection in [None, Some(Protection::Sign), Some(Protection::Encrypt)] {
-            let most_lent = exchange_records(lending_pair(2, 100, 1024), protection);
+            let (most_lent, most_held) = exchange_records(lending_pair(2, 100, 1024), protection);
             assert!(most_lent > 0, "{protection:?}: payloads were lent");
+            assert_eq!(most_held > 0, protection.is_none(), "{protection:?}: frames waited for landing reads");
         }
     }
 
     /// Sends 20 records (512 to 1536 bytes of payload) and heartbeats from
     /// one end of the pair to the other, checks every record arrived in
-    /// order and whole; returns the most lent buffers the sender held at once.
-    fn exchange_records(wires: (MockMessageWire, MockMessageWire), protection: Option<Protection>) -> usize {
+    /// order and whole; returns the most lent buffers the sender held at
+    /// once, and the most frames the receiver held for landing reads.
+    fn exchange_records(wires: (MockMessageWire, MockMessageWire), protection: Option<Protection>) -> (usize, usize) {
         let (a, b) = wires;
         let seal = |side| protection.map(|p| ChannelSeal::new(p, &[1; 16], &[2; 16], side, 1));
         let (to_b, to_a) =
@@ -370,11 +491,12 @@ mod tests {
             ));
             sender.send(OutFrame::new(FrameHeader::new(FrameKind::Heartbeat, 0, 0, lsn, 0, 0).as_bytes(), None));
         }
-        let mut most_lent = 0;
+        let (mut most_lent, mut most_held) = (0, 0);
         for _ in 0..10_000 {
             let sent = sender.move_message_bytes().unwrap();
             most_lent = most_lent.max(sender.lent.len());
             let received = receiver.move_message_bytes().unwrap();
+            most_held = most_held.max(receiver.landing.len());
             if !sent && !received {
                 break;
             }
@@ -394,6 +516,7 @@ mod tests {
         let Wire::Message(wire) = &sender.wire else { unreachable!("a message wire") };
         let Wire::Message(peer) = &receiver.wire else { unreachable!("a message wire") };
         assert_eq!(wire.lent_and_read_bytes().0, peer.lent_and_read_bytes().1, "{protection:?}");
-        most_lent
+        assert!(receiver.landing.is_empty(), "{protection:?}: every frame landed");
+        (most_lent, most_held)
     }
 }

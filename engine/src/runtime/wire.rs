@@ -34,6 +34,19 @@ pub trait MessageWire: Send {
     /// again, and keeps its memory alive until then or until the wire is
     /// dropped.
     fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String>;
+    /// Like [`Self::poll_into`], except that a lent payload which fits
+    /// `into` whole is taken at once: its read is started and its bytes
+    /// count as received, but they land in `into` later, so the stream
+    /// after it (and the reads of the payloads behind it) need not wait.
+    /// The caller uses those bytes only once [`Self::landed_through`]
+    /// passed them, and keeps `into` alive until then or until the wire is
+    /// dropped.
+    fn poll_into_landing(&mut self, into: &mut [u8]) -> Result<usize, String>;
+    /// How many bytes of the stream (counted from the first byte either
+    /// poll returned) have landed where they were taken to: all of them
+    /// but those of reads [`Self::poll_into_landing`] started that have not
+    /// completed yet.
+    fn landed_through(&self) -> u64;
     /// Arms the descriptor for the next completion; false when one came
     /// meanwhile (poll again rather than sleep).
     fn arm(&mut self) -> Result<bool, String>;

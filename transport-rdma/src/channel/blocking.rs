@@ -66,9 +66,11 @@ impl RdmaChannel {
     }
 
     /// Waits for the next completion until `deadline`: polls for a short
-    /// budget, then arms the completion queue and sleeps on the channel.
-    /// False when the deadline passed.
-    pub(super) fn wait_for_completion(&mut self, deadline: Instant) -> Result<bool, String> {
+    /// budget, then arms the completion queue and sleeps on the channel (a
+    /// thread of its own; a core sleeps in its io_uring instead, through
+    /// [`Self::arm`] and [`Self::completion_fd`]). False when the deadline
+    /// passed.
+    pub fn wait_for_completion(&mut self, deadline: Instant) -> Result<bool, String> {
         let busy_until = Instant::now() + BUSY_POLL_BUDGET;
         while Instant::now() < busy_until {
             if self.poll()? {

@@ -9,10 +9,17 @@
 //! token back in a release message. The sender keeps the lent buffer until
 //! that release: the reader's adapter may read it until then.
 //!
-//! Descriptors sit in the ordered stream like any message, so the bytes
-//! after one are taken only once it was read: order holds without any
-//! sequence number. One read is in flight per channel (the stream is taken
-//! in order), and rdma_cm's default of one outstanding read each way fits.
+//! Descriptors sit in the ordered stream like any message. A reader that
+//! takes a lent payload with `poll_into` waits for its read: the bytes after
+//! it are taken only once it was read. A reader that takes it with
+//! `poll_into_landing` gets it at once, as bytes still landing: the read is
+//! posted, the stream goes on, and the reads of the payloads behind it are
+//! posted too (up to [`READS_AHEAD`]), so the adapter always has the next
+//! read queued rather than waiting for the reader between two. Reads
+//! complete in the order they were posted (one send queue), so what has
+//! landed is a prefix of the stream (`landed_through`). rdma_cm's default of
+//! one outstanding read each way holds: the adapter issues the queued reads
+//! one after the other, without a round trip through the reader.
 
 use std::sync::Arc;
 
@@ -24,8 +31,13 @@ use super::{RdmaChannel, FLAG_LEND, FLAG_RELEASE};
 
 /// Bytes of a descriptor message: address, length, remote key, token.
 pub(super) const DESCRIPTOR_BYTES: usize = 24;
-/// Work request id of the read in flight (slots use 0 .. 2 x window).
+/// Work request id of reads (slots use 0 .. 2 x window).
 pub(super) const READ_WR_ID: u64 = u64::MAX;
+/// Reads of lent payloads a channel keeps posted at most.
+pub(crate) const READS_AHEAD: usize = 8;
+/// Tokens of payloads read that go back in one message while more reads
+/// are in flight.
+const RELEASE_BATCH: usize = 4;
 /// Smaller parts in the region are copied: a copy of a few hundred bytes
 /// costs less than the adapter's extra scatter/gather entry.
 const GATHER_MIN_BYTES: usize = 2048;
@@ -66,11 +78,14 @@ impl Descriptor {
     }
 }
 
-/// The read in flight into the reader's buffer.
+/// A read in flight into the reader's buffer.
 pub(super) struct Read {
     target: usize,
     bytes: usize,
     pub(super) done: bool,
+    /// A landing read: where its bytes start in the stream, and the token
+    /// to release once it completed. None for the read a reader waits for.
+    landing: Option<(u64, u64)>,
     /// The reader's buffer registered for this read when it lies outside
     /// the lending region.
     _registered: Option<Arc<MemoryRegion>>,
@@ -88,7 +103,9 @@ pub(super) struct Lending {
     pub(super) released: std::collections::VecDeque<u64>,
     /// Tokens of payloads read here, to give back.
     pub(super) to_release: Vec<u64>,
-    pub(super) reading: Option<Read>,
+    /// Reads posted, in posting order (they complete in that order):
+    /// landing reads, then perhaps the read the reader waits for.
+    pub(super) reads: std::collections::VecDeque<Read>,
     /// Per send slot: the token of the caller's part its message gathers,
     /// released when the send completes.
     pub(super) gathered: Vec<Option<u64>>,
@@ -100,9 +117,36 @@ impl Lending {
     pub(super) fn new(send_slots: usize) -> Self {
         Self { gathered: vec![None; send_slots], ..Self::default() }
     }
+
+    /// Where the first landing read still in flight starts in the stream.
+    pub(super) fn landed_through(&self) -> Option<u64> {
+        self.reads.front().and_then(|read| read.landing).map(|(at, _)| at)
+    }
+
+    /// The read the reader waits for, if posted (always the last one).
+    fn awaited(&self) -> Option<&Read> {
+        self.reads.back().filter(|read| read.landing.is_none())
+    }
 }
 
 impl RdmaChannel {
+    /// Like [`Self::poll_into`], but a lent payload that fits `into` whole
+    /// is taken at once: its read is posted and its bytes are returned
+    /// before they landed, so the reader goes on with the stream (and more
+    /// reads are posted behind it, up to [`READS_AHEAD`]). The reader uses
+    /// those bytes only once [`Self::landed_through`] passed them, and keeps
+    /// `into` alive and untouched until then or until the channel is gone.
+    pub fn poll_into_landing(&mut self, into: &mut [u8]) -> Result<usize, String> {
+        self.poll_stream(into, true)
+    }
+
+    /// Bytes of the stream that have landed in the reader's buffers: all
+    /// that were taken but those of landing reads not yet completed.
+    #[must_use]
+    pub fn landed_through(&self) -> u64 {
+        self.lending.landed_through().unwrap_or(self.taken_bytes)
+    }
+
     /// Like [`Self::try_send`], but a part that lies in the lending region
     /// and reaches its threshold is lent: a descriptor goes out in its place
     /// and the token comes back (the caller keeps the part's buffer until
@@ -205,10 +249,10 @@ impl RdmaChannel {
     /// the bytes over; 0 while the read is in flight.
     pub(super) fn read_lent(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<usize, String> {
         let remaining = descriptor.bytes as usize - self.taken_of_first;
-        let Some(read) = self.lending.reading.as_ref() else {
+        let Some(read) = self.lending.awaited() else {
             let bytes = into.len().min(remaining);
-            if bytes > 0 {
-                self.post_read(descriptor, &mut into[..bytes])?;
+            if bytes > 0 && self.lending.reads.len() < READS_AHEAD {
+                self.post_read(descriptor, &mut into[..bytes], None)?;
             }
             return Ok(0);
         };
@@ -225,7 +269,7 @@ impl RdmaChannel {
             return Ok(0);
         }
         let bytes = read.bytes;
-        self.lending.reading = None;
+        self.lending.reads.pop_back();
         self.lending.bytes_read += bytes as u64;
         self.taken_of_first += bytes;
         if self.taken_of_first == descriptor.bytes as usize {
@@ -235,7 +279,32 @@ impl RdmaChannel {
         Ok(bytes)
     }
 
-    fn post_read(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<(), String> {
+    /// The stream reached a lent payload, taken by a reader that lets it
+    /// land: when it fits `into` whole, its read is posted and its bytes
+    /// are handed over at once (the reader waits for `landed_through`); else
+    /// it is read as [`Self::read_lent`] does. 0 while [`READS_AHEAD`] reads
+    /// are in flight.
+    pub(super) fn read_lent_landing(&mut self, descriptor: Descriptor, into: &mut [u8]) -> Result<usize, String> {
+        let bytes = descriptor.bytes as usize;
+        if self.taken_of_first > 0 || into.len() < bytes || self.lending.awaited().is_some() {
+            return self.read_lent(descriptor, into);
+        }
+        if self.lending.reads.len() >= READS_AHEAD {
+            return Ok(0);
+        }
+        self.post_read(descriptor, &mut into[..bytes], Some((self.taken_bytes, descriptor.token)))?;
+        // The descriptor was decoded: its receive buffer goes back to the
+        // peer now; the payload's token once the read completed.
+        self.release_first()?;
+        Ok(bytes)
+    }
+
+    fn post_read(
+        &mut self,
+        descriptor: Descriptor,
+        into: &mut [u8],
+        landing: Option<(u64, u64)>,
+    ) -> Result<(), String> {
         let target = into.as_ptr() as usize;
         let (lkey, registered) = if self.config.lend.is_some_and(|region| region.contains(into)) {
             (self.lending.region.as_ref().expect("registered").lkey(), None)
@@ -253,13 +322,20 @@ impl RdmaChannel {
         // caller until the read's completion hands it back.
         unsafe { handle.setup_sge(lkey, target as u64, into.len() as u32) };
         guard.post().map_err(|e| format!("posting the read of a lent payload failed: {e}"))?;
-        self.lending.reading = Some(Read { target, bytes: into.len(), done: false, _registered: registered });
+        self.lending.reads.push_back(Read { target, bytes: into.len(), done: false, landing, _registered: registered });
         Ok(())
     }
 
-    /// The read in flight completed.
+    /// The oldest read in flight completed (reads complete in posting
+    /// order); completed landing reads at the front give their tokens back.
     pub(super) fn read_completed(&mut self) {
-        self.lending.reading.as_mut().expect("a read completion for the read in flight").done = true;
+        let read = self.lending.reads.iter_mut().find(|read| !read.done);
+        read.expect("a read completion for a read in flight").done = true;
+        while let Some(&Read { done: true, landing: Some((_, token)), bytes, .. }) = self.lending.reads.front() {
+            self.lending.reads.pop_front();
+            self.lending.to_release.push(token);
+            self.lending.bytes_read += bytes as u64;
+        }
     }
 
     /// Tokens in a release message from the peer (`length` bytes at `start`
@@ -285,7 +361,11 @@ impl RdmaChannel {
     /// Gives back the tokens of payloads read here, as one message (two
     /// credits needed, as for data: one stays for a grant).
     pub(super) fn send_releases(&mut self) -> Result<(), String> {
-        if self.lending.to_release.is_empty() {
+        // While reads are in flight, releases wait to go out together (one
+        // small message, and one completion, for several payloads); the
+        // last ones go once the reads are done, so none waits for traffic.
+        let waiting = self.lending.to_release.len();
+        if waiting == 0 || (waiting < RELEASE_BATCH && !self.lending.reads.is_empty()) {
             return Ok(());
         }
         let Some(start) = self.data_slot_start() else { return Ok(()) };
