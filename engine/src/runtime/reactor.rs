@@ -225,6 +225,7 @@ impl Reactor {
             self.drain_inbox();
             self.take_peer_frames();
             self.pump_groups();
+            self.dispatch_group_io();
             self.progress_connections();
             self.progress_peers();
             self.progress_detaches();
@@ -564,6 +565,18 @@ impl Reactor {
         tracing::info!(group, volume_index, peer = conn.peer(), "client connected");
         rt.connections += 1;
         self.conns.insert(conn);
+    }
+
+    /// Hands the groups' IO of this round (log appends first) to the kernel
+    /// before the round's sends are queued behind it. The kernel runs a
+    /// batch in order and holds its block IO in a plug until the whole
+    /// batch was issued, and a send on a local socket runs the receiver's
+    /// TCP processing inline: a log append queued with the round's client
+    /// replies and record ships reached the disk only after all of them.
+    fn dispatch_group_io(&mut self) {
+        if !self.io.ring.submission().is_empty() {
+            self.io.ring.submit().expect("io_uring submit failed");
+        }
     }
 
     fn pump_groups(&mut self) {
