@@ -217,6 +217,15 @@ pub(super) mod mock {
     /// Polls a landing read of the mock takes to complete.
     const LANDING_POLLS: u64 = 3;
 
+    struct LandingRead {
+        target: usize,
+        bytes: Vec<u8>,
+        at: u64,
+        token: u64,
+        /// The poll at which it completes.
+        due: u64,
+    }
+
     pub struct MockMessageWire {
         outgoing: Queue<Message>,
         incoming: Queue<Message>,
@@ -233,12 +242,11 @@ pub(super) mod mock {
         reading_into: Option<usize>,
         lent_bytes: u64,
         read_bytes: u64,
-        /// Landing reads posted: target address, the bytes it gets, the
-        /// token, where it starts in the stream. They land in order, each
-        /// at the [`LANDING_POLLS`]th poll after the one that posted it.
-        landing: VecDeque<(usize, Vec<u8>, u64, u64)>,
+        /// Landing reads posted, in order: where each lands, its bytes, where
+        /// it starts in the stream, and its token.
+        landing: VecDeque<LandingRead>,
+        /// Polls so far (a landing read completes [`LANDING_POLLS`] later).
         polls: u64,
-        landing_due: VecDeque<u64>,
         /// Stream bytes handed to the reader.
         taken: u64,
     }
@@ -272,7 +280,6 @@ pub(super) mod mock {
                 read_bytes: 0,
                 landing: VecDeque::new(),
                 polls: 0,
-                landing_due: VecDeque::new(),
                 taken: 0,
             }
         };
@@ -284,22 +291,24 @@ pub(super) mod mock {
         /// their targets, their tokens released.
         fn land_due(&mut self) {
             self.polls += 1;
-            while self.landing_due.front().is_some_and(|&due| due <= self.polls) {
-                self.landing_due.pop_front();
-                self.land_one();
+            while self.landing.front().is_some_and(|read| read.due <= self.polls) {
+                let LandingRead { target, bytes, token, .. } = self.landing.pop_front().expect("checked");
+                // SAFETY: the reader keeps the target alive and untouched until
+                // it landed or the wire is dropped (the `poll_into_landing` contract).
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), target as *mut u8, bytes.len()) };
+                self.read_bytes += bytes.len() as u64;
+                self.releases_out.lock().unwrap().push_back(token);
             }
         }
 
-        fn land_one(&mut self) {
-            let Some((target, bytes, token, _)) = self.landing.pop_front() else { return };
-            // SAFETY: the reader keeps the target alive and untouched until
-            // it landed or the wire is dropped (the `poll_into_landing` contract).
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), target as *mut u8, bytes.len()) };
-            self.read_bytes += bytes.len() as u64;
-            self.releases_out.lock().unwrap().push_back(token);
+        /// Copies what `poll_into` takes into `into` (and counts it taken).
+        fn copy_into(&mut self, into: &mut [u8]) -> usize {
+            let copied = self.copy_or_read(into);
+            self.taken += copied as u64;
+            copied
         }
 
-        fn copy_into(&mut self, into: &mut [u8]) -> usize {
+        fn copy_or_read(&mut self, into: &mut [u8]) -> usize {
             if matches!(self.incoming.lock().unwrap().front(), Some(Message::Lent { .. })) {
                 return self.read_lent(into);
             }
@@ -377,9 +386,7 @@ pub(super) mod mock {
 
         fn poll_into(&mut self, into: &mut [u8]) -> Result<usize, String> {
             self.land_due();
-            let copied = self.copy_into(into);
-            self.taken += copied as u64;
-            Ok(copied)
+            Ok(self.copy_into(into))
         }
 
         fn poll_into_landing(&mut self, into: &mut [u8]) -> Result<usize, String> {
@@ -390,20 +397,19 @@ pub(super) mod mock {
                     let (bytes, token) = (bytes.clone(), *token);
                     incoming.pop_front();
                     let count = bytes.len();
-                    self.landing.push_back((into.as_mut_ptr() as usize, bytes, token, self.taken));
-                    self.landing_due.push_back(self.polls + LANDING_POLLS);
+                    let target = into.as_mut_ptr() as usize;
+                    let due = self.polls + LANDING_POLLS;
+                    self.landing.push_back(LandingRead { target, bytes, at: self.taken, token, due });
                     self.taken += count as u64;
                     return Ok(count);
                 }
             }
             drop(incoming);
-            let copied = self.copy_into(into);
-            self.taken += copied as u64;
-            Ok(copied)
+            Ok(self.copy_into(into))
         }
 
         fn landed_through(&self) -> u64 {
-            self.landing.front().map_or(self.taken, |&(_, _, _, at)| at)
+            self.landing.front().map_or(self.taken, |read| read.at)
         }
 
         fn arm(&mut self) -> Result<bool, String> {
