@@ -112,17 +112,31 @@ impl Device {
     }
 }
 
+/// Opens `path` with `flags`. An exclusive claim of a block device (O_EXCL)
+/// that is busy is tried again for [`LOCK_WAIT`]: the last reference of a
+/// descriptor closed by io_uring's workers, or by a killed process's ring, is
+/// put asynchronously, so a device this daemon (or its previous life) just
+/// released can look claimed for a moment.
 fn open_with(path: &Path, flags: libc::c_int) -> io::Result<File> {
-    OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            io::Error::new(
-                io::ErrorKind::ResourceBusy,
-                format!("{} is in use (mounted, or claimed by another program); release it first", path.display()),
-            )
-        } else {
-            annotate(path, e, "cannot open")
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
+            Ok(file) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if flags & libc::O_EXCL == 0 || std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!(
+                            "{} is in use (mounted, or claimed by another program); release it first",
+                            path.display()
+                        ),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(annotate(path, e, "cannot open")),
         }
-    })
+    }
 }
 
 /// How long to wait for a lock held by a process that is going away: the

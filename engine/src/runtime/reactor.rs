@@ -646,6 +646,9 @@ impl Reactor {
             if done {
                 let group = self.groups[slot].take().expect("present");
                 tracing::info!(group = %group.name, "group detached; volumes are checkpointed");
+                // The reply lets the caller reopen or wipe the devices: close
+                // them first, so an exclusive claim of a block device is free.
+                drop(group);
                 let detach = self.detaches.swap_remove(index);
                 if let Some(reply) = detach.reply {
                     let _ = reply.send(Ok(()));
