@@ -131,6 +131,14 @@ fn a_sparse_source_punches_holes_into_old_destination_data() {
     assert_eq!(sync["bytes_sent"].as_u64().unwrap(), 0, "no data crossed the wire: {p:#}");
     assert_eq!(sync["bytes_zeroed"].as_u64().unwrap(), VOLUME_BYTES - (4 << 20), "{p:#}");
     assert!(p["bytes_sent"].as_u64().unwrap() < 1 << 20, "holes cost headers only: {p:#}");
+    // The rate is the copy's own: it stays put once the copy is done (and
+    // seen done, within a tick of the daemon).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let rate = outcome.source.partnership("rg01")["sync"]["rate_bytes_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0, "{p:#}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let later = outcome.source.partnership("rg01")["sync"]["rate_bytes_per_s"].as_f64().unwrap();
+    assert!((later - rate).abs() < 1e-6, "the rate of a finished copy changed from {rate} to {later}");
     let allocated =
         std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&outcome.destination_volume).unwrap()) * 512;
     assert!(allocated <= 5 << 20, "the destination's old data became holes: {allocated} bytes allocated");

@@ -268,11 +268,13 @@ impl GroupRt {
         self.core.chunk_shipped(chunk.chunk_id);
     }
 
-    /// The compared copy's progress, with its rate since the copy started
-    /// and the time left for `remaining_bytes`.
+    /// The compared copy's progress, with its rate from the copy's start to
+    /// its end (or to now, while it runs) and the time left for
+    /// `remaining_bytes`.
     pub(super) fn sync_progress(&self, remaining_bytes: u64) -> SyncProgress {
         let progress = self.compare_progress;
-        let elapsed_s = self.copy_started_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        let end = self.copy_finished_at.unwrap_or_else(Instant::now);
+        let elapsed_s = self.copy_started_at.map_or(0.0, |at| end.saturating_duration_since(at).as_secs_f64());
         let rate_bytes_per_s = if elapsed_s > 0.0 { progress.bytes_compared as f64 / elapsed_s } else { 0.0 };
         SyncProgress {
             bytes_compared: progress.bytes_compared,

@@ -128,6 +128,7 @@ impl GroupRt {
         let copy_finished = matches!(state, Some(Recovering | ContinuouslyReplicating));
         if copy_finished && self.observer.copy_started.is_some() && !self.observer.copy_completed {
             self.observer.copy_completed = true;
+            self.copy_finished_at = Some(now);
             let elapsed_ms = self.observer.copy_started.map_or(0, |t| now.duration_since(t).as_millis() as u64);
             events.push(EventKind::InitialCopyCompleted {
                 bytes_sent: status.copy_bytes_sent,

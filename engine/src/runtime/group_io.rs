@@ -144,6 +144,9 @@ pub struct GroupRt {
     pub copy_bytes_skipped: u64,
     /// When this process read the first chunk of the initial copy.
     pub copy_started_at: Option<Instant>,
+    /// When the initial copy was seen complete: its rate is over the copy's
+    /// own time, not over the time since.
+    pub copy_finished_at: Option<Instant>,
     /// Progress of compared copies (source).
     pub compare_progress: crate::core::compare::CompareProgress,
     /// Online verify (source).
@@ -212,6 +215,7 @@ impl GroupRt {
             copy_bytes_read: 0,
             copy_bytes_skipped: 0,
             copy_started_at: None,
+            copy_finished_at: None,
             compare_progress: crate::core::compare::CompareProgress::default(),
             verify: super::verify_source::VerifyState::new(
                 (peer_defaults.verify_interval_seconds > 0).then_some(peer_defaults.verify_interval_seconds * 1000),

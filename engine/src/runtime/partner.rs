@@ -133,6 +133,7 @@ impl GroupRt {
         self.copy_bytes_read = 0;
         self.copy_bytes_skipped = 0;
         self.copy_started_at = None;
+        self.copy_finished_at = None;
         self.compare_progress = crate::core::compare::CompareProgress::default();
         self.observer.new_partnership();
         if let Some(bitmap) = self.new_bitmap() {
