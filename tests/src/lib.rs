@@ -447,6 +447,17 @@ impl Drop for Node {
     }
 }
 
+/// Adds to a `fio` command the job of a pipelining client: random writes of
+/// 512 B to 1 MiB at queue depth 32, each verified (crc32c) by reads on the
+/// same connection while writing goes on, against the NBD export `uri`.
+/// fio's verify state is not saved (it would land in the working directory).
+pub fn fio_pipelined_verify_job<'a>(fio: &'a mut Command, uri: &str) -> &'a mut Command {
+    fio.args(["--name=pipelined", "--ioengine=nbd", "--rw=randwrite", "--size=48m", "--iodepth=32"])
+        .args(["--bssplit=512/10:4k/20:16k/10:64k/30:1m/30", "--verify=crc32c", "--do_verify=1"])
+        .args(["--verify_backlog=16", "--verify_fatal=1", "--verify_state_save=0"])
+        .arg(format!("--uri={uri}"))
+}
+
 /// Runs a command and returns its output; panics with everything it printed
 /// when it fails.
 pub fn run_ok(command: &mut Command) -> String {

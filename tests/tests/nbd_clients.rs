@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use rand::{Rng, SeedableRng};
-use tandem_tests::{require_tool, run_ok, Node};
+use tandem_tests::{fio_pipelined_verify_job, require_tool, run_ok, Node};
 
 const MIB: u64 = 1 << 20;
 
@@ -112,7 +112,7 @@ fn fio_verifies_crc32c_with_several_jobs_in_flight() {
         Command::new("fio")
             .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-64k", "--size=24m"])
             .args(["--iodepth=16", "--numjobs=2", "--offset_increment=32m", "--verify=crc32c", "--do_verify=1"])
-            .args(["--verify_fatal=1", "--group_reporting=1"])
+            .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting=1"])
             .arg(format!("--uri={uri}")),
     );
     assert!(output.contains("verify"), "fio ran its verify job:\n{output}");
@@ -134,13 +134,7 @@ fn fio_verifies_deeply_pipelined_large_and_small_writes_with_reads_between() {
     let node = Node::start("");
     node.create_group("rg01", "256MiB", &[("data", 64 * MIB)]);
     let uri = node.nbd_uri("rg01", "data");
-    let output = run_ok(
-        Command::new("fio")
-            .args(["--name=pipelined", "--ioengine=nbd", "--rw=randwrite", "--size=48m", "--iodepth=32"])
-            .args(["--bssplit=512/10:4k/20:16k/10:64k/30:1m/30", "--verify=crc32c", "--do_verify=1"])
-            .args(["--verify_backlog=16", "--verify_fatal=1"])
-            .arg(format!("--uri={uri}")),
-    );
+    let output = run_ok(fio_pipelined_verify_job(&mut Command::new("fio"), &uri));
     assert!(!output.contains("verify: bad"), "fio verification failed:\n{output}");
     let status = node.group_status("rg01");
     assert!(status["writes_completed"].as_u64().unwrap() > 100, "{status}");

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tandem_tests::netns::NetPair;
-use tandem_tests::{require_tool, run_ok, Node};
+use tandem_tests::{fio_pipelined_verify_job, require_tool, run_ok, Node};
 
 const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -153,14 +153,8 @@ fn a_sync_source_under_pipelined_mixed_writes_verifies_and_converges() {
     require_tool("fio", "fio");
     let pair = start_pair("");
     pair.source.replicate_to(&pair.destination, "256MiB", &[("data", 64 << 20)], "sync");
-    let output = run_ok(
-        pair.source
-            .client_command("fio")
-            .args(["--name=pipelined", "--ioengine=nbd", "--rw=randwrite", "--size=48m", "--iodepth=32"])
-            .args(["--bssplit=512/10:4k/20:16k/10:64k/30:1m/30", "--verify=crc32c", "--do_verify=1"])
-            .args(["--verify_backlog=16", "--verify_fatal=1"])
-            .arg(format!("--uri={}", pair.source.nbd_uri("rg01", "data"))),
-    );
+    let uri = pair.source.nbd_uri("rg01", "data");
+    let output = run_ok(fio_pipelined_verify_job(&mut pair.source.client_command("fio"), &uri));
     assert!(!output.contains("verify: bad"), "fio verification failed:\n{output}");
     pair.source.wait_in_sync("rg01", IN_SYNC_TIMEOUT);
     let source = md5(&pair.source.path("rg01-data.img"));
