@@ -85,7 +85,8 @@ pub struct Conn {
     recv_direct_bytes: usize,
     /// The last request parsed was a large write: the next likely is too.
     large_writes: bool,
-    #[allow(dead_code)] // Held only so that the kernel's pointers stay valid.
+    /// Where the receive prepared last puts its bytes; boxed, as is its
+    /// header, so that the kernel's pointers stay valid while it is in flight.
     recv_iovecs: Box<[libc::iovec; 2]>,
     recv_msghdr: Box<libc::msghdr>,
     pub recv_inflight: bool,
@@ -171,10 +172,7 @@ impl Conn {
     pub fn recv_done(&mut self, result: i32, group: &mut GroupRt, io: &mut Io, key: usize) {
         self.recv_inflight = false;
         if result <= 0 {
-            let reason = if result == 0 { "client closed the connection".to_owned() } else { errno_text(-result) };
-            if !self.closing {
-                self.close(&reason);
-            }
+            self.receive_ended(-result);
             return;
         }
         let mut filled_all = self.take_received(result as usize);
@@ -188,17 +186,23 @@ impl Conn {
             // SAFETY: the iovecs point into buffers this connection owns.
             let result = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut *self.recv_msghdr, libc::MSG_DONTWAIT) };
             if result <= 0 {
-                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                if result == 0 {
-                    self.close("client closed the connection");
-                } else if errno != libc::EAGAIN {
-                    self.close(&errno_text(errno));
+                let errno = if result == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+                if errno != libc::EAGAIN {
+                    self.receive_ended(errno);
                 }
                 break;
             }
             drained += result as usize;
             filled_all = self.take_received(result as usize);
             self.drive(group, io, key);
+        }
+    }
+
+    /// A receive ended the stream: the client closed it (`errno` 0) or it failed.
+    fn receive_ended(&mut self, errno: i32) {
+        let reason = if errno == 0 { "client closed the connection".to_owned() } else { errno_text(errno) };
+        if !self.closing {
+            self.close(&reason);
         }
     }
 
