@@ -336,7 +336,8 @@ impl World {
             }
             if let Some(link) = self.link.as_mut() {
                 let core = &self.destination.core;
-                if let Some((lsn, _, copy)) = self.receiver.ack(core.snapshot().durable_lsn, core.applied_prefix_lsn())
+                if let Some((lsn, _, copy)) =
+                    self.receiver.ack(core.snapshot().durable_lsn, core.applied_prefix_lsn(), false)
                 {
                     let rebased = self.receiver.rebased_on_connection();
                     link.to_source.push_back(Frame::Ack { lsn, copy, rebased });

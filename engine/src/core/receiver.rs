@@ -428,8 +428,17 @@ impl Receiver {
     }
 
     /// The acknowledgement to send when something moved: the durable LSN, and
-    /// the copy written so far (`Done` only once durable).
-    pub fn ack(&mut self, durable_lsn: u64, applied_lsn: u64) -> Option<(u64, u64, CopyPosition)> {
+    /// the copy written so far (`Done` only once durable), with the applied
+    /// LSN. A move of the applied LSN alone is sent only when
+    /// `applied_alone_due` (the runtime's tick): the source shows it and waits
+    /// for it only in a role switch or a snapshot, while an ack of its own
+    /// for every volume write would wake the source once more per write.
+    pub fn ack(
+        &mut self,
+        durable_lsn: u64,
+        applied_lsn: u64,
+        applied_alone_due: bool,
+    ) -> Option<(u64, u64, CopyPosition)> {
         if self.rebase_in_flight {
             // The log may already continue after the rebase while the copy it
             // restarts is not yet durable: say nothing until it is.
@@ -437,6 +446,11 @@ impl Receiver {
         }
         let copy = if self.copy_complete() { CopyPosition::Done } else { self.copy_written };
         if self.acked == Some((durable_lsn, applied_lsn, copy)) {
+            return None;
+        }
+        let applied_alone =
+            self.acked.is_some_and(|(durable, _, acked_copy)| durable == durable_lsn && acked_copy == copy);
+        if applied_alone && !applied_alone_due {
             return None;
         }
         self.acked = Some((durable_lsn, applied_lsn, copy));
@@ -470,8 +484,11 @@ mod tests {
         assert!(receiver.drive(false).is_empty(), "LSN 6 waits for the copy write");
         receiver.copy_written(CopyPosition::At { volume_index: 0, offset: 4096 });
         assert!(matches!(receiver.drive(true)[..], [ReceiverAction::Submit { lsn: 6, .. }]));
-        assert_eq!(receiver.ack(6, 5), Some((6, 5, CopyPosition::At { volume_index: 0, offset: 4096 })));
-        assert_eq!(receiver.ack(6, 5), None, "nothing moved");
+        assert_eq!(receiver.ack(6, 5, false), Some((6, 5, CopyPosition::At { volume_index: 0, offset: 4096 })));
+        assert_eq!(receiver.ack(6, 5, false), None, "nothing moved");
+        assert_eq!(receiver.ack(6, 6, false), None, "the applied LSN alone waits for the tick");
+        assert_eq!(receiver.ack(6, 6, true), Some((6, 6, CopyPosition::At { volume_index: 0, offset: 4096 })));
+        assert_eq!(receiver.ack(7, 6, false), Some((7, 6, CopyPosition::At { volume_index: 0, offset: 4096 })));
     }
 
     /// Copy ranges are written several at once; the position moves only over

@@ -317,6 +317,9 @@ impl Reactor {
         let now = Instant::now();
         for group in self.groups.iter_mut().flatten() {
             group.forget_recovered_lsn();
+            if let Some(link) = group.destination.as_mut() {
+                link.applied_ack_due = true;
+            }
         }
         for (_, peer) in &mut self.peers {
             let durable =

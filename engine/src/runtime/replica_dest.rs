@@ -54,6 +54,8 @@ pub struct DestinationLink {
     pub outbox: Vec<OutFrame>,
     /// Bytes read from the volumes to compare them (holes are not read).
     pub compare_bytes_read: u64,
+    /// Set by the tick: the next ack may carry a move of the applied LSN alone.
+    pub applied_ack_due: bool,
 }
 
 impl DestinationLink {
@@ -71,6 +73,7 @@ impl DestinationLink {
             next_payload_id: 1,
             compare: None,
             outbox: Vec::new(),
+            applied_ack_due: false,
             compare_bytes_read: 0,
         }
     }
@@ -335,7 +338,8 @@ impl GroupRt {
         link.conn?;
         let applied_lsn = self.core.applied_prefix_lsn();
         let link = self.destination.as_mut()?;
-        let (lsn, applied_lsn, copy) = link.receiver.ack(durable_lsn, applied_lsn)?;
+        let applied_alone_due = std::mem::take(&mut link.applied_ack_due);
+        let (lsn, applied_lsn, copy) = link.receiver.ack(durable_lsn, applied_lsn, applied_alone_due)?;
         let rebased = if link.receiver.rebased_on_connection() { ACK_FLAG_REBASED } else { 0 };
         let mut header = match copy {
             CopyPosition::Done => FrameHeader::new(FrameKind::Ack, ACK_FLAG_COPY_DONE | rebased, 0, lsn, 0, 0),
