@@ -48,119 +48,86 @@ impl Reactor {
                     let _ = reply.send(self.status());
                 }
                 CoreMsg::SetBatching { group, max_batch_records, max_inflight_appends, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => {
-                            let before = rt.core.config();
-                            rt.core.set_batching(max_batch_records, max_inflight_appends);
-                            Ok((before.max_batch_records, before.max_inflight_appends))
-                        }
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).map(|rt| {
+                        let before = rt.core.config();
+                        rt.core.set_batching(max_batch_records, max_inflight_appends);
+                        (before.max_batch_records, before.max_inflight_appends)
+                    });
                     let _ = reply.send(answer);
                 }
                 CoreMsg::Promote { group, reply, persisted } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.promote(persisted),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).and_then(|rt| rt.promote(persisted));
                     let _ = reply.send(answer);
                 }
                 CoreMsg::SetChannelPolicy { group, network, encryption, transport, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.set_channel_policy(network, (encryption, transport), reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                    match self.served_group_mut(&group) {
+                        Ok(rt) => rt.set_channel_policy(network, (encryption, transport), reply),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
                         }
                     }
                 }
-                CoreMsg::SetMode { group, mode, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.set_partnership_mode(mode, reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-                        }
+                CoreMsg::SetMode { group, mode, reply } => match self.served_group_mut(&group) {
+                    Ok(rt) => rt.set_partnership_mode(mode, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
-                }
+                },
                 CoreMsg::StartVerify { group, rate_bytes_per_s, repair, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.start_verify(rate_bytes_per_s, repair),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).and_then(|rt| rt.start_verify(rate_bytes_per_s, repair));
                     let _ = reply.send(answer);
                 }
-                CoreMsg::StartTestFailover { group, path, max_bytes, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.start_test_failover(path, max_bytes, reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-                        }
+                CoreMsg::StartTestFailover { group, path, max_bytes, reply } => match self.served_group_mut(&group) {
+                    Ok(rt) => rt.start_test_failover(path, max_bytes, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
-                }
+                },
                 CoreMsg::StopTestFailover { group, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.stop_test_failover(),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).and_then(|rt| rt.stop_test_failover());
                     let _ = reply.send(answer);
                 }
                 CoreMsg::TestFailoverIo { group, volume_index, op, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.test_failover_io(volume_index, op),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).and_then(|rt| rt.test_failover_io(volume_index, op));
                     let _ = reply.send(answer);
                 }
-                CoreMsg::TakeSnapshot { group, name, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.submit_snapshot(&name, reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-                        }
+                CoreMsg::TakeSnapshot { group, name, reply } => match self.served_group_mut(&group) {
+                    Ok(rt) => rt.submit_snapshot(&name, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
-                }
+                },
                 CoreMsg::DeleteSnapshot { group, name, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.delete_snapshot(&name),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group_mut(&group).and_then(|rt| rt.delete_snapshot(&name));
                     let _ = reply.send(answer);
                 }
                 CoreMsg::ReadSnapshot { group, name, range, reply } => {
-                    let answer = match self.find_group(&group).and_then(|i| self.groups[i].as_ref()) {
-                        Some(rt) => rt.read_snapshot(&name, range),
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    let answer = self.served_group(&group).and_then(|rt| rt.read_snapshot(&name, range));
                     let _ = reply.send(answer);
                 }
-                CoreMsg::SetFence { group, after_lsn, reply } => {
-                    match self.find_group(&group).and_then(|i| self.groups[i].as_mut()) {
-                        Some(rt) => rt.set_fence(after_lsn, reply),
-                        None => {
-                            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-                        }
+                CoreMsg::SetFence { group, after_lsn, reply } => match self.served_group_mut(&group) {
+                    Ok(rt) => rt.set_fence(after_lsn, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
-                }
+                },
                 CoreMsg::EndSession { group, reason, hold, reply } => {
                     let _ = reply.send(self.end_session(&group, &reason, hold));
                 }
                 CoreMsg::CloseClients { group, reason, reply } => {
-                    let answer = match self.find_group(&group) {
-                        Some(index) => {
-                            for (_, conn) in &mut self.conns {
-                                if conn.group == index {
-                                    conn.close(&reason);
-                                }
+                    let answer = self.served_index(&group).map(|index| {
+                        for (_, conn) in &mut self.conns {
+                            if conn.group == index {
+                                conn.close(&reason);
                             }
-                            Ok(())
                         }
-                        None => Err(format!("group {group} is not served by this core")),
-                    };
+                    });
                     let _ = reply.send(answer);
                 }
-                CoreMsg::DetachGroup { group, reply } => match self.find_group(&group) {
-                    Some(index) => self.start_detach(index, Some(reply)),
-                    None => {
-                        let _ = reply.send(Err(format!("group {group} is not served by this core")));
+                CoreMsg::DetachGroup { group, reply } => match self.served_index(&group) {
+                    Ok(index) => self.start_detach(index, Some(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
                 },
                 CoreMsg::Shutdown => {
@@ -205,6 +172,22 @@ impl Reactor {
 
     pub(super) fn find_group(&self, name: &str) -> Option<usize> {
         self.groups.iter().position(|g| g.as_ref().is_some_and(|g| g.name == name && !g.detaching))
+    }
+
+    /// The index of group `name`, or the answer for a message naming a group
+    /// this core does not serve.
+    pub(super) fn served_index(&self, name: &str) -> Result<usize, String> {
+        self.find_group(name).ok_or_else(|| format!("group {name} is not served by this core"))
+    }
+
+    pub(super) fn served_group(&self, name: &str) -> Result<&GroupRt, String> {
+        let index = self.served_index(name)?;
+        Ok(self.groups[index].as_ref().expect("found"))
+    }
+
+    pub(super) fn served_group_mut(&mut self, name: &str) -> Result<&mut GroupRt, String> {
+        let index = self.served_index(name)?;
+        Ok(self.groups[index].as_mut().expect("found"))
     }
 
     pub(super) fn attach_connection(

@@ -23,9 +23,12 @@ pub(super) struct PendingDestination {
 
 impl Reactor {
     pub(super) fn become_source(&mut self, group: &str, entry: PartnershipEntry, reply: Sender<Result<u64, String>>) {
-        let Some(index) = self.find_group(group) else {
-            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-            return;
+        let index = match self.served_index(group) {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
         let defaults = self.peer_defaults;
         let rt = self.groups[index].as_mut().expect("found");
@@ -52,9 +55,12 @@ impl Reactor {
         baseline_lsn: u64,
         reply: Sender<Result<(), String>>,
     ) {
-        let Some(index) = self.find_group(&group) else {
-            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-            return;
+        let index = match self.served_index(&group) {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
         let rt = self.groups[index].as_mut().expect("found");
         if rt.superblock.role != tandem_proto::ROLE_STANDALONE {
@@ -108,7 +114,7 @@ impl Reactor {
         channels: Vec<PeerChannel>,
         source_view: Option<crate::runtime::SourceView>,
     ) -> Result<(), String> {
-        let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
+        let index = self.served_index(group)?;
         if self.peers.iter().any(|(_, p)| p.group == index && !p.closing()) {
             return Err(format!("group {group} already has a replication connection"));
         }
@@ -164,7 +170,7 @@ impl Reactor {
     /// Closes a source group's session for a planned reconnection; sync
     /// writes wait for the next one for at most `hold`.
     pub(super) fn end_session(&mut self, group: &str, reason: &str, hold: std::time::Duration) -> Result<(), String> {
-        let index = self.find_group(group).ok_or_else(|| format!("group {group} is not served by this core"))?;
+        let index = self.served_index(group)?;
         let rt = self.groups[index].as_mut().expect("found");
         if rt.source.as_ref().is_none_or(|link| link.conn.is_none()) {
             return Err(format!("group {group} is not a connected replication source"));
@@ -175,9 +181,12 @@ impl Reactor {
     }
 
     pub(super) fn leave_partnership(&mut self, group: &str, reply: Sender<Result<(), String>>) {
-        let Some(index) = self.find_group(group) else {
-            let _ = reply.send(Err(format!("group {group} is not served by this core")));
-            return;
+        let index = match self.served_index(group) {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
         for (_, peer) in &mut self.peers {
             if peer.group == index {
